@@ -1,0 +1,322 @@
+"""Activation store: a directory of memory-mappable .npy shards that numpy alone can read.
+
+Layout (the contract between `harvest`, `sae_jax` and `interpret`; see docs/formats.md):
+
+  STORE/manifest.json              format, model, hookpoint, d_model, dtype, rows, settings, shards
+  STORE/shards/00000.acts.npy      [rows, d_model] float16 | float32 | uint16 (= bfloat16 bits)
+  STORE/shards/00000.meta.npy      [rows] structured: image_id, position, kind, patch
+  STORE/shards/00000.images.jsonl  one record per image of the shard: id, source, prompt, grid
+
+Shards are written to a temporary name and renamed, and the manifest is rewritten (also atomically)
+only after a shard's files are in place, so a store killed at any moment is a valid prefix of the
+finished one. A writer reopened with the same settings continues after the last committed shard.
+
+Run `python -m sae_jax.store --store=PATH` to verify every checksum and print a JSON summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import ml_dtypes
+import numpy as np
+
+FORMAT_NAME = "sae-activation-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+
+# Token kinds stored per row.
+KIND_IMAGE_BASE = 0  # a patch of the base image grid (the paper's 576 tokens for 336 px CLIP)
+KIND_IMAGE_OTHER = 1  # any other image token: anyres tiles, image-newline tokens
+KIND_TEXT = 2  # a text token of the prompt (BOS and padding are never stored)
+KIND_NAMES = {KIND_IMAGE_BASE: "image_base", KIND_IMAGE_OTHER: "image_other", KIND_TEXT: "text"}
+
+META_DTYPE = np.dtype(
+    [("image_id", "<i8"), ("position", "<i4"), ("kind", "u1"), ("patch", "<i4")]
+)
+
+# What each stored dtype name is on disk: bfloat16 has no numpy dtype, so its bits go as uint16.
+_DISK_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
+
+
+class StoreError(ValueError):
+  """A store that is missing, corrupted, or does not match what the caller asked for."""
+
+
+def disk_dtype(dtype: str) -> np.dtype:
+  if dtype not in _DISK_DTYPES:
+    raise StoreError(f"unsupported store dtype {dtype!r}; expected one of {sorted(_DISK_DTYPES)}")
+  return _DISK_DTYPES[dtype]
+
+
+def to_disk(acts: np.ndarray, dtype: str) -> np.ndarray:
+  """Casts activations to the stored representation (bfloat16 -> its uint16 bits)."""
+  if dtype == "bfloat16":
+    return np.ascontiguousarray(acts.astype(ml_dtypes.bfloat16)).view(np.uint16)
+  return np.ascontiguousarray(acts.astype(disk_dtype(dtype)))
+
+
+def from_disk(raw: np.ndarray, dtype: str) -> np.ndarray:
+  """The inverse view of `to_disk`, without copying."""
+  return raw.view(ml_dtypes.bfloat16) if dtype == "bfloat16" else raw
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+  """Writes `data` to `path` so that readers see the old file or the whole new one, never a part."""
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "wb") as f:
+    np.save(f, array, allow_pickle=False)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _shard_files(index: int) -> dict[str, str]:
+  stem = f"{SHARD_DIR}/{index:05d}"
+  return {"acts": f"{stem}.acts.npy", "meta": f"{stem}.meta.npy", "images": f"{stem}.images.jsonl"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+  index: int
+  rows: int
+  first_row: int
+  first_image: int  # index, in harvest input order, of the shard's first input image
+  num_inputs: int  # input images the shard covers, including skipped bad ones
+  files: dict[str, str]
+  sha256: dict[str, str]
+  bad_images: tuple[dict, ...] = ()
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["bad_images"] = list(self.bad_images)
+    return d
+
+  @classmethod
+  def from_json(cls, d: dict) -> "ShardInfo":
+    return cls(**{**d, "bad_images": tuple(d.get("bad_images", ()))})
+
+
+class StoreWriter:
+  """Appends shards to a store; reopening with the same header resumes after the last shard.
+
+  `header` holds everything that defines the store's content (model, hookpoint, layer, d_model,
+  dtype and the harvest settings). Reopening an existing store with a different header raises,
+  so that two runs with different flags are never mixed in one store.
+  """
+
+  def __init__(self, path: str | os.PathLike, header: dict):
+    self.path = Path(path)
+    for key in ("model", "hookpoint", "layer", "d_model", "dtype", "settings"):
+      if key not in header:
+        raise StoreError(f"store header lacks {key!r}")
+    disk_dtype(header["dtype"])
+    self.header = json.loads(json.dumps(header))  # normalise (tuples -> lists) for comparison
+    manifest_path = self.path / MANIFEST
+    if manifest_path.exists():
+      manifest = json.loads(manifest_path.read_text())
+      old = {k: manifest.get(k) for k in self.header}
+      if old != self.header:
+        diff = {k: (old[k], self.header[k]) for k in self.header if old[k] != self.header[k]}
+        raise StoreError(
+            f"{self.path} holds a store made with other settings (existing vs requested: {diff}); "
+            "use another --out or delete it")
+      self.shards = [ShardInfo.from_json(s) for s in manifest["shards"]]
+      self.complete = manifest.get("complete", False)
+    else:
+      (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+      self.shards = []
+      self.complete = False
+      self._write_manifest()
+
+  @property
+  def rows(self) -> int:
+    return sum(s.rows for s in self.shards)
+
+  @property
+  def inputs_done(self) -> int:
+    """How many input images the committed shards cover: where a resumed harvest starts."""
+    return sum(s.num_inputs for s in self.shards)
+
+  @property
+  def images_done(self) -> int:
+    """How many image ids (good images) the committed shards hold."""
+    return self.inputs_done - sum(len(s.bad_images) for s in self.shards)
+
+  def write_shard(self, acts: np.ndarray, meta: np.ndarray, images: Sequence[dict],
+                  num_inputs: int, bad_images: Sequence[dict] = ()) -> ShardInfo:
+    """Commits one shard: `acts` [rows, d_model], `meta` [rows] of META_DTYPE, its image records."""
+    if self.complete:
+      raise StoreError(f"{self.path} is already complete")
+    d_model = self.header["d_model"]
+    if acts.ndim != 2 or acts.shape[1] != d_model:
+      raise StoreError(f"shard activations have shape {acts.shape}, expected [rows, {d_model}]")
+    if meta.dtype != META_DTYPE or meta.shape != (acts.shape[0],):
+      raise StoreError(f"shard metadata must be [{acts.shape[0]}] of {META_DTYPE}")
+    index = len(self.shards)
+    files = _shard_files(index)
+    _atomic_save_npy(self.path / files["acts"], to_disk(acts, self.header["dtype"]))
+    _atomic_save_npy(self.path / files["meta"], meta)
+    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in images)
+    atomic_write_bytes(self.path / files["images"], lines.encode())
+    info = ShardInfo(
+        index=index, rows=int(acts.shape[0]), first_row=self.rows, first_image=self.inputs_done,
+        num_inputs=int(num_inputs), files=files,
+        sha256={k: sha256_file(self.path / f) for k, f in files.items()},
+        bad_images=tuple(bad_images))
+    self.shards.append(info)
+    self._write_manifest()
+    return info
+
+  def finish(self) -> None:
+    self.complete = True
+    self._write_manifest()
+
+  def _write_manifest(self) -> None:
+    atomic_write_json(self.path / MANIFEST, {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, **self.header,
+        "rows": self.rows, "images": self.images_done, "complete": self.complete,
+        "bad_images": [b for s in self.shards for b in s.bad_images],
+        "shards": [s.to_json() for s in self.shards],
+    })
+
+
+class Store:
+  """Read side: memory-mapped shards, global row indexing, the image table, verification."""
+
+  def __init__(self, path: str | os.PathLike, *, verify: bool = False, allow_incomplete: bool = False):
+    self.path = Path(path)
+    manifest_path = self.path / MANIFEST
+    if not manifest_path.exists():
+      raise StoreError(f"{self.path} is not an activation store: {manifest_path} is missing")
+    try:
+      self.manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+      raise StoreError(f"{manifest_path} is not valid JSON: {e}") from e
+    if self.manifest.get("format") != FORMAT_NAME:
+      raise StoreError(f"{manifest_path} has format {self.manifest.get('format')!r}, "
+                       f"expected {FORMAT_NAME!r}")
+    if self.manifest.get("version") != FORMAT_VERSION:
+      raise StoreError(f"{manifest_path} has version {self.manifest.get('version')}, "
+                       f"this code reads version {FORMAT_VERSION}")
+    if not allow_incomplete and not self.manifest.get("complete"):
+      raise StoreError(f"{self.path} is incomplete (its harvest has not finished); rerun the "
+                       "harvest with the same flags to finish it")
+    self.shards = [ShardInfo.from_json(s) for s in self.manifest["shards"]]
+    self.d_model = int(self.manifest["d_model"])
+    self.dtype = self.manifest["dtype"]
+    self.rows = sum(s.rows for s in self.shards)
+    self._ends = np.cumsum([s.rows for s in self.shards])
+    self._acts: dict[int, np.ndarray] = {}
+    self._meta: dict[int, np.ndarray] = {}
+    if verify:
+      self.verify()
+
+  def __repr__(self) -> str:
+    # Stable across runs and machines: grain keys its checkpoints on the data source's repr.
+    return f"Store(rows={self.rows}, d_model={self.d_model}, dtype={self.dtype})"
+
+  def __len__(self) -> int:
+    return self.rows
+
+  def verify(self) -> None:
+    """Checks every shard file's sha256 and shape; raises StoreError naming the first bad one."""
+    for s in self.shards:
+      for kind, rel in s.files.items():
+        f = self.path / rel
+        if not f.exists():
+          raise StoreError(f"shard {s.index} of {self.path}: file {rel} is missing")
+        if sha256_file(f) != s.sha256[kind]:
+          raise StoreError(f"shard {s.index} of {self.path}: {rel} is corrupted "
+                           "(sha256 does not match the manifest)")
+      acts, meta = self.shard_acts(s.index), self.shard_meta(s.index)
+      if acts.shape != (s.rows, self.d_model) or meta.shape != (s.rows,):
+        raise StoreError(f"shard {s.index} of {self.path}: shapes {acts.shape} / {meta.shape} "
+                         f"do not match the manifest's {s.rows} rows x {self.d_model}")
+
+  def _load(self, rel: str, index: int) -> np.ndarray:
+    try:
+      return np.load(self.path / rel, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise StoreError(f"shard {index} of {self.path}: cannot read {rel}: {e}") from e
+
+  def shard_acts(self, index: int) -> np.ndarray:
+    """The memory-mapped activations of one shard, [rows, d_model] (bfloat16 viewed as such)."""
+    if index not in self._acts:
+      self._acts[index] = from_disk(self._load(self.shards[index].files["acts"], index), self.dtype)
+    return self._acts[index]
+
+  def shard_meta(self, index: int) -> np.ndarray:
+    if index not in self._meta:
+      self._meta[index] = self._load(self.shards[index].files["meta"], index)
+    return self._meta[index]
+
+  def locate(self, row: int) -> tuple[int, int]:
+    """(shard index, row within shard) of a global row index."""
+    if not 0 <= row < self.rows:
+      raise IndexError(f"row {row} out of range for a store of {self.rows} rows")
+    shard = int(np.searchsorted(self._ends, row, side="right"))
+    return shard, row - (int(self._ends[shard - 1]) if shard else 0)
+
+  def __getitem__(self, row: int) -> np.ndarray:
+    """One row as float32, copied out of the memmap (safe to hand to grain workers)."""
+    shard, local = self.locate(int(row))
+    return np.asarray(self.shard_acts(shard)[local], dtype=np.float32)
+
+  def iter_shards(self) -> Iterator[tuple[ShardInfo, np.ndarray, np.ndarray]]:
+    for s in self.shards:
+      yield s, self.shard_acts(s.index), self.shard_meta(s.index)
+
+  def meta(self) -> np.ndarray:
+    """The metadata of every row, concatenated ([rows] of META_DTYPE)."""
+    if not self.shards:
+      return np.zeros((0,), META_DTYPE)
+    return np.concatenate([self.shard_meta(s.index) for s in self.shards])
+
+  def images(self) -> list[dict]:
+    """The image table: one record per image id, in id order."""
+    table = []
+    for s in self.shards:
+      with open(self.path / s.files["images"]) as f:
+        table.extend(json.loads(line) for line in f if line.strip())
+    return table
+
+  def summary(self) -> dict:
+    meta = self.meta()
+    kinds = np.bincount(meta["kind"], minlength=len(KIND_NAMES)) if len(meta) else [0] * 3
+    return {
+        "store": str(self.path), "model": self.manifest["model"],
+        "hookpoint": self.manifest["hookpoint"], "layer": self.manifest["layer"],
+        "d_model": self.d_model, "dtype": self.dtype, "rows": self.rows,
+        "images": self.manifest["images"], "shards": len(self.shards),
+        "bad_images": len(self.manifest.get("bad_images", [])),
+        "complete": bool(self.manifest.get("complete")),
+        "rows_by_kind": {KIND_NAMES[i]: int(kinds[i]) for i in KIND_NAMES},
+    }

@@ -1,0 +1,113 @@
+"""The activation store: round trip per dtype, resume, refusal of other settings, corruption."""
+
+import json
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from sae_jax import data
+from sae_jax.store import (KIND_IMAGE_BASE, KIND_TEXT, META_DTYPE, Store, StoreError, StoreWriter)
+
+
+def header(dtype="float32", d_model=6, **settings):
+  return {"model": "tiny", "hookpoint": "model.layers.1", "layer": 1, "d_model": d_model,
+          "dtype": dtype, "settings": {"tokens": "all", **settings}}
+
+
+def shard(rng, rows, d_model=6, image_id=0):
+  acts = rng.normal(size=(rows, d_model)).astype(np.float32)
+  meta = np.zeros(rows, META_DTYPE)
+  meta["image_id"] = image_id
+  meta["position"] = np.arange(rows)
+  meta["kind"] = np.where(np.arange(rows) % 3 == 0, KIND_TEXT, KIND_IMAGE_BASE)
+  meta["patch"] = np.where(meta["kind"] == KIND_TEXT, -1, np.arange(rows))
+  return acts, meta
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_round_trip_reads_back_with_numpy_alone(tmp_path, dtype):
+  rng = np.random.default_rng(0)
+  writer = StoreWriter(tmp_path, header(dtype))
+  written = [shard(rng, rows, image_id=i) for i, rows in enumerate([5, 7])]
+  for i, (acts, meta) in enumerate(written):
+    writer.write_shard(acts, meta, [{"id": i, "source": f"img{i}.png", "prompt": "<image>",
+                                     "grid": [2, 2]}], num_inputs=1)
+  writer.finish()
+
+  store = Store(tmp_path, verify=True)
+  assert store.rows == 12 and store.d_model == 6 and len(store.images()) == 2
+  expected = np.concatenate([a for a, _ in written])
+  cast = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+  rows = np.stack([store[i] for i in range(store.rows)])
+  np.testing.assert_array_equal(rows, expected.astype(cast).astype(np.float32))
+  np.testing.assert_array_equal(store.meta(), np.concatenate([m for _, m in written]))
+  # The documented numpy-only reading path (docs/formats.md).
+  manifest = json.loads((tmp_path / "manifest.json").read_text())
+  raw = np.load(tmp_path / manifest["shards"][1]["files"]["acts"], allow_pickle=False)
+  if manifest["dtype"] == "bfloat16":
+    raw = raw.view(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(raw.astype(np.float32), rows[5:])
+
+
+def test_reopening_resumes_and_other_settings_are_refused(tmp_path):
+  rng = np.random.default_rng(1)
+  writer = StoreWriter(tmp_path, header())
+  writer.write_shard(*shard(rng, 4), images=[{"id": 0}], num_inputs=2,
+                     bad_images=[{"input": 1, "source": "missing.png", "error": "not found"}])
+  again = StoreWriter(tmp_path, header())
+  assert (again.inputs_done, again.images_done, again.rows) == (2, 1, 4)
+  with pytest.raises(StoreError, match="other settings"):
+    StoreWriter(tmp_path, header(tokens="text"))
+  with pytest.raises(StoreError, match="incomplete"):
+    Store(tmp_path)
+  assert Store(tmp_path, allow_incomplete=True).manifest["bad_images"][0]["source"] == "missing.png"
+
+
+def test_corrupted_shard_is_named_by_the_cli(tmp_path):
+  rng = np.random.default_rng(2)
+  writer = StoreWriter(tmp_path, header())
+  for i in range(3):
+    writer.write_shard(*shard(rng, 4), images=[{"id": i}], num_inputs=1)
+  writer.finish()
+  ok = subprocess.run([sys.executable, "-m", "sae_jax.store", f"--store={tmp_path}"],
+                      capture_output=True, text=True)
+  assert ok.returncode == 0 and json.loads(ok.stdout.splitlines()[-1])["rows"] == 12
+
+  target = tmp_path / "shards" / "00001.acts.npy"
+  raw = bytearray(target.read_bytes())
+  raw[-1] ^= 0xFF
+  target.write_bytes(bytes(raw))
+  bad = subprocess.run([sys.executable, "-m", "sae_jax.store", f"--store={tmp_path}"],
+                       capture_output=True, text=True)
+  assert bad.returncode == 1
+  error = json.loads(bad.stdout.splitlines()[-1])["error"]
+  assert "shard 1" in error and "00001.acts.npy" in error
+
+
+def test_batches_cover_every_selected_row_once_per_epoch_and_resume_by_slicing(tmp_path):
+  rng = np.random.default_rng(3)
+  writer = StoreWriter(tmp_path, header())
+  for i in range(3):
+    acts, meta = shard(rng, 10)
+    acts[:, 0] = np.arange(10) + 10 * i  # row id in column 0
+    writer.write_shard(acts, meta, [{"id": i}], num_inputs=1)
+  writer.finish()
+  store = Store(tmp_path)
+  text_rows = np.flatnonzero(store.meta()["kind"] == KIND_TEXT)
+  ds = data.make_dataset(store, batch_size=4, seed=7, num_epochs=None, token_kinds=["text"])
+  per_epoch = data.steps_per_epoch(store, 4, ["text"])
+  assert per_epoch == len(text_rows) // 4
+  seen = np.concatenate([ds[i][:, 0] for i in range(per_epoch)]).astype(int)
+  assert len(set(seen)) == len(seen) and set(seen) <= set(text_rows)
+  resumed = data.make_dataset(store, batch_size=4, seed=7, num_epochs=None, token_kinds=["text"],
+                              start_step=2)
+  np.testing.assert_array_equal(resumed[0], ds[2])
+  # Two processes with half the batch each see, together, the single-process batch.
+  halves = [data.make_dataset(store, batch_size=4, seed=7, num_epochs=None, token_kinds=["text"],
+                              process_index=p, process_count=2)[1] for p in range(2)]
+  np.testing.assert_array_equal(np.sort(np.concatenate(halves)[:, 0]), np.sort(ds[1][:, 0]))
+  with pytest.raises(ValueError, match="--token_kinds"):
+    data.make_dataset(store, batch_size=4, seed=7, num_epochs=None, token_kinds=["pixels"])
