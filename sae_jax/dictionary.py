@@ -1,0 +1,152 @@
+"""Exported dictionaries: write and read the sparsify and SAELens layouts (numpy + safetensors only).
+
+Our parameters are latent-major: W_enc [n, d], b_enc [n], W_dec [n, d] (unit rows), b_dec [d], and
+    z = TopK_k(ReLU(W_enc (x - b_dec) + b_enc)),   x_hat = W_dec^T z + b_dec.
+
+Layouts (docs/formats.md has the details):
+  sparsify: DIR/<hookpoint>/cfg.json  {expansion_factor, normalize_decoder, num_latents, k, multi_topk, d_in}
+            DIR/<hookpoint>/sae.safetensors  encoder.weight [n,d], encoder.bias [n], W_dec [n,d], b_dec [d]
+  saelens:  DIR/<hookpoint>/cfg.json  (architecture "topk", d_in, d_sae, k, apply_b_dec_to_input, ...)
+            DIR/<hookpoint>/sae_weights.safetensors  W_enc [d,n], W_dec [n,d], b_enc [n], b_dec [d]
+  ours:     DIR/<hookpoint>/sae_jax.json  provenance, input scale, training metrics (a sidecar the
+            consumers' loaders never read, because the paper's loader rejects unknown cfg keys).
+
+This module is shared by `sae_jax.export`, `sae_jax.train --init_from`, `sae_jax.scan` and the torch
+side (`interpret`), so it must stay free of jax and torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from sae_jax.store import atomic_write_json
+
+SIDECAR = "sae_jax.json"
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+class DictionaryError(ValueError):
+  """An export folder that is missing, malformed, or not one of the supported layouts."""
+
+
+def fold_input_scale(params: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+  """Returns weights that act on raw activations x for an SAE trained on `scale * x`.
+
+  pre(scale*x) = W_enc (scale*x - b_dec) + b_enc = scale * [W_enc (x - b_dec/scale) + b_enc/scale].
+  TopK is unchanged by the positive factor, so with b_enc/scale and b_dec/scale the raw-space SAE
+  picks the same latents with values z/scale (in raw-activation units), and
+  x_hat_raw = (W_dec^T z + b_dec)/scale = W_dec^T (z/scale) + b_dec/scale keeps W_dec unit-norm.
+  """
+  return {"W_enc": params["W_enc"], "b_enc": params["b_enc"] / scale,
+          "W_dec": params["W_dec"], "b_dec": params["b_dec"] / scale}
+
+
+def _check_shapes(params: dict[str, np.ndarray]) -> tuple[int, int]:
+  n, d = params["W_enc"].shape
+  expected = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+  for name, shape in expected.items():
+    if tuple(params[name].shape) != shape:
+      raise DictionaryError(f"{name} has shape {tuple(params[name].shape)}, expected {shape}")
+  return n, d
+
+
+def write(out: str | Path, hookpoint: str, params: dict[str, np.ndarray], *, k: int,
+          layout: str, dtype: str = "float32", multi_topk: bool = False,
+          sidecar: dict | None = None) -> Path:
+  """Writes one dictionary in `layout` ("sparsify" | "saelens") to out/<hookpoint>/."""
+  n, d = _check_shapes(params)
+  cast = {name: np.ascontiguousarray(np.asarray(v, np.float32).astype(DTYPES[dtype]))
+          for name, v in params.items()}
+  folder = Path(out) / hookpoint
+  folder.mkdir(parents=True, exist_ok=True)
+  if layout == "sparsify":
+    cfg = {"expansion_factor": n // d, "normalize_decoder": True, "num_latents": n, "k": k,
+           "multi_topk": multi_topk, "d_in": d}
+    tensors = {"encoder.weight": cast["W_enc"], "encoder.bias": cast["b_enc"],
+               "W_dec": cast["W_dec"], "b_dec": cast["b_dec"]}
+    weights = "sae.safetensors"
+  elif layout == "saelens":
+    meta = (sidecar or {}).get("source", {})
+    cfg = {"architecture": "topk", "d_in": d, "d_sae": n, "k": k, "dtype": dtype,
+           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "rescale_acts_by_decoder_norm": False, "reshape_activations": "none",
+           "metadata": {"model_name": meta.get("model"), "hook_name": hookpoint,
+                        "model_class_name": meta.get("model_class"), "prepend_bos": True,
+                        "dataset_path": meta.get("store"), "context_size": None}}
+    tensors = {"W_enc": np.ascontiguousarray(cast["W_enc"].T), "W_dec": cast["W_dec"],
+               "b_enc": cast["b_enc"], "b_dec": cast["b_dec"]}
+    weights = "sae_weights.safetensors"
+  else:
+    raise DictionaryError(f"unknown layout {layout!r}; expected 'sparsify' or 'saelens'")
+  save_file(tensors, str(folder / weights))
+  atomic_write_json(folder / "cfg.json", cfg)
+  if sidecar is not None:
+    atomic_write_json(folder / SIDECAR, sidecar)
+  return folder
+
+
+def find_dictionary(path: str | Path) -> Path:
+  """The folder holding cfg.json: `path` itself, or its only sub-folder (an export's hookpoint)."""
+  path = Path(path)
+  if (path / "cfg.json").exists():
+    return path
+  subs = sorted(p for p in path.glob("*/cfg.json"))
+  if len(subs) == 1:
+    return subs[0].parent
+  if not subs:
+    raise DictionaryError(f"{path} holds no dictionary (no cfg.json in it or in a sub-folder)")
+  raise DictionaryError(f"{path} holds several dictionaries ({[p.parent.name for p in subs]}); "
+                        "name the hookpoint folder")
+
+
+def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+  """Reads a sparsify- or SAELens-layout dictionary into our float32 latent-major parameters.
+
+  Returns (params, info) where info has k, d_in, num_latents, layout, hookpoint, and the sidecar.
+  """
+  folder = find_dictionary(path)
+  cfg = json.loads((folder / "cfg.json").read_text())
+  if (folder / "sae.safetensors").exists():
+    t = load_file(str(folder / "sae.safetensors"))
+    params = {"W_enc": t["encoder.weight"], "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
+              "b_dec": t["b_dec"]}
+    layout, k = "sparsify", cfg.get("k")
+  elif (folder / "sae_weights.safetensors").exists():
+    if cfg.get("architecture") != "topk":
+      raise DictionaryError(f"{folder}/cfg.json: architecture {cfg.get('architecture')!r} is not "
+                            "'topk'")
+    if not cfg.get("apply_b_dec_to_input", True):
+      raise DictionaryError(f"{folder}/cfg.json: apply_b_dec_to_input=false is not supported")
+    t = load_file(str(folder / "sae_weights.safetensors"))
+    params = {"W_enc": t["W_enc"].T, "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    layout, k = "saelens", cfg.get("k")
+  else:
+    raise DictionaryError(f"{folder} has cfg.json but neither sae.safetensors (sparsify) nor "
+                          "sae_weights.safetensors (SAELens)")
+  if not isinstance(k, int) or k <= 0:
+    raise DictionaryError(f"{folder}/cfg.json: k must be a positive integer, got {k!r}")
+  params = {name: np.ascontiguousarray(np.asarray(v).astype(np.float32))
+            for name, v in params.items()}
+  n, d = _check_shapes(params)
+  sidecar_path = folder / SIDECAR
+  sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else {}
+  return params, {"k": k, "d_in": d, "num_latents": n, "layout": layout,
+                  "hookpoint": folder.name, "folder": str(folder), "sidecar": sidecar}
+
+
+def encode_numpy(params: dict[str, np.ndarray], x: np.ndarray, k: int):
+  """Reference TopK encode in float64 numpy: (values [B,k], indices [B,k]) sorted by value."""
+  pre = np.maximum((x.astype(np.float64) - params["b_dec"]) @ params["W_enc"].T.astype(np.float64)
+                   + params["b_enc"], 0.0)
+  idx = np.argsort(-pre, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(pre, idx, 1), idx
+
+
+def decode_numpy(params: dict[str, np.ndarray], values: np.ndarray, indices: np.ndarray):
+  return np.einsum("bk,bkd->bd", values, params["W_dec"].astype(np.float64)[indices]) + params["b_dec"]
