@@ -1,0 +1,85 @@
+"""orbax checkpoints of the training state, and the run record that says how to rebuild it.
+
+A workdir holds:
+  run.json         the SAE config, input scale and data provenance (written once, at the start)
+  flags.json       the resolved flags of the latest start (secrets never reach it)
+  checkpoints/N/   orbax: items "model" (the TopKSAE state: parameters and dead-latent counters)
+                   and "optimizer" (Adam moments and step), saved asynchronously
+The state is `nnx.split((model, optimizer))`, so state[0] is the model and state[1] the optimizer.
+Saving them as separate items lets `export` and `scan` restore the model without the optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from sae_jax.model import SAEConfig, TopKSAE
+from sae_jax.store import atomic_write_json
+
+RUN_FILE = "run.json"
+
+
+def manager(workdir: str | Path, *, every: int, keep: int,
+            async_save: bool = True) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      Path(workdir).absolute() / "checkpoints",
+      options=ocp.CheckpointManagerOptions(
+          save_interval_steps=every, max_to_keep=keep,
+          enable_async_checkpointing=async_save))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State, *, force: bool = False) -> bool:
+  return mngr.save(step, force=force, args=ocp.args.Composite(
+      model=ocp.args.StandardSave(state[0]), optimizer=ocp.args.StandardSave(state[1])))
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: nnx.State,
+            shardings) -> nnx.State:
+  """Restores onto the shardings given (any mesh shape, not necessarily the one that saved)."""
+  target = _with_shardings(abstract_state, shardings)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      model=ocp.args.StandardRestore(target[0]), optimizer=ocp.args.StandardRestore(target[1])))
+  state = abstract_state
+  state[0], state[1] = restored["model"], restored["optimizer"]
+  return state
+
+
+def write_run(workdir: str | Path, *, cfg: SAEConfig, input_scale: float, source: dict) -> None:
+  atomic_write_json(Path(workdir) / RUN_FILE, {
+      "sae": dataclasses.asdict(cfg), "input_scale": input_scale, "source": source})
+
+
+def read_run(workdir: str | Path) -> dict | None:
+  path = Path(workdir) / RUN_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_model(workdir: str | Path, step: int | None = None) -> tuple[TopKSAE, dict, int]:
+  """The trained model of a workdir (latest checkpoint unless `step`), its run record, its step."""
+  run = read_run(workdir)
+  if run is None:
+    raise FileNotFoundError(f"{workdir} is not a training workdir: {RUN_FILE} is missing")
+  cfg = SAEConfig(**run["sae"])
+  mngr = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints",
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir} has no checkpoint yet")
+  abstract_model = nnx.eval_shape(lambda: TopKSAE(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract = nnx.split(abstract_model)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+  restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
+  mngr.close()
+  return nnx.merge(graphdef, restored["model"]), run, step

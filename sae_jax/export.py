@@ -1,0 +1,61 @@
+r"""Exports a trained dictionary for PyTorch consumers.
+
+  python -m sae_jax.export --workdir=WORKDIR --out=EXPORT --format=sparsify
+  python -m sae_jax.export --workdir=WORKDIR --out=EXPORT --format=saelens --dtype=bfloat16
+
+Writes EXPORT/<hookpoint>/ in the chosen layout (docs/formats.md), loadable unchanged by EleutherAI
+sparsify and the paper's code (`Sae.load_from_disk`) or by SAELens (`SAE.load_from_disk`), plus a
+sidecar `sae_jax.json` with provenance and metrics. Any input scaling used in training is folded
+into the weights, so the export acts on raw activations.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from absl import app, flags
+import numpy as np
+
+from sae_jax import checkpoint, dictionary
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Export folder (EXPORT/<hookpoint>/ is written).",
+                           required=True)
+_FORMAT = flags.DEFINE_enum("format", "sparsify", ["sparsify", "saelens"], "Layout to write.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(dictionary.DTYPES), "Tensor dtype.")
+_HOOKPOINT = flags.DEFINE_string(
+    "hookpoint", None, "Folder name of the dictionary (default: the store's hookpoint, e.g. "
+    "model.language_model.layers.24; the paper's code expects model.layers.24).")
+
+
+def last_metrics(workdir: Path) -> dict:
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return {}
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  return json.loads(lines[-1]) if lines else {}
+
+
+def main(argv):
+  del argv
+  workdir = Path(_WORKDIR.value)
+  model, run, step = checkpoint.load_model(workdir, _STEP.value)
+  params = {name: np.asarray(getattr(model, name)[...], np.float32)
+            for name in dictionary.PARAM_NAMES}
+  params = dictionary.fold_input_scale(params, run["input_scale"])
+  hookpoint = _HOOKPOINT.value or run["source"]["hookpoint"]
+  folder = dictionary.write(
+      _OUT.value, hookpoint, params, k=run["sae"]["k"], layout=_FORMAT.value, dtype=_DTYPE.value,
+      multi_topk=run["sae"]["multi_topk"],
+      sidecar={"format": "sae_jax-export", "version": 1, "layout": _FORMAT.value, "step": step,
+               "workdir": str(workdir.absolute()), "input_scale_folded": run["input_scale"],
+               "sae": run["sae"], "source": run["source"], "metrics": last_metrics(workdir)})
+  print(json.dumps({"export": str(folder), "layout": _FORMAT.value, "step": step,
+                    "num_latents": int(params["W_enc"].shape[0]), "d_in": int(params["W_enc"].shape[1]),
+                    "k": run["sae"]["k"], "dtype": _DTYPE.value}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,314 @@
+r"""Trains a TopK sparse autoencoder on an activation store.
+
+  python -m sae_jax.train --store=STORE --workdir=WORKDIR --k=32 --expansion_factor=16
+  python -m sae_jax.train --flagfile=launch/configs/tiny_cpu.flags
+
+Rerunning the same command resumes from the latest checkpoint in --workdir, exactly: the result is
+bit-identical to a run that was never interrupted (same data order, same state). SIGTERM saves a
+checkpoint before exiting. The resolved flags go to WORKDIR/flags.json, metrics to
+WORKDIR/metrics.jsonl and WORKDIR/tb/, and a one-line JSON summary is printed last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+from absl import app, flags, logging
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from sae_jax import checkpoint, data, dictionary, sharding
+from sae_jax.metrics import MetricWriter
+from sae_jax.model import SAEConfig, geometric_median
+from sae_jax.step import create_state, default_learning_rate, make_optimizer, train_step
+from sae_jax.store import Store, StoreError, atomic_write_json
+
+# Data.
+_STORE = flags.DEFINE_string("store", None, "Activation store to train on.", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and flags go here; rerunning "
+                               "with the same workdir resumes.", required=True)
+_TOKEN_KINDS = flags.DEFINE_list("token_kinds", [], "Train only on rows of these token kinds "
+                                 "(image_base, image_other, text); empty = all rows.")
+_NORMALIZE_INPUTS = flags.DEFINE_bool(
+    "normalize_inputs", False, "Scale inputs by one scalar so their mean squared norm is d_in "
+    "(estimated from --init_sample_rows); the export folds the scale back in.")
+_INIT_SAMPLE_ROWS = flags.DEFINE_integer(
+    "init_sample_rows", 16384, "Rows sampled for the input scale and the b_dec init.", lower_bound=1)
+# Model.
+_EXPANSION_FACTOR = flags.DEFINE_integer("expansion_factor", 32, "num_latents = this * d_in, "
+                                         "unless --num_latents is set.", lower_bound=1)
+_NUM_LATENTS = flags.DEFINE_integer("num_latents", 0, "Dictionary size (0: from "
+                                    "--expansion_factor).", lower_bound=0)
+_K = flags.DEFINE_integer("k", 32, "Active latents per token.", lower_bound=1)
+_MULTI_TOPK = flags.DEFINE_bool("multi_topk", False, "Add the Multi-TopK loss (top-4k FVU / 8).")
+_AUXK_ALPHA = flags.DEFINE_float("auxk_alpha", 1 / 32, "AuxK loss coefficient (0 disables).",
+                                 lower_bound=0)
+_DEAD_TOKENS = flags.DEFINE_integer("dead_tokens", 10_000_000, "A latent that has not fired for "
+                                    "this many tokens is dead.", lower_bound=1)
+_B_DEC_INIT = flags.DEFINE_enum("b_dec_init", "median", ["median", "mean", "zeros"],
+                                "Initial b_dec: geometric median or mean of a sample, or zeros.")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "Start from an exported dictionary (ours, or "
+                                 "any sparsify/SAELens-layout folder) instead of a random init.")
+_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                                   "Matmul dtype; parameters and optimizer state stay float32.")
+_TOPK = flags.DEFINE_enum("topk", "exact", ["exact", "approx"],
+                          "exact: lax.top_k; approx: lax.approx_max_k (fast on TPU only).")
+_TOPK_RECALL = flags.DEFINE_float("topk_recall", 0.95, "Recall target of --topk=approx.",
+                                  lower_bound=0, upper_bound=1)
+# Optimisation.
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 4096, "Global batch, in tokens.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 0, "Training steps (0: --epochs over the store).",
+                              lower_bound=0)
+_EPOCHS = flags.DEFINE_float("epochs", 1.0, "Passes over the store when --steps=0.", lower_bound=0)
+_LR = flags.DEFINE_float("lr", 0.0, "Adam learning rate (0: 2e-4 / sqrt(num_latents / 2^14)).",
+                         lower_bound=0)
+_LR_WARMUP_STEPS = flags.DEFINE_integer("lr_warmup_steps", 1000, "Linear warmup steps.",
+                                        lower_bound=0)
+_LR_DECAY = flags.DEFINE_enum("lr_decay", "constant", ["constant", "linear", "cosine"],
+                              "Learning-rate shape after the warmup (decays reach 0 at the end).")
+_ADAM_B1 = flags.DEFINE_float("adam_b1", 0.9, "Adam beta1.")
+_ADAM_B2 = flags.DEFINE_float("adam_b2", 0.999, "Adam beta2.")
+_ADAM_EPS = flags.DEFINE_float("adam_eps", 6.25e-10, "Adam epsilon (OpenAI's TopK recipe).")
+_GRAD_CLIP = flags.DEFINE_float("grad_clip", 0.0, "Global gradient-norm clip (0: none).",
+                                lower_bound=0)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the init and the data order.")
+# Devices.
+_MESH = flags.DEFINE_string("mesh", "data:-1,model:1", "Mesh axis sizes; one -1 fills.")
+# Bookkeeping.
+_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 1000, "Save every this many steps.",
+                                         lower_bound=1)
+_KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.", lower_bound=1)
+_LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Write metrics every this many steps.",
+                                  lower_bound=1)
+_DATA_WORKERS = flags.DEFINE_integer("data_workers", 0, "grain worker processes reading the "
+                                     "store (0: read in a background thread).", lower_bound=0)
+_DEBUG_KILL_AT_STEP = flags.DEFINE_integer(
+    "debug_kill_at_step", 0, "Fault injection for tests: SIGKILL this process once the checkpoints "
+    "due before this step are on disk and this step is reached.", lower_bound=0)
+
+
+def write_note(note: str) -> None:
+  if jax.process_index() == 0:
+    logging.info("NOTE: %s", note)
+
+
+def lr_schedule(peak: float, warmup: int, total: int, decay: str) -> optax.Schedule:
+  warmup = min(warmup, total)
+  after = {
+      "constant": optax.constant_schedule(peak),
+      "linear": optax.linear_schedule(peak, 0.0, max(total - warmup, 1)),
+      "cosine": optax.cosine_decay_schedule(peak, max(total - warmup, 1)),
+  }[decay]
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def log_metrics(writer: MetricWriter, progress: tqdm, step: int, device_metrics: dict,
+                since_time: float, since_step: int) -> dict:
+  """Fetches a step's metrics (already computed: this runs one step late) and writes them."""
+  scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+  elapsed = time.perf_counter() - since_time
+  scalars["tokens_per_s"] = (step - since_step) * _BATCH_SIZE.value / max(elapsed, 1e-9)
+  writer.write(step, scalars)
+  progress.set_postfix(fvu=f"{scalars['fvu']:.4f}", dead=f"{scalars['dead_fraction']:.3f}",
+                       tok_s=f"{scalars['tokens_per_s']:.3g}", refresh=False)
+  return scalars
+
+
+def main(argv):
+  del argv
+  workdir = Path(_WORKDIR.value)
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  ##############################################################################################
+  # Input: the store, the number of steps, the input scale.                                    #
+  ##############################################################################################
+  store = Store(_STORE.value)
+  d_in = store.d_model
+  token_kinds = _TOKEN_KINDS.value or None
+  per_epoch = data.steps_per_epoch(store, _BATCH_SIZE.value, token_kinds)
+  total_steps = _STEPS.value or int(_EPOCHS.value * per_epoch)
+  if total_steps <= 0:
+    raise app.UsageError(f"--epochs={_EPOCHS.value} of {per_epoch} steps each is no training; "
+                         "set --steps or a larger --epochs")
+  run = checkpoint.read_run(workdir)
+  sample = None
+  if run is not None:
+    input_scale = run["input_scale"]
+  elif _NORMALIZE_INPUTS.value:
+    sample = data.sample_rows(store, _INIT_SAMPLE_ROWS.value, seed=_SEED.value,
+                              token_kinds=token_kinds)
+    input_scale = float(np.sqrt(d_in / np.mean(np.sum(sample.astype(np.float64) ** 2, axis=1))))
+  else:
+    input_scale = 1.0
+
+  ##############################################################################################
+  # Model and optimizer.                                                                       #
+  ##############################################################################################
+  init_params, init_info = None, None
+  if _INIT_FROM.value:
+    init_params, init_info = dictionary.read(_INIT_FROM.value)
+    if init_info["d_in"] != d_in:
+      raise StoreError(f"--init_from={_INIT_FROM.value} has d_in={init_info['d_in']} but "
+                       f"--store={_STORE.value} has d_model={d_in}")
+    # An export acts on raw activations; the trainer sees scale * x, so undo the export's folding.
+    init_params = dictionary.fold_input_scale(init_params, 1 / input_scale)
+  num_latents = (init_info["num_latents"] if init_info else
+                 _NUM_LATENTS.value or _EXPANSION_FACTOR.value * d_in)
+  if _K.value > num_latents:
+    raise app.UsageError(f"--k={_K.value} exceeds the number of latents ({num_latents})")
+  cfg = SAEConfig(d_in=d_in, num_latents=num_latents, k=_K.value, multi_topk=_MULTI_TOPK.value,
+                  auxk_alpha=_AUXK_ALPHA.value, dead_tokens=_DEAD_TOKENS.value,
+                  compute_dtype=_COMPUTE_DTYPE.value, topk=_TOPK.value,
+                  topk_recall=_TOPK_RECALL.value)
+  if run is not None and run["sae"] != json.loads(json.dumps(cfg.__dict__)):
+    raise app.UsageError(f"{workdir} holds a run with another SAE config ({run['sae']}); "
+                         "use a new --workdir")
+  peak_lr = _LR.value or default_learning_rate(num_latents)
+  tx = make_optimizer(lr_schedule(peak_lr, _LR_WARMUP_STEPS.value, total_steps, _LR_DECAY.value),
+                      b1=_ADAM_B1.value, b2=_ADAM_B2.value, eps=_ADAM_EPS.value,
+                      grad_clip=_GRAD_CLIP.value or None)
+  resolved = {h.name: h.value for h in globals().values() if isinstance(h, flags.FlagHolder)}
+  if jax.process_index() == 0:
+    atomic_write_json(workdir / "flags.json", {
+        **resolved, "resolved": {"num_latents": num_latents, "lr": peak_lr,
+                                 "total_steps": total_steps, "steps_per_epoch": per_epoch,
+                                 "input_scale": input_scale}})
+
+  ##############################################################################################
+  # Mesh, shardings and the initial state (born sharded, never whole on one device).           #
+  ##############################################################################################
+  mesh = sharding.make_mesh(_MESH.value)
+  data_shards = mesh.shape["data"]
+  if _BATCH_SIZE.value % data_shards:
+    raise app.UsageError(f"--batch_size={_BATCH_SIZE.value} must be divisible by the data axis "
+                         f"of the mesh ({data_shards})")
+  if num_latents % mesh.shape["model"]:
+    raise app.UsageError(f"num_latents={num_latents} must be divisible by the model axis of the "
+                         f"mesh ({mesh.shape['model']})")
+  write_note(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+             f"devices, {jax.process_count()} process(es); {total_steps} steps of "
+             f"{_BATCH_SIZE.value} tokens")
+
+  def b_dec_init():
+    if init_params is not None:
+      return None
+    if _B_DEC_INIT.value == "zeros":
+      return jnp.zeros((d_in,), jnp.float32)
+    rows = sample if sample is not None else data.sample_rows(
+        store, _INIT_SAMPLE_ROWS.value, seed=_SEED.value, token_kinds=token_kinds)
+    rows = rows * input_scale
+    return geometric_median(rows) if _B_DEC_INIT.value == "median" else jnp.asarray(rows.mean(0))
+
+  mngr = checkpoint.manager(workdir, every=_CHECKPOINT_EVERY.value, keep=_KEEP_CHECKPOINTS.value)
+  start_step = mngr.latest_step() or 0
+  b_dec = None if start_step else b_dec_init()
+  graphdef_box = []
+
+  def init_state():
+    graphdef, state = create_state(cfg, tx, seed=_SEED.value, b_dec=b_dec)
+    if init_params is not None:
+      model, optimizer = nnx.merge(graphdef, state)
+      for name, value in init_params.items():
+        getattr(model, name)[...] = jnp.asarray(value)
+      graphdef, state = nnx.split((model, optimizer))
+    graphdef_box.append(graphdef)
+    return state
+
+  with jax.set_mesh(mesh):
+    abstract_state = jax.eval_shape(init_state)
+    graphdef = graphdef_box[0]
+    state_sharding = sharding.state_shardings(abstract_state, mesh, num_latents)
+    if start_step:
+      write_note(f"resuming from step {start_step} of {workdir}")
+      state = checkpoint.restore(mngr, start_step, abstract_state, state_sharding)
+    else:
+      state = jax.jit(init_state, out_shardings=state_sharding)()
+      checkpoint.write_run(workdir, cfg=cfg, input_scale=input_scale, source={
+          "store": str(Path(_STORE.value).absolute()), "model": store.manifest["model"],
+          "hookpoint": store.manifest["hookpoint"], "layer": store.manifest["layer"],
+          "token_kinds": token_kinds, "init_from": _INIT_FROM.value})
+
+    ############################################################################################
+    # The update step: jitted once, state donated so it is updated in place.                   #
+    ############################################################################################
+    def scaled_step(state, x):
+      return train_step(graphdef, state, x * input_scale)
+
+    update = jax.jit(scaled_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                     out_shardings=(state_sharding, None), donate_argnums=0)
+
+    ############################################################################################
+    # Data, starting at the restored step.                                                      #
+    ############################################################################################
+    dataset = data.make_dataset(
+        store, batch_size=_BATCH_SIZE.value, seed=_SEED.value, num_epochs=None,
+        token_kinds=token_kinds, start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    batches = dataset.to_iter_dataset()
+    if _DATA_WORKERS.value:
+      batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=_DATA_WORKERS.value))
+    batches = iter(batches)
+
+    ############################################################################################
+    # The loop.                                                                                 #
+    ############################################################################################
+    writer = MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
+    preempted = []
+    signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    pending = None  # (step, device metrics) of the previous step, fetched one step late
+    last_good = start_step or None
+    tick_time, tick_step = time.perf_counter(), start_step
+    summary = {}
+    progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                    disable=jax.process_index() != 0)
+    for step in range(start_step + 1, total_steps + 1):
+      if _DEBUG_KILL_AT_STEP.value == step:
+        mngr.wait_until_finished()
+        os.kill(os.getpid(), signal.SIGKILL)
+      with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
+        x = sharding.global_batch(next(batches), mesh)
+        state, step_metrics = update(state, x)
+      if pending is not None:
+        summary = log_metrics(writer, progress, *pending, tick_time, tick_step)
+        tick_time, tick_step = time.perf_counter(), pending[0]
+        pending = None
+      if step % _LOG_EVERY.value == 0 or step == total_steps:
+        pending = (step, step_metrics)
+      progress.update(1)
+      due = step % _CHECKPOINT_EVERY.value == 0 or step == total_steps or preempted
+      if due:
+        loss = float(step_metrics["loss"])
+        if not math.isfinite(loss):
+          raise FloatingPointError(
+              f"loss is {loss} at step {step}; the last good checkpoint is step {last_good} in "
+              f"{workdir / 'checkpoints'}")
+        checkpoint.save(mngr, step, state, force=True)
+        last_good = step
+      if preempted:
+        write_note(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
+        break
+    if pending is not None:
+      summary = log_metrics(writer, progress, *pending, tick_time, tick_step)
+    progress.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+  if jax.process_index() == 0:
+    print(json.dumps({"workdir": str(workdir), "step": step if total_steps > start_step else
+                      start_step, "total_steps": total_steps, **summary}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,131 @@
+"""The trainer as a user runs it: resume exactness after kill -9, export round trip, bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sae_jax import dictionary
+from sae_jax.store import META_DTYPE, StoreWriter
+
+D_MODEL = 16
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  """A store of 4 shards of structured data: sparse combinations of 24 directions, offset."""
+  path = tmp_path_factory.mktemp("store")
+  rng = np.random.default_rng(0)
+  directions = rng.normal(size=(24, D_MODEL))
+  writer = StoreWriter(path, {"model": "synthetic", "hookpoint": "model.layers.3", "layer": 3,
+                              "d_model": D_MODEL, "dtype": "float32", "settings": {}})
+  for i in range(4):
+    coef = rng.exponential(size=(256, 24)) * (rng.random((256, 24)) < 0.15)
+    acts = coef @ directions + 3.0 + 0.01 * rng.normal(size=(256, D_MODEL))
+    meta = np.zeros(256, META_DTYPE)
+    meta["image_id"], meta["patch"] = i, np.arange(256)
+    writer.write_shard(acts.astype(np.float32), meta, [{"id": i}], num_inputs=1)
+  writer.finish()
+  return path
+
+
+def train(store, workdir, *extra, check=True):
+  cmd = [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}",
+         "--num_latents=64", "--k=4", "--batch_size=64", "--steps=20", "--checkpoint_every=5",
+         "--log_every=5", "--lr_warmup_steps=2", "--dead_tokens=256", "--normalize_inputs", *extra]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  if check and result.returncode != 0:
+    raise AssertionError(result.stderr[-3000:])
+  return result
+
+
+def export(workdir, out, layout):
+  result = subprocess.run([sys.executable, "-m", "sae_jax.export", f"--workdir={workdir}",
+                           f"--out={out}", f"--format={layout}"], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_resume_after_kill_is_bit_identical(store, tmp_path):
+  train(store, tmp_path / "straight")
+  killed = train(store, tmp_path / "resumed", "--debug_kill_at_step=13", check=False)
+  assert killed.returncode == -9  # really killed, mid-run
+  assert not (tmp_path / "resumed" / "checkpoints" / "20").exists()
+  summary = json.loads(train(store, tmp_path / "resumed").stdout.splitlines()[-1])
+  assert summary["step"] == 20
+  straight = dictionary.read(export(tmp_path / "straight", tmp_path / "e1", "sparsify")["export"])[0]
+  resumed = dictionary.read(export(tmp_path / "resumed", tmp_path / "e2", "sparsify")["export"])[0]
+  for name in dictionary.PARAM_NAMES:
+    np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
+  # The metrics file reads as one run: each logged step once.
+  steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert steps == [5, 10, 15, 20]
+
+
+def test_export_reproduces_the_jax_model_on_raw_activations(store, tmp_path):
+  from sae_jax import checkpoint
+  from sae_jax.store import Store
+  train(store, tmp_path / "run")
+  model, run, _ = checkpoint.load_model(tmp_path / "run")
+  scale = run["input_scale"]
+  assert scale != pytest.approx(1.0)  # the test exercises the folding
+  x = np.stack([Store(store)[i] for i in range(0, 1024, 7)])
+  values, indices = (np.asarray(a) for a in model.encode(x * scale))
+  x_hat = np.asarray(model(x * scale)) / scale
+  for layout in ("sparsify", "saelens"):
+    params, info = dictionary.read(export(tmp_path / "run", tmp_path / layout, layout)["export"])
+    assert info["k"] == 4 and info["layout"] == layout
+    ref_values, ref_indices = dictionary.encode_numpy(params, x, info["k"])
+    order = np.argsort(-values, axis=1, kind="stable")
+    np.testing.assert_array_equal(np.take_along_axis(indices, order, 1), ref_indices)
+    np.testing.assert_allclose(np.take_along_axis(values, order, 1) / scale, ref_values,
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dictionary.decode_numpy(params, ref_values, ref_indices), x_hat,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_sparsify_cfg_has_exactly_the_keys_the_papers_loader_accepts(store, tmp_path):
+  train(store, tmp_path / "run", "--steps=5")
+  folder = export(tmp_path / "run", tmp_path / "export", "sparsify")["export"]
+  cfg = json.load(open(f"{folder}/cfg.json"))
+  assert set(cfg) == {"expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
+                      "d_in"}
+  from safetensors.numpy import load_file
+  tensors = load_file(f"{folder}/sae.safetensors")
+  assert {k: v.shape for k, v in tensors.items()} == {
+      "encoder.weight": (64, D_MODEL), "encoder.bias": (64,), "W_dec": (64, D_MODEL),
+      "b_dec": (D_MODEL,)}
+  np.testing.assert_allclose(np.linalg.norm(tensors["W_dec"], axis=1), 1.0, rtol=1e-5)
+
+
+def test_init_from_an_export_starts_from_its_weights(store, tmp_path):
+  train(store, tmp_path / "run", "--steps=5")
+  folder = export(tmp_path / "run", tmp_path / "export", "saelens")["export"]
+  train(store, tmp_path / "again", f"--init_from={folder}", "--steps=1", "--lr=1e-12")
+  before = dictionary.read(folder)[0]
+  after = dictionary.read(export(tmp_path / "again", tmp_path / "e2", "sparsify")["export"])[0]
+  np.testing.assert_allclose(after["W_enc"], before["W_enc"], atol=1e-6)
+  np.testing.assert_allclose(after["b_dec"], before["b_dec"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--k=100", "--k=100 exceeds"),
+    ("--batch_size=5000", "fewer than one batch"),
+    ("--token_kinds=text", "no rows of token kinds"),
+    ("--mesh=data:3", "needs 3 devices"),
+])
+def test_bad_flags_get_clear_errors(store, tmp_path, flag, message):
+  result = train(store, tmp_path / "bad", flag, check=False)
+  assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
+def test_init_from_with_another_d_model_is_refused(store, tmp_path):
+  rng = np.random.default_rng(0)
+  params = {"W_enc": rng.normal(size=(64, 8)), "b_enc": np.zeros(64),
+            "W_dec": rng.normal(size=(64, 8)), "b_dec": np.zeros(8)}
+  folder = dictionary.write(tmp_path / "other", "h", params, k=4, layout="sparsify")
+  result = train(store, tmp_path / "bad", f"--init_from={folder}", check=False)
+  assert result.returncode != 0 and "d_in=8" in result.stderr and "d_model=16" in result.stderr
