@@ -92,9 +92,11 @@ _LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Write metrics every this man
                                   lower_bound=1)
 _DATA_WORKERS = flags.DEFINE_integer("data_workers", 0, "grain worker processes reading the "
                                      "store (0: read in a background thread).", lower_bound=0)
-_DEBUG_KILL_AT_STEP = flags.DEFINE_integer(
-    "debug_kill_at_step", 0, "Fault injection for tests: SIGKILL this process once the checkpoints "
-    "due before this step are on disk and this step is reached.", lower_bound=0)
+_DEBUG_SIGNAL_AT_STEP = flags.DEFINE_integer(
+    "debug_signal_at_step", 0, "Fault injection for tests: send --debug_signal to this process "
+    "when this step is reached (after the checkpoints due before it are on disk).", lower_bound=0)
+_DEBUG_SIGNAL = flags.DEFINE_enum("debug_signal", "SIGKILL", ["SIGKILL", "SIGTERM"],
+                                  "Signal of --debug_signal_at_step.")
 
 
 def write_note(note: str) -> None:
@@ -273,10 +275,11 @@ def main(argv):
     summary = {}
     progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                     disable=jax.process_index() != 0)
+    step = start_step
     for step in range(start_step + 1, total_steps + 1):
-      if _DEBUG_KILL_AT_STEP.value == step:
+      if _DEBUG_SIGNAL_AT_STEP.value == step:
         mngr.wait_until_finished()
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, _DEBUG_SIGNAL.value))
       with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
         x = sharding.global_batch(next(batches), mesh)
         state, step_metrics = update(state, x)
@@ -306,8 +309,8 @@ def main(argv):
     mngr.close()
     writer.close()
   if jax.process_index() == 0:
-    print(json.dumps({"workdir": str(workdir), "step": step if total_steps > start_step else
-                      start_step, "total_steps": total_steps, **summary}))
+    print(json.dumps({"workdir": str(workdir), "step": step, "total_steps": total_steps,
+                      **summary}))
 
 
 if __name__ == "__main__":

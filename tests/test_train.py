@@ -51,7 +51,7 @@ def export(workdir, out, layout):
 
 def test_resume_after_kill_is_bit_identical(store, tmp_path):
   train(store, tmp_path / "straight")
-  killed = train(store, tmp_path / "resumed", "--debug_kill_at_step=13", check=False)
+  killed = train(store, tmp_path / "resumed", "--debug_signal_at_step=13", check=False)
   assert killed.returncode == -9  # really killed, mid-run
   assert not (tmp_path / "resumed" / "checkpoints" / "20").exists()
   summary = json.loads(train(store, tmp_path / "resumed").stdout.splitlines()[-1])
@@ -109,6 +109,37 @@ def test_init_from_an_export_starts_from_its_weights(store, tmp_path):
   after = dictionary.read(export(tmp_path / "again", tmp_path / "e2", "sparsify")["export"])[0]
   np.testing.assert_allclose(after["W_enc"], before["W_enc"], atol=1e-6)
   np.testing.assert_allclose(after["b_dec"], before["b_dec"], rtol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_the_same(store, tmp_path):
+  train(store, tmp_path / "straight")
+  stopped = train(store, tmp_path / "resumed", "--debug_signal_at_step=12",
+                  "--debug_signal=SIGTERM")
+  assert (tmp_path / "resumed" / "checkpoints" / "12").exists()
+  assert json.loads(stopped.stdout.splitlines()[-1])["step"] == 12
+  train(store, tmp_path / "resumed")
+  straight = dictionary.read(export(tmp_path / "straight", tmp_path / "e1", "sparsify")["export"])[0]
+  resumed = dictionary.read(export(tmp_path / "resumed", tmp_path / "e2", "sparsify")["export"])[0]
+  for name in dictionary.PARAM_NAMES:
+    np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
+
+
+def test_nan_loss_stops_and_names_the_step(tmp_path):
+  writer = StoreWriter(tmp_path / "store", {"model": "synthetic", "hookpoint": "h", "layer": 0,
+                                            "d_model": D_MODEL, "dtype": "float32",
+                                            "settings": {}})
+  acts = np.random.default_rng(0).normal(size=(512, D_MODEL)).astype(np.float32)
+  acts[300:] = 3e38  # squares overflow: the loss becomes inf/NaN once these rows are drawn
+  writer.write_shard(acts, np.zeros(512, META_DTYPE), [{"id": 0}], num_inputs=1)
+  writer.finish()
+  result = subprocess.run([
+      sys.executable, "-m", "sae_jax.train", f"--store={tmp_path / 'store'}",
+      f"--workdir={tmp_path / 'run'}", "--num_latents=32", "--k=4", "--batch_size=64",
+      "--steps=8", "--checkpoint_every=1", "--b_dec_init=zeros"], capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode != 0
+  assert "loss is" in result.stderr and "at step 1;" in result.stderr
+  assert "last good checkpoint is step None" in result.stderr
 
 
 @pytest.mark.parametrize("flag, message", [
