@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from sae_jax import checkpoint, data, dictionary, sharding
+from sae_jax import checkpoint, data, dictionary, distributed, sharding
 from sae_jax.metrics import MetricWriter
 from sae_jax.model import SAEConfig, geometric_median
 from sae_jax.step import create_state, default_learning_rate, make_optimizer, train_step
@@ -84,6 +84,14 @@ _GRAD_CLIP = flags.DEFINE_float("grad_clip", 0.0, "Global gradient-norm clip (0:
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the init and the data order.")
 # Devices.
 _MESH = flags.DEFINE_string("mesh", "data:-1,model:1", "Mesh axis sizes; one -1 fills.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"], "Multi-process start-up: auto = when "
+    "--coordinator_address is set or a TPU pod / SLURM job is detected.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None,
+                                           "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.",
+                                      lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.", lower_bound=0)
 # Bookkeeping.
 _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 1000, "Save every this many steps.",
                                          lower_bound=1)
@@ -130,6 +138,8 @@ def log_metrics(writer: MetricWriter, progress: tqdm, step: int, device_metrics:
 
 def main(argv):
   del argv
+  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value)
   workdir = Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
 
@@ -237,10 +247,11 @@ def main(argv):
       state = checkpoint.restore(mngr, start_step, abstract_state, state_sharding)
     else:
       state = jax.jit(init_state, out_shardings=state_sharding)()
-      checkpoint.write_run(workdir, cfg=cfg, input_scale=input_scale, source={
-          "store": str(Path(_STORE.value).absolute()), "model": store.manifest["model"],
-          "hookpoint": store.manifest["hookpoint"], "layer": store.manifest["layer"],
-          "token_kinds": token_kinds, "init_from": _INIT_FROM.value})
+      if jax.process_index() == 0:
+        checkpoint.write_run(workdir, cfg=cfg, input_scale=input_scale, source={
+            "store": str(Path(_STORE.value).absolute()), "model": store.manifest["model"],
+            "hookpoint": store.manifest["hookpoint"], "layer": store.manifest["layer"],
+            "token_kinds": token_kinds, "init_from": _INIT_FROM.value})
 
     ############################################################################################
     # The update step: jitted once, state donated so it is updated in place.                   #

@@ -160,3 +160,37 @@ def test_init_from_with_another_d_model_is_refused(store, tmp_path):
   folder = dictionary.write(tmp_path / "other", "h", params, k=4, layout="sparsify")
   result = train(store, tmp_path / "bad", f"--init_from={folder}", check=False)
   assert result.returncode != 0 and "d_in=8" in result.stderr and "d_model=16" in result.stderr
+
+
+def free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def train_two_processes(store, workdir, *extra):
+  """Two real processes on localhost (CPU, gloo collectives) training one SAE together."""
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}",
+       "--num_latents=64", "--k=4", "--batch_size=64", "--steps=20", "--checkpoint_every=5",
+       "--log_every=5", "--lr_warmup_steps=2", "--dead_tokens=256", "--normalize_inputs",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+       *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  return [p.returncode for p in procs], outputs
+
+
+def test_two_processes_match_one_and_resume_after_a_kill(store, tmp_path):
+  train(store, tmp_path / "single")
+  codes, outputs = train_two_processes(store, tmp_path / "multi", "--debug_signal_at_step=13")
+  assert -9 in codes, outputs
+  codes, outputs = train_two_processes(store, tmp_path / "multi")
+  assert codes == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  assert "process 1 of 2" in outputs[1][1] and "resuming from step 10" in outputs[0][1]
+  single = dictionary.read(export(tmp_path / "single", tmp_path / "e1", "sparsify")["export"])[0]
+  multi = dictionary.read(export(tmp_path / "multi", tmp_path / "e2", "sparsify")["export"])[0]
+  for name in dictionary.PARAM_NAMES:
+    # Same global batches; only the order of the cross-process sums differs.
+    np.testing.assert_allclose(multi[name], single[name], rtol=1e-4, atol=1e-5, err_msg=name)
