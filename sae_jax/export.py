@@ -17,7 +17,7 @@ from pathlib import Path
 from absl import app, flags
 import numpy as np
 
-from sae_jax import checkpoint, dictionary
+from sae_jax import checkpoint, dictionary, logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Export folder (EXPORT/<hookpoint>/ is written).",
@@ -40,6 +40,7 @@ def last_metrics(workdir: Path) -> dict:
 
 def main(argv):
   del argv
+  logs.quiet_libraries()
   workdir = Path(_WORKDIR.value)
   model, run, step = checkpoint.load_model(workdir, _STEP.value)
   params = {name: np.asarray(getattr(model, name)[...], np.float32)

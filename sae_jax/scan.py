@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from sae_jax import checkpoint, dictionary
+from sae_jax import checkpoint, dictionary, logs
 from sae_jax.model import SAEConfig, TopKSAE
 from sae_jax.store import KIND_IMAGE_BASE, Store, atomic_write_json
 from flax import nnx
@@ -127,6 +127,7 @@ def make_chunk_step(model: TopKSAE, top_n: int, chunk_images: int, score: str,
 
 def main(argv):
   del argv
+  logs.quiet_libraries()
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   store = Store(_STORE.value)

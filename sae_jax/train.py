@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from sae_jax import checkpoint, data, dictionary, distributed, sharding
+from sae_jax import checkpoint, data, dictionary, distributed, logs, sharding
 from sae_jax.metrics import MetricWriter
 from sae_jax.model import SAEConfig, geometric_median
 from sae_jax.step import create_state, default_learning_rate, make_optimizer, train_step
@@ -138,6 +138,7 @@ def log_metrics(writer: MetricWriter, progress: tqdm, step: int, device_metrics:
 
 def main(argv):
   del argv
+  logs.quiet_libraries()
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)
   workdir = Path(_WORKDIR.value)

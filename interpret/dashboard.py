@@ -1,0 +1,141 @@
+"""`python -m interpret.dashboard`: a static HTML site to browse latents, their explanations and images.
+
+  python -m interpret.dashboard --topacts=TOPACTS --explanations=EXPLANATIONS/explanations.jsonl \
+      [--scores=SCORES.json] --out=SITE
+
+SITE/index.html lists the latents (search by explanation, sort by density or any score) and
+SITE/latents/<i>.html shows one latent: explanation, density, scores, activation histogram, and each
+top image as is, as the paper's masked prompt and as a heatmap (PNGs in SITE/latents/<i>/). It needs
+no server: open index.html in a browser, or copy the folder anywhere.
+
+--scores is a JSON object {"<latent>": {"<score name>": number, ...}} (or {"<latent>": number},
+read as the score "score"), or JSONL lines {"latent": i, "<score name>": number, ...}.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from tqdm import tqdm
+
+from harvest.images import BadImage
+from interpret import jobs, site, sources, visual
+from interpret import topacts as topacts_lib
+from sae_jax.store import StoreError, atomic_write_bytes
+
+_TOPACTS = flags.DEFINE_string("topacts", None, "TOPACTS folder (sae_jax.scan output).", required=True)
+_EXPLANATIONS = flags.DEFINE_string("explanations", None, "explanations.jsonl of interpret.explain "
+                                    "(default: none; pages show images and statistics only).")
+_SCORES = flags.DEFINE_string("scores", None, "Optional per-latent scores (JSON or JSONL).")
+_OUT = flags.DEFINE_string("out", None, "Folder to write the site to.", required=True)
+_STORE = flags.DEFINE_string("store", None, "Activation store whose image table names the images "
+                             "(default: TOPACTS/images.jsonl).")
+_IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Folder relative image paths are relative to.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Side of the PNGs written.", lower_bound=16)
+_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Top images per latent (default: all).",
+                                   lower_bound=1)
+_TITLE = flags.DEFINE_string("title", "SAE features", "Title of the site.")
+_WORKERS = flags.DEFINE_integer("workers", 4, "Threads rendering pages and images.", lower_bound=1)
+topacts_lib.define_selection_flags(flags)
+
+
+class ScoresError(ValueError):
+  """A --scores file that is not one of the accepted layouts."""
+
+
+def load_scores(path: str) -> dict[int, dict[str, float]]:
+  text = Path(path).read_text()
+  try:
+    if path.endswith(".jsonl"):
+      rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+      return {int(r.pop("latent")): {k: float(v) for k, v in r.items()
+                                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+              for r in rows}
+    obj = json.loads(text)
+    return {int(k): ({"score": float(v)} if isinstance(v, (int, float)) else
+                     {n: float(x) for n, x in v.items()
+                      if isinstance(x, (int, float)) and not isinstance(x, bool)})
+            for k, v in obj.items()}
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+    raise ScoresError(f"--scores={path}: expected {{\"<latent>\": {{name: number}}}} or JSONL of "
+                      f"{{\"latent\": i, name: number}} ({type(e).__name__}: {e})") from e
+
+
+def _render_latent(index, acts, table, record, scores, neighbours, out: Path, settings) -> None:
+  latent = acts.latent(index)
+  count = len(latent.image_ids) if settings["num_images"] is None else settings["num_images"]
+  ids, maps, image_scores = latent.image_ids[:count], latent.maps[:count], latent.scores[:count]
+  upper = float(maps.max(initial=0.0)) or 1.0  # shared by the latent's images: comparable colours
+  folder = out / "latents" / str(index)
+  folder.mkdir(parents=True, exist_ok=True)
+  size = settings["image_size"]
+  images = []
+  for rank, (image_id, patch_map, score) in enumerate(zip(ids, maps, image_scores)):
+    entry = {"id": int(image_id), "score": float(score), "files": None, "error": None, "source": ""}
+    try:
+      entry["source"] = table.record(int(image_id))["source"]
+      image = table.load(int(image_id))
+    except BadImage as e:
+      entry["error"] = str(e)
+      images.append(entry)
+      continue
+    pictures = {"original": visual.base_view(image, size),
+                "mask": visual.dim_mask(image, patch_map, acts.grid, size),
+                "heatmap": visual.heatmap(image, patch_map, acts.grid, upper, size)}
+    entry["files"] = {}
+    for kind, picture in pictures.items():
+      atomic_write_bytes(folder / f"top{rank}_{kind}.png", visual.png_bytes(picture))
+      entry["files"][kind] = f"{index}/top{rank}_{kind}.png"
+    images.append(entry)
+  page = site.latent_page(latent, record, scores, images, acts.hist_edges, neighbours,
+                          settings["title"])
+  atomic_write_bytes(out / "latents" / f"{index}.html", page.encode())
+
+
+def build_site(acts, table, latents: list[int], records: dict[int, dict],
+               scores: dict[int, dict], out: Path, settings: dict) -> dict:
+  (out / "latents").mkdir(parents=True, exist_ok=True)
+  atomic_write_bytes(out / "style.css", site.STYLE.encode())
+  neighbours = {i: (latents[n - 1] if n else None, latents[n + 1] if n + 1 < len(latents) else None)
+                for n, i in enumerate(latents)}
+  with futures.ThreadPoolExecutor(settings["workers"]) as pool:
+    jobs = [pool.submit(_render_latent, i, acts, table, records.get(i), scores.get(i, {}),
+                        neighbours[i], out, settings) for i in latents]
+    for job in tqdm(futures.as_completed(jobs), total=len(jobs), unit="latent", desc="dashboard"):
+      job.result()
+  score_names = sorted({name for i in latents for name in scores.get(i, {})})
+  entries = [{"latent": i, "explanation": (records.get(i) or {}).get("explanation"),
+              "status": (records.get(i) or {}).get("status", "not explained"),
+              "density": float(acts.density[i]), "scores": scores.get(i, {})} for i in latents]
+  atomic_write_bytes(out / "index.html",
+                     site.index_page(entries, score_names, settings["title"]).encode())
+  return {"latents": len(latents), "explained": sum(i in records for i in latents),
+          "scored": sum(i in scores for i in latents), "score_names": score_names}
+
+
+def main(argv):
+  del argv
+  out = Path(_OUT.value)
+  try:
+    acts = topacts_lib.TopActs(_TOPACTS.value)
+    records = jobs.read_explanations(Path(_EXPLANATIONS.value)) if _EXPLANATIONS.value else {}
+    scores = load_scores(_SCORES.value) if _SCORES.value else {}
+    latents, skipped = topacts_lib.selection_from_flags(
+        acts, flags.FLAGS, restrict_to=set(records) if _EXPLANATIONS.value else None)
+    table = sources.open_table(acts, _STORE.value, _IMAGE_ROOT.value)
+    summary = build_site(acts, table, latents, records, scores, out, {
+        "image_size": _IMAGE_SIZE.value, "num_images": _NUM_IMAGES.value, "title": _TITLE.value,
+        "workers": _WORKERS.value})
+  except (topacts_lib.TopActsError, StoreError, jobs.ResultsError, ScoresError, OSError) as e:
+    print(json.dumps({"ok": False, "error": str(e)}))
+    sys.exit(1)
+  print(json.dumps({"ok": True, "skipped_no_images": skipped, **summary,
+                    "index": str(out / "index.html")}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,193 @@
+"""Explainer clients: turn a `Prompt` into the model's answer text.
+
+* `OpenAIExplainer`: any OpenAI-compatible chat-completions server (vLLM, SGLang, hosted APIs),
+  images as base64 PNG data URLs. Thread-safe (one urllib request per call), so a job keeps many
+  requests in flight and the server's continuous batching fills the accelerator.
+* `HFExplainer`: a local transformers image-text model (LLaVA-OneVision, LLaVA-NeXT, Qwen2-VL, ...)
+  through AutoProcessor, its chat template and AutoModelForImageTextToText. Calls are serialised.
+
+Errors: `TransientError` is worth retrying (timeouts, connection drops, 5xx, 429, garbled bodies);
+`ExplainerError` is not (e.g. 400 for one prompt); `fatal=True` means no request can succeed
+(unreachable server, wrong key, unknown model) and the job should stop.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+from interpret.prompts import Prompt
+
+_RETRYABLE_HTTP = {408, 409, 425, 429}
+_FATAL_HTTP = {401, 403, 404}
+
+
+class ExplainerError(Exception):
+
+  def __init__(self, message: str, fatal: bool = False):
+    super().__init__(message)
+    self.fatal = fatal
+
+
+class TransientError(ExplainerError):
+  """A failure that may pass: retry with backoff."""
+
+
+class Unreachable(TransientError):
+  """No HTTP answer at all: connection refused or dropped, timeout, bad host."""
+
+
+def _data_url(png: bytes) -> str:
+  return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+class OpenAIExplainer:
+
+  def __init__(self, base_url: str, model: str | None, api_key: str | None, *, timeout_s: float,
+               max_tokens: int, temperature: float, multi_images: bool = False):
+    self.base_url = base_url.rstrip("/")
+    self._api_key = api_key  # kept off every log, record and repr
+    self.timeout_s, self.max_tokens, self.temperature = timeout_s, max_tokens, temperature
+    self.multi_images = multi_images
+    self.name = self._preflight(model)  # the model id sent and recorded
+
+  def __repr__(self) -> str:
+    return f"OpenAIExplainer({self.base_url!r}, model={self.name!r})"
+
+  @property
+  def identity(self) -> dict:
+    """What determines an answer besides the prompt: part of the cache key."""
+    return {"backend": "openai", "model": self.name, "max_tokens": self.max_tokens,
+            "temperature": self.temperature, "multi_images": self.multi_images}
+
+  def _request(self, path: str, body: dict | None = None) -> dict:
+    headers = {"Content-Type": "application/json"}
+    if self._api_key:
+      headers["Authorization"] = f"Bearer {self._api_key}"
+    data = json.dumps(body).encode() if body is not None else None
+    url = self.base_url + path
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+      with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+        raw = response.read()
+    except urllib.error.HTTPError as e:
+      detail = e.read()[:300].decode("utf-8", "replace")
+      message = f"{url}: HTTP {e.code} {detail}"
+      if e.code in _RETRYABLE_HTTP or e.code >= 500:
+        raise TransientError(message) from None
+      raise ExplainerError(message, fatal=e.code in _FATAL_HTTP) from None
+    except urllib.error.URLError as e:
+      if isinstance(e.reason, (socket.timeout, TimeoutError)):
+        raise Unreachable(f"{url}: timed out after {self.timeout_s}s") from None
+      raise Unreachable(f"{url}: {e.reason}") from None
+    except (socket.timeout, TimeoutError):
+      raise Unreachable(f"{url}: timed out after {self.timeout_s}s") from None
+    except (ConnectionError, http.client.HTTPException) as e:
+      raise Unreachable(f"{url}: {type(e).__name__}: {e}") from None
+    try:
+      return json.loads(raw)
+    except json.JSONDecodeError:
+      raise TransientError(f"{url}: the reply is not JSON: {raw[:200]!r}") from None
+
+  def _preflight(self, model: str | None) -> str:
+    """Fails fast on an unreachable server; finds the served model when `model` is None."""
+    try:
+      models = self._request("/models").get("data", [])
+    except Unreachable as e:
+      raise ExplainerError(f"--explainer=openai:{self.base_url} is unreachable ({e}); start the "
+                           "server or fix the URL", fatal=True) from None
+    except ExplainerError as e:
+      if model:  # a server without /models is fine when the model is named
+        return model
+      raise ExplainerError(f"--explainer=openai:{self.base_url} does not list its models ({e}); "
+                           "pass --explainer_model", fatal=True) from None
+    if model:
+      return model
+    if not models:
+      raise ExplainerError(f"--explainer=openai:{self.base_url} lists no models; pass "
+                           "--explainer_model", fatal=True)
+    return models[0]["id"]
+
+  def messages(self, prompt: Prompt) -> list[dict]:
+    image_parts = []
+    for png in prompt.images:
+      part = {"type": "image_url", "image_url": {"url": _data_url(png)}}
+      if self.multi_images:  # SGLang: one base-resolution view per image (729 tokens on OneVision)
+        part["modalities"] = "multi-images"
+      image_parts.append(part)
+    return [{"role": "system", "content": prompt.system},
+            {"role": "user", "content": [{"type": "text", "text": prompt.user}, *image_parts]}]
+
+  def complete(self, prompt: Prompt) -> str:
+    reply = self._request("/chat/completions", {
+        "model": self.name, "messages": self.messages(prompt), "max_tokens": self.max_tokens,
+        "temperature": self.temperature})
+    try:
+      content = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+      raise TransientError(f"{self.base_url}/chat/completions: no choices[0].message.content in "
+                           f"{json.dumps(reply)[:200]}") from None
+    return content or ""
+
+
+class HFExplainer:
+
+  def __init__(self, path: str, *, max_tokens: int, device: str = "cpu", dtype: str = "auto"):
+    import torch
+    import transformers
+    self.path, self.name, self.max_tokens, self.device = path, path, max_tokens, device
+    try:
+      self.processor = transformers.AutoProcessor.from_pretrained(path)
+      self.model = transformers.AutoModelForImageTextToText.from_pretrained(
+          path, dtype=dtype if dtype == "auto" else getattr(torch, dtype)).to(device).eval()
+    except (OSError, ValueError) as e:
+      raise ExplainerError(f"--explainer=hf:{path}: cannot load an image-text model ({e})",
+                           fatal=True) from e
+    self._lock = threading.Lock()  # one generate at a time: the model is not re-entrant
+
+  def __repr__(self) -> str:
+    return f"HFExplainer({self.path!r})"
+
+  @property
+  def identity(self) -> dict:
+    return {"backend": "hf", "model": self.path, "max_tokens": self.max_tokens,
+            "dtype": str(self.model.dtype)}
+
+  def complete(self, prompt: Prompt) -> str:
+    import torch
+    from PIL import Image
+    images = [Image.open(io.BytesIO(png)).convert("RGB") for png in prompt.images]
+    messages = [{"role": "system", "content": [{"type": "text", "text": prompt.system}]},
+                {"role": "user", "content": [{"type": "text", "text": prompt.user}]
+                 + [{"type": "image"} for _ in images]}]
+    try:
+      text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+      # Floating inputs (pixel values) in the model's dtype; token ids stay integers.
+      inputs = self.processor(text=text, images=images or None, return_tensors="pt").to(
+          self.device, dtype=self.model.dtype)
+      with self._lock, torch.inference_mode():
+        out = self.model.generate(**inputs, max_new_tokens=self.max_tokens, do_sample=False)
+    except (ValueError, RuntimeError) as e:  # e.g. a prompt too long, out of memory: this latent only
+      raise ExplainerError(f"hf:{self.path}: {type(e).__name__}: {e}") from e
+    new_tokens = out[:, inputs["input_ids"].shape[1]:]
+    return self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
+
+
+def make_explainer(spec: str, model: str | None, api_key: str | None, *, timeout_s: float,
+                   max_tokens: int, temperature: float, multi_images: bool, device: str,
+                   dtype: str):
+  """`openai:URL` or `hf:PATH` (the --explainer flag) to a client."""
+  kind, sep, target = spec.partition(":")
+  if kind == "openai" and sep and target:
+    return OpenAIExplainer(target, model, api_key, timeout_s=timeout_s, max_tokens=max_tokens,
+                           temperature=temperature, multi_images=multi_images)
+  if kind == "hf" and sep and target:
+    return HFExplainer(target, max_tokens=max_tokens, device=device, dtype=dtype)
+  raise ExplainerError(f"--explainer={spec!r}: expected openai:http://host:port/v1 or hf:PATH",
+                       fatal=True)

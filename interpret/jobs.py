@@ -1,0 +1,210 @@
+"""Batch explanation jobs: many requests in flight, retries, a response cache, exact resume.
+
+OUT/explanations.jsonl gets one line per latent as soon as its answer arrives:
+  {"latent", "status": ok|unable|parse_error|failed, "explanation", "raw", "model", "images",
+   "attempts", "cached", "error"}
+A latent whose last line is ok, unable or parse_error is finished and never requested again; a
+failed one (retries exhausted, unreadable image) is tried again by the next run. A line cut short by
+kill -9 is dropped on reopening. OUT/cache/<sha256>.json holds each answer keyed by the explainer's
+identity (model and sampling settings), the prompt text and the image bytes, so a rerun that lost
+its explanations.jsonl, or that selects overlapping latents, asks nothing twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as futures
+import dataclasses
+import hashlib
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from harvest.images import BadImage
+from interpret import prompts, visual
+from interpret.explainers import ExplainerError, TransientError
+from sae_jax.store import atomic_write_json
+
+FINISHED = (prompts.OK, prompts.UNABLE, prompts.PARSE_ERROR)
+MAX_BACKOFF_S = 60.0
+
+
+class ResultsError(ValueError):
+  """An explanations.jsonl with a line that is not an explanation record."""
+
+
+class ResponseCache:
+  """One JSON file per answer, named by the sha256 of everything that determines it."""
+
+  def __init__(self, folder: Path):
+    self.folder = folder
+    folder.mkdir(parents=True, exist_ok=True)
+
+  @staticmethod
+  def key(identity: dict, prompt: prompts.Prompt) -> str:
+    digest = hashlib.sha256(json.dumps([identity, prompt.system, prompt.user], sort_keys=True).encode())
+    for png in prompt.images:
+      digest.update(hashlib.sha256(png).digest())
+    return digest.hexdigest()
+
+  def get(self, key: str) -> str | None:
+    path = self.folder / f"{key}.json"
+    try:
+      return json.loads(path.read_text())["raw"]
+    except (OSError, json.JSONDecodeError, KeyError):
+      return None  # absent, or a write cut short: ask again
+
+  def put(self, key: str, raw: str) -> None:
+    atomic_write_json(self.folder / f"{key}.json", {"raw": raw})
+
+
+def read_explanations(path: Path, repair: bool = False) -> dict[int, dict]:
+  """The last record of each latent in an explanations.jsonl.
+
+  A final line without its newline is what a kill leaves behind: it is ignored, and with `repair`
+  cut off the file so that appending starts on a fresh line.
+  """
+  data = path.read_bytes()
+  if data and not data.endswith(b"\n"):
+    data = data[:data.rfind(b"\n") + 1]
+    if repair:
+      path.write_bytes(data)
+  records = {}
+  for line_no, line in enumerate(data.decode().splitlines(), 1):
+    if line.strip():
+      try:
+        record = json.loads(line)
+        records[int(record["latent"])] = record
+      except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ResultsError(f"{path}:{line_no} is not an explanation record ({e})") from e
+  return records
+
+
+class ResultsLog:
+  """Append-only explanations.jsonl; the last line of a latent wins."""
+
+  def __init__(self, path: Path):
+    self.path = path
+    self.records = read_explanations(path, repair=True) if path.exists() else {}
+    self._file = open(path, "a")
+
+  def finished(self) -> set[int]:
+    return {i for i, r in self.records.items() if r["status"] in FINISHED}
+
+  def append(self, record: dict) -> None:
+    self._file.write(json.dumps(record, sort_keys=True) + "\n")
+    self._file.flush()  # on disk for the next run even if this process is killed right after
+    self.records[record["latent"]] = record
+
+  def close(self) -> None:
+    self._file.close()
+
+
+@dataclasses.dataclass
+class JobSettings:
+  concurrency: int = 16
+  max_retries: int = 4
+  backoff_s: float = 1.0
+  num_images: int = 5
+  image_size: int = visual.PROMPT_SIZE
+  grid: bool = False  # one collage instead of separate images: fewer image tokens per request
+
+
+class _Counters:
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.values = collections.Counter()
+
+  def add(self, name: str, n: int = 1) -> None:
+    with self._lock:
+      self.values[name] += n
+
+
+def _with_retries(call, settings: JobSettings, counters: _Counters):
+  """call() with exponential backoff (with jitter) on TransientError; returns (result, attempts)."""
+  for attempt in range(settings.max_retries + 1):
+    counters.add("requests")
+    try:
+      return call(), attempt + 1
+    except TransientError:
+      if attempt == settings.max_retries:
+        raise
+      counters.add("retries")
+      delay = min(settings.backoff_s * 2 ** attempt, MAX_BACKOFF_S)
+      time.sleep(delay * random.uniform(0.5, 1.0))
+
+
+def _explain_one(latent_index, topacts, table, template, explainer, cache, settings, counters):
+  latent = topacts.latent(latent_index)
+  ids, maps = latent.image_ids[:settings.num_images], latent.maps[:settings.num_images]
+  record = {"latent": latent_index, "model": explainer.name, "images": [int(i) for i in ids],
+            "explanation": None, "raw": None, "attempts": 0, "cached": False, "error": None}
+  try:
+    masked = [visual.dim_mask(table.load(int(i)), m, topacts.grid, settings.image_size)
+              for i, m in zip(ids, maps)]
+    shown = [visual.image_grid(masked)] if settings.grid else masked
+    prompt = template.render([visual.png_bytes(image) for image in shown], num_images=len(masked))
+    key = ResponseCache.key(explainer.identity, prompt)
+    raw = cache.get(key)
+    if raw is None:
+      raw, record["attempts"] = _with_retries(lambda: explainer.complete(prompt), settings, counters)
+      cache.put(key, raw)
+    else:
+      record["cached"] = True
+      counters.add("cache_hits")
+  except (ExplainerError, BadImage) as e:
+    if isinstance(e, ExplainerError) and e.fatal:
+      raise  # no request can succeed (unreachable server, wrong key): stop the job
+    record.update(status=prompts.FAILED, error=str(e))
+    return record
+  status, explanation = prompts.parse_explanation(raw)
+  record.update(status=status, explanation=explanation, raw=raw)
+  return record
+
+
+def run(topacts, table, latents: list[int], template, explainer, out: Path,
+        settings: JobSettings) -> dict:
+  """Explains `latents` not finished in out/explanations.jsonl; returns the counts of this run."""
+  out.mkdir(parents=True, exist_ok=True)
+  log, cache, counters = ResultsLog(out / "explanations.jsonl"), ResponseCache(out / "cache"), _Counters()
+  done = log.finished()
+  todo = [i for i in latents if i not in done]
+  statuses = collections.Counter()
+  start = time.perf_counter()
+  try:
+    with futures.ThreadPoolExecutor(settings.concurrency) as pool, \
+        tqdm(total=len(todo), unit="latent", desc="explain", dynamic_ncols=True) as bar:
+      queue, pending = iter(todo), set()
+
+      def refill():  # a bounded window of submitted latents: memory stays O(concurrency)
+        while len(pending) < 2 * settings.concurrency and (i := next(queue, None)) is not None:
+          pending.add(pool.submit(_explain_one, i, topacts, table, template, explainer, cache,
+                                  settings, counters))
+
+      refill()
+      while pending:
+        finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+        for future in finished:
+          pending.remove(future)
+          try:
+            record = future.result()
+          except ExplainerError:
+            for other in pending:
+              other.cancel()
+            raise
+          log.append(record)
+          statuses[record["status"]] += 1
+          bar.update()
+        refill()
+  finally:
+    log.close()
+  seconds = time.perf_counter() - start
+  return {"latents": len(latents), "already_finished": len(latents) - len(todo),
+          "explained": len(todo), "by_status": dict(sorted(statuses.items())),
+          "requests": counters.values["requests"], "retries": counters.values["retries"],
+          "cache_hits": counters.values["cache_hits"], "seconds": round(seconds, 3),
+          "latents_per_s": round(len(todo) / seconds, 3) if seconds > 0 else None}

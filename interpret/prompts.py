@@ -1,0 +1,78 @@
+"""The explainer prompt (an editable template file) and the parsing of its answer.
+
+A `Prompt` is backend-neutral: system text, user text and PNG images (shown after the user text).
+The explainer clients (`interpret.explainers`) turn it into their own message format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "explain.txt"
+SECTIONS = ("system", "user")
+_HEADER = re.compile(r"^\[(system|user)\]\s*$")
+# The last "[EXPLANATION]: ..." line; tolerant of markdown bold around the tag.
+_EXPLANATION = re.compile(r"\[EXPLANATION\]\**\s*:\s*\**\s*(.*)")
+_UNABLE = re.compile(r"^\W*unable\b", re.IGNORECASE)
+
+OK, UNABLE, PARSE_ERROR, FAILED = "ok", "unable", "parse_error", "failed"
+
+
+class TemplateError(ValueError):
+  """A prompt template file without the [system] and [user] sections."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  system: str
+  user: str
+
+  def render(self, images: list[bytes], num_images: int | None = None) -> "Prompt":
+    """`num_images`: how many top images `images` show (more than len(images) when tiled)."""
+    count = len(images) if num_images is None else num_images
+    fill = lambda text: text.replace("{num_images}", str(count))
+    return Prompt(fill(self.system), fill(self.user), tuple(images))
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  system: str
+  user: str
+  images: tuple[bytes, ...]  # PNG bytes, shown after the user text
+
+
+def load_template(path: str | Path | None = None) -> Template:
+  """Reads a template: comment lines, then `[system]` and `[user]` sections (see the default)."""
+  path = Path(path) if path else DEFAULT_TEMPLATE
+  try:
+    lines = path.read_text().splitlines()
+  except OSError as e:
+    raise TemplateError(f"--prompt_template={path}: cannot read it ({e})") from e
+  sections: dict[str, list[str]] = {}
+  current = None
+  for line in lines:
+    header = _HEADER.match(line)
+    if header:
+      current = sections.setdefault(header[1], [])
+    elif current is not None:
+      current.append(line)
+  missing = [s for s in SECTIONS if not "\n".join(sections.get(s, [])).strip()]
+  if missing:
+    raise TemplateError(f"--prompt_template={path}: sections {missing} are missing or empty "
+                        "(each starts with a line '[system]' or '[user]')")
+  return Template(*("\n".join(sections[s]).strip() for s in SECTIONS))
+
+
+def parse_explanation(text: str) -> tuple[str, str | None]:
+  """(status, explanation): ok with the text, unable, or parse_error with None."""
+  matches = _EXPLANATION.findall(text or "")
+  if not matches:
+    return PARSE_ERROR, None
+  explanation = matches[-1].strip().strip("*\"'").strip()
+  if not explanation:
+    return PARSE_ERROR, None
+  if _UNABLE.match(explanation):
+    return UNABLE, None
+  return OK, explanation
