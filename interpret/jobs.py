@@ -114,7 +114,7 @@ class JobSettings:
   grid: bool = False  # one collage instead of separate images: fewer image tokens per request
 
 
-class _Counters:
+class Counters:
   def __init__(self):
     self._lock = threading.Lock()
     self.values = collections.Counter()
@@ -124,7 +124,7 @@ class _Counters:
       self.values[name] += n
 
 
-def _with_retries(call, settings: JobSettings, counters: _Counters):
+def with_retries(call, settings: JobSettings, counters: Counters):
   """call() with exponential backoff (with jitter) on TransientError; returns (result, attempts)."""
   for attempt in range(settings.max_retries + 1):
     counters.add("requests")
@@ -138,52 +138,22 @@ def _with_retries(call, settings: JobSettings, counters: _Counters):
       time.sleep(delay * random.uniform(0.5, 1.0))
 
 
-def _explain_one(latent_index, topacts, table, template, explainer, cache, settings, counters):
-  latent = topacts.latent(latent_index)
-  ids, maps = latent.image_ids[:settings.num_images], latent.maps[:settings.num_images]
-  record = {"latent": latent_index, "model": explainer.name, "images": [int(i) for i in ids],
-            "explanation": None, "raw": None, "attempts": 0, "cached": False, "error": None}
-  try:
-    masked = [visual.dim_mask(table.load(int(i)), m, topacts.grid, settings.image_size)
-              for i, m in zip(ids, maps)]
-    shown = [visual.image_grid(masked)] if settings.grid else masked
-    prompt = template.render([visual.png_bytes(image) for image in shown], num_images=len(masked))
-    key = ResponseCache.key(explainer.identity, prompt)
-    raw = cache.get(key)
-    if raw is None:
-      raw, record["attempts"] = _with_retries(lambda: explainer.complete(prompt), settings, counters)
-      cache.put(key, raw)
-    else:
-      record["cached"] = True
-      counters.add("cache_hits")
-  except (ExplainerError, BadImage) as e:
-    if isinstance(e, ExplainerError) and e.fatal:
-      raise  # no request can succeed (unreachable server, wrong key): stop the job
-    record.update(status=prompts.FAILED, error=str(e))
-    return record
-  status, explanation = prompts.parse_explanation(raw)
-  record.update(status=status, explanation=explanation, raw=raw)
-  return record
+def run_bounded(todo: list[int], work, log: ResultsLog, concurrency: int,
+                desc: str) -> collections.Counter:
+  """Runs work(i) -> record for each i on `concurrency` threads, appending each record to `log` as
+  it finishes; returns the count of each status. A job-fatal ExplainerError stops everything.
 
-
-def run(topacts, table, latents: list[int], template, explainer, out: Path,
-        settings: JobSettings) -> dict:
-  """Explains `latents` not finished in out/explanations.jsonl; returns the counts of this run."""
-  out.mkdir(parents=True, exist_ok=True)
-  log, cache, counters = ResultsLog(out / "explanations.jsonl"), ResponseCache(out / "cache"), _Counters()
-  done = log.finished()
-  todo = [i for i in latents if i not in done]
+  Only a bounded window of latents is submitted at a time, so memory stays O(concurrency).
+  """
   statuses = collections.Counter()
-  start = time.perf_counter()
   try:
-    with futures.ThreadPoolExecutor(settings.concurrency) as pool, \
-        tqdm(total=len(todo), unit="latent", desc="explain", dynamic_ncols=True) as bar:
+    with futures.ThreadPoolExecutor(concurrency) as pool, \
+        tqdm(total=len(todo), unit="latent", desc=desc, dynamic_ncols=True) as bar:
       queue, pending = iter(todo), set()
 
-      def refill():  # a bounded window of submitted latents: memory stays O(concurrency)
-        while len(pending) < 2 * settings.concurrency and (i := next(queue, None)) is not None:
-          pending.add(pool.submit(_explain_one, i, topacts, table, template, explainer, cache,
-                                  settings, counters))
+      def refill():
+        while len(pending) < 2 * concurrency and (i := next(queue, None)) is not None:
+          pending.add(pool.submit(work, i))
 
       refill()
       while pending:
@@ -202,6 +172,48 @@ def run(topacts, table, latents: list[int], template, explainer, out: Path,
         refill()
   finally:
     log.close()
+  return statuses
+
+
+def _explain_one(latent_index, topacts, table, template, explainer, cache, settings, counters):
+  latent = topacts.latent(latent_index)
+  ids, maps = latent.image_ids[:settings.num_images], latent.maps[:settings.num_images]
+  record = {"latent": latent_index, "model": explainer.name, "images": [int(i) for i in ids],
+            "explanation": None, "raw": None, "attempts": 0, "cached": False, "error": None}
+  try:
+    masked = [visual.dim_mask(table.load(int(i)), m, topacts.grid, settings.image_size)
+              for i, m in zip(ids, maps)]
+    shown = [visual.image_grid(masked)] if settings.grid else masked
+    prompt = template.render([visual.png_bytes(image) for image in shown], num_images=len(masked))
+    key = ResponseCache.key(explainer.identity, prompt)
+    raw = cache.get(key)
+    if raw is None:
+      raw, record["attempts"] = with_retries(lambda: explainer.complete(prompt), settings, counters)
+      cache.put(key, raw)
+    else:
+      record["cached"] = True
+      counters.add("cache_hits")
+  except (ExplainerError, BadImage) as e:
+    if isinstance(e, ExplainerError) and e.fatal:
+      raise  # no request can succeed (unreachable server, wrong key): stop the job
+    record.update(status=prompts.FAILED, error=str(e))
+    return record
+  status, explanation = prompts.parse_explanation(raw)
+  record.update(status=status, explanation=explanation, raw=raw)
+  return record
+
+
+def run(topacts, table, latents: list[int], template, explainer, out: Path,
+        settings: JobSettings) -> dict:
+  """Explains `latents` not finished in out/explanations.jsonl; returns the counts of this run."""
+  out.mkdir(parents=True, exist_ok=True)
+  log, cache, counters = ResultsLog(out / "explanations.jsonl"), ResponseCache(out / "cache"), Counters()
+  done = log.finished()
+  todo = [i for i in latents if i not in done]
+  start = time.perf_counter()
+  statuses = run_bounded(
+      todo, lambda i: _explain_one(i, topacts, table, template, explainer, cache, settings,
+                                   counters), log, settings.concurrency, "explain")
   seconds = time.perf_counter() - start
   return {"latents": len(latents), "already_finished": len(latents) - len(todo),
           "explained": len(todo), "by_status": dict(sorted(statuses.items())),

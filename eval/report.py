@@ -1,0 +1,261 @@
+"""`python -m eval.report`: one page (markdown and HTML) with a run's training, quality and scores.
+
+  python -m eval.report --workdir=WORKDIR --clip_scores=SCORES [--sae_quality=QUALITY.json] \
+      --out=REPORT
+
+Any subset of the three inputs works. Writes REPORT/report.md, REPORT/report.html (open it in a
+browser; it needs nothing else than the PNGs next to it), REPORT/training_curves.png (every scalar
+of WORKDIR/metrics.jsonl against the step) and REPORT/score_distributions.png. --sae_quality is the
+JSON summary of eval.sae_quality: every scalar in it is shown, nested keys joined with dots.
+Model-generated text (explanations, labels) is escaped in both pages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+from eval import plots, scoring
+from sae_jax.store import atomic_write_bytes
+
+# The paper's CLIP scores (ViT-B/32 openai, LLaVA-NeXT-8B, 131k latents, top-5 images).
+PAPER_CLIP_SCORES = (("layer 25 (model.layers.24, the released SAE)", 24.92),
+                     ("layer 32", 26.55), ("random images", 18.2))
+# Training metrics drawn first (when logged); every other scalar follows.
+PREFERRED_CURVES = ("fvu", "loss", "dead_fraction", "tokens_per_s", "auxk_loss", "mse")
+MAX_CURVES = 9
+EXAMPLES = 10  # best and worst latents listed
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (metrics.jsonl, run.json).")
+_CLIP_SCORES = flags.DEFINE_string("clip_scores", None, "Output folder of eval.clip_score (or its "
+                                   "clip_scores.json).")
+_SAE_QUALITY = flags.DEFINE_string("sae_quality", None, "JSON summary written by eval.sae_quality.")
+_OUT = flags.DEFINE_string("out", None, "Folder to write the report to.", required=True)
+_TITLE = flags.DEFINE_string("title", "SAE run report", "Title of the report.")
+
+
+class ReportError(ValueError):
+  """An input that is missing or unreadable."""
+
+
+@dataclasses.dataclass
+class Table:
+  headers: list[str]
+  rows: list[list]
+
+
+@dataclasses.dataclass
+class Picture:
+  file: str  # relative to the report
+  alt: str
+
+
+@dataclasses.dataclass
+class Section:
+  title: str
+  blocks: list  # str (a paragraph), Table or Picture
+
+
+def _read_json(path: Path, flag: str):
+  try:
+    return json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ReportError(f"--{flag}: cannot read {path} ({e})") from e
+
+
+def _read_jsonl(path: Path, flag: str) -> list[dict]:
+  """The records of a JSONL file; a last line without newline (a killed writer's) is dropped."""
+  try:
+    text = path.read_text()
+  except OSError as e:
+    raise ReportError(f"--{flag}: cannot read {path} ({e})") from e
+  lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+  rows = []
+  for number, line in enumerate(lines, 1):
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ReportError(f"--{flag}: {path}:{number} is not JSON ({e})") from e
+  return rows
+
+
+def _fmt(value) -> str:
+  if isinstance(value, float):
+    return f"{value:.4g}"  # CLIP scores read 24.92, AUROCs 0.6234, small losses 0.0001402
+  return "" if value is None else str(value)
+
+
+def scalars(obj, prefix: str = "") -> list[tuple[str, object]]:
+  """(dotted key, value) of every number, string or bool in nested dicts."""
+  out = []
+  for key, value in obj.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out += scalars(value, f"{name}.")
+    elif isinstance(value, (int, float, str, bool)):
+      out.append((name, value))
+  return out
+
+
+def training_section(workdir: Path, out: Path) -> Section:
+  metrics_path = workdir / "metrics.jsonl"
+  if not metrics_path.exists():
+    raise ReportError(f"--workdir={workdir}: no metrics.jsonl (not a sae_jax.train workdir?)")
+  rows = _read_jsonl(metrics_path, "workdir")
+  blocks: list = [f"Workdir: {workdir}"]
+  run_path = workdir / "run.json"
+  if run_path.exists():
+    run = _read_json(run_path, "workdir")
+    blocks.append(Table(["setting", "value"],
+                        [[k, _fmt(v)] for k, v in scalars({"sae": run.get("sae", {}),
+                                                           "source": run.get("source", {})})]))
+  if not rows:
+    return Section("Training", blocks + ["metrics.jsonl is empty: no step was logged."])
+  last = rows[-1]
+  blocks.append(f"Last logged step: {last['step']}.")
+  blocks.append(Table(["metric", "value at the last step"],
+                      [[k, _fmt(v)] for k, v in last.items() if k != "step"]))
+  logged = [k for k in last if k != "step" and isinstance(last[k], (int, float))]
+  keys = ([k for k in PREFERRED_CURVES if k in logged]
+          + [k for k in logged if k not in PREFERRED_CURVES])[:MAX_CURVES]
+  if keys:
+    plots.training_curves(rows, keys, out / "training_curves.png")
+    blocks.append(Picture("training_curves.png", "training curves"))
+  return Section("Training", blocks)
+
+
+def quality_section(path: Path) -> Section:
+  quality = _read_json(path, "sae_quality")
+  if not isinstance(quality, dict):
+    raise ReportError(f"--sae_quality={path}: expected a JSON object")
+  table = Table(["metric", "value"], [[k, _fmt(v)] for k, v in scalars(quality)])
+  return Section("SAE quality", [f"From {path}.", table])
+
+
+def _clip_name(settings: dict) -> str:
+  model = str(settings.get("clip_model"))
+  # open_clip ignores --clip_pretrained for local-dir: and hf-hub: models.
+  return model if model.startswith(("local-dir:", "hf-hub:")) else \
+      f"{model} ({settings.get('clip_pretrained')})"
+
+
+def clip_section(path: Path, out: Path) -> Section:
+  folder = path.parent if path.is_file() else path
+  summary = _read_json(folder / "clip_scores.json", "clip_scores")
+  rows = _read_jsonl(folder / "per_latent.jsonl", "clip_scores")
+  settings, latents = summary.get("settings", {}), summary.get("latents", {})
+  excluded = ", ".join(f"{n} {why}" for why, n in latents.get("excluded", {}).items()) or "none"
+  blocks: list = [
+      f"CLIP model {_clip_name(settings)}; texts: "
+      + (f"labels refined by {settings['refine']}" if settings.get("refine") else "explanations")
+      + f". Latents scored: {latents.get('scored')} of {latents.get('selected')}; excluded: "
+      f"{excluded}. Random baseline: {settings.get('random_draws')} draws per latent.",
+      Table(["metric", "latents", "mean", "median", "95% CI of the mean"],
+            [[name, m["n"], _fmt(m["mean"]), _fmt(m["median"]),
+              "" if not m["ci95"] else f"[{_fmt(m['ci95'][0])}, {_fmt(m['ci95'][1])}]"]
+             for name, m in _in_order(summary.get("metrics", {}))]),
+      "The paper (comparable only with --clip_model=ViT-B-32 --clip_pretrained=openai, the paper's "
+      "SAE and explainer; see docs/reproduce_paper.md):",
+      Table(["paper", "CLIP score"], [[name, value] for name, value in PAPER_CLIP_SCORES])]
+  scored = [r for r in rows if r.get("clip_score") is not None]
+  if scored:
+    plots.score_distributions(scored, out / "score_distributions.png")
+    blocks.append(Picture("score_distributions.png", "CLIP score distributions"))
+    ranked = sorted(scored, key=lambda r: r["clip_score"], reverse=True)
+    for title, chosen in ((f"Best {EXAMPLES} latents", ranked[:EXAMPLES]),
+                          (f"Worst {EXAMPLES} latents", ranked[-EXAMPLES:][::-1])):
+      blocks += [title + ":", Table(
+          ["latent", "CLIP score", "random", "shuffled", "held-out AUROC", "explanation", "label"],
+          [[r["latent"], _fmt(r["clip_score"]), _fmt(r.get("random_baseline")),
+            _fmt(r.get("shuffled_baseline")), _fmt(r.get("heldout_auroc")),
+            r.get("explanation") or "", r.get("label") or ""] for r in chosen])]
+  return Section("CLIP score", blocks)
+
+
+def _in_order(metrics: dict) -> list[tuple[str, dict]]:
+  """The metrics in scoring.METRIC_NAMES order (JSON files keep them sorted by name)."""
+  known = [(name, metrics[name]) for name in scoring.METRIC_NAMES if name in metrics]
+  return known + [(name, m) for name, m in metrics.items() if name not in scoring.METRIC_NAMES]
+
+
+def _md_text(text) -> str:
+  """Model text as literal markdown: no HTML, links, emphasis or table breaks."""
+  text = html.escape(" ".join(str(text).split()), quote=False)
+  return "".join("\\" + c if c in "\\`*_[]|#" else c for c in text)
+
+
+def to_markdown(title: str, sections: list[Section]) -> str:
+  lines = [f"# {_md_text(title)}", ""]
+  for section in sections:
+    lines += [f"## {_md_text(section.title)}", ""]
+    for block in section.blocks:
+      if isinstance(block, Table):
+        lines.append("| " + " | ".join(_md_text(h) for h in block.headers) + " |")
+        lines.append("|" + "---|" * len(block.headers))
+        lines += ["| " + " | ".join(_md_text(c) for c in row) + " |" for row in block.rows]
+      elif isinstance(block, Picture):
+        lines.append(f"![{_md_text(block.alt)}]({block.file})")
+      else:
+        lines.append(_md_text(block))
+      lines.append("")
+  return "\n".join(lines)
+
+
+_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+          "color:#222}table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border:1px solid "
+          "#ccc;padding:.25em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}"
+          "img{max-width:100%}")
+
+
+def to_html(title: str, sections: list[Section]) -> str:
+  e = lambda value: html.escape(str(value), quote=True)
+  parts = ["<!doctype html>", '<html><head><meta charset="utf-8">',
+           f"<title>{e(title)}</title><style>{_STYLE}</style></head><body>", f"<h1>{e(title)}</h1>"]
+  for section in sections:
+    parts.append(f"<h2>{e(section.title)}</h2>")
+    for block in section.blocks:
+      if isinstance(block, Table):
+        parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in block.headers) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in block.rows]
+        parts.append("</table>")
+      elif isinstance(block, Picture):
+        parts.append(f'<p><img src="{e(block.file)}" alt="{e(block.alt)}"></p>')
+      else:
+        parts.append(f"<p>{e(block)}</p>")
+  parts.append("</body></html>")
+  return "\n".join(parts) + "\n"
+
+
+def main(argv):
+  del argv
+  if not (_WORKDIR.value or _CLIP_SCORES.value or _SAE_QUALITY.value):
+    print(json.dumps({"ok": False, "error": "nothing to report: pass --workdir, --clip_scores "
+                      "and/or --sae_quality"}))
+    sys.exit(1)
+  out = Path(_OUT.value)
+  out.mkdir(parents=True, exist_ok=True)
+  try:
+    sections = []
+    if _WORKDIR.value:
+      sections.append(training_section(Path(_WORKDIR.value), out))
+    if _SAE_QUALITY.value:
+      sections.append(quality_section(Path(_SAE_QUALITY.value)))
+    if _CLIP_SCORES.value:
+      sections.append(clip_section(Path(_CLIP_SCORES.value), out))
+  except ReportError as e:
+    print(json.dumps({"ok": False, "error": str(e)}))
+    sys.exit(1)
+  atomic_write_bytes(out / "report.md", to_markdown(_TITLE.value, sections).encode())
+  atomic_write_bytes(out / "report.html", to_html(_TITLE.value, sections).encode())
+  print(json.dumps({"ok": True, "sections": [s.title for s in sections],
+                    "markdown": str(out / "report.md"), "html": str(out / "report.html")}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,82 @@
+"""eval.report: training curves, quality scalars and CLIP scores on one page; model text escaped."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+XSS = "<script>document.title='pwned'</script><img src=x onerror=alert(1)> | [link](javascript:x)"
+
+
+def report(*args):
+  result = subprocess.run([sys.executable, "-m", "eval.report", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  return result.returncode, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def inputs(tmp_path):
+  workdir = tmp_path / "workdir"
+  workdir.mkdir()
+  lines = [json.dumps({"step": s, "loss": 1 / s, "fvu": 1 / s, "dead_fraction": 0.5 / s,
+                       "tokens_per_s": 1000.0 + s}) for s in range(1, 21)]
+  # A killed trainer leaves a last line without its newline: ignored.
+  (workdir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 21, "lo')
+  (workdir / "run.json").write_text(json.dumps({"sae": {"num_latents": 64, "k": 4},
+                                                "source": {"model": "tiny", "layer": 1}}))
+  quality = tmp_path / "quality.json"
+  quality.write_text(json.dumps({"fvu": 0.125, "spliced": {"kl": 0.031}, "note": XSS,
+                                 "per_layer": [1, 2]}))
+  scores = tmp_path / "scores"
+  scores.mkdir()
+  metric = lambda mean: {"n": 2, "mean": mean, "median": mean, "ci95": [mean - 1, mean + 1]}
+  (scores / "clip_scores.json").write_text(json.dumps({
+      "format": "clip-scores", "version": 1,
+      "settings": {"clip_model": "ViT-B-32", "clip_pretrained": "openai", "random_draws": 30},
+      "latents": {"selected": 3, "scored": 2, "excluded": {"unable": 1}},
+      "metrics": {"clip_score": metric(25.5), "random_baseline": metric(18.25),
+                  "heldout_auroc": metric(0.75)}}))
+  rows = [{"latent": 0, "explanation": XSS, "label": "dogs", "clip_score": 26.0,
+           "random_baseline": 18.0, "shuffled_baseline": 19.0, "heldout_auroc": 0.5},
+          {"latent": 1, "explanation": "cats", "label": None, "clip_score": 25.0,
+           "random_baseline": 18.5, "shuffled_baseline": 20.0, "heldout_auroc": None},
+          {"latent": 2, "explanation": None, "label": None, "excluded": "unable",
+           "clip_score": None, "random_baseline": None, "shuffled_baseline": None,
+           "heldout_auroc": None}]
+  (scores / "per_latent.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return workdir, quality, scores
+
+
+def test_report_renders_every_input_and_escapes_model_text(inputs, tmp_path):
+  workdir, quality, scores = inputs
+  out = tmp_path / "report"
+  code, summary = report(f"--workdir={workdir}", f"--sae_quality={quality}",
+                         f"--clip_scores={scores}", f"--out={out}")
+  assert code == 0, summary
+  assert summary["sections"] == ["Training", "SAE quality", "CLIP score"]
+  for png in ("training_curves.png", "score_distributions.png"):
+    assert (out / png).read_bytes()[:4] == b"\x89PNG"
+  page = (out / "report.html").read_text()
+  markdown = (out / "report.md").read_text()
+  for text in (page, markdown):
+    assert "Last logged step: 20." in text and "0.05" in text  # the last complete line
+    assert "spliced.kl" in text and "0.031" in text and "per_layer" not in text
+    assert "25.5" in text and "[24.5, 26.5]" in text.replace("\\", "")
+    assert "24.92" in text and "18.2" in text  # the paper's numbers
+    assert "<script" not in text and "<img src=x" not in text
+  assert "&lt;script&gt;" in page and page.count('<img src="') == 2
+  assert "\\[link\\](javascript:x)" in markdown and "\\|" in markdown
+  # Metrics in reading order, not the JSON file's alphabetical order.
+  assert page.index("<td>clip_score</td>") < page.index("<td>heldout_auroc</td>")
+
+
+def test_report_errors_name_the_input(inputs, tmp_path):
+  code, summary = report(f"--out={tmp_path / 'report'}")
+  assert code == 1 and "--workdir" in summary["error"]
+  code, summary = report(f"--workdir={tmp_path}", f"--out={tmp_path / 'report'}")
+  assert code == 1 and "metrics.jsonl" in summary["error"] and str(tmp_path) in summary["error"]
+  code, summary = report(f"--clip_scores={tmp_path / 'nowhere'}", f"--out={tmp_path / 'report'}")
+  assert code == 1 and "--clip_scores" in summary["error"]
