@@ -1,0 +1,75 @@
+"""Command-line flags of `python -m harvest` (every one also accepted from `--flagfile`)."""
+
+import dataclasses
+
+import torch
+from absl import flags
+
+from harvest.run import HarvestConfig, HarvestError
+from harvest.tokens import TOKEN_MODES
+
+MODEL = flags.DEFINE_string(
+    "model", None, "LLaVA checkpoint: a local folder or a hub id (LLaVA-1.5, LLaVA-NeXT or "
+    "LLaVA-OneVision classes of transformers).")
+LAYERS = flags.DEFINE_list(
+    "layers", None, "Decoder layer indices to record, e.g. 24 or 24,30. The stored vector is the "
+    "output of decoder block L, i.e. hidden_states[L + 1]. All layers come from one forward pass.")
+IMAGES = flags.DEFINE_string(
+    "images", None, "A folder of images, a JSONL file of {\"image\": path, \"prompt\": text}, or "
+    "a datasets folder written by save_to_disk.")
+OUT = flags.DEFINE_string(
+    "out", None, "Output folder: one store per layer in OUT/layer_<L>/, plus OUT/harvest_flags.json.")
+IMAGE_COLUMN = flags.DEFINE_string("image_column", "image", "Image column of a datasets input.")
+SPLIT = flags.DEFINE_string("split", "train", "Split of a datasets input saved as a DatasetDict.")
+PROMPT_MODE = flags.DEFINE_enum(
+    "prompt_mode", "bare", ["bare", "chat"],
+    "bare: the paper's literal '<image>' prompt (followed by a newline and --prompt if given), no "
+    "chat template. chat: the model's chat template around the image and the prompt.")
+PROMPT = flags.DEFINE_string(
+    "prompt", "", "Prompt text for every image; a JSONL or dataset 'prompt' overrides it.")
+TOKENS = flags.DEFINE_enum(
+    "tokens", "base_patches", list(TOKEN_MODES),
+    "Which token rows to store: base_patches (the base image grid, the paper's 576), image (every "
+    "image token, anyres tiles and newlines included), text, or all. BOS and padding never.")
+DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16", "float16"], "dtype the model runs in.")
+STORE_DTYPE = flags.DEFINE_enum(
+    "store_dtype", "bfloat16", ["float32", "bfloat16", "float16"],
+    "dtype of the stored activations (bfloat16 never overflows on residual outliers).")
+DEVICE = flags.DEFINE_enum(
+    "device", "auto", ["auto", "cpu", "cuda"], "Where the model runs; auto picks cuda if present.")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1)
+SHARD_IMAGES = flags.DEFINE_integer(
+    "shard_images", 128, "Input images per store shard; a multiple of --batch_size so that a "
+    "resumed run processes exactly the batches of an uninterrupted one.", lower_bound=1)
+MAX_IMAGES = flags.DEFINE_integer(
+    "max_images", 0, "Harvest only the first N inputs (0: all).", lower_bound=0)
+ON_BAD_IMAGE = flags.DEFINE_enum(
+    "on_bad_image", "skip", ["skip", "fail"],
+    "skip: leave out an unreadable or missing image and list it in the manifest; fail: stop.")
+TORCH_THREADS = flags.DEFINE_integer(
+    "torch_threads", 0, "torch intra-op threads (0: torch's default, one per core). On a CPU that "
+    "other processes share, 1 avoids threads waiting on each other.", lower_bound=0)
+STOP_AFTER_LAST_LAYER = flags.DEFINE_bool(
+    "stop_after_last_layer", True,
+    "End each forward pass after the last requested layer (skips the later layers and the LM head).")
+
+
+def apply_torch_threads() -> None:
+  """Process-wide, so set by the command lines rather than by `harvest()`."""
+  if TORCH_THREADS.value:
+    torch.set_num_threads(TORCH_THREADS.value)
+
+
+def config_from_flags() -> HarvestConfig:
+  values = {}
+  for field in dataclasses.fields(HarvestConfig):
+    flag = flags.FLAGS[field.name]
+    if field.name in ("model", "layers", "images", "out") and not flag.value:
+      raise HarvestError(f"--{field.name} is required")
+    values[field.name] = flag.value
+  try:
+    values["layers"] = tuple(int(layer) for layer in values["layers"])
+  except ValueError as e:
+    raise HarvestError(f"--layers={','.join(values['layers'])}: not integers") from e
+  return HarvestConfig(**values)

@@ -1,0 +1,213 @@
+"""Harvest inputs: synthetic test images, and readers for the three kinds of `--images`.
+
+`--images` is one of
+  * a folder of images (searched recursively, sorted by path, so the order never depends on the
+    file system),
+  * a JSONL file of `{"image": path, "prompt": optional text}` (relative paths are relative to the
+    JSONL file's folder),
+  * a folder written by `datasets.Dataset.save_to_disk` with an image column.
+
+Each reader is a sequence of inputs: `source(i)` names input i for the store's image table and
+`prompt(i)` is its own prompt (or None); `load(i)` decodes its image, raising `BadImage`.
+`python -m harvest.images --out=DIR --num=64` writes varied synthetic PNGs (seeded) for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class BadImage(Exception):
+  """An input image that cannot be read: missing, not an image, truncated."""
+
+
+class InputError(ValueError):
+  """`--images` (or a file it names) cannot be used at all."""
+
+
+def decode_image(opener) -> Image.Image:
+  """RGB image from `opener()`, decoded now so that a truncated file fails here, not later."""
+  try:
+    image = opener()
+    image.load()
+    return image.convert("RGB")
+  except (OSError, ValueError, SyntaxError) as e:  # PIL raises these three for bad files
+    raise BadImage(f"{type(e).__name__}: {e}") from e
+
+
+class FileInputs:
+  """Images named by paths, with optional per-image prompts (a folder or a JSONL file)."""
+
+  def __init__(self, paths: list[str], prompts: list[str | None]):
+    self._paths, self._prompts = paths, prompts
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def source(self, i: int) -> str:
+    return self._paths[i]
+
+  def prompt(self, i: int) -> str | None:
+    return self._prompts[i]
+
+  def load(self, i: int) -> Image.Image:
+    return decode_image(lambda: Image.open(self._paths[i]))
+
+
+class DatasetInputs:
+  """Rows of a `datasets` dataset saved with `save_to_disk`: PIL images or paths in a column."""
+
+  def __init__(self, path: str, column: str, split: str):
+    import datasets  # only this reader needs it
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+      if split not in loaded:
+        raise InputError(f"--images={path}: dataset has splits {sorted(loaded)}, not --split={split}")
+      loaded, self._name = loaded[split], f"{path}#{split}"
+    else:
+      self._name = path
+    if column not in loaded.column_names:
+      raise InputError(f"--images={path}: no column --image_column={column!r}; "
+                       f"columns are {loaded.column_names}")
+    self._column = loaded.select_columns([column])
+    self._prompts = loaded["prompt"] if "prompt" in loaded.column_names else None
+
+  def __len__(self) -> int:
+    return len(self._column)
+
+  def source(self, i: int) -> str:
+    return f"{self._name}[{i}]"
+
+  def prompt(self, i: int) -> str | None:
+    return self._prompts[i] if self._prompts is not None else None
+
+  def load(self, i: int) -> Image.Image:
+    def opener():
+      value = self._column[i][self._column.column_names[0]]  # decoding errors surface here
+      if isinstance(value, str):
+        return Image.open(value)
+      if isinstance(value, Image.Image):
+        return value
+      raise ValueError(f"the column holds a {type(value).__name__}, not an image or a path")
+    return decode_image(opener)
+
+
+def _read_jsonl(path: Path) -> FileInputs:
+  paths, prompts = [], []
+  with open(path) as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        image = record["image"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{path}:{line_no}: expected a JSON object with an \"image\" key ({e})")
+      paths.append(str(path.parent / image))
+      prompts.append(record.get("prompt"))
+  return FileInputs(paths, prompts)
+
+
+def open_inputs(images: str, image_column: str = "image", split: str = "train"):
+  """The reader for `--images`: a folder of images, a JSONL file or a saved dataset."""
+  path = Path(images)
+  if not path.exists():
+    raise InputError(f"--images={images} does not exist")
+  if path.is_file():
+    if path.suffix != ".jsonl":
+      raise InputError(f"--images={images} is a file but not a .jsonl list of images")
+    return _read_jsonl(path)
+  if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+    return DatasetInputs(images, image_column, split)
+  files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+  if not files:
+    raise InputError(f"--images={images} holds no image files ({sorted(IMAGE_SUFFIXES)})")
+  return FileInputs(files, [None] * len(files))
+
+
+def inputs_fingerprint(inputs) -> str:
+  """sha256 of every input's source and prompt: a store is only resumed over the same inputs."""
+  digest = hashlib.sha256()
+  for i in range(len(inputs)):
+    digest.update(json.dumps([inputs.source(i), inputs.prompt(i)]).encode() + b"\n")
+  return digest.hexdigest()
+
+
+# --- Synthetic images -----------------------------------------------------------------------------
+
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+  """One of: flat colour, gradient, stripes, checkerboard, noise."""
+  c1, c2 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+  y, x = np.mgrid[0:height, 0:width]
+  style = rng.integers(5)
+  if style == 0:
+    t = np.zeros((height, width))
+  elif style == 1:
+    t = (x / max(width - 1, 1) + y / max(height - 1, 1)) / 2
+  elif style == 2:
+    t = ((x * np.cos(rng.uniform(0, np.pi)) + y) // rng.integers(3, 12)) % 2
+  elif style == 3:
+    step = rng.integers(4, 16)
+    t = ((x // step + y // step) % 2).astype(float)
+  else:
+    t = rng.random((height, width))
+  return (c1 + t[..., None] * (c2 - c1)).astype(np.uint8)
+
+
+def synthetic_image(seed: int) -> Image.Image:
+  """A varied image (size, aspect ratio, background texture, 1-4 shapes) from one seed."""
+  rng = np.random.default_rng(seed)
+  height, width = (int(v) for v in rng.integers(40, 200, 2))
+  image = Image.fromarray(_background(rng, height, width))
+  draw = ImageDraw.Draw(image)
+  for _ in range(rng.integers(1, 5)):
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    x0, x1 = sorted(int(v) for v in rng.integers(0, width, 2))
+    y0, y1 = sorted(int(v) for v in rng.integers(0, height, 2))
+    shape = rng.integers(4)
+    if shape == 0:
+      draw.ellipse([x0, y0, x1, y1], fill=colour)
+    elif shape == 1:
+      draw.rectangle([x0, y0, x1, y1], fill=colour)
+    elif shape == 2:
+      draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=colour)
+    else:
+      draw.line([x0, y0, x1, y1], fill=colour, width=int(rng.integers(1, 6)))
+  return image
+
+
+def write_synthetic_images(out: str | Path, num: int, seed: int = 0) -> list[Path]:
+  """Writes `num` PNGs (image i from seed + i); existing files are kept, so reruns are cheap."""
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for i in range(num):
+    path = out / f"synthetic_{i:05d}.png"
+    if not path.exists():
+      tmp = path.with_name(f".{path.name}.tmp")
+      synthetic_image(seed + i).save(tmp, format="PNG")
+      tmp.replace(path)
+    paths.append(path)
+  return paths
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+
+  _OUT = flags.DEFINE_string("out", None, "Folder to write the PNGs to.", required=True)
+  _NUM = flags.DEFINE_integer("num", 64, "How many images.")
+  _SEED = flags.DEFINE_integer("seed", 0, "Image i is drawn from seed + i.")
+
+  def main(argv):
+    del argv
+    paths = write_synthetic_images(_OUT.value, _NUM.value, _SEED.value)
+    print(json.dumps({"ok": True, "out": _OUT.value, "images": len(paths)}))
+
+  app.run(main)

@@ -1,0 +1,82 @@
+"""Two threads around the forward pass: one prepares the next batches, one writes the last ones.
+
+Both hand work over through bounded queues, so memory holds a few batches whatever the input size,
+and an exception in either thread is raised again in the main thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Iterable, Iterator
+
+_DONE = object()
+
+
+def prefetch(items: Iterable, depth: int) -> Iterator:
+  """Yields `items`, produced up to `depth` ahead in a background thread."""
+  q: queue.Queue = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def produce():
+    try:
+      for item in items:
+        if not put(item):
+          return
+      put(_DONE)
+    except BaseException as e:  # handed to the consumer, which raises it
+      put(e)
+
+  thread = threading.Thread(target=produce, name="harvest-prefetch", daemon=True)
+  thread.start()
+  try:
+    while (item := q.get()) is not _DONE:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()  # the consumer stopped (done or failed): let the producer end
+    thread.join()
+
+
+class BackgroundWorker:
+  """Runs `handle(item)` for each submitted item in order, in one background thread."""
+
+  def __init__(self, handle: Callable[[object], None], depth: int):
+    self._handle = handle
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._error: BaseException | None = None
+    self._thread = threading.Thread(target=self._run, name="harvest-writer", daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    while (item := self._queue.get()) is not _DONE:
+      if self._error is None:
+        try:
+          self._handle(item)
+        except BaseException as e:
+          self._error = e  # keep draining so that submit() never blocks on a dead worker
+
+  def _raise_error(self):
+    if self._error is not None:
+      raise self._error
+
+  def submit(self, item) -> None:
+    self._raise_error()
+    self._queue.put(item)
+
+  def close(self, raise_error: bool = True) -> None:
+    """Waits until every submitted item is handled, then raises the worker's first error."""
+    self._queue.put(_DONE)
+    self._thread.join()
+    if raise_error:
+      self._raise_error()

@@ -1,0 +1,22 @@
+"""Shared pytest fixtures: tiny LLaVA checkpoints and synthetic images, built once per session."""
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+  """`tiny_model(kind)`: folder of a saved tiny model of that kind (llava, llava_next, ...)."""
+  from harvest import tiny
+  root = tmp_path_factory.mktemp("tiny_models")
+  return lambda kind: tiny.save(kind, root / kind)
+
+
+@pytest.fixture(scope="session")
+def synthetic_images(tmp_path_factory) -> Path:
+  """A folder of 96 varied synthetic PNGs (different sizes and aspect ratios)."""
+  from harvest import images
+  out = tmp_path_factory.mktemp("synthetic_images")
+  images.write_synthetic_images(out, 96)
+  return out
