@@ -12,6 +12,7 @@ selected latent is finished, 2 when some failed (rerun to retry them), 1 on bad 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -42,6 +43,10 @@ _OUT = flags.DEFINE_string("out", None, "Output folder: explanations.jsonl, cach
                            required=True)
 _PROMPT_TEMPLATE = flags.DEFINE_string("prompt_template", None, "Prompt template file (default: "
                                        "interpret/templates/explain.txt).")
+_ANSWER_PREFIX = flags.DEFINE_string(
+    "answer_prefix", None, "Start of the answer, for the model to continue (e.g. "
+    "'[EXPLANATION]:'): overrides the template's [assistant] section. Keeps small explainers on "
+    "format; skips the reasoning a large one writes first.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 5, "Top images shown per latent (the paper: 5).",
                                    lower_bound=1)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 336, "Side in pixels of each image sent.",
@@ -78,6 +83,8 @@ def main(argv):
     latents, skipped = topacts_lib.selection_from_flags(topacts, flags.FLAGS)
     table = sources.open_table(topacts, _STORE.value, _IMAGE_ROOT.value)
     template = prompts.load_template(_PROMPT_TEMPLATE.value)
+    if _ANSWER_PREFIX.value is not None:
+      template = dataclasses.replace(template, assistant=_ANSWER_PREFIX.value)
     explainer = explainers.make_explainer(
         _EXPLAINER.value, _EXPLAINER_MODEL.value, os.environ.get(_API_KEY_ENV.value),
         timeout_s=_TIMEOUT_S.value, max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,

@@ -121,19 +121,25 @@ class OpenAIExplainer:
       if self.multi_images:  # SGLang: one base-resolution view per image (729 tokens on OneVision)
         part["modalities"] = "multi-images"
       image_parts.append(part)
-    return [{"role": "system", "content": prompt.system},
-            {"role": "user", "content": [{"type": "text", "text": prompt.user}, *image_parts]}]
+    messages = [{"role": "system", "content": prompt.system},
+                {"role": "user", "content": [{"type": "text", "text": prompt.user}, *image_parts]}]
+    if prompt.answer_prefix:
+      messages.append({"role": "assistant", "content": prompt.answer_prefix})
+    return messages
 
   def complete(self, prompt: Prompt) -> str:
-    reply = self._request("/chat/completions", {
-        "model": self.name, "messages": self.messages(prompt), "max_tokens": self.max_tokens,
-        "temperature": self.temperature})
+    body = {"model": self.name, "messages": self.messages(prompt), "max_tokens": self.max_tokens,
+            "temperature": self.temperature}
+    if prompt.answer_prefix:
+      # vLLM's and SGLang's way to continue a partial assistant message.
+      body.update(continue_final_message=True, add_generation_prompt=False)
+    reply = self._request("/chat/completions", body)
     try:
       content = reply["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
       raise TransientError(f"{self.base_url}/chat/completions: no choices[0].message.content in "
                            f"{json.dumps(reply)[:200]}") from None
-    return content or ""
+    return prompt.answer_prefix + (content or "")
 
 
 class HFExplainer:
@@ -168,6 +174,7 @@ class HFExplainer:
                  + [{"type": "image"} for _ in images]}]
     try:
       text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+      text += prompt.answer_prefix
       # Floating inputs (pixel values) in the model's dtype; token ids stay integers.
       inputs = self.processor(text=text, images=images or None, return_tensors="pt").to(
           self.device, dtype=self.model.dtype)
@@ -176,7 +183,8 @@ class HFExplainer:
     except (ValueError, RuntimeError) as e:  # e.g. a prompt too long, out of memory: this latent only
       raise ExplainerError(f"hf:{self.path}: {type(e).__name__}: {e}") from e
     new_tokens = out[:, inputs["input_ids"].shape[1]:]
-    return self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
+    return prompt.answer_prefix + self.processor.batch_decode(new_tokens,
+                                                              skip_special_tokens=True)[0]
 
 
 def make_explainer(spec: str, model: str | None, api_key: str | None, *, timeout_s: float,

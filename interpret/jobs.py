@@ -46,7 +46,8 @@ class ResponseCache:
 
   @staticmethod
   def key(identity: dict, prompt: prompts.Prompt) -> str:
-    digest = hashlib.sha256(json.dumps([identity, prompt.system, prompt.user], sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps([identity, prompt.system, prompt.user, prompt.answer_prefix],
+                                       sort_keys=True).encode())
     for png in prompt.images:
       digest.update(hashlib.sha256(png).digest())
     return digest.hexdigest()

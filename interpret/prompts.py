@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "explain.txt"
-SECTIONS = ("system", "user")
-_HEADER = re.compile(r"^\[(system|user)\]\s*$")
+SECTIONS = ("system", "user")  # required; "assistant" (the start of the answer) is optional
+_HEADER = re.compile(r"^\[(system|user|assistant)\]\s*$")
 # The last "[EXPLANATION]: ..." line; tolerant of markdown bold around the tag.
 _EXPLANATION = re.compile(r"\[EXPLANATION\]\**\s*:\s*\**\s*(.*)")
 _UNABLE = re.compile(r"^\W*unable\b", re.IGNORECASE)
@@ -28,12 +28,13 @@ class TemplateError(ValueError):
 class Template:
   system: str
   user: str
+  assistant: str = ""
 
   def render(self, images: list[bytes], num_images: int | None = None) -> "Prompt":
     """`num_images`: how many top images `images` show (more than len(images) when tiled)."""
     count = len(images) if num_images is None else num_images
     fill = lambda text: text.replace("{num_images}", str(count))
-    return Prompt(fill(self.system), fill(self.user), tuple(images))
+    return Prompt(fill(self.system), fill(self.user), tuple(images), fill(self.assistant))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,9 @@ class Prompt:
   system: str
   user: str
   images: tuple[bytes, ...]  # PNG bytes, shown after the user text
+  # The answer's first words, written for the model to continue (e.g. "[EXPLANATION]:"): keeps a
+  # weak explainer on format. Backends return it as part of the answer.
+  answer_prefix: str = ""
 
 
 def load_template(path: str | Path | None = None) -> Template:
@@ -62,7 +66,8 @@ def load_template(path: str | Path | None = None) -> Template:
   if missing:
     raise TemplateError(f"--prompt_template={path}: sections {missing} are missing or empty "
                         "(each starts with a line '[system]' or '[user]')")
-  return Template(*("\n".join(sections[s]).strip() for s in SECTIONS))
+  return Template(*("\n".join(sections[s]).strip() for s in SECTIONS),
+                  assistant="\n".join(sections.get("assistant", [])).strip())
 
 
 def parse_explanation(text: str) -> tuple[str, str | None]:

@@ -134,7 +134,7 @@ class FakeOpenAIServer:
   @staticmethod
   def latent_of(body: dict) -> int:
     """The latent a request is about: the red channel of its first image's top-left pixel."""
-    parts = body["messages"][-1]["content"]
+    parts = next(m for m in body["messages"] if m["role"] == "user")["content"]
     url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
     image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
     return round(image.getpixel((0, 0))[0] / RED_STEP)

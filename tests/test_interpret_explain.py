@@ -21,12 +21,21 @@ def acts(tmp_path):
   return topacts.TopActs(fakes.write_topacts(tmp_path / "topacts"))
 
 
-def explain(acts, server, out, latents=range(8), timeout_s=5.0, settings=SETTINGS):
+def explain(acts, server, out, latents=range(8), timeout_s=5.0, settings=SETTINGS,
+            template=None):
   chosen, _ = topacts.select_latents(acts, ",".join(map(str, latents)))
   explainer = OpenAIExplainer(server.url, None, "sk-test", timeout_s=timeout_s, max_tokens=50,
                               temperature=0.0)
   table = sources.open_table(acts, None, None)
-  return jobs.run(acts, table, chosen, prompts.load_template(), explainer, out, settings)
+  return jobs.run(acts, table, chosen, template or prompts.load_template(), explainer, out,
+                  settings)
+
+
+def prefilled_template(tmp_path):
+  """The default template plus an [assistant] section: the answer starts with the tag."""
+  path = tmp_path / "prefilled.txt"
+  path.write_text(prompts.DEFAULT_TEMPLATE.read_text() + "[assistant]\n[EXPLANATION]:\n")
+  return prompts.load_template(path)
 
 
 def read_records(out):
@@ -83,6 +92,17 @@ def test_retries_parse_failures_and_cache(acts, tmp_path):
     assert summary["cache_hits"] == 6
     assert {i for i, n in server.requests.items() if n != before[i]} == {5}
     assert {r["latent"]: r["status"] for r in read_records(out)} == status
+
+
+def test_answer_prefix_is_sent_for_continuation_and_kept_in_the_answer(acts, tmp_path):
+  with fakes.FakeOpenAIServer(lambda latent, attempt: fakes.reply(f" blobs {latent}")) as server:
+    explain(acts, server, tmp_path / "out", latents=[0, 1], template=prefilled_template(tmp_path))
+  body = server.bodies[0]
+  assert body["messages"][-1] == {"role": "assistant", "content": "[EXPLANATION]:"}
+  assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+  records = {r["latent"]: r for r in read_records(tmp_path / "out")}
+  assert records[1]["raw"] == "[EXPLANATION]: blobs 1"
+  assert records[1]["status"] == "ok" and records[1]["explanation"] == "blobs 1"
 
 
 def test_truncated_last_line_is_dropped(acts, tmp_path):
@@ -185,6 +205,11 @@ def test_hf_explainer_tiny_onevision(acts, tmp_path, tiny_model):
     assert isinstance(record["raw"], str) and record["status"] == prompts.parse_explanation(record["raw"])[0]
   rerun = jobs.run(acts, table, [0, 3], prompts.load_template(), explainer, out, SETTINGS)
   assert rerun["explained"] == 0
+  # With the answer prefilled, even an untrained model answers in the format.
+  jobs.run(acts, table, [0, 3], prefilled_template(tmp_path), explainer, tmp_path / "prefilled",
+           SETTINGS)
+  for record in read_records(tmp_path / "prefilled"):
+    assert record["raw"].startswith("[EXPLANATION]:") and record["status"] in ("ok", "unable")
 
 
 def test_command_exit_status_when_latents_fail(tmp_path):
