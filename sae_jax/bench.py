@@ -1,0 +1,98 @@
+"""Training-step throughput on random data, against the floor of the step.
+
+The floor is what no TopK SAE step can avoid: the dense encoder matmul (2*B*d*n FLOPs) and the
+top-k over [B, n], jitted alone. Everything else in a step is O(B*k*d) plus the optimizer's O(n*d).
+
+  python -m sae_jax.bench --d_in=512 --num_latents=16384 --k=32 --batch_size=4096
+
+prints one JSON line: tokens_per_s, step_ms, floor_ms, floor_fraction (= floor_ms / step_ms),
+step_cpu_ms and floor_cpu_ms (process CPU time, a cross-check on a busy host), config and device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from sae_jax import step as step_lib
+from sae_jax import topk as topk_lib
+from sae_jax.model import SAEConfig
+
+_D_IN = flags.DEFINE_integer("d_in", 512, "Input width.")
+_NUM_LATENTS = flags.DEFINE_integer("num_latents", 16384, "SAE width.")
+_K = flags.DEFINE_integer("k", 32, "Active latents per token.")
+_BATCH = flags.DEFINE_integer("batch_size", 4096, "Tokens per step.")
+_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                           "Encoder matmul dtype.")
+_TOPK = flags.DEFINE_enum("topk", "exact", list(topk_lib.TOPK_METHODS), "Top-k implementation.")
+_MULTI_TOPK = flags.DEFINE_bool("multi_topk", False, "Add the Multi-TopK (4k) loss.")
+_AUXK_ALPHA = flags.DEFINE_float("auxk_alpha", 1 / 32, "AuxK coefficient (no latent is dead "
+                                 "in a short benchmark, so AuxK costs only its skipped branch).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation, first-touch).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of parameters and data.")
+
+
+def time_interleaved(calls: dict, steps: int, warmup: int) -> dict[str, tuple[float, float]]:
+  """Median (wall, process CPU) milliseconds of each zero-argument call, each waited for. The
+  calls take turns, so that other load on the machine hits all of them alike; CPU time is the
+  less noisy of the two on a shared host (on CPU backends, where the work is this process's)."""
+  times = {name: [] for name in calls}
+  for i in range(warmup + steps):
+    for name, call in calls.items():
+      wall, cpu = time.perf_counter(), time.process_time()
+      jax.block_until_ready(call())
+      if i >= warmup:
+        times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+  return {name: tuple(np.median(np.array(t), axis=0) * 1e3) for name, t in times.items()}
+
+
+def main(argv):
+  del argv
+  cfg = SAEConfig(d_in=_D_IN.value, num_latents=_NUM_LATENTS.value, k=_K.value,
+                  multi_topk=_MULTI_TOPK.value, auxk_alpha=_AUXK_ALPHA.value,
+                  compute_dtype=_DTYPE.value, topk=_TOPK.value)
+  tx = step_lib.make_optimizer(step_lib.default_learning_rate(cfg.num_latents))
+  graphdef, state = step_lib.create_state(cfg, tx, seed=_SEED.value, b_dec=None)
+  x = jax.random.normal(jax.random.PRNGKey(_SEED.value + 1), (_BATCH.value, cfg.d_in))
+
+  train_step = jax.jit(step_lib.train_step, donate_argnums=1)
+  holder = {"state": state}
+
+  def run_step():
+    holder["state"], metrics = train_step(graphdef, holder["state"], x)
+    return metrics
+
+  @jax.jit
+  def floor(x, W_enc, b_enc, b_dec):
+    pre = topk_lib.encoder_pre(x - b_dec, W_enc, b_enc, jnp.dtype(cfg.compute_dtype))
+    return topk_lib.select_top(pre, cfg.k, cfg.topk, cfg.topk_recall)
+
+  # Separate copies: the step donates (and so invalidates) the state's own buffers.
+  params = {name: jnp.copy(state[0][name][...]) for name in ("W_enc", "b_enc", "b_dec")}
+  ms = time_interleaved({
+      "step": run_step,
+      "floor": lambda: floor(x, params["W_enc"], params["b_enc"], params["b_dec"]),
+  }, _STEPS.value, _WARMUP.value)
+  (step_ms, step_cpu_ms), (floor_ms, floor_cpu_ms) = ms["step"], ms["floor"]
+  print(json.dumps({
+      "tokens_per_s": round(_BATCH.value / step_ms * 1e3, 1),
+      "step_ms": round(step_ms, 2),
+      "floor_ms": round(floor_ms, 2),
+      "floor_fraction": round(floor_ms / step_ms, 4),
+      "step_cpu_ms": round(step_cpu_ms, 2),
+      "floor_cpu_ms": round(floor_cpu_ms, 2),
+      "config": {**dataclasses.asdict(cfg), "batch_size": _BATCH.value, "steps": _STEPS.value,
+                 "warmup": _WARMUP.value},
+      "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
+  }))
+
+
+if __name__ == "__main__":
+  app.run(main)

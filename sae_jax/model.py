@@ -1,0 +1,140 @@
+"""The TopK sparse autoencoder (OpenAI's recipe, sparsify's parametrisation), as a Flax NNX module.
+
+  pre   = ReLU(W_enc (x - b_dec) + b_enc)      dense, the only dense matmul
+  z     = TopK_k(pre)                          values [B, k] and indices [B, k]
+  x_hat = sum_j z_j W_dec[i_j] + b_dec         a gather of k decoder rows per token
+
+Weights are latent-major (row i of W_enc and of W_dec belong to latent i), so the latent axis is
+the leading axis of every per-latent array and shards as P("model", None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sae_jax import topk as topk_lib
+
+INT32_MAX = np.iinfo(np.int32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+  d_in: int
+  num_latents: int
+  k: int
+  multi_topk: bool = False  # + FVU of the top-4k reconstruction / 8
+  auxk_alpha: float = 1 / 32  # 0 disables AuxK
+  dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
+  k_aux: int | None = None  # None -> d_in // 2
+  compute_dtype: str = "float32"  # "float32" | "bfloat16": the encoder matmul's input dtype
+  topk: str = "exact"  # "exact" (lax.top_k) | "approx" (lax.approx_max_k)
+  topk_recall: float = 0.95
+
+  def __post_init__(self):
+    if not 0 < self.k <= self.num_latents:
+      raise ValueError(f"k={self.k} must be in [1, num_latents={self.num_latents}]")
+    if self.multi_topk and 4 * self.k > self.num_latents:
+      raise ValueError(f"multi_topk needs 4k={4 * self.k} <= num_latents={self.num_latents}")
+    if self.compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected float32 or bfloat16")
+    if self.topk not in topk_lib.TOPK_METHODS:
+      raise ValueError(f"topk={self.topk!r}; expected one of {topk_lib.TOPK_METHODS}")
+    if self.auxk_alpha < 0 or self.dead_tokens < 0:
+      raise ValueError("auxk_alpha and dead_tokens must be >= 0")
+
+  @property
+  def num_aux(self) -> int:
+    """How many dead latents AuxK reconstructs the residual with (0 when AuxK is off)."""
+    if self.auxk_alpha == 0:
+      return 0
+    k_aux = self.d_in // 2 if self.k_aux is None else self.k_aux
+    return min(k_aux, self.num_latents)
+
+  @property
+  def num_selected(self) -> int:
+    """Width of the main selection: 4k with Multi-TopK (its first k columns are the top-k)."""
+    return 4 * self.k if self.multi_topk else self.k
+
+
+class DeadCounter(nnx.Variable):
+  """Per-latent bookkeeping updated by the train step, not by the optimizer."""
+
+
+class TopKSAE(nnx.Module):
+
+  def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    n, d = cfg.num_latents, cfg.d_in
+    bound = 1 / np.sqrt(d)  # torch nn.Linear's default init, as sparsify uses
+    W_enc = jax.random.uniform(rngs.params(), (n, d), jnp.float32, -bound, bound)
+    self.W_enc = nnx.Param(W_enc)
+    self.b_enc = nnx.Param(jnp.zeros((n,), jnp.float32))
+    self.W_dec = nnx.Param(normalize_rows(W_enc))
+    self.b_dec = nnx.Param(jnp.zeros((d,), jnp.float32))
+    self.tokens_since_fired = DeadCounter(jnp.zeros((n,), jnp.int32))
+
+  def dead_mask(self) -> jax.Array:
+    return self.tokens_since_fired[...] > self.cfg.dead_tokens
+
+  def select(self, x, dead=None):
+    """(values, indices, aux_values, aux_indices) of the main (k or 4k) and AuxK selections."""
+    cfg = self.cfg
+    dead = jnp.zeros((cfg.num_latents,), bool) if dead is None else dead
+    encode = topk_lib.sparse_encoder(cfg.num_selected, cfg.num_aux,
+                                     cfg.topk, cfg.topk_recall, cfg.compute_dtype)
+    return encode(x, self.b_dec[...], self.W_enc[...], self.b_enc[...], dead)
+
+  def encode(self, x) -> tuple[jax.Array, jax.Array]:
+    """Top-k values [B, k] (float32, >= 0) and latent indices [B, k] int32, largest first."""
+    encode = topk_lib.sparse_encoder(self.cfg.k, 0, self.cfg.topk, self.cfg.topk_recall,
+                                     self.cfg.compute_dtype)
+    values, indices, _, _ = encode(x, self.b_dec[...], self.W_enc[...], self.b_enc[...],
+                                   jnp.zeros((self.cfg.num_latents,), bool))
+    return values, indices
+
+  def decode(self, values, indices) -> jax.Array:
+    """sum_j values_j W_dec[indices_j] + b_dec, [B, d]."""
+    values = values.astype(jnp.float32)
+    return topk_lib.sparse_decode(values, indices, self.W_dec[...]) + self.b_dec[...]
+
+  def __call__(self, x) -> jax.Array:
+    return self.decode(*self.encode(x))
+
+  def pre_activations(self, x) -> jax.Array:
+    """Dense ReLU(W_enc (x - b_dec) + b_enc), [B, n] float32."""
+    xc = x.astype(jnp.float32) - self.b_dec[...]
+    return topk_lib.encoder_pre(xc, self.W_enc[...], self.b_enc[...],
+                                jnp.dtype(self.cfg.compute_dtype))
+
+  def normalize_decoder(self) -> None:
+    self.W_dec[...] = normalize_rows(self.W_dec[...])
+
+  def record_firing(self, indices, values, num_tokens: int) -> None:
+    """Adds `num_tokens` to every counter (saturating at int32 max) and zeroes the counters of the
+    latents picked with a positive value."""
+    fired = jnp.zeros((self.cfg.num_latents,), jnp.int32).at[indices.reshape(-1)].max(
+        (values.reshape(-1) > 0).astype(jnp.int32)) > 0
+    count = self.tokens_since_fired[...]
+    count = count + jnp.minimum(jnp.int32(num_tokens), INT32_MAX - count)
+    self.tokens_since_fired[...] = jnp.where(fired, 0, count)
+
+
+def normalize_rows(w: jax.Array, eps: float = 1e-12) -> jax.Array:
+  return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), eps)
+
+
+def geometric_median(x, iters: int = 100, eps: float = 1e-8) -> jax.Array:
+  """The point minimising the summed Euclidean distance to the rows of x (Weiszfeld's iteration,
+  started at the mean), float32 [d]. The b_dec init of OpenAI's recipe."""
+  x = jnp.asarray(x, jnp.float32)
+
+  def step(_, y):
+    w = 1 / jnp.maximum(jnp.linalg.norm(x - y, axis=-1), eps)
+    return (w[:, None] * x).sum(0) / w.sum()
+
+  return jax.lax.fori_loop(0, iters, step, x.mean(0))

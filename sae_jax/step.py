@@ -1,0 +1,118 @@
+"""The pure training step: losses, sparse gradients, decoder-parallel projection, Adam, renorm.
+
+State is `nnx.split((model, optimizer))`, so a step is a pure function of (graphdef, state, batch)
+that the trainer jits with `donate_argnums=1` and any shardings it likes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sae_jax.model import SAEConfig, TopKSAE
+from sae_jax.topk import sparse_decode
+
+
+def default_learning_rate(num_latents: int) -> float:
+  """Adam LR scaled as 1/sqrt(width) (Gao et al., as sparsify uses it)."""
+  return 2e-4 / np.sqrt(num_latents / 2**14)
+
+
+def make_optimizer(learning_rate: float | optax.Schedule, *, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 6.25e-10, grad_clip: float | None = None
+                   ) -> optax.GradientTransformation:
+  """Adam with OpenAI's small eps, optionally after global-norm clipping."""
+  adam = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+  return optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip else adam
+
+
+def create_state(cfg: SAEConfig, tx: optax.GradientTransformation, *, seed: int,
+                 b_dec=None) -> tuple[nnx.GraphDef, nnx.State]:
+  """A fresh model and its optimizer, split. Traceable, so it can run under jit with
+  out_shardings (parameters are then born sharded)."""
+  model = TopKSAE(cfg, rngs=nnx.Rngs(seed))
+  if b_dec is not None:
+    model.b_dec[...] = jnp.asarray(b_dec, jnp.float32).reshape(cfg.d_in)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  return nnx.split((model, optimizer))
+
+
+def losses(model: TopKSAE, x: jax.Array, dead: jax.Array):
+  """(loss, metrics, (indices, values) of the top-k) for a batch x [B, d]."""
+  cfg = model.cfg
+  x = x.astype(jnp.float32)
+  values, indices, aux_values, aux_indices = model.select(x, dead)
+  W_dec, b_dec = model.W_dec[...], model.b_dec[...]
+  total_variance = jnp.sum(jnp.square(x - x.mean(0)))
+
+  top_values, top_indices = values[:, :cfg.k], indices[:, :cfg.k]
+  x_hat = sparse_decode(top_values, top_indices, W_dec) + b_dec
+  metrics = _reconstruction_metrics(x, x_hat, top_values, total_variance)
+  metrics["dead_fraction"] = jnp.mean(dead.astype(jnp.float32))
+  loss = metrics["fvu"]
+
+  multi_topk_fvu = jnp.float32(0)
+  if cfg.multi_topk:
+    # The top-4k reconstruction is the top-k one plus the next 3k picks.
+    x_hat_4k = x_hat + sparse_decode(values[:, cfg.k:], indices[:, cfg.k:], W_dec)
+    multi_topk_fvu = jnp.sum(jnp.square(x - x_hat_4k)) / total_variance
+    loss = loss + multi_topk_fvu / 8
+  metrics["multi_topk_fvu"] = multi_topk_fvu
+
+  auxk_loss = jnp.float32(0)
+  if cfg.num_aux:
+    num_dead = jnp.sum(dead)
+    residual = jax.lax.stop_gradient(x - x_hat)
+
+    def auxk(aux_values, aux_indices, W_dec):
+      # The dead latents reconstruct the residual; no b_dec (it is already in x_hat).
+      e_hat = sparse_decode(aux_values, aux_indices, W_dec)
+      scale = jnp.minimum(num_dead / cfg.num_aux, 1.0)
+      return scale * jnp.sum(jnp.square(e_hat - residual)) / total_variance
+
+    auxk_loss = jax.lax.cond(num_dead > 0, auxk, lambda *_: jnp.float32(0),
+                             aux_values, aux_indices, W_dec)
+    loss = loss + cfg.auxk_alpha * auxk_loss
+  metrics["auxk_loss"] = auxk_loss
+  metrics["loss"] = loss
+  return loss, metrics, (top_indices, top_values)
+
+
+def _reconstruction_metrics(x, x_hat, top_values, total_variance):
+  sq_err = jnp.sum(jnp.square(x - x_hat))
+  return {"fvu": sq_err / total_variance, "mse": sq_err / x.size,
+          "l0": jnp.mean(jnp.sum(top_values > 0, axis=1).astype(jnp.float32))}
+
+
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array
+               ) -> tuple[nnx.State, dict[str, jax.Array]]:
+  model, optimizer = nnx.merge(graphdef, state)
+  dead = model.dead_mask()
+
+  def loss_fn(model):
+    loss, metrics, top = losses(model, x, dead)
+    return loss, (metrics, top)
+
+  (_, (metrics, (top_indices, top_values))), grads = nnx.value_and_grad(
+      loss_fn, has_aux=True)(model)
+  # Adam must not move a decoder row along itself: the renorm below would undo it.
+  g, W = grads["W_dec"][...], model.W_dec[...]
+  grads["W_dec"][...] = g - jnp.sum(g * W, axis=1, keepdims=True) * W
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  optimizer.update(model, grads)
+  model.normalize_decoder()
+  model.record_firing(top_indices, top_values, x.shape[0])
+  metrics = {name: value.astype(jnp.float32) for name, value in metrics.items()}
+  return nnx.state((model, optimizer)), metrics
+
+
+def eval_metrics(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> dict[str, jax.Array]:
+  """fvu, mse and l0 of the top-k reconstruction, without touching the state."""
+  model, _ = nnx.merge(graphdef, state)
+  x = x.astype(jnp.float32)
+  values, indices = model.encode(x)
+  total_variance = jnp.sum(jnp.square(x - x.mean(0)))
+  return _reconstruction_metrics(x, model.decode(values, indices), values, total_variance)
