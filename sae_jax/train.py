@@ -124,10 +124,11 @@ def lr_schedule(peak: float, warmup: int, total: int, decay: str) -> optax.Sched
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def log_metrics(writer: MetricWriter, progress: tqdm, step: int, device_metrics: dict,
-                since_time: float, since_step: int) -> dict:
+def log_metrics(writer: MetricWriter, progress: tqdm, schedule: optax.Schedule, step: int,
+                device_metrics: dict, since_time: float, since_step: int) -> dict:
   """Fetches a step's metrics (already computed: this runs one step late) and writes them."""
   scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+  scalars["lr"] = float(schedule(step - 1))  # the rate that step's update used
   elapsed = time.perf_counter() - since_time
   scalars["tokens_per_s"] = (step - since_step) * _BATCH_SIZE.value / max(elapsed, 1e-9)
   writer.write(step, scalars)
@@ -189,7 +190,8 @@ def main(argv):
     raise app.UsageError(f"{workdir} holds a run with another SAE config ({run['sae']}); "
                          "use a new --workdir")
   peak_lr = _LR.value or default_learning_rate(num_latents)
-  tx = make_optimizer(lr_schedule(peak_lr, _LR_WARMUP_STEPS.value, total_steps, _LR_DECAY.value),
+  schedule = lr_schedule(peak_lr, _LR_WARMUP_STEPS.value, total_steps, _LR_DECAY.value)
+  tx = make_optimizer(schedule,
                       b1=_ADAM_B1.value, b2=_ADAM_B2.value, eps=_ADAM_EPS.value,
                       grad_clip=_GRAD_CLIP.value or None)
   resolved = {h.name: h.value for h in globals().values() if isinstance(h, flags.FlagHolder)}
@@ -296,7 +298,7 @@ def main(argv):
         x = sharding.global_batch(next(batches), mesh)
         state, step_metrics = update(state, x)
       if pending is not None:
-        summary = log_metrics(writer, progress, *pending, tick_time, tick_step)
+        summary = log_metrics(writer, progress, schedule, *pending, tick_time, tick_step)
         tick_time, tick_step = time.perf_counter(), pending[0]
         pending = None
       if step % _LOG_EVERY.value == 0 or step == total_steps:
@@ -315,7 +317,7 @@ def main(argv):
         write_note(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
         break
     if pending is not None:
-      summary = log_metrics(writer, progress, *pending, tick_time, tick_step)
+      summary = log_metrics(writer, progress, schedule, *pending, tick_time, tick_step)
     progress.close()
     mngr.wait_until_finished()
     mngr.close()

@@ -61,8 +61,11 @@ def test_resume_after_kill_is_bit_identical(store, tmp_path):
   for name in dictionary.PARAM_NAMES:
     np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
   # The metrics file reads as one run: each logged step once.
-  steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
-  assert steps == [5, 10, 15, 20]
+  rows = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert [row["step"] for row in rows] == [5, 10, 15, 20]
+  # Past the 2 warmup steps the default rate 2e-4 / sqrt(n / 2^14) holds (constant schedule).
+  assert rows[0]["lr"] == pytest.approx(2e-4 / np.sqrt(64 / 2**14))
+  assert {"fvu", "mse", "auxk_loss", "dead_fraction", "grad_norm", "tokens_per_s"} <= set(rows[0])
 
 
 def test_export_reproduces_the_jax_model_on_raw_activations(store, tmp_path):
