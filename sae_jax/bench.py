@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from sae_jax import aot, perf, sharding
 from sae_jax import step as step_lib
 from sae_jax import topk as topk_lib
 from sae_jax.model import SAEConfig
@@ -37,27 +38,25 @@ _AUXK_ALPHA = flags.DEFINE_float("auxk_alpha", 1 / 32, "AuxK coefficient (no lat
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation, first-touch).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of parameters and data.")
-
-
-def time_interleaved(calls: dict, steps: int, warmup: int) -> dict[str, tuple[float, float]]:
-  """Median (wall, process CPU) milliseconds of each zero-argument call, each waited for. The
-  calls take turns, so that other load on the machine hits all of them alike; CPU time is the
-  less noisy of the two on a shared host (on CPU backends, where the work is this process's)."""
-  times = {name: [] for name in calls}
-  for i in range(warmup + steps):
-    for name, call in calls.items():
-      wall, cpu = time.perf_counter(), time.process_time()
-      jax.block_until_ready(call())
-      if i >= warmup:
-        times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-  return {name: tuple(np.median(np.array(t), axis=0) * 1e3) for name, t in times.items()}
+_AOT_DEVICES = flags.DEFINE_integer(
+    "aot_devices", 0, "Instead of timing: compile the step ahead of time for a virtual mesh of "
+    "this many CPU devices (no allocation) and report per-device memory and collectives.",
+    lower_bound=0)
+_MESH = flags.DEFINE_string("mesh", "data:-1,model:1", "Mesh of --aot_devices (one -1 fills).")
 
 
 def main(argv):
   del argv
+  if _AOT_DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", _AOT_DEVICES.value)  # before the backend starts
   cfg = SAEConfig(d_in=_D_IN.value, num_latents=_NUM_LATENTS.value, k=_K.value,
                   multi_topk=_MULTI_TOPK.value, auxk_alpha=_AUXK_ALPHA.value,
                   compute_dtype=_DTYPE.value, topk=_TOPK.value)
+  if _AOT_DEVICES.value:
+    mesh = sharding.make_mesh(_MESH.value, jax.devices("cpu"))
+    print(json.dumps({**aot.plan(cfg, mesh, _BATCH.value),
+                      "config": {**dataclasses.asdict(cfg), "batch_size": _BATCH.value}}))
+    return
   tx = step_lib.make_optimizer(step_lib.default_learning_rate(cfg.num_latents))
   graphdef, state = step_lib.create_state(cfg, tx, seed=_SEED.value, b_dec=None)
   x = jax.random.normal(jax.random.PRNGKey(_SEED.value + 1), (_BATCH.value, cfg.d_in))
@@ -69,14 +68,10 @@ def main(argv):
     holder["state"], metrics = train_step(graphdef, holder["state"], x)
     return metrics
 
-  @jax.jit
-  def floor(x, W_enc, b_enc, b_dec):
-    pre = topk_lib.encoder_pre(x - b_dec, W_enc, b_enc, jnp.dtype(cfg.compute_dtype))
-    return topk_lib.select_top(pre, cfg.k, cfg.topk, cfg.topk_recall)
-
+  floor = perf.make_floor(cfg)
   # Separate copies: the step donates (and so invalidates) the state's own buffers.
   params = {name: jnp.copy(state[0][name][...]) for name in ("W_enc", "b_enc", "b_dec")}
-  ms = time_interleaved({
+  ms = perf.time_interleaved({
       "step": run_step,
       "floor": lambda: floor(x, params["W_enc"], params["b_enc"], params["b_dec"]),
   }, _STEPS.value, _WARMUP.value)

@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sae_jax import sharding
 from sae_jax.model import SAEConfig, TopKSAE
 from sae_jax.store import atomic_write_json
 
@@ -39,15 +40,10 @@ def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State, *, force: boo
       model=ocp.args.StandardSave(state[0]), optimizer=ocp.args.StandardSave(state[1])))
 
 
-def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: nnx.State,
             shardings) -> nnx.State:
   """Restores onto the shardings given (any mesh shape, not necessarily the one that saved)."""
-  target = _with_shardings(abstract_state, shardings)
+  target = sharding.with_shardings(abstract_state, shardings)
   restored = mngr.restore(step, args=ocp.args.Composite(
       model=ocp.args.StandardRestore(target[0]), optimizer=ocp.args.StandardRestore(target[1])))
   state = abstract_state

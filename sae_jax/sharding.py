@@ -57,6 +57,12 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh, num_latents: int):
   return jax.tree.map(spec, abstract_state)
 
 
+def with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs that carry their target shardings (restores and ahead-of-time compiles)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data", None))
 

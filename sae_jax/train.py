@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from sae_jax import checkpoint, data, dictionary, distributed, logs, sharding
+from sae_jax import checkpoint, data, dictionary, distributed, logs, perf, sharding
 from sae_jax.metrics import MetricWriter
 from sae_jax.model import SAEConfig, geometric_median
 from sae_jax.step import create_state, default_learning_rate, make_optimizer, train_step
@@ -124,17 +124,27 @@ def lr_schedule(peak: float, warmup: int, total: int, decay: str) -> optax.Sched
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def log_metrics(writer: MetricWriter, progress: tqdm, schedule: optax.Schedule, step: int,
-                device_metrics: dict, since_time: float, since_step: int) -> dict:
+def log_metrics(writer: MetricWriter, progress: tqdm, schedule: optax.Schedule, floor_ms: float,
+                step: int, device_metrics: dict, since_time: float, since_step: int) -> dict:
   """Fetches a step's metrics (already computed: this runs one step late) and writes them."""
   scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
   scalars["lr"] = float(schedule(step - 1))  # the rate that step's update used
   elapsed = time.perf_counter() - since_time
   scalars["tokens_per_s"] = (step - since_step) * _BATCH_SIZE.value / max(elapsed, 1e-9)
+  scalars["floor_fraction"] = floor_ms * 1e-3 * (step - since_step) / max(elapsed, 1e-9)
   writer.write(step, scalars)
   progress.set_postfix(fvu=f"{scalars['fvu']:.4f}", dead=f"{scalars['dead_fraction']:.3f}",
                        tok_s=f"{scalars['tokens_per_s']:.3g}", refresh=False)
   return scalars
+
+
+def measure_floor_ms(cfg: SAEConfig, state, x) -> float:
+  """Wall milliseconds of the step's floor (encoder matmul + top-k) on this batch and these
+  weights: `floor_fraction` in the metrics is this over the measured step time."""
+  floor = perf.make_floor(cfg)
+  model = state[0]
+  call = lambda: floor(x, model["W_enc"][...], model["b_enc"][...], model["b_dec"][...])
+  return perf.time_interleaved({"floor": call}, steps=3, warmup=1)["floor"][0]
 
 
 def main(argv):
@@ -296,9 +306,11 @@ def main(argv):
         os.kill(os.getpid(), getattr(signal, _DEBUG_SIGNAL.value))
       with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
         x = sharding.global_batch(next(batches), mesh)
+        if step == start_step + 1:
+          floor_ms = measure_floor_ms(cfg, state, x)
         state, step_metrics = update(state, x)
       if pending is not None:
-        summary = log_metrics(writer, progress, schedule, *pending, tick_time, tick_step)
+        summary = log_metrics(writer, progress, schedule, floor_ms, *pending, tick_time, tick_step)
         tick_time, tick_step = time.perf_counter(), pending[0]
         pending = None
       if step % _LOG_EVERY.value == 0 or step == total_steps:
@@ -317,7 +329,7 @@ def main(argv):
         write_note(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
         break
     if pending is not None:
-      summary = log_metrics(writer, progress, schedule, *pending, tick_time, tick_step)
+      summary = log_metrics(writer, progress, schedule, floor_ms, *pending, tick_time, tick_step)
     progress.close()
     mngr.wait_until_finished()
     mngr.close()

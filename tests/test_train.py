@@ -65,7 +65,9 @@ def test_resume_after_kill_is_bit_identical(store, tmp_path):
   assert [row["step"] for row in rows] == [5, 10, 15, 20]
   # Past the 2 warmup steps the default rate 2e-4 / sqrt(n / 2^14) holds (constant schedule).
   assert rows[0]["lr"] == pytest.approx(2e-4 / np.sqrt(64 / 2**14))
-  assert {"fvu", "mse", "auxk_loss", "dead_fraction", "grad_norm", "tokens_per_s"} <= set(rows[0])
+  assert {"fvu", "mse", "auxk_loss", "dead_fraction", "grad_norm", "tokens_per_s",
+          "floor_fraction"} <= set(rows[0])
+  assert all(0 < row["floor_fraction"] < np.inf for row in rows)
 
 
 def test_export_reproduces_the_jax_model_on_raw_activations(store, tmp_path):
