@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 from absl import app, flags
@@ -157,6 +158,7 @@ def main(argv):
   device_state = jax.tree.map(jnp.asarray, state)
   total = len(images)
   progress = tqdm(total=total, initial=done_images, unit="img", dynamic_ncols=True)
+  start_time, start_rows = time.perf_counter(), rows_scanned
   chunks_since_save = saves = 0
   for first, x, image, patch in image_chunks(store, chunk, done_images):
     rows = len(x)
@@ -185,9 +187,11 @@ def main(argv):
   with open(out / "images.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in images)
   density = np.asarray(device_state["fires"]) / max(rows_scanned, 1)
+  seconds = time.perf_counter() - start_time
   print(json.dumps({"topacts": str(out), "latents": n, "images": total, "rows": rows_scanned,
                     "alive_fraction": float(np.mean(density > 0)),
-                    "mean_density": float(density.mean())}))
+                    "mean_density": float(density.mean()), "seconds": round(seconds, 3),
+                    "rows_per_s": round((rows_scanned - start_rows) / max(seconds, 1e-9), 1)}))
 
 
 def update_maps(maps, old_images, new_images, first_image, values, indices, image, patch):
