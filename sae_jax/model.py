@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sae_jax import sharded
 from sae_jax import topk as topk_lib
 
 INT32_MAX = np.iinfo(np.int32).max
@@ -61,6 +62,12 @@ class SAEConfig:
     return 4 * self.k if self.multi_topk else self.k
 
 
+def kernels():
+  """The sparse kernels for the mesh in scope: per shard inside shard_map (sharded.py) on a mesh
+  of several devices, else the single-device ones (topk.py). Same signatures."""
+  return sharded if sharded.active() else topk_lib
+
+
 class DeadCounter(nnx.Variable):
   """Per-latent bookkeeping updated by the train step, not by the optimizer."""
 
@@ -85,14 +92,14 @@ class TopKSAE(nnx.Module):
     """(values, indices, aux_values, aux_indices) of the main (k or 4k) and AuxK selections."""
     cfg = self.cfg
     dead = jnp.zeros((cfg.num_latents,), bool) if dead is None else dead
-    encode = topk_lib.sparse_encoder(cfg.num_selected, cfg.num_aux,
-                                     cfg.topk, cfg.topk_recall, cfg.compute_dtype)
+    encode = kernels().sparse_encoder(cfg.num_selected, cfg.num_aux,
+                                      cfg.topk, cfg.topk_recall, cfg.compute_dtype)
     return encode(x, self.b_dec[...], self.W_enc[...], self.b_enc[...], dead)
 
   def encode(self, x) -> tuple[jax.Array, jax.Array]:
     """Top-k values [B, k] (float32, >= 0) and latent indices [B, k] int32, largest first."""
-    encode = topk_lib.sparse_encoder(self.cfg.k, 0, self.cfg.topk, self.cfg.topk_recall,
-                                     self.cfg.compute_dtype)
+    encode = kernels().sparse_encoder(self.cfg.k, 0, self.cfg.topk, self.cfg.topk_recall,
+                                      self.cfg.compute_dtype)
     values, indices, _, _ = encode(x, self.b_dec[...], self.W_enc[...], self.b_enc[...],
                                    jnp.zeros((self.cfg.num_latents,), bool))
     return values, indices
@@ -100,7 +107,7 @@ class TopKSAE(nnx.Module):
   def decode(self, values, indices) -> jax.Array:
     """sum_j values_j W_dec[indices_j] + b_dec, [B, d]."""
     values = values.astype(jnp.float32)
-    return topk_lib.sparse_decode(values, indices, self.W_dec[...]) + self.b_dec[...]
+    return kernels().sparse_decode(values, indices, self.W_dec[...]) + self.b_dec[...]
 
   def __call__(self, x) -> jax.Array:
     return self.decode(*self.encode(x))

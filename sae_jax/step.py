@@ -12,8 +12,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sae_jax.model import SAEConfig, TopKSAE
-from sae_jax.topk import sparse_decode
+from sae_jax.model import SAEConfig, TopKSAE, kernels
 
 
 def default_learning_rate(num_latents: int) -> float:
@@ -45,6 +44,7 @@ def losses(model: TopKSAE, x: jax.Array, dead: jax.Array):
   cfg = model.cfg
   x = x.astype(jnp.float32)
   values, indices, aux_values, aux_indices = model.select(x, dead)
+  sparse_decode = kernels().sparse_decode
   W_dec, b_dec = model.W_dec[...], model.b_dec[...]
   total_variance = jnp.sum(jnp.square(x - x.mean(0)))
 

@@ -1,0 +1,108 @@
+"""The sparse kernels with the latent axis split over the mesh axis "model" (`jax.shard_map`).
+
+Left to XLA, a top-k over a sharded latent axis all-gathers the whole [batch, n] pre-activation
+matrix. Here every shard instead runs topk.py's kernels on its own n/m latents:
+
+  select: local dense pre-activations and local top-k (topk.sparse_encoder, so the backward stays
+          a sparse scatter into this shard's rows); all-gather of the k candidates (values and
+          global indices) over "model"; global top-k of the m*k candidates, the same on every shard.
+  decode: each shard decodes the winners it owns (the others masked to weight 0, indices made
+          shard-local) with topk.sparse_decode; the partial sums are psum'd over "model".
+
+Forward, per selection (top-k or 4k, and AuxK) one all-gather of [B/d, m*k] values and indices
+over "model", and per decode one psum of [B/d, d_in]; the backward runs their transposes (a
+reduce-scatter of the candidates' cotangent, a psum of the decode's). Nothing of size [B, n] moves.
+The functions take the same arguments as their topk.py counterparts and must run under a mesh with
+a "model" axis (`jax.set_mesh`).
+
+Gradients: autodiff through shard_map with check_vma=False, which is exact here. Every output is
+replicated over "model" (the global selection is computed identically on every shard, the decode
+is psum'd). For such outputs shard_map's transpose divides the incoming cotangent by the size of
+the mesh axes the out_spec does not name, and psums each input's cotangent over the axes its
+in_spec does not name (jax/_src/shard_map.py, _shard_map_transpose). So the transpose of the
+candidates' all-gather, a reduce-scatter that sums the m shards' copies of the replicated
+cotangent, sums m copies of cotangent/m: no factor m. The same rule adds the "data" reduction of
+the weight gradients. check_vma=True would make those two backward collectives free (an
+`all_gather(..., to="invarying")` transposes to a local slice, a psum to nothing), but topk.py's
+cond and custom_vjp would then need varying-manual-axis annotations; the collectives are
+O(B k + B d), small next to the O(B n d / m) encoder matmul. tests/test_sharded.py compares
+gradients and several train steps on 8x1, 4x2, 2x4 and 1x8 meshes with one device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from sae_jax import topk as topk_lib
+
+AXIS = "model"
+
+
+def active() -> bool:
+  """Whether the kernels must run per shard: on any mesh of more than one device. A data-only mesh
+  needs it too: for a top_k over a batch-split [B, n], XLA's partitioner all-gathers the whole
+  matrix over "data" (seen in the compiled HLO of jax 0.10.2 on CPU)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return AXIS in mesh.axis_names and mesh.size > 1
+
+
+def _batch_spec() -> P:
+  # The batch stays split over "data" as the trainer lays it out (replicated on a mesh without it).
+  return P("data" if "data" in jax.sharding.get_abstract_mesh().axis_names else None, None)
+
+
+def _global_top(values: jax.Array, indices: jax.Array, k: int):
+  """The k largest of all shards' candidates, (values, global indices), replicated over "model".
+
+  Shards are concatenated in order and each shard's candidates are sorted with ties to the lower
+  index, so ties go to the lower global index, as one top_k over all latents does."""
+  candidate_values = jax.lax.all_gather(values, AXIS, axis=1, tiled=True)
+  candidate_indices = jax.lax.all_gather(indices, AXIS, axis=1, tiled=True)
+  top_values, positions = jax.lax.top_k(candidate_values, k)
+  return top_values, jnp.take_along_axis(candidate_indices, positions, axis=1)
+
+
+@functools.lru_cache(maxsize=None)
+def sparse_encoder(k: int, k_aux: int, method: str = "exact", recall: float = 0.95,
+                   compute_dtype: str = "float32"):
+  """topk.sparse_encoder over latent shards: f(x, b_dec, W_enc, b_enc, dead) -> (values [B,k],
+  indices [B,k], aux_values [B,k_aux], aux_indices [B,k_aux]), indices global."""
+
+  def local(x, b_dec, W_enc, b_enc, dead):
+    num_local = W_enc.shape[0]
+    offset = jax.lax.axis_index(AXIS) * num_local
+    # A shard holds at most its own latents; m shards still offer min(m*k, n) >= k candidates.
+    encode = topk_lib.sparse_encoder(min(k, num_local), min(k_aux, num_local), method, recall,
+                                     compute_dtype)
+    values, indices, aux_values, aux_indices = encode(x, b_dec, W_enc, b_enc, dead)
+    values, indices = _global_top(values, indices + offset, k)
+    if k_aux:
+      # Masked picks (live latents, or shards with nothing dead) are value 0 and stay inert.
+      aux_values, aux_indices = _global_top(aux_values, aux_indices + offset, k_aux)
+    return values, indices, aux_values, aux_indices
+
+  def encode(x, b_dec, W_enc, b_enc, dead):
+    batch = _batch_spec()
+    return jax.shard_map(local, in_specs=(batch, P(), P(AXIS, None), P(AXIS), P(AXIS)),
+                         out_specs=(batch,) * 4, check_vma=False)(x, b_dec, W_enc, b_enc, dead)
+
+  return encode
+
+
+def sparse_decode(values: jax.Array, indices: jax.Array, W_dec: jax.Array) -> jax.Array:
+  """topk.sparse_decode with W_dec [n, d] split over "model" and global indices [B, k]."""
+
+  def local(values, indices, W_dec):
+    num_local = W_dec.shape[0]
+    indices = indices - jax.lax.axis_index(AXIS) * num_local
+    mine = (indices >= 0) & (indices < num_local)
+    part = topk_lib.sparse_decode(jnp.where(mine, values, 0.0), jnp.where(mine, indices, 0), W_dec)
+    return jax.lax.psum(part, AXIS)
+
+  batch = _batch_spec()
+  return jax.shard_map(local, in_specs=(batch, batch, P(AXIS, None)), out_specs=batch,
+                       check_vma=False)(values, indices, W_dec)

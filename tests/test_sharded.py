@@ -1,0 +1,177 @@
+"""The latent-sharded kernels (sharded.py) on 8 fake CPU devices, each test in a fresh process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sae_jax.store import META_DTYPE, StoreWriter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_with_devices(args, num_devices: int = 8, timeout: int = 300) -> str:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}"}
+  result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+STEPS_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from sae_jax import sharding, step as step_lib
+from sae_jax.model import SAEConfig
+
+def run(cfg, mesh, batches):
+  tx = step_lib.make_optimizer(1e-2)
+  init = lambda: step_lib.create_state(cfg, tx, seed=0, b_dec=None)
+  graphdef, _ = init()
+  with jax.set_mesh(mesh):
+    shardings = sharding.state_shardings(jax.eval_shape(lambda: init()[1]), mesh, cfg.num_latents)
+    state = jax.jit(lambda: init()[1], out_shardings=shardings)()
+    update = jax.jit(lambda s, x: step_lib.train_step(graphdef, s, x), donate_argnums=0,
+                     in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                     out_shardings=(shardings, None))
+    losses = []
+    for x in batches:
+      state, metrics = update(state, x)
+      losses.append(float(metrics["loss"]))
+  assert float(metrics["auxk_loss"]) > 0  # latents died and AuxK ran
+  return losses, jax.device_get(state)
+
+def grads_and_eval(cfg, x):
+  # Loss and gradients (of the parameters and of x) with 20 latents dead, and the eval metrics.
+  graphdef, state = step_lib.create_state(cfg, step_lib.make_optimizer(1e-2), seed=0, b_dec=None)
+  model, optimizer = nnx.merge(graphdef, state)
+  count = np.zeros(cfg.num_latents, np.int32)
+  count[np.random.default_rng(0).permutation(cfg.num_latents)[:20]] = 1000
+  model.tokens_since_fired[...] = jnp.asarray(count)
+  model.b_enc[...] = jnp.asarray(np.random.default_rng(1).normal(0, 0.1, cfg.num_latents),
+                                 jnp.float32)
+  graphdef, state = nnx.split((model, optimizer))
+
+  def loss(params, x):
+    model, _ = nnx.merge(graphdef, state, copy=True)
+    nnx.update(model, params)
+    return step_lib.losses(model, x, model.dead_mask())[0]
+
+  params = nnx.state(model, nnx.Param)
+  return (jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x),
+          jax.jit(step_lib.eval_metrics, static_argnums=0)(graphdef, state, x))
+
+batches = [jnp.asarray(np.random.default_rng(i).normal(0.2, 1.0, (32, 16)), jnp.float32)
+           for i in range(4)]
+for multi_topk, specs in ((False, ["data:8,model:1", "data:2,model:4"]),
+                          (True, ["data:4,model:2", "data:1,model:8"])):
+  # 8 latents per shard on model:8, fewer than the 4k = 16 Multi-TopK picks.
+  cfg = SAEConfig(d_in=16, num_latents=64, k=4, multi_topk=multi_topk, auxk_alpha=0.5, k_aux=6,
+                  dead_tokens=40)
+  want_losses, want = run(cfg, sharding.make_mesh("data:1,model:1", jax.devices()[:1]), batches)
+  want_grads = grads_and_eval(cfg, batches[0])
+  for spec in specs:
+    with jax.set_mesh(sharding.make_mesh(spec)):
+      got_grads = grads_and_eval(cfg, batches[0])
+    for a, b in zip(jax.tree.leaves(want_grads), jax.tree.leaves(got_grads)):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=spec)
+    got_losses, got = run(cfg, sharding.make_mesh(spec), batches)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5, err_msg=spec)
+    got = dict(jax.tree.leaves_with_path(got))
+    for path, a in jax.tree.leaves_with_path(want):
+      np.testing.assert_allclose(got[path], a, rtol=1e-4, atol=1e-6, err_msg=f"{spec} {path}")
+  print("ok")
+"""
+
+
+def test_train_steps_on_every_mesh_shape_match_one_device():
+  """8x1, 4x2, 2x4 and 1x8 meshes: gradients (no factor of the model-axis size), eval metrics, and
+  losses, parameters, Adam moments and dead counters after 4 steps (AuxK active from the third,
+  Multi-TopK in two of them) equal the one-device run's."""
+  assert run_with_devices(["-c", STEPS_SCRIPT]).count("ok") == 2
+
+
+HLO_SCRIPT = """
+import re
+import jax, numpy as np
+from sae_jax import sharding, step as step_lib
+from sae_jax.model import SAEConfig
+B, N, K, K_AUX = 32, 256, 4, 6
+cfg = SAEConfig(d_in=16, num_latents=N, k=K, k_aux=K_AUX)
+tx = step_lib.make_optimizer(1e-3)
+graphdef, _ = step_lib.create_state(cfg, tx, seed=0, b_dec=None)
+mesh = sharding.make_mesh("data:2,model:4")
+with jax.set_mesh(mesh):
+  abstract = jax.eval_shape(lambda: step_lib.create_state(cfg, tx, seed=0, b_dec=None)[1])
+  shardings = sharding.state_shardings(abstract, mesh, N)
+  batch = jax.ShapeDtypeStruct((B, 16), np.float32, sharding=sharding.batch_sharding(mesh))
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract, shardings)
+  hlo = jax.jit(lambda s, x: step_lib.train_step(graphdef, s, x),
+                in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                out_shardings=(shardings, None)).lower(state, batch).compile().as_text()
+# "%name = f32[16,16]{1,0} all-gather(...)": the shapes of each all-gather's result.
+gathered = [tuple(map(int, shape.split(",")))
+            for result in re.findall(r"= ([^=]*?) all-gather(?:-start)?\\(", hlo)
+            for shape in re.findall(r"\\[([\\d,]+)\\]", result)]
+print(sorted(set(gathered)))
+assert not [s for s in gathered if len(s) == 2 and s[0] in (B // 2, B) and s[1] == N], gathered
+assert (B // 2, 4 * K) in gathered and (B // 2, 4 * K_AUX) in gathered, gathered
+print("ok")
+"""
+
+
+def test_compiled_step_gathers_candidates_not_pre_activations():
+  """On a 2x4 mesh the step all-gathers [B/2, 4k] candidates, never a [B/2 or B, n] matrix."""
+  assert run_with_devices(["-c", HLO_SCRIPT]).strip().endswith("ok")
+
+
+D_MODEL, STEPS = 16, 4
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  path = tmp_path_factory.mktemp("store")
+  rng = np.random.default_rng(0)
+  directions = rng.normal(size=(24, D_MODEL))
+  writer = StoreWriter(path, {"model": "synthetic", "hookpoint": "model.layers.3", "layer": 3,
+                              "d_model": D_MODEL, "dtype": "float32", "settings": {}})
+  for i in range(2):
+    coef = rng.exponential(size=(256, 24)) * (rng.random((256, 24)) < 0.15)
+    acts = coef @ directions + 3.0 + 0.01 * rng.normal(size=(256, D_MODEL))
+    meta = np.zeros(256, META_DTYPE)
+    meta["image_id"], meta["patch"] = i, np.arange(256)
+    writer.write_shard(acts.astype(np.float32), meta, [{"id": i}], num_inputs=1)
+  writer.finish()
+  return path
+
+
+def train(store, workdir, steps, mesh=None, num_devices=1):
+  args = ["-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}", "--num_latents=64",
+          "--k=4", "--batch_size=64", f"--steps={steps}", f"--checkpoint_every={STEPS}",
+          "--lr_warmup_steps=0", "--lr=1e-2", "--dead_tokens=64", "--multi_topk"]
+  return json.loads(run_with_devices(args + ([f"--mesh={mesh}"] if mesh else []),
+                                     num_devices).splitlines()[-1])
+
+
+def test_checkpoint_saved_on_one_mesh_resumes_on_others(store, tmp_path):
+  """Saved on a 2x4 mesh at step N, resumed to 2N on 8x1 and on one device: both end where an
+  uninterrupted one-device run does."""
+  from sae_jax import checkpoint
+  assert train(store, tmp_path / "straight", 2 * STEPS)["auxk_loss"] > 0  # latents died
+  train(store, tmp_path / "resumed_8x1", STEPS, "data:2,model:4", num_devices=8)
+  shutil.copytree(tmp_path / "resumed_8x1", tmp_path / "resumed_1")
+  train(store, tmp_path / "resumed_8x1", 2 * STEPS, "data:8,model:1", num_devices=8)
+  train(store, tmp_path / "resumed_1", 2 * STEPS)
+  want, _, _ = checkpoint.load_model(tmp_path / "straight")
+  for resumed in ("resumed_8x1", "resumed_1"):
+    got, _, step = checkpoint.load_model(tmp_path / resumed)
+    assert step == 2 * STEPS
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "tokens_since_fired"):
+      np.testing.assert_allclose(getattr(got, name)[...], getattr(want, name)[...], rtol=1e-4,
+                                 atol=1e-6, err_msg=f"{resumed} {name}")
