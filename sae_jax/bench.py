@@ -42,6 +42,9 @@ _AOT_DEVICES = flags.DEFINE_integer(
     "aot_devices", 0, "Instead of timing: compile the step ahead of time for a virtual mesh of "
     "this many CPU devices (no allocation) and report per-device memory and collectives.",
     lower_bound=0)
+_K_AUX = flags.DEFINE_integer("k_aux", 0, "AuxK width (0: d_in / 2).", lower_bound=0)
+_SHARD_CAPACITY = flags.DEFINE_float("shard_capacity", 0.0, "Per-shard top-k candidate budget "
+                                     "(see sae_jax.train); 0: exact.", lower_bound=0)
 _MESH = flags.DEFINE_string("mesh", "data:-1,model:1", "Mesh of --aot_devices (one -1 fills).")
 
 
@@ -51,7 +54,8 @@ def main(argv):
     jax.config.update("jax_num_cpu_devices", _AOT_DEVICES.value)  # before the backend starts
   cfg = SAEConfig(d_in=_D_IN.value, num_latents=_NUM_LATENTS.value, k=_K.value,
                   multi_topk=_MULTI_TOPK.value, auxk_alpha=_AUXK_ALPHA.value,
-                  compute_dtype=_DTYPE.value, topk=_TOPK.value)
+                  compute_dtype=_DTYPE.value, topk=_TOPK.value, k_aux=_K_AUX.value or None,
+                  shard_capacity=_SHARD_CAPACITY.value)
   if _AOT_DEVICES.value:
     mesh = sharding.make_mesh(_MESH.value, jax.devices("cpu"))
     print(json.dumps({**aot.plan(cfg, mesh, _BATCH.value),

@@ -35,6 +35,10 @@ class SAEConfig:
   compute_dtype: str = "float32"  # "float32" | "bfloat16": the encoder matmul's input dtype
   topk: str = "exact"  # "exact" (lax.top_k) | "approx" (lax.approx_max_k)
   topk_recall: float = 0.95
+  # On a latent-sharded mesh, each shard offers ceil(shard_capacity * k / shards) candidates to
+  # the global top-k (and likewise for AuxK): exact unless one shard holds more of a token's
+  # winners, and m*k -> capacity*k fewer candidates to all-gather. 0: exact (min(k, n/m) each).
+  shard_capacity: float = 0.0
 
   def __post_init__(self):
     if not 0 < self.k <= self.num_latents:
@@ -45,6 +49,8 @@ class SAEConfig:
       raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected float32 or bfloat16")
     if self.topk not in topk_lib.TOPK_METHODS:
       raise ValueError(f"topk={self.topk!r}; expected one of {topk_lib.TOPK_METHODS}")
+    if self.shard_capacity and self.shard_capacity < 1:
+      raise ValueError(f"shard_capacity={self.shard_capacity} must be 0 (exact) or >= 1")
     if self.auxk_alpha < 0 or self.dead_tokens < 0:
       raise ValueError("auxk_alpha and dead_tokens must be >= 0")
 
@@ -64,7 +70,7 @@ class SAEConfig:
 
 def kernels():
   """The sparse kernels for the mesh in scope: per shard inside shard_map (sharded.py) on a mesh
-  of several devices, else the single-device ones (topk.py). Same signatures."""
+  of several devices, else the single-device ones (topk.py)."""
   return sharded if sharded.active() else topk_lib
 
 
@@ -85,6 +91,12 @@ class TopKSAE(nnx.Module):
     self.b_dec = nnx.Param(jnp.zeros((d,), jnp.float32))
     self.tokens_since_fired = DeadCounter(jnp.zeros((n,), jnp.int32))
 
+  def _sparse_encoder(self, k: int, k_aux: int):
+    args = (k, k_aux, self.cfg.topk, self.cfg.topk_recall, self.cfg.compute_dtype)
+    if sharded.active():
+      return sharded.sparse_encoder(*args, capacity=self.cfg.shard_capacity)
+    return topk_lib.sparse_encoder(*args)
+
   def dead_mask(self) -> jax.Array:
     return self.tokens_since_fired[...] > self.cfg.dead_tokens
 
@@ -92,14 +104,12 @@ class TopKSAE(nnx.Module):
     """(values, indices, aux_values, aux_indices) of the main (k or 4k) and AuxK selections."""
     cfg = self.cfg
     dead = jnp.zeros((cfg.num_latents,), bool) if dead is None else dead
-    encode = kernels().sparse_encoder(cfg.num_selected, cfg.num_aux,
-                                      cfg.topk, cfg.topk_recall, cfg.compute_dtype)
+    encode = self._sparse_encoder(cfg.num_selected, cfg.num_aux)
     return encode(x, self.b_dec[...], self.W_enc[...], self.b_enc[...], dead)
 
   def encode(self, x) -> tuple[jax.Array, jax.Array]:
     """Top-k values [B, k] (float32, >= 0) and latent indices [B, k] int32, largest first."""
-    encode = kernels().sparse_encoder(self.cfg.k, 0, self.cfg.topk, self.cfg.topk_recall,
-                                      self.cfg.compute_dtype)
+    encode = self._sparse_encoder(self.cfg.k, 0)
     values, indices, _, _ = encode(x, self.b_dec[...], self.W_enc[...], self.b_enc[...],
                                    jnp.zeros((self.cfg.num_latents,), bool))
     return values, indices

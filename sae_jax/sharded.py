@@ -32,6 +32,7 @@ gradients and several train steps on 8x1, 4x2, 2x4 and 1x8 meshes with one devic
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -68,16 +69,23 @@ def _global_top(values: jax.Array, indices: jax.Array, k: int):
 
 @functools.lru_cache(maxsize=None)
 def sparse_encoder(k: int, k_aux: int, method: str = "exact", recall: float = 0.95,
-                   compute_dtype: str = "float32"):
+                   compute_dtype: str = "float32", capacity: float = 0.0):
   """topk.sparse_encoder over latent shards: f(x, b_dec, W_enc, b_enc, dead) -> (values [B,k],
-  indices [B,k], aux_values [B,k_aux], aux_indices [B,k_aux]), indices global."""
+  indices [B,k], aux_values [B,k_aux], aux_indices [B,k_aux]), indices global. `capacity`: see
+  SAEConfig.shard_capacity (0: exact)."""
+
+  def candidates(count: int, num_local: int) -> int:
+    # A shard holds at most its own latents; m shards still offer min(m*k, n) >= k candidates.
+    budget = min(count, num_local)
+    if capacity:
+      budget = min(budget, math.ceil(capacity * count / jax.lax.axis_size(AXIS)))
+    return budget
 
   def local(x, b_dec, W_enc, b_enc, dead):
     num_local = W_enc.shape[0]
     offset = jax.lax.axis_index(AXIS) * num_local
-    # A shard holds at most its own latents; m shards still offer min(m*k, n) >= k candidates.
-    encode = topk_lib.sparse_encoder(min(k, num_local), min(k_aux, num_local), method, recall,
-                                     compute_dtype)
+    encode = topk_lib.sparse_encoder(candidates(k, num_local), candidates(k_aux, num_local),
+                                     method, recall, compute_dtype)
     values, indices, aux_values, aux_indices = encode(x, b_dec, W_enc, b_enc, dead)
     values, indices = _global_top(values, indices + offset, k)
     if k_aux:

@@ -55,6 +55,12 @@ _AUXK_ALPHA = flags.DEFINE_float("auxk_alpha", 1 / 32, "AuxK loss coefficient (0
                                  lower_bound=0)
 _DEAD_TOKENS = flags.DEFINE_integer("dead_tokens", 10_000_000, "A latent that has not fired for "
                                     "this many tokens is dead.", lower_bound=1)
+_K_AUX = flags.DEFINE_integer("k_aux", 0, "Dead latents AuxK reconstructs with (0: d_in / 2).",
+                              lower_bound=0)
+_SHARD_CAPACITY = flags.DEFINE_float(
+    "shard_capacity", 0.0, "With latents split over the mesh's model axis: each shard offers "
+    "ceil(this * k / shards) top-k candidates (>= 1; exact unless one shard holds more of a "
+    "token's winners). 0: exact, min(k, latents per shard) each.", lower_bound=0)
 _B_DEC_INIT = flags.DEFINE_enum("b_dec_init", "median", ["median", "mean", "zeros"],
                                 "Initial b_dec: geometric median or mean of a sample, or zeros.")
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Start from an exported dictionary (ours, or "
@@ -194,6 +200,7 @@ def main(argv):
     raise app.UsageError(f"--k={_K.value} exceeds the number of latents ({num_latents})")
   cfg = SAEConfig(d_in=d_in, num_latents=num_latents, k=_K.value, multi_topk=_MULTI_TOPK.value,
                   auxk_alpha=_AUXK_ALPHA.value, dead_tokens=_DEAD_TOKENS.value,
+                  k_aux=_K_AUX.value or None, shard_capacity=_SHARD_CAPACITY.value,
                   compute_dtype=_COMPUTE_DTYPE.value, topk=_TOPK.value,
                   topk_recall=_TOPK_RECALL.value)
   if run is not None and run["sae"] != json.loads(json.dumps(cfg.__dict__)):
