@@ -19,11 +19,10 @@ hallucinated when its canonical object is not one of the image's ground-truth ob
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
-from eval.pope import QuestionError
+from eval.pope import QuestionError, jsonl_rows
 
 IRREGULAR = {"men": "man", "women": "woman", "people": "person", "children": "child",
              "mice": "mouse", "geese": "goose", "teeth": "tooth", "feet": "foot",
@@ -45,20 +44,13 @@ def read_items(path: str | Path, image_root: str | Path | None = None) -> list[C
     raise QuestionError(f"--questions={path} does not exist")
   root = Path(image_root) if image_root else path.parent
   items = []
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise QuestionError(f"{path}:{line_no}: not JSON ({e})") from e
-      objects = row.get("objects") if isinstance(row, dict) else None
-      if "image" not in row or not isinstance(objects, list):
-        raise QuestionError(f"{path}:{line_no}: expected an object with \"image\" and an "
-                            "\"objects\" list")
-      items.append(CaptionItem(root / row["image"], tuple(str(o).lower() for o in objects),
-                               row.get("prompt")))
+  for line_no, row in jsonl_rows(path):
+    objects = row.get("objects") if isinstance(row, dict) else None
+    if "image" not in row or not isinstance(objects, list):
+      raise QuestionError(f"{path}:{line_no}: expected an object with \"image\" and an "
+                          "\"objects\" list")
+    items.append(CaptionItem(root / row["image"], tuple(str(o).lower() for o in objects),
+                             row.get("prompt")))
   if not items:
     raise QuestionError(f"--questions={path} holds no items")
   return items

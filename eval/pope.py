@@ -30,6 +30,17 @@ class Question:
   question_id: object = None
 
 
+def jsonl_rows(path: Path):
+  """(line number, parsed JSON) of each non-blank line; an unparsable line is a QuestionError."""
+  with open(path) as f:
+    for line_no, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          yield line_no, json.loads(line)
+        except json.JSONDecodeError as e:
+          raise QuestionError(f"{path}:{line_no}: not JSON ({e})") from e
+
+
 def read_questions(path: str | Path, image_root: str | Path | None = None) -> list[Question]:
   """Questions of a JSONL file; relative image paths are relative to `image_root` (default: the
   file's folder)."""
@@ -38,22 +49,15 @@ def read_questions(path: str | Path, image_root: str | Path | None = None) -> li
     raise QuestionError(f"--questions={path} does not exist")
   root = Path(image_root) if image_root else path.parent
   questions = []
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise QuestionError(f"{path}:{line_no}: not JSON ({e})") from e
-      text = row.get("question", row.get("text")) if isinstance(row, dict) else None
-      if not isinstance(text, str) or "image" not in row:
-        raise QuestionError(f"{path}:{line_no}: expected an object with \"image\" and \"question\" "
-                            "(or POPE's \"text\")")
-      label = str(row.get("label", "")).strip().lower()
-      if label not in LABELS:
-        raise QuestionError(f"{path}:{line_no}: label {row.get('label')!r} is not yes or no")
-      questions.append(Question(root / row["image"], text, label, row.get("question_id")))
+  for line_no, row in jsonl_rows(path):
+    text = row.get("question", row.get("text")) if isinstance(row, dict) else None
+    if not isinstance(text, str) or "image" not in row:
+      raise QuestionError(f"{path}:{line_no}: expected an object with \"image\" and \"question\" "
+                          "(or POPE's \"text\")")
+    label = str(row.get("label", "")).strip().lower()
+    if label not in LABELS:
+      raise QuestionError(f"{path}:{line_no}: label {row.get('label')!r} is not yes or no")
+    questions.append(Question(root / row["image"], text, label, row.get("question_id")))
   if not questions:
     raise QuestionError(f"--questions={path} holds no questions")
   return questions

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from sae_jax.store import META_DTYPE, StoreWriter
+import synthetic
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,19 +137,8 @@ D_MODEL, STEPS = 16, 4
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-  path = tmp_path_factory.mktemp("store")
-  rng = np.random.default_rng(0)
-  directions = rng.normal(size=(24, D_MODEL))
-  writer = StoreWriter(path, {"model": "synthetic", "hookpoint": "model.layers.3", "layer": 3,
-                              "d_model": D_MODEL, "dtype": "float32", "settings": {}})
-  for i in range(2):
-    coef = rng.exponential(size=(256, 24)) * (rng.random((256, 24)) < 0.15)
-    acts = coef @ directions + 3.0 + 0.01 * rng.normal(size=(256, D_MODEL))
-    meta = np.zeros(256, META_DTYPE)
-    meta["image_id"], meta["patch"] = i, np.arange(256)
-    writer.write_shard(acts.astype(np.float32), meta, [{"id": i}], num_inputs=1)
-  writer.finish()
-  return path
+  return synthetic.write_sparse_store(tmp_path_factory.mktemp("store"), num_shards=2,
+                                      d_model=D_MODEL)
 
 
 def train(store, workdir, steps, mesh=None, num_devices=1):

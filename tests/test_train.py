@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+import synthetic
+
 from sae_jax import dictionary
 from sae_jax.store import META_DTYPE, StoreWriter
 
@@ -16,19 +18,8 @@ D_MODEL = 16
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
   """A store of 4 shards of structured data: sparse combinations of 24 directions, offset."""
-  path = tmp_path_factory.mktemp("store")
-  rng = np.random.default_rng(0)
-  directions = rng.normal(size=(24, D_MODEL))
-  writer = StoreWriter(path, {"model": "synthetic", "hookpoint": "model.layers.3", "layer": 3,
-                              "d_model": D_MODEL, "dtype": "float32", "settings": {}})
-  for i in range(4):
-    coef = rng.exponential(size=(256, 24)) * (rng.random((256, 24)) < 0.15)
-    acts = coef @ directions + 3.0 + 0.01 * rng.normal(size=(256, D_MODEL))
-    meta = np.zeros(256, META_DTYPE)
-    meta["image_id"], meta["patch"] = i, np.arange(256)
-    writer.write_shard(acts.astype(np.float32), meta, [{"id": i}], num_inputs=1)
-  writer.finish()
-  return path
+  return synthetic.write_sparse_store(tmp_path_factory.mktemp("store"), num_shards=4,
+                                      d_model=D_MODEL)
 
 
 def train(store, workdir, *extra, check=True):
