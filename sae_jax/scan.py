@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from absl import app, flags
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +34,6 @@ from tqdm import tqdm
 from sae_jax import checkpoint, dictionary, logs
 from sae_jax.model import SAEConfig, TopKSAE
 from sae_jax.store import KIND_IMAGE_BASE, Store, atomic_write_json
-from flax import nnx
 
 FORMAT_NAME = "sae-topacts"
 
