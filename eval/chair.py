@@ -40,8 +40,6 @@ def read_items(path: str | Path, image_root: str | Path | None = None) -> list[C
   """Items of a caption JSONL file; relative image paths are relative to `image_root` (default:
   the file's folder)."""
   path = Path(path)
-  if not path.is_file():
-    raise QuestionError(f"--questions={path} does not exist")
   root = Path(image_root) if image_root else path.parent
   items = []
   for line_no, row in jsonl_rows(path):

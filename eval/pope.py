@@ -31,7 +31,10 @@ class Question:
 
 
 def jsonl_rows(path: Path):
-  """(line number, parsed JSON) of each non-blank line; an unparsable line is a QuestionError."""
+  """(line number, parsed JSON) of each non-blank line; a missing file or an unparsable line is a
+  QuestionError."""
+  if not path.is_file():
+    raise QuestionError(f"--questions={path} does not exist")
   with open(path) as f:
     for line_no, line in enumerate(f, 1):
       if line.strip():
@@ -45,8 +48,6 @@ def read_questions(path: str | Path, image_root: str | Path | None = None) -> li
   """Questions of a JSONL file; relative image paths are relative to `image_root` (default: the
   file's folder)."""
   path = Path(path)
-  if not path.is_file():
-    raise QuestionError(f"--questions={path} does not exist")
   root = Path(image_root) if image_root else path.parent
   questions = []
   for line_no, row in jsonl_rows(path):

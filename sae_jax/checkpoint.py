@@ -26,17 +26,15 @@ from sae_jax.store import atomic_write_json
 RUN_FILE = "run.json"
 
 
-def manager(workdir: str | Path, *, every: int, keep: int,
-            async_save: bool = True) -> ocp.CheckpointManager:
+def manager(workdir: str | Path, *, keep: int) -> ocp.CheckpointManager:
+  """Async saves, the latest `keep` kept. When to save is the trainer's call (`save` forces)."""
   return ocp.CheckpointManager(
       Path(workdir).absolute() / "checkpoints",
-      options=ocp.CheckpointManagerOptions(
-          save_interval_steps=every, max_to_keep=keep,
-          enable_async_checkpointing=async_save))
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State, *, force: bool = False) -> bool:
-  return mngr.save(step, force=force, args=ocp.args.Composite(
+def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State) -> bool:
+  return mngr.save(step, force=True, args=ocp.args.Composite(
       model=ocp.args.StandardSave(state[0]), optimizer=ocp.args.StandardSave(state[1])))
 
 

@@ -34,11 +34,12 @@ def select_rows(store: Store, token_kinds: Sequence[str] | None) -> np.ndarray |
 
 
 class RowGather:
-  """Maps a batch of row positions (into the selected rows) to a float32 [batch, d] array."""
+  """The rows of a store selected by token kind; maps a batch of positions among them to a
+  float32 [batch, d] array. Build it once: selecting reads every shard's metadata."""
 
-  def __init__(self, store: Store, rows: np.ndarray | None):
+  def __init__(self, store: Store, token_kinds: Sequence[str] | None = None):
     self.store = store
-    self.rows = rows
+    self.rows = select_rows(store, token_kinds)
     self._ends = np.cumsum([s.rows for s in store.shards])
 
   def __repr__(self) -> str:
@@ -61,9 +62,9 @@ class RowGather:
     return out
 
 
-def make_dataset(store: Store, *, batch_size: int, seed: int, num_epochs: int | None,
-                 token_kinds: Sequence[str] | None = None, start_step: int = 0,
-                 process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def make_dataset(gather: RowGather, *, batch_size: int, seed: int, num_epochs: int | None,
+                 start_step: int = 0, process_index: int = 0,
+                 process_count: int = 1) -> grain.MapDataset:
   """Per-process batches of `batch_size // process_count` rows; item i is the batch of step i.
 
   Rows are shuffled with a fresh permutation each epoch (`shuffle` before `repeat`), each process
@@ -72,25 +73,17 @@ def make_dataset(store: Store, *, batch_size: int, seed: int, num_epochs: int | 
   if batch_size % process_count:
     raise ValueError(f"--batch_size={batch_size} must be divisible by the number of processes "
                      f"({process_count})")
-  gather = RowGather(store, select_rows(store, token_kinds))
   if gather.num_rows < batch_size:
-    raise StoreError(f"{store.path} has {gather.num_rows} selected rows, fewer than one batch "
-                     f"(--batch_size={batch_size})")
+    raise StoreError(f"{gather.store.path} has {gather.num_rows} selected rows, fewer than one "
+                     f"batch (--batch_size={batch_size})")
   ds = grain.MapDataset.range(gather.num_rows).shuffle(seed=seed).repeat(num_epochs)
   ds = ds[process_index::process_count]
   ds = ds.batch(batch_size // process_count, drop_remainder=True, batch_fn=np.asarray)
   return ds[start_step:].map(gather)
 
 
-def steps_per_epoch(store: Store, batch_size: int, token_kinds: Sequence[str] | None) -> int:
-  rows = select_rows(store, token_kinds)
-  return (store.rows if rows is None else rows.size) // batch_size
-
-
-def sample_rows(store: Store, num: int, *, seed: int,
-                token_kinds: Sequence[str] | None = None) -> np.ndarray:
+def sample_rows(gather: RowGather, num: int, *, seed: int) -> np.ndarray:
   """A deterministic random sample of rows (float32 [num, d]): for b_dec init and input scaling."""
-  gather = RowGather(store, select_rows(store, token_kinds))
   num = min(num, gather.num_rows)
   rng = np.random.default_rng(seed)
   return gather(rng.choice(gather.num_rows, size=num, replace=False))

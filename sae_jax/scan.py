@@ -100,7 +100,7 @@ def make_chunk_step(model: TopKSAE, top_n: int, chunk_images: int, score: str,
   n = model.cfg.num_latents
 
   @jax.jit
-  def step(params, state, x, image, valid):
+  def step(params, state, x, image, valid, first_image):
     values, indices = nnx.merge(graphdef, params).encode(x)
     values = jnp.where(valid[:, None], values, 0.0)
     rows = jnp.broadcast_to(image[:, None], indices.shape)
@@ -110,15 +110,14 @@ def make_chunk_step(model: TopKSAE, top_n: int, chunk_images: int, score: str,
       scores = jnp.zeros((chunk_images, n)).at[rows, indices].max(values)
     # The running top-N of each latent merged with this chunk's images.
     merged = jnp.concatenate([state["scores"], scores.T], axis=1)
-    ids = jnp.concatenate([state["images"], state["next_image"] + jnp.arange(chunk_images)[None, :]
-                           .repeat(n, 0)], axis=1)
+    chunk_ids = jnp.broadcast_to(first_image + jnp.arange(chunk_images), (n, chunk_images))
+    ids = jnp.concatenate([state["images"], chunk_ids], axis=1)
     top_scores, pos = jax.lax.top_k(merged, top_n)
     top_images = jnp.where(top_scores > 0, jnp.take_along_axis(ids, pos, 1), -1)
     fired = (values > 0) & valid[:, None]
     bins = jnp.clip(jnp.searchsorted(edges, values, side="right") - 1, 0, edges.size - 2)
     return {
         "scores": jnp.where(top_images >= 0, top_scores, 0.0), "images": top_images,
-        "next_image": state["next_image"] + chunk_images,
         "fires": state["fires"].at[indices].add(fired.astype(jnp.int32)),
         "hist": state["hist"].at[indices, bins].add(fired.astype(jnp.int32)),
     }, values, indices
@@ -167,8 +166,8 @@ def main(argv):
     valid = np.arange(rows + pad) < rows
     image_p = np.pad(image, (0, pad))
     old_images = np.asarray(device_state["images"])
-    device_state["next_image"] = jnp.asarray(first, jnp.int32)
-    device_state, values, indices = chunk_step(params, device_state, x, image_p, valid)
+    device_state, values, indices = chunk_step(params, device_state, x, image_p, valid,
+                                               np.int32(first))
     update_maps(maps, old_images, np.asarray(device_state["images"]), first,
                 np.asarray(values)[:rows], np.asarray(indices)[:rows], image, patch)
     rows_scanned += rows
@@ -226,13 +225,11 @@ def resume_or_init(out: Path, header: dict, n: int, top_n: int, bins: int, grid_
     if {k: saved.get(k) for k in header} != header:
       raise app.UsageError(f"{out} holds a scan with other settings; use another --out")
     state = {"scores": np.load(out / "top_scores.npy"), "images": np.load(out / "top_images.npy"),
-             "fires": np.load(out / "fires.npy"), "hist": np.load(out / "histogram.npy"),
-             "next_image": np.int32(0)}
+             "fires": np.load(out / "fires.npy"), "hist": np.load(out / "histogram.npy")}
     maps = np.load(out / "top_maps.npy").astype(np.float32)
     return state, maps, saved["images_scanned"], saved["rows_scanned"]
   state = {"scores": np.zeros((n, top_n), np.float32), "images": np.full((n, top_n), -1, np.int32),
-           "fires": np.zeros((n,), np.int32), "hist": np.zeros((n, bins), np.int32),
-           "next_image": np.int32(0)}
+           "fires": np.zeros((n,), np.int32), "hist": np.zeros((n, bins), np.int32)}
   return state, np.zeros((n, top_n, grid_size), np.float32), 0, 0
 
 

@@ -167,7 +167,8 @@ def main(argv):
   store = Store(_STORE.value)
   d_in = store.d_model
   token_kinds = _TOKEN_KINDS.value or None
-  per_epoch = data.steps_per_epoch(store, _BATCH_SIZE.value, token_kinds)
+  rows = data.RowGather(store, token_kinds)
+  per_epoch = rows.num_rows // _BATCH_SIZE.value
   total_steps = _STEPS.value or int(_EPOCHS.value * per_epoch)
   if total_steps <= 0:
     raise app.UsageError(f"--epochs={_EPOCHS.value} of {per_epoch} steps each is no training; "
@@ -177,8 +178,7 @@ def main(argv):
   if run is not None:
     input_scale = run["input_scale"]
   elif _NORMALIZE_INPUTS.value:
-    sample = data.sample_rows(store, _INIT_SAMPLE_ROWS.value, seed=_SEED.value,
-                              token_kinds=token_kinds)
+    sample = data.sample_rows(rows, _INIT_SAMPLE_ROWS.value, seed=_SEED.value)
     input_scale = float(np.sqrt(d_in / np.mean(np.sum(sample.astype(np.float64) ** 2, axis=1))))
   else:
     input_scale = 1.0
@@ -238,12 +238,12 @@ def main(argv):
       return None
     if _B_DEC_INIT.value == "zeros":
       return jnp.zeros((d_in,), jnp.float32)
-    rows = sample if sample is not None else data.sample_rows(
-        store, _INIT_SAMPLE_ROWS.value, seed=_SEED.value, token_kinds=token_kinds)
-    rows = rows * input_scale
-    return geometric_median(rows) if _B_DEC_INIT.value == "median" else jnp.asarray(rows.mean(0))
+    scaled = input_scale * (sample if sample is not None else data.sample_rows(
+        rows, _INIT_SAMPLE_ROWS.value, seed=_SEED.value))
+    return geometric_median(scaled) if _B_DEC_INIT.value == "median" else jnp.asarray(
+        scaled.mean(0))
 
-  mngr = checkpoint.manager(workdir, every=_CHECKPOINT_EVERY.value, keep=_KEEP_CHECKPOINTS.value)
+  mngr = checkpoint.manager(workdir, keep=_KEEP_CHECKPOINTS.value)
   start_step = mngr.latest_step() or 0
   b_dec = None if start_step else b_dec_init()
   graphdef_box = []
@@ -286,8 +286,8 @@ def main(argv):
     # Data, starting at the restored step.                                                      #
     ############################################################################################
     dataset = data.make_dataset(
-        store, batch_size=_BATCH_SIZE.value, seed=_SEED.value, num_epochs=None,
-        token_kinds=token_kinds, start_step=start_step, process_index=jax.process_index(),
+        rows, batch_size=_BATCH_SIZE.value, seed=_SEED.value, num_epochs=None,
+        start_step=start_step, process_index=jax.process_index(),
         process_count=jax.process_count())
     batches = dataset.to_iter_dataset()
     if _DATA_WORKERS.value:
@@ -330,7 +330,7 @@ def main(argv):
           raise FloatingPointError(
               f"loss is {loss} at step {step}; the last good checkpoint is step {last_good} in "
               f"{workdir / 'checkpoints'}")
-        checkpoint.save(mngr, step, state, force=True)
+        checkpoint.save(mngr, step, state)
         last_good = step
       if preempted:
         write_note(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")

@@ -6,6 +6,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+import reference
+
 from interpret.sae import TopKSAE
 from sae_jax import dictionary
 
@@ -30,12 +32,12 @@ def test_matches_numpy_reference(tmp_path, layout, dtype):
   x = np.random.default_rng(1).normal(size=(3, 5, D)).astype(np.float32)  # any leading shape
 
   values, indices = sae.encode(torch.from_numpy(x))
-  ref_values, ref_indices = dictionary.encode_numpy(params, x.reshape(-1, D), K)
+  ref_values, ref_indices = reference.encode_numpy(params, x.reshape(-1, D), K)
   assert values.shape == indices.shape == (3, 5, K)
   np.testing.assert_array_equal(indices.reshape(-1, K).numpy(), ref_indices)
   np.testing.assert_allclose(values.reshape(-1, K).double().numpy(), ref_values, rtol=1e-5, atol=1e-5)
 
-  ref_x_hat = dictionary.decode_numpy(params, ref_values, ref_indices)
+  ref_x_hat = reference.decode_numpy(params, ref_values, ref_indices)
   np.testing.assert_allclose(sae(torch.from_numpy(x)).reshape(-1, D).double().numpy(), ref_x_hat,
                              rtol=1e-5, atol=1e-5)
   pre = sae.pre_activations(torch.from_numpy(x)).reshape(-1, N).double().numpy()
@@ -54,7 +56,7 @@ def test_bfloat16_export_loads_bit_exact(tmp_path):
   params = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in random_params().items()}
   x = np.random.default_rng(2).normal(size=(32, D)).astype(np.float32)
   _, indices = sae.encode(torch.from_numpy(x))
-  _, ref_indices = dictionary.encode_numpy(params, x, K)
+  _, ref_indices = reference.encode_numpy(params, x, K)
   overlap = np.mean([len(set(a) & set(b)) / K for a, b in zip(indices.numpy(), ref_indices)])
   assert overlap > 0.9
   assert sae(torch.from_numpy(x)).dtype == torch.bfloat16

@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+import reference
+
 from sae_jax import dictionary
 from sae_jax.store import KIND_IMAGE_BASE, KIND_TEXT, META_DTYPE, StoreWriter
 
@@ -51,14 +53,14 @@ def scan(root, export, out, *extra, check=True):
   return result
 
 
-def reference(root, params, score):
+def expected_scores(root, params, score):
   """Per latent, image scores and maps from float64 numpy over the base-grid rows."""
   from sae_jax.store import Store
   store = Store(root / "store")
   meta = store.meta()
   base = np.flatnonzero(meta["kind"] == KIND_IMAGE_BASE)
   x = np.stack([store[i] for i in base])
-  values, indices = dictionary.encode_numpy(params, x, K)
+  values, indices = reference.encode_numpy(params, x, K)
   codes = np.zeros((len(base), N_LATENTS))
   np.put_along_axis(codes, indices, values, 1)
   images = meta["image_id"][base]
@@ -73,7 +75,7 @@ def reference(root, params, score):
 def test_scan_matches_numpy_reference(setup, tmp_path, score):
   root, params, export = setup
   scan(root, export, tmp_path, f"--score={score}")
-  scores, maps, density = reference(root, params, score)
+  scores, maps, density = expected_scores(root, params, score)
   top_images, top_scores = np.load(tmp_path / "top_images.npy"), np.load(tmp_path / "top_scores.npy")
   top_maps = np.load(tmp_path / "top_maps.npy")
   for latent in range(N_LATENTS):

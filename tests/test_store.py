@@ -97,17 +97,17 @@ def test_batches_cover_every_selected_row_once_per_epoch_and_resume_by_slicing(t
   writer.finish()
   store = Store(tmp_path)
   text_rows = np.flatnonzero(store.meta()["kind"] == KIND_TEXT)
-  ds = data.make_dataset(store, batch_size=4, seed=7, num_epochs=None, token_kinds=["text"])
-  per_epoch = data.steps_per_epoch(store, 4, ["text"])
-  assert per_epoch == len(text_rows) // 4
+  rows = data.RowGather(store, ["text"])
+  assert rows.num_rows == len(text_rows)
+  ds = data.make_dataset(rows, batch_size=4, seed=7, num_epochs=None)
+  per_epoch = len(text_rows) // 4
   seen = np.concatenate([ds[i][:, 0] for i in range(per_epoch)]).astype(int)
   assert len(set(seen)) == len(seen) and set(seen) <= set(text_rows)
-  resumed = data.make_dataset(store, batch_size=4, seed=7, num_epochs=None, token_kinds=["text"],
-                              start_step=2)
+  resumed = data.make_dataset(rows, batch_size=4, seed=7, num_epochs=None, start_step=2)
   np.testing.assert_array_equal(resumed[0], ds[2])
   # Two processes with half the batch each see, together, the single-process batch.
-  halves = [data.make_dataset(store, batch_size=4, seed=7, num_epochs=None, token_kinds=["text"],
-                              process_index=p, process_count=2)[1] for p in range(2)]
+  halves = [data.make_dataset(rows, batch_size=4, seed=7, num_epochs=None, process_index=p,
+                              process_count=2)[1] for p in range(2)]
   np.testing.assert_array_equal(np.sort(np.concatenate(halves)[:, 0]), np.sort(ds[1][:, 0]))
   with pytest.raises(ValueError, match="--token_kinds"):
-    data.make_dataset(store, batch_size=4, seed=7, num_epochs=None, token_kinds=["pixels"])
+    data.RowGather(store, ["pixels"])
