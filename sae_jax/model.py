@@ -39,6 +39,10 @@ class SAEConfig:
   # the global top-k (and likewise for AuxK): exact unless one shard holds more of a token's
   # winners, and m*k -> capacity*k fewer candidates to all-gather. 0: exact (min(k, n/m) each).
   shard_capacity: float = 0.0
+  # How the backward forms the W_enc and W_dec gradients: "scatter" adds the B*k picked rows,
+  # "matmul" multiplies a dense [B, n] matrix of the picks (in compute_dtype), "auto" takes the
+  # matmul on GPU/TPU when n/k (per shard) <= topk.MAX_ROWS_PER_PICK, else the scatter.
+  weight_grads: str = "auto"
 
   def __post_init__(self):
     if not 0 < self.k <= self.num_latents:
@@ -47,6 +51,9 @@ class SAEConfig:
       raise ValueError(f"multi_topk needs 4k={4 * self.k} <= num_latents={self.num_latents}")
     if self.compute_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected float32 or bfloat16")
+    if self.weight_grads not in topk_lib.WEIGHT_GRADS:
+      raise ValueError(f"weight_grads={self.weight_grads!r}; expected one of "
+                       f"{topk_lib.WEIGHT_GRADS}")
     if self.topk not in topk_lib.TOPK_METHODS:
       raise ValueError(f"topk={self.topk!r}; expected one of {topk_lib.TOPK_METHODS}")
     if self.shard_capacity and self.shard_capacity < 1:
@@ -92,7 +99,8 @@ class TopKSAE(nnx.Module):
     self.tokens_since_fired = DeadCounter(jnp.zeros((n,), jnp.int32))
 
   def _sparse_encoder(self, k: int, k_aux: int):
-    args = (k, k_aux, self.cfg.topk, self.cfg.topk_recall, self.cfg.compute_dtype)
+    cfg = self.cfg
+    args = (k, k_aux, cfg.topk, cfg.topk_recall, cfg.compute_dtype, cfg.weight_grads)
     if sharded.active():
       return sharded.sparse_encoder(*args, capacity=self.cfg.shard_capacity)
     return topk_lib.sparse_encoder(*args)
@@ -117,7 +125,8 @@ class TopKSAE(nnx.Module):
   def decode(self, values, indices) -> jax.Array:
     """sum_j values_j W_dec[indices_j] + b_dec, [B, d]."""
     values = values.astype(jnp.float32)
-    return kernels().sparse_decode(values, indices, self.W_dec[...]) + self.b_dec[...]
+    return kernels().sparse_decode(values, indices, self.W_dec[...], self.cfg.weight_grads,
+                                   self.cfg.compute_dtype) + self.b_dec[...]
 
   def __call__(self, x) -> jax.Array:
     return self.decode(*self.encode(x))

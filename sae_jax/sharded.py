@@ -69,7 +69,8 @@ def _global_top(values: jax.Array, indices: jax.Array, k: int):
 
 @functools.lru_cache(maxsize=None)
 def sparse_encoder(k: int, k_aux: int, method: str = "exact", recall: float = 0.95,
-                   compute_dtype: str = "float32", capacity: float = 0.0):
+                   compute_dtype: str = "float32", weight_grads: str = "auto",
+                   capacity: float = 0.0):
   """topk.sparse_encoder over latent shards: f(x, b_dec, W_enc, b_enc, dead) -> (values [B,k],
   indices [B,k], aux_values [B,k_aux], aux_indices [B,k_aux]), indices global. `capacity`: see
   SAEConfig.shard_capacity (0: exact)."""
@@ -85,7 +86,7 @@ def sparse_encoder(k: int, k_aux: int, method: str = "exact", recall: float = 0.
     num_local = W_enc.shape[0]
     offset = jax.lax.axis_index(AXIS) * num_local
     encode = topk_lib.sparse_encoder(candidates(k, num_local), candidates(k_aux, num_local),
-                                     method, recall, compute_dtype)
+                                     method, recall, compute_dtype, weight_grads)
     values, indices, aux_values, aux_indices = encode(x, b_dec, W_enc, b_enc, dead)
     values, indices = _global_top(values, indices + offset, k)
     if k_aux:
@@ -101,14 +102,16 @@ def sparse_encoder(k: int, k_aux: int, method: str = "exact", recall: float = 0.
   return encode
 
 
-def sparse_decode(values: jax.Array, indices: jax.Array, W_dec: jax.Array) -> jax.Array:
+def sparse_decode(values: jax.Array, indices: jax.Array, W_dec: jax.Array,
+                  weight_grads: str = "auto", compute_dtype: str = "float32") -> jax.Array:
   """topk.sparse_decode with W_dec [n, d] split over "model" and global indices [B, k]."""
 
   def local(values, indices, W_dec):
     num_local = W_dec.shape[0]
     indices = indices - jax.lax.axis_index(AXIS) * num_local
     mine = (indices >= 0) & (indices < num_local)
-    part = topk_lib.sparse_decode(jnp.where(mine, values, 0.0), jnp.where(mine, indices, 0), W_dec)
+    part = topk_lib.sparse_decode(jnp.where(mine, values, 0.0), jnp.where(mine, indices, 0), W_dec,
+                                  weight_grads, compute_dtype)
     return jax.lax.psum(part, AXIS)
 
   batch = _batch_spec()

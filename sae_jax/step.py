@@ -6,6 +6,8 @@ that the trainer jits with `donate_argnums=1` and any shardings it likes.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +46,8 @@ def losses(model: TopKSAE, x: jax.Array, dead: jax.Array):
   cfg = model.cfg
   x = x.astype(jnp.float32)
   values, indices, aux_values, aux_indices = model.select(x, dead)
-  sparse_decode = kernels().sparse_decode
+  sparse_decode = functools.partial(kernels().sparse_decode, weight_grads=cfg.weight_grads,
+                                    compute_dtype=cfg.compute_dtype)
   W_dec, b_dec = model.W_dec[...], model.b_dec[...]
   total_variance = jnp.sum(jnp.square(x - x.mean(0)))
 

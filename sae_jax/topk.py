@@ -29,17 +29,54 @@ TOPK_METHODS = ("exact", "approx")
 def select_top(pre: jax.Array, k: int, method: str = "exact", recall: float = 0.95):
   """The k largest entries of each row, sorted descending: (values, int32 indices)."""
   if method == "exact":
-    values, indices = jax.lax.top_k(pre, k)
-  elif method == "approx":
-    values, indices = jax.lax.approx_max_k(pre, k, recall_target=recall)
-  else:
-    raise ValueError(f"topk method {method!r}; expected one of {TOPK_METHODS}")
+    return grouped_top_k(pre, k)
+  if method == "approx":
+    return _barrier(*jax.lax.approx_max_k(pre, k, recall_target=recall))
+  raise ValueError(f"topk method {method!r}; expected one of {TOPK_METHODS}")
+
+
+def _barrier(values, indices):
   # XLA:CPU lowers top_k to a full sort of the row and turns it back into its fast TopK kernel
   # only if the sort's outputs are consumed as the first-k slice alone. The barriers keep later
   # fusions from reading the sort output directly (that made a step 30x slower at k=8). One
   # barrier per array: a barrier over the tuple crashed XLA's SPMD partitioner.
   barrier = jax.lax.optimization_barrier
   return barrier(values), barrier(indices.astype(jnp.int32))
+
+
+def group_size(num: int, k: int) -> int:
+  """Width of the contiguous groups `grouped_top_k` splits a row of `num` into: the largest power
+  of two up to sqrt(num / k), where the two selections' widths num/s + k*s are smallest; 1 (no
+  grouping) when no such s >= 2 divides the row into at least 2k groups."""
+  s = 1
+  while num % (2 * s) == 0 and num // (2 * s) >= 2 * k and (2 * s) ** 2 * k <= num:
+    s *= 2
+  return s
+
+
+def grouped_top_k(pre: jax.Array, k: int):
+  """`lax.top_k` of each row, same values, same indices (ties to the lower index), computed as
+  two narrow selections: the k contiguous groups of `group_size` with the largest maxima, then
+  the top k among those groups' entries.
+
+  Exact: every top-k entry lies in a group whose maximum is at least the k-th value, and at most
+  k groups can hold a top-k entry ahead of it in (value, index) order, so the k best groups (ties
+  to the lower group) hold them all; re-sorting the chosen groups by position keeps top_k's
+  tie-breaking. GPUs sort a top_k of large k over the whole row (38 ms of a 44 ms floor at the
+  paper's size on an H100), and XLA:CPU's TopK kernel also scans the full width: two selections
+  over n/s and k*s entries cost much less (docs/benchmarks.md).
+  """
+  batch, num = pre.shape
+  s = group_size(num, k)
+  if s == 1:
+    return _barrier(*jax.lax.top_k(pre, k))
+  groups = pre.reshape(batch, num // s, s)
+  _, best = _barrier(*jax.lax.top_k(groups.max(axis=2), k))
+  best = jnp.sort(best, axis=1)
+  candidates = jnp.take_along_axis(groups, best[:, :, None], axis=1).reshape(batch, k * s)
+  values, position = _barrier(*jax.lax.top_k(candidates, k))
+  indices = jnp.take_along_axis(best, position // s, axis=1) * s + position % s
+  return values, indices
 
 
 def encoder_pre(xc: jax.Array, W_enc: jax.Array, b_enc: jax.Array,
@@ -70,9 +107,57 @@ def _slice(a: jax.Array, chunk) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(a, chunk * CHUNK, CHUNK, axis=1)
 
 
-def _scatter_rows(indices: jax.Array, weights: jax.Array, rows: jax.Array, num_rows: int):
+WEIGHT_GRADS = ("auto", "scatter", "matmul")
+# On an accelerator, dense products over all n latents beat the sparse ops when a matrix has few
+# rows per pick. An H100 ran the paper's SAE (n/k = 512, bfloat16) at ~0.8e15 FLOP/s in matmuls,
+# ~3e12 B/s in row gathers and ~0.3e12 additions/s in row scatter-adds: the weight-gradient matmul
+# won from n/k = 1024 down (tied at 2048), a decoder matmul beats the gather below ~250 rows per
+# pick (AuxK's k_aux = d/2 picks: n/k_aux = 64 at the paper's size). float32 matmuls run ~16x
+# slower, so the limits shrink by 16 (n/k = 512 at d = 512: the scatter won by 20%).
+MAX_ROWS_PER_PICK = {  # compute dtype -> (weight-gradient matmul, dense decode)
+    "bfloat16": (1024, 256),
+    "float32": (64, 16),
+}
+
+
+def on_accelerator() -> bool:
+  return jax.default_backend() != "cpu"
+
+
+def weight_grad_dtype(mode: str, num_rows: int, picks: int, compute_dtype: str):
+  """The operand dtype of the dense weight-gradient matmul, or None for the sparse scatter."""
+  if mode not in WEIGHT_GRADS:
+    raise ValueError(f"weight_grads={mode!r}; expected one of {WEIGHT_GRADS}")
+  if mode == "auto":
+    limit = MAX_ROWS_PER_PICK[jnp.dtype(compute_dtype).name][0]
+    mode = "matmul" if on_accelerator() and num_rows <= limit * picks else "scatter"
+  return jnp.dtype(compute_dtype) if mode == "matmul" else None
+
+
+def add_picks(dense: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
+  """dense [B, n] plus weights[b, j] at (b, indices[b, j])."""
+  rows = jnp.arange(dense.shape[0])[:, None]
+  return dense.at[rows, indices].add(weights.astype(dense.dtype))
+
+
+def _picked_weight_grads(picked: jax.Array, rows: jax.Array):
+  """(picked^T rows [n, d], picked's column sums [n]), float32, from a dense [B, n] pick matrix:
+  the backward of a dense layer, one matmul in picked's dtype."""
+  dense_m = jax.lax.dot_general(picked, rows.astype(picked.dtype), (((0,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+  return dense_m, jnp.sum(picked, axis=0, dtype=jnp.float32)
+
+
+def _weight_grads(indices: jax.Array, weights: jax.Array, rows: jax.Array, num_rows: int,
+                  matmul_dtype=None):
   """sum over (b, j) of weights[b, j] * rows[b], added into row indices[b, j] of an [n, d] zero
-  matrix, and the matching [n] sum of weights."""
+  matrix, and the matching [n] sum of weights.
+
+  With `matmul_dtype`: `_picked_weight_grads` of the picks made dense. Otherwise a scatter-add of
+  the B*k weighted rows, CHUNK picks at a time."""
+  if matmul_dtype is not None:
+    picked = add_picks(jnp.zeros((indices.shape[0], num_rows), matmul_dtype), indices, weights)
+    return _picked_weight_grads(picked, rows)
   dense_w = jnp.zeros((num_rows,), jnp.float32).at[indices].add(weights)
   num_chunks, (indices, weights) = _chunks(indices, weights)
 
@@ -86,9 +171,10 @@ def _scatter_rows(indices: jax.Array, weights: jax.Array, rows: jax.Array, num_r
 
 @functools.lru_cache(maxsize=None)
 def sparse_encoder(k: int, k_aux: int, method: str = "exact", recall: float = 0.95,
-                   compute_dtype: str = "float32"):
+                   compute_dtype: str = "float32", weight_grads: str = "auto"):
   """Builds f(x, b_dec, W_enc, b_enc, dead) -> (values [B,k], indices [B,k], aux_values [B,k_aux],
-  aux_indices [B,k_aux]).
+  aux_indices [B,k_aux]). `weight_grads`: how the backward forms the W_enc gradient
+  (`weight_grad_dtype`).
 
   The main selection is the top-k of the pre-activations. The AuxK selection (k_aux > 0) is the
   top-k_aux among latents with `dead` set; entries that are not dead (fewer than k_aux are dead)
@@ -136,24 +222,33 @@ def sparse_encoder(k: int, k_aux: int, method: str = "exact", recall: float = 0.
     g_values, _, g_aux, _ = cotangents
     num_latents = W_enc.shape[0]
 
-    def pre_grads(g, v, idx):
-      # d/d(pre) through the ReLU: nothing flows into picks whose value is zero.
-      g = jnp.where(v > 0, g, 0.0)
-      return _scatter_rows(idx, g, xc, num_latents), g
-
+    # d/d(pre) through the ReLU: nothing flows into picks whose value is zero.
     if isinstance(g_values, SymbolicZero):
       g_values = jnp.zeros_like(values)
-    (dW_enc, db_enc), g_pre = pre_grads(g_values, values, indices)
-    if k_aux and not isinstance(g_aux, SymbolicZero):
-      def aux_grads(operands):
-        dW_enc, db_enc = operands
-        (dW_aux, db_aux), _ = pre_grads(g_aux, aux_values, aux_indices)
-        return dW_enc + dW_aux, db_enc + db_aux
-      # Skipped at run time when nothing is dead: the aux picks are all zero then.
-      dW_enc, db_enc = jax.lax.cond(any_dead, aux_grads, lambda o: o, (dW_enc, db_enc))
-      if x_perturbed:
-        g_pre = jnp.concatenate([g_pre, jnp.where(aux_values > 0, g_aux, 0.0)], axis=1)
-        indices = jnp.concatenate([indices, aux_indices], axis=1)
+    g_pre = jnp.where(values > 0, g_values, 0.0)
+    with_aux = k_aux and not isinstance(g_aux, SymbolicZero)
+    if with_aux:
+      g_aux = jnp.where(aux_values > 0, g_aux, 0.0)
+    matmul_dtype = weight_grad_dtype(weight_grads, num_latents, k, compute_dtype)
+    if matmul_dtype is not None:
+      # One product for both selections. AuxK's d/2 picks per token join the dense matrix only
+      # when a latent is dead (they are all zero otherwise).
+      picked = add_picks(jnp.zeros((xc.shape[0], num_latents), matmul_dtype), indices, g_pre)
+      if with_aux:
+        picked = jax.lax.cond(any_dead, lambda p: add_picks(p, aux_indices, g_aux), lambda p: p,
+                              picked)
+      dW_enc, db_enc = _picked_weight_grads(picked, xc)
+    else:
+      dW_enc, db_enc = _weight_grads(indices, g_pre, xc, num_latents)
+      if with_aux:
+        def aux_grads(operands):
+          dW_aux, db_aux = _weight_grads(aux_indices, g_aux, xc, num_latents)
+          return operands[0] + dW_aux, operands[1] + db_aux
+        # Skipped at run time when nothing is dead: the aux picks are all zero then.
+        dW_enc, db_enc = jax.lax.cond(any_dead, aux_grads, lambda o: o, (dW_enc, db_enc))
+    if with_aux and x_perturbed:
+      g_pre = jnp.concatenate([g_pre, g_aux], axis=1)
+      indices = jnp.concatenate([indices, aux_indices], axis=1)
     if x_perturbed:
       dxc = gather_weighted_sum(g_pre, indices, W_enc)
       dx, db_dec = dxc.astype(x_marker.dtype), -dxc.sum(0)
@@ -194,21 +289,42 @@ def gather_dot(g: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
   return jax.lax.fori_loop(0, num_chunks, body, out)[:, :picks]
 
 
-@jax.custom_vjp
-def sparse_decode(values: jax.Array, indices: jax.Array, W_dec: jax.Array) -> jax.Array:
-  """sum_j values[b, j] * W_dec[indices[b, j]], [B, d] float32 (no bias). A gather of k rows per
-  token, never a dense [B, n] @ [n, d]."""
-  return gather_weighted_sum(values, indices, W_dec)
+def _dense_decode(num_rows: int, picks: int, compute_dtype) -> bool:
+  limit = MAX_ROWS_PER_PICK[jnp.dtype(compute_dtype).name][1]
+  return on_accelerator() and num_rows <= limit * picks
 
 
-def _decode_fwd(values, indices, W_dec):
-  return sparse_decode(values, indices, W_dec), (values, indices, W_dec)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def sparse_decode(values: jax.Array, indices: jax.Array, W_dec: jax.Array,
+                  weight_grads: str = "auto", compute_dtype: str = "float32") -> jax.Array:
+  """sum_j values[b, j] * W_dec[indices[b, j]], [B, d] float32 (no bias).
+
+  A gather of k rows per token, or, on an accelerator with few rows per pick (AuxK's d/2 picks),
+  a dense [B, n] x [n, d] product. The rows are read in `compute_dtype` (bfloat16 halves the
+  bytes of the gathers, the forward's and the backward's), sums are float32. The backward forms
+  the W_dec gradient as `weight_grad_dtype(weight_grads, ...)` says."""
+  return _decode_fwd(values, indices, W_dec, weight_grads, compute_dtype)[0]
 
 
-def _decode_bwd(residuals, g):
-  values, indices, W_dec = residuals
-  dW_dec, _ = _scatter_rows(indices, values, g, W_dec.shape[0])
-  return gather_dot(g, indices, W_dec), None, dW_dec
+def _decode_fwd(values, indices, W_dec, weight_grads, compute_dtype):
+  table = W_dec.astype(compute_dtype)
+  if _dense_decode(table.shape[0], indices.shape[1], table.dtype):
+    picked = add_picks(jnp.zeros((values.shape[0], table.shape[0]), table.dtype), indices, values)
+    out = jnp.dot(picked, table, preferred_element_type=jnp.float32)
+  else:
+    out = gather_weighted_sum(values, indices, table)
+  return out, (values, indices, table)
+
+
+def _decode_bwd(weight_grads, compute_dtype, residuals, g):
+  values, indices, table = residuals
+  num_rows, picks = table.shape[0], indices.shape[1]
+  matmul_dtype = weight_grad_dtype(weight_grads, num_rows, picks, compute_dtype)
+  dW_dec, _ = _weight_grads(indices, values, g, num_rows, matmul_dtype)
+  if _dense_decode(num_rows, picks, table.dtype):
+    g_all = jnp.dot(g.astype(table.dtype), table.T, preferred_element_type=jnp.float32)
+    return jnp.take_along_axis(g_all, indices, axis=1), None, dW_dec
+  return gather_dot(g, indices, table), None, dW_dec
 
 
 sparse_decode.defvjp(_decode_fwd, _decode_bwd)

@@ -71,6 +71,11 @@ _TOPK = flags.DEFINE_enum("topk", "exact", ["exact", "approx"],
                           "exact: lax.top_k; approx: lax.approx_max_k (fast on TPU only).")
 _TOPK_RECALL = flags.DEFINE_float("topk_recall", 0.95, "Recall target of --topk=approx.",
                                   lower_bound=0, upper_bound=1)
+_WEIGHT_GRADS = flags.DEFINE_enum(
+    "weight_grads", "auto", ["auto", "scatter", "matmul"], "How the backward forms the W_enc and "
+    "W_dec gradients: scatter-add of the B*k picked rows, or a dense [n, B] x [B, d] matmul in "
+    "--compute_dtype. auto: the matmul on GPU/TPU when latents (per shard) <= 1024 * k in "
+    "bfloat16, 64 * k in float32.")
 # Optimisation.
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4096, "Global batch, in tokens.", lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps (0: --epochs over the store).",
@@ -202,8 +207,8 @@ def main(argv):
                   auxk_alpha=_AUXK_ALPHA.value, dead_tokens=_DEAD_TOKENS.value,
                   k_aux=_K_AUX.value or None, shard_capacity=_SHARD_CAPACITY.value,
                   compute_dtype=_COMPUTE_DTYPE.value, topk=_TOPK.value,
-                  topk_recall=_TOPK_RECALL.value)
-  if run is not None and run["sae"] != json.loads(json.dumps(cfg.__dict__)):
+                  topk_recall=_TOPK_RECALL.value, weight_grads=_WEIGHT_GRADS.value)
+  if run is not None and SAEConfig(**run["sae"]) != cfg:
     raise app.UsageError(f"{workdir} holds a run with another SAE config ({run['sae']}); "
                          "use a new --workdir")
   peak_lr = _LR.value or default_learning_rate(num_latents)

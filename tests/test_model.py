@@ -64,8 +64,14 @@ def params_of(model):
     (False, 0.5, 3),  # fewer dead latents than k_aux: some AuxK picks are masked
     (True, 0.5, 30),  # everything at once, more dead latents than k_aux
 ])
-def test_sparse_gradients_match_dense_autodiff(multi_topk, auxk_alpha, dead_latents):
-  model = make_model(dead_latents, multi_topk=multi_topk, auxk_alpha=auxk_alpha, k_aux=5)
+@pytest.mark.parametrize("weight_grads", ["scatter", "matmul", "accelerator"])
+def test_sparse_gradients_match_dense_autodiff(multi_topk, auxk_alpha, dead_latents, weight_grads,
+                                               monkeypatch):
+  if weight_grads == "accelerator":  # "auto" as on a GPU: dense decodes and weight gradients
+    monkeypatch.setattr(topk_lib, "on_accelerator", lambda: True)
+    weight_grads = "auto"
+  model = make_model(dead_latents, multi_topk=multi_topk, auxk_alpha=auxk_alpha, k_aux=5,
+                     weight_grads=weight_grads)
   x, dead = batch(), model.dead_mask()
   graphdef, state = nnx.split(model)
 
@@ -120,6 +126,20 @@ def test_bfloat16_and_approx_topk():
   assert bf16.encode(x)[0].dtype == jnp.float32
   np.testing.assert_allclose(bf16.pre_activations(x), exact.pre_activations(x), atol=0.05)
   assert bf16.W_enc[...].dtype == jnp.float32
+
+
+def test_bfloat16_matmul_weight_gradients_track_float32():
+  """The dense weight-gradient product with bfloat16 operands (what "auto" picks on a GPU with
+  --compute_dtype=bfloat16) stays within bfloat16 rounding of the float32 scatter."""
+  x, dead = batch(), jnp.zeros((N,), bool)
+  grads = {}
+  for weight_grads in ("scatter", "matmul"):
+    model = make_model(compute_dtype="bfloat16", weight_grads=weight_grads)
+    grads[weight_grads] = nnx.grad(lambda m: step_lib.losses(m, x, dead)[0])(model)
+  for name in ("W_enc", "W_dec"):
+    want, got = grads["scatter"][name][...], grads["matmul"][name][...]
+    assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want), name
+    assert np.abs(want).max() > 0
 
 
 def test_dead_counter_saturates_and_resets_on_positive_picks():

@@ -78,10 +78,11 @@ def reference_update(p, mu, nu, t, count, x, cfg):
   return loss, g, new, count
 
 
-@pytest.mark.parametrize("multi_topk", [False, True])
-def test_train_step_matches_float64_reference(multi_topk):
+@pytest.mark.parametrize("multi_topk,weight_grads", [(False, "scatter"), (True, "scatter"),
+                                                    (True, "matmul")])
+def test_train_step_matches_float64_reference(multi_topk, weight_grads):
   cfg = SAEConfig(d_in=D, num_latents=N, k=K, multi_topk=multi_topk, auxk_alpha=0.25, k_aux=4,
-                  dead_tokens=2 * B)
+                  dead_tokens=2 * B, weight_grads=weight_grads)
   rng = np.random.default_rng(0)
   tx = step_lib.make_optimizer(LR, b1=B1, b2=B2, eps=EPS)
   graphdef, state = step_lib.create_state(cfg, tx, seed=0, b_dec=rng.normal(0, 0.2, D))
