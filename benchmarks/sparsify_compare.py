@@ -1,4 +1,4 @@
-"""EleutherAI sparsify's training step on CPU, timed like `python -m sae_jax.bench`.
+"""EleutherAI sparsify's training step, timed like `python -m sae_jax.bench`.
 
 Not part of the project (it needs torch and sparsify); run it with a separate environment:
 
@@ -10,6 +10,8 @@ One step is what sparsify's Trainer does per batch with `--optimizer=adam`: unit
 forward (fused top-k encoder, sparse decoder, FVU; AuxK is skipped while no latent is dead),
 backward, remove the gradient parallel to the decoder rows, torch.optim.Adam step, dead-latent
 bookkeeping.
+On `--device=cuda` sparsify runs as its Trainer does there: float32 parameters and Adam state, the
+forward under its own bfloat16 autocast, its Triton sparse decoder (unless SPARSIFY_DISABLE_TRITON=1).
 Prints one JSON line with the same keys as sae_jax.bench (no floor); step_cpu_ms is process CPU
 time, a cross-check on a busy host.
 """
@@ -33,21 +35,25 @@ def main():
   parser.add_argument("--batch_size", type=int, default=4096)
   parser.add_argument("--multi_topk", action="store_true")
   parser.add_argument("--auxk_alpha", type=float, default=1 / 32)
+  parser.add_argument("--dead_tokens", type=int, default=10_000_000,
+                      help="as sae_jax.bench: 0 runs AuxK in every timed step")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--device", default="cpu", help="cpu or cuda")
   args = parser.parse_args()
+  device = torch.device(args.device)
 
   torch.manual_seed(0)
   cfg = SparseCoderConfig(num_latents=args.num_latents, k=args.k, multi_topk=args.multi_topk)
-  sae = SparseCoder(args.d_in, cfg, device="cpu", dtype=torch.float32)
+  sae = SparseCoder(args.d_in, cfg, device=device, dtype=torch.float32)
   lr = 2e-4 / (args.num_latents / 2**14) ** 0.5
   optimizer = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
-  tokens_since_fired = torch.zeros(args.num_latents, dtype=torch.long)
-  x = torch.randn(args.batch_size, args.d_in)
+  tokens_since_fired = torch.zeros(args.num_latents, dtype=torch.long, device=device)
+  x = torch.randn(args.batch_size, args.d_in, device=device)
 
   def step():
     sae.set_decoder_norm_to_unit_norm()
-    dead_mask = tokens_since_fired > 10_000_000
+    dead_mask = tokens_since_fired > args.dead_tokens
     out = sae(x, dead_mask=dead_mask)
     loss = out.fvu + args.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
     loss.backward()
@@ -69,9 +75,12 @@ def main():
       "tokens_per_s": round(float(args.batch_size / step_ms * 1e3), 1),
       "step_ms": round(float(step_ms), 2),
       "step_cpu_ms": round(float(step_cpu_ms), 2),
-      "config": {**vars(args), "dtype": "float32",
+      "config": {**vars(args),
+                 # sparsify's forward autocasts to bfloat16 on CUDA (parameters stay float32)
+                 "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
                  "SPARSIFY_DISABLE_TRITON": os.environ.get("SPARSIFY_DISABLE_TRITON")},
-      "device": f"cpu:{platform.machine()} threads={torch.get_num_threads()}",
+      "device": (f"cuda:{torch.cuda.get_device_name()}" if device.type == "cuda"
+                 else f"cpu:{platform.machine()} threads={torch.get_num_threads()}"),
       "torch": torch.__version__,
   }))
 

@@ -32,9 +32,15 @@ _BATCH = flags.DEFINE_integer("batch_size", 4096, "Tokens per step.")
 _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                            "Encoder matmul dtype.")
 _TOPK = flags.DEFINE_enum("topk", "exact", list(topk_lib.TOPK_METHODS), "Top-k implementation.")
+_WEIGHT_GRADS = flags.DEFINE_enum("weight_grads", "auto", ["auto", "scatter", "matmul"],
+                                  "How the backward forms the weight gradients (see train).")
 _MULTI_TOPK = flags.DEFINE_bool("multi_topk", False, "Add the Multi-TopK (4k) loss.")
-_AUXK_ALPHA = flags.DEFINE_float("auxk_alpha", 1 / 32, "AuxK coefficient (no latent is dead "
-                                 "in a short benchmark, so AuxK costs only its skipped branch).")
+_AUXK_ALPHA = flags.DEFINE_float("auxk_alpha", 1 / 32, "AuxK coefficient.")
+_DEAD_TOKENS = flags.DEFINE_integer(
+    "dead_tokens", 10_000_000, "Tokens without firing before a latent counts as dead. With the "
+    "default no latent dies in a benchmark and AuxK costs only its skipped branch; 0 makes every "
+    "latent that did not fire in the previous batch dead, so AuxK runs in every timed step, as in "
+    "a real run with dead latents.", lower_bound=0)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation, first-touch).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of parameters and data.")
@@ -45,6 +51,9 @@ _AOT_DEVICES = flags.DEFINE_integer(
 _K_AUX = flags.DEFINE_integer("k_aux", 0, "AuxK width (0: d_in / 2).", lower_bound=0)
 _SHARD_CAPACITY = flags.DEFINE_float("shard_capacity", 0.0, "Per-shard top-k candidate budget "
                                      "(see sae_jax.train); 0: exact.", lower_bound=0)
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", None, "After timing, trace 3 more steps with jax.profiler into this folder "
+    "(TensorBoard/XProf, and perfetto_trace.json.gz: benchmarks/trace_summary.py sums it by op).")
 _MESH = flags.DEFINE_string("mesh", "data:-1,model:1", "Mesh of --aot_devices (one -1 fills).")
 
 
@@ -54,8 +63,9 @@ def main(argv):
     jax.config.update("jax_num_cpu_devices", _AOT_DEVICES.value)  # before the backend starts
   cfg = SAEConfig(d_in=_D_IN.value, num_latents=_NUM_LATENTS.value, k=_K.value,
                   multi_topk=_MULTI_TOPK.value, auxk_alpha=_AUXK_ALPHA.value,
+                  dead_tokens=_DEAD_TOKENS.value,
                   compute_dtype=_DTYPE.value, topk=_TOPK.value, k_aux=_K_AUX.value or None,
-                  shard_capacity=_SHARD_CAPACITY.value)
+                  shard_capacity=_SHARD_CAPACITY.value, weight_grads=_WEIGHT_GRADS.value)
   if _AOT_DEVICES.value:
     mesh = sharding.make_mesh(_MESH.value, jax.devices("cpu"))
     print(json.dumps({**aot.plan(cfg, mesh, _BATCH.value),
@@ -80,6 +90,10 @@ def main(argv):
       "floor": lambda: floor(x, params["W_enc"], params["b_enc"], params["b_dec"]),
   }, _STEPS.value, _WARMUP.value)
   (step_ms, step_cpu_ms), (floor_ms, floor_cpu_ms) = ms["step"], ms["floor"]
+  if _PROFILE_DIR.value:
+    with jax.profiler.trace(_PROFILE_DIR.value, create_perfetto_trace=True):
+      for _ in range(3):
+        jax.block_until_ready(run_step())
   print(json.dumps({
       "tokens_per_s": round(_BATCH.value / step_ms * 1e3, 1),
       "step_ms": round(step_ms, 2),
