@@ -150,8 +150,17 @@ class TopKSAE(nnx.Module):
     self.tokens_since_fired[...] = jnp.where(fired, 0, count)
 
 
+def row_sums(a: jax.Array) -> jax.Array:
+  """a.sum(axis=1) of an [n, d] matrix. On XLA:CPU as a product with a ones vector: its fused row
+  reduction after Adam ran 2.4x slower than the matvec (Adam plus the decoder renorm, 16384 x 512:
+  74 against 31 ms)."""
+  if topk_lib.on_accelerator():
+    return jnp.sum(a, axis=1)
+  return a @ jnp.ones((a.shape[1],), a.dtype)
+
+
 def normalize_rows(w: jax.Array, eps: float = 1e-12) -> jax.Array:
-  return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), eps)
+  return w / jnp.maximum(jnp.sqrt(row_sums(jnp.square(w))), eps)[:, None]
 
 
 def geometric_median(x, iters: int = 100, eps: float = 1e-8) -> jax.Array:

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sae_jax.model import SAEConfig, TopKSAE, kernels
+from sae_jax.model import SAEConfig, TopKSAE, kernels, row_sums
 
 
 def default_learning_rate(num_latents: int) -> float:
@@ -103,7 +103,7 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array
       loss_fn, has_aux=True)(model)
   # Adam must not move a decoder row along itself: the renorm below would undo it.
   g, W = grads["W_dec"][...], model.W_dec[...]
-  grads["W_dec"][...] = g - jnp.sum(g * W, axis=1, keepdims=True) * W
+  grads["W_dec"][...] = g - row_sums(g * W)[:, None] * W
   metrics["grad_norm"] = optax.tree.norm(grads)
   optimizer.update(model, grads)
   model.normalize_decoder()
