@@ -90,11 +90,18 @@ for multi_topk, specs in ((False, ["data:8,model:1", "data:2,model:4"]),
 """
 
 
-def test_train_steps_on_every_mesh_shape_match_one_device():
+# The rules "auto" follows on a GPU or TPU (dense weight-gradient and AuxK-decode products per
+# shard), here on CPU devices; tests/test_model.py checks them against autodiff on one device.
+ACCELERATOR_RULES = "from sae_jax import topk\ntopk.on_accelerator = lambda: True\n"
+
+
+@pytest.mark.parametrize("rules", ["cpu", "accelerator"])
+def test_train_steps_on_every_mesh_shape_match_one_device(rules):
   """8x1, 4x2, 2x4 and 1x8 meshes: gradients (no factor of the model-axis size), eval metrics, and
   losses, parameters, Adam moments and dead counters after 4 steps (AuxK active from the third,
   Multi-TopK in two of them) equal the one-device run's."""
-  assert run_with_devices(["-c", STEPS_SCRIPT]).count("ok") == 2
+  script = (ACCELERATOR_RULES if rules == "accelerator" else "") + STEPS_SCRIPT
+  assert run_with_devices(["-c", script]).count("ok") == 2
 
 
 HLO_SCRIPT = """
