@@ -1,9 +1,15 @@
 """The sparse kernels of the TopK SAE: a dense encoder forward, everything else over the k winners.
 
 `sparse_encoder` computes `ReLU(W_enc (x - b_dec) + b_enc)` densely, selects the winners, and
-returns only their values and indices. Its backward never builds the dense [B, n] cotangent: it
-scatter-adds into the selected rows of W_enc and b_enc (as sparsify's FusedEncoder and OpenAI's
-kernels do). `sparse_decode` gathers k rows of W_dec per token; its backward scatter-adds into them.
+returns only their values and indices. Its backward never differentiates through the dense
+[B, n] pre-activations: it scatter-adds into the selected rows of W_enc and b_enc (as sparsify's
+FusedEncoder and OpenAI's kernels do). `sparse_decode` gathers k rows of W_dec per token; its
+backward scatter-adds into them.
+
+On a GPU or TPU, matmuls are so much faster than scatters and gathers that, with few latents per
+pick, some of these become dense products over a [B, n] matrix holding only the picks: the weight
+gradients (`weight_grad_dtype`) and AuxK's decode (`MAX_ROWS_PER_PICK`, measured on an H100).
+The exact top-k takes a grouped form there (`grouped_top_k`).
 
 The encoder takes `x` and `b_dec` separately so that, when `x` is data (no gradient asked for it),
 the b_dec gradient of the centring is `-(sum_b g_pre) @ W_enc`, one [n] x [n, d] product, instead of
@@ -96,9 +102,10 @@ def encoder_pre(xc: jax.Array, W_enc: jax.Array, b_enc: jax.Array,
   return jax.nn.relu(lin + b_enc)
 
 
-# The O(B*k*d) work runs CHUNK picks at a time inside a loop. Done in one go, XLA materialises a
-# [B, k, d] tensor (the gathered rows, or the scatter's updates), and writing that fresh buffer was
-# the largest cost of the step on CPU (the gather-then-dot decoder was ~10x slower).
+# The gathers (and the scatters on accelerators) run CHUNK picks at a time inside a loop. Done in
+# one go, XLA materialises a [B, k, d] tensor (the gathered rows, or the scatter's updates), and
+# writing that fresh buffer was the largest cost of the step on CPU (the gather-then-dot decoder
+# was ~10x slower).
 CHUNK = 8
 
 
