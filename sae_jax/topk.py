@@ -193,7 +193,7 @@ def _sorted_row_scatter(indices: jax.Array, weights: jax.Array, rows: jax.Array,
   random row of the [n, d] result (32 MB at n=16384, d=512: beyond the caches); in target order
   consecutive updates land on the row just written, and only the gathered source rows ([B, d],
   8 MB) are read at random. 66 against 98 CPU ms per scatter at d=512, n=16384, k=32, B=4096."""
-  batch, picks = indices.shape
+  picks = indices.shape[1]
   flat = indices.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   pad = -flat.size % SORTED_CHUNK
