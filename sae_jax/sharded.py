@@ -102,18 +102,41 @@ def sparse_encoder(k: int, k_aux: int, method: str = "exact", recall: float = 0.
   return encode
 
 
+def _local_picks(values: jax.Array, indices: jax.Array, num_local: int):
+  """(values, indices) of the picks in this shard's rows, with shard-local indices; picks of
+  other shards become index 0 with value 0."""
+  indices = indices - jax.lax.axis_index(AXIS) * num_local
+  mine = (indices >= 0) & (indices < num_local)
+  return jnp.where(mine, values, 0.0), jnp.where(mine, indices, 0)
+
+
 def sparse_decode(values: jax.Array, indices: jax.Array, W_dec: jax.Array,
                   weight_grads: str = "auto", compute_dtype: str = "float32") -> jax.Array:
   """topk.sparse_decode with W_dec [n, d] split over "model" and global indices [B, k]."""
 
   def local(values, indices, W_dec):
-    num_local = W_dec.shape[0]
-    indices = indices - jax.lax.axis_index(AXIS) * num_local
-    mine = (indices >= 0) & (indices < num_local)
-    part = topk_lib.sparse_decode(jnp.where(mine, values, 0.0), jnp.where(mine, indices, 0), W_dec,
+    part = topk_lib.sparse_decode(*_local_picks(values, indices, W_dec.shape[0]), W_dec,
                                   weight_grads, compute_dtype)
     return jax.lax.psum(part, AXIS)
 
   batch = _batch_spec()
   return jax.shard_map(local, in_specs=(batch, batch, P(AXIS, None)), out_specs=batch,
                        check_vma=False)(values, indices, W_dec)
+
+
+def decode_with_aux(values: jax.Array, indices: jax.Array, aux_values: jax.Array,
+                    aux_indices: jax.Array, aux_on: jax.Array, W_dec: jax.Array,
+                    weight_grads: str = "auto", compute_dtype: str = "float32"):
+  """topk.decode_with_aux with W_dec [n, d] split over "model" and global indices."""
+
+  def local(values, indices, aux_values, aux_indices, aux_on, W_dec):
+    num_local = W_dec.shape[0]
+    parts = topk_lib.decode_with_aux(*_local_picks(values, indices, num_local),
+                                     *_local_picks(aux_values, aux_indices, num_local), aux_on,
+                                     W_dec, weight_grads, compute_dtype)
+    return jax.lax.psum(parts, AXIS)
+
+  batch = _batch_spec()
+  return jax.shard_map(local, in_specs=(batch,) * 4 + (P(), P(AXIS, None)),
+                       out_specs=(batch, batch), check_vma=False)(
+                           values, indices, aux_values, aux_indices, aux_on, W_dec)

@@ -64,12 +64,15 @@ def params_of(model):
     (False, 0.5, 3),  # fewer dead latents than k_aux: some AuxK picks are masked
     (True, 0.5, 30),  # everything at once, more dead latents than k_aux
 ])
-@pytest.mark.parametrize("weight_grads", ["scatter", "matmul", "accelerator"])
+@pytest.mark.parametrize("weight_grads", ["scatter", "xla_scatter", "matmul", "accelerator"])
 def test_sparse_gradients_match_dense_autodiff(multi_topk, auxk_alpha, dead_latents, weight_grads,
-                                               monkeypatch):
+                                               monkeypatch, request):
   if weight_grads == "accelerator":  # "auto" as on a GPU: dense decodes and weight gradients
     monkeypatch.setattr(topk_lib, "on_accelerator", lambda: True)
     weight_grads = "auto"
+  if weight_grads == "xla_scatter":  # a CPU host without the native kernels
+    request.getfixturevalue("without_native_kernels")
+    weight_grads = "scatter"
   model = make_model(dead_latents, multi_topk=multi_topk, auxk_alpha=auxk_alpha, k_aux=5,
                      weight_grads=weight_grads)
   x, dead = batch(), model.dead_mask()

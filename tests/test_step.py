@@ -79,8 +79,11 @@ def reference_update(p, mu, nu, t, count, x, cfg):
 
 
 @pytest.mark.parametrize("multi_topk,weight_grads", [(False, "scatter"), (True, "scatter"),
-                                                    (True, "matmul")])
-def test_train_step_matches_float64_reference(multi_topk, weight_grads):
+                                                    (True, "xla_scatter"), (True, "matmul")])
+def test_train_step_matches_float64_reference(multi_topk, weight_grads, request):
+  if weight_grads == "xla_scatter":  # a CPU host without the native kernels
+    request.getfixturevalue("without_native_kernels")
+    weight_grads = "scatter"
   cfg = SAEConfig(d_in=D, num_latents=N, k=K, multi_topk=multi_topk, auxk_alpha=0.25, k_aux=4,
                   dead_tokens=2 * B, weight_grads=weight_grads)
   rng = np.random.default_rng(0)
