@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sae_jax import native, sharded
+from sae_jax import sharded
 from sae_jax import topk as topk_lib
 
 INT32_MAX = np.iinfo(np.int32).max
@@ -151,26 +151,13 @@ class TopKSAE(nnx.Module):
 
 
 def row_dots(a: jax.Array, b: jax.Array) -> jax.Array:
-  """(a * b).sum(axis=1) of two [n, d] matrices.
-
-  On CPU a row reduction is slow in XLA: a native kernel reads each pair of rows once, on all
-  cores (16384 x 512: ~3 ms against 7.5 for XLA's batched dot). Without it, a matvec with a ones
-  vector beats XLA:CPU's fused row reduction (2.4x after Adam in the train step)."""
-  if topk_lib.native_kernels():
-    return native.row_dots(a, b)
-  if topk_lib.on_accelerator():
-    return jnp.sum(a * b, axis=1)
-  return (a * b) @ jnp.ones((a.shape[1],), a.dtype)
+  """(a * b).sum(axis=1) of two [n, d] matrices (per latent shard on a mesh)."""
+  return kernels().row_dots(a, b)
 
 
 def normalize_rows(w: jax.Array, eps: float = 1e-12) -> jax.Array:
   """Each row of w scaled to unit norm (rows of norm below eps are divided by eps)."""
-  if topk_lib.native_kernels():
-    # One read of each row for its norm while it is in cache. XLA:CPU pulls the ops that produce
-    # w (Adam, in the train step) into a fused dot for the norms, which first broadcasts each
-    # of their scalars to a full [n, d] array: ~50 ms a step at 16384 x 512.
-    return native.normalize_rows(w, eps)
-  return w / jnp.maximum(jnp.sqrt(row_dots(w, w)), eps)[:, None]
+  return kernels().normalize_rows(w, eps)
 
 
 def geometric_median(x, iters: int = 100, eps: float = 1e-8) -> jax.Array:

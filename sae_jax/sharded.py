@@ -140,3 +140,20 @@ def decode_with_aux(values: jax.Array, indices: jax.Array, aux_values: jax.Array
   return jax.shard_map(local, in_specs=(batch,) * 4 + (P(), P(AXIS, None)),
                        out_specs=(batch, batch), check_vma=False)(
                            values, indices, aux_values, aux_indices, aux_on, W_dec)
+
+
+# Row-local ops of [n, d] matrices split over "model": per shard, without collectives. Outside
+# shard_map, XLA would all-gather the matrices into the native CPU kernels (custom calls it
+# cannot partition).
+def row_dots(a: jax.Array, b: jax.Array) -> jax.Array:
+  """topk.row_dots of two [n, d] matrices split over "model"."""
+  rows = P(AXIS, None)
+  return jax.shard_map(topk_lib.row_dots, in_specs=(rows, rows), out_specs=P(AXIS),
+                       check_vma=False)(a, b)
+
+
+def normalize_rows(w: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """topk.normalize_rows of an [n, d] matrix split over "model"."""
+  rows = P(AXIS, None)
+  return jax.shard_map(functools.partial(topk_lib.normalize_rows, eps=eps), in_specs=rows,
+                       out_specs=rows, check_vma=False)(w)

@@ -356,6 +356,29 @@ def gather_dot(g: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
   return jax.lax.fori_loop(0, num_chunks, body, out)[:, :picks]
 
 
+def row_dots(a: jax.Array, b: jax.Array) -> jax.Array:
+  """(a * b).sum(axis=1) of two [n, d] matrices.
+
+  On CPU a row reduction is slow in XLA: the native kernel reads each pair of rows once, on all
+  cores (16384 x 512: ~2.5 ms against 7.5 for XLA's batched dot). Without it, a matvec with a
+  ones vector beats XLA:CPU's fused row reduction (2.4x after Adam in the train step)."""
+  if native_kernels():
+    return native.row_dots(a, b)
+  if on_accelerator():
+    return jnp.sum(a * b, axis=1)
+  return (a * b) @ jnp.ones((a.shape[1],), a.dtype)
+
+
+def normalize_rows(w: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Each row of w scaled to unit norm (rows of norm below eps are divided by eps)."""
+  if native_kernels():
+    # One read of each row for its norm while it is in cache. XLA:CPU pulls the ops that produce
+    # w (Adam, in the train step) into a fused dot for the norms, which first broadcasts each
+    # of their scalars to a full [n, d] array: ~50 ms a step at 16384 x 512.
+    return native.normalize_rows(w, eps)
+  return w / jnp.maximum(jnp.sqrt(row_dots(w, w)), eps)[:, None]
+
+
 def _dense_decode(num_rows: int, picks: int, compute_dtype) -> bool:
   limit = MAX_ROWS_PER_PICK[jnp.dtype(compute_dtype).name][1]
   return on_accelerator() and num_rows <= limit * picks
