@@ -65,6 +65,7 @@ def _build() -> pathlib.Path:
   cache = pathlib.Path(os.environ.get("SAE_JAX_CACHE", pathlib.Path.home() / ".cache/sae_jax"))
   library = cache / f"sparse_rows-{key}.so"
   if not library.exists():
+    logging.info("sae_jax.native: compiling the CPU kernels into %s (once)", library)
     cache.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed: concurrent processes never load a partial file.
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
