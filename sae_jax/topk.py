@@ -176,11 +176,11 @@ def _weight_grads(indices: jax.Array, weights: jax.Array, rows: jax.Array, num_r
   With `matmul_dtype`: `_picked_weight_grads` of the picks made dense. Otherwise a scatter-add of
   the B*k weighted rows: on CPU `native.row_grads` or, without it, in target-row order
   (`_sorted_row_scatter`); on an accelerator CHUNK picks at a time."""
-  if matmul_dtype is None and native_kernels():
-    return native.row_grads(indices, weights, rows, num_rows, sum_table)
   if matmul_dtype is not None:
     picked = add_picks(jnp.zeros((indices.shape[0], num_rows), matmul_dtype), indices, weights)
     dense_m, dense_w = _picked_weight_grads(picked, rows)
+  elif native_kernels():
+    return native.row_grads(indices, weights, rows, num_rows, sum_table)
   else:
     dense_w = jnp.zeros((num_rows,), jnp.float32).at[indices].add(weights)
     dense_m = (_sorted_row_scatter(indices, weights, rows, num_rows) if not on_accelerator()
