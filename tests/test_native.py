@@ -15,7 +15,8 @@ from sae_jax import native
 from sae_jax import step as step_lib
 from sae_jax.model import SAEConfig
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler on this host")
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not native.available(),
+                                reason="the kernels are CPU-only; or no C++ compiler on this host")
 
 # Odd sizes exercise the kernels' remainder loops (4 rows per pass, SIMD lanes).
 B, K, N, D = 37, 7, 29, 19
