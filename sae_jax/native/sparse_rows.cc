@@ -1,12 +1,14 @@
-// Row gathers and scatters of the TopK SAE for XLA:CPU, as XLA FFI handlers (sae_jax/native.py
-// builds and registers them; sae_jax/topk.py calls them on CPU).
+// Row gathers, scatters and row reductions of the TopK SAE for XLA:CPU, as XLA FFI handlers
+// (sae_jax/native/__init__.py builds and registers them; sae_jax/topk.py calls them on CPU).
 //
 // XLA:CPU runs a gather or scatter as a scalar loop over its elements, and materialises the
 // gathered rows before a fused product. Here each row is one vectorised pass, the weight
 // gradients are accumulated per target row (a counting sort by latent, so every output row is
 // written once, without atomics or a zero fill), and the work is split over XLA's intra-op
-// thread pool. The results do not depend on the number of threads: every output element is
-// summed by one task, in pick order.
+// thread pool. Every output element is summed by one task, in pick order, so results repeat
+// exactly from run to run (resumed training stays bit-identical). The one exception to "one
+// task" is RowGrads' table_sum, added in per-task parts: its last bits can differ between hosts
+// with different thread counts.
 //
 // Shapes: picks are [B, K] (weights float32, indices int32 into the n rows of a table), rows
 // are [B, d] float32, tables [n, d] float32 or bfloat16. Picks whose index is outside [0, n)
