@@ -301,7 +301,7 @@ def sparse_encoder(k: int, k_aux: int, method: str = "exact", recall: float = 0.
         picked = jax.lax.cond(any_dead, lambda p: add_picks(p, aux_indices, g_aux), lambda p: p,
                               picked)
       dW_enc, db_enc = _picked_weight_grads(picked, xc)
-      enc_sum = None if x_perturbed else db_enc @ W_enc
+      enc_sum = None if sum_table is None else db_enc @ sum_table
     else:
       grads = _weight_grads(indices, g_pre, xc, num_latents, sum_table=sum_table)
       if with_aux:
