@@ -22,6 +22,8 @@ attention mask) whenever a forward pass starts with an empty KV cache, and a pre
 decoder block reads how many tokens the cache already holds, which is the absolute position of the
 call's first token. So a plain forward pass, the prefill of `generate` and its one-token decode
 steps are all handled, with left or right padding, without the caller telling the hook anything.
+The cache is found by its type, not its keyword (transformers 4.x passes `past_key_values`, 5.x
+`cache`), with `cache_position` as the fallback.
 
 The SAE runs in float32 whatever the model's dtype, and the result is cast back. Rows that are not
 edited are never touched, and leaving the context removes every hook, so the model is restored
@@ -36,6 +38,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from harvest import llava
 from harvest.hooks import HookError, find_decoder_layers
@@ -126,6 +129,17 @@ def edit_configs(latents: Sequence[int], mode: str, values: Sequence[float] | No
   raise SteeringError(f"--mode={mode} needs --values or --strengths")
 
 
+def cached_tokens(kwargs: dict, layer: int = 0) -> int:
+  """Tokens already in the KV cache of a forward call (its first token's absolute position)."""
+  for value in kwargs.values():
+    if isinstance(value, Cache):
+      return int(value.get_seq_length(layer))
+  position = kwargs.get("cache_position")
+  if position is not None and position.numel():
+    return int(position.reshape(-1)[0])
+  return 0
+
+
 class BlockEdit:
   """Context manager: `edit(hidden [B, L, d], offset)` may replace decoder block `layer`'s output.
 
@@ -156,8 +170,7 @@ class BlockEdit:
 
   def _before(self, module, args, kwargs):
     del module, args
-    cache = kwargs.get("past_key_values")
-    self._offset = cache.get_seq_length(self.layer) if cache is not None else 0
+    self._offset = cached_tokens(kwargs, self.layer)
 
   def _after(self, module, args, output):
     del module, args
@@ -213,8 +226,7 @@ class Steering:
 
   def _record_prompt(self, module, args, kwargs):
     del module
-    cache = kwargs.get("past_key_values")
-    if cache is not None and cache.get_seq_length() > 0:
+    if cached_tokens(kwargs) > 0:
       return  # a decode step of the prompt recorded at the prefill
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if input_ids is None:
