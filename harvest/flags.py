@@ -5,6 +5,7 @@ import dataclasses
 import torch
 from absl import flags
 
+from harvest.images import DEFAULT_MAX_PIXELS
 from harvest.run import HarvestConfig, HarvestError
 from harvest.tokens import TOKEN_MODES
 
@@ -47,6 +48,11 @@ MAX_IMAGES = flags.DEFINE_integer(
 ON_BAD_IMAGE = flags.DEFINE_enum(
     "on_bad_image", "skip", ["skip", "fail"],
     "skip: leave out an unreadable or missing image and list it in the manifest; fail: stop.")
+MAX_IMAGE_PIXELS = flags.DEFINE_integer(
+    "max_image_pixels", DEFAULT_MAX_PIXELS,
+    "Images with more pixels than this are bad images (skipped and listed, or --on_bad_image=fail "
+    "stops); sets PIL.Image.MAX_IMAGE_PIXELS, whose default this is, for the harvest.",
+    lower_bound=1)
 TORCH_THREADS = flags.DEFINE_integer(
     "torch_threads", 0, "torch intra-op threads (0: torch's default, one per core). On a CPU that "
     "other processes share, 1 avoids threads waiting on each other.", lower_bound=0)

@@ -14,30 +14,59 @@ Each reader is a sequence of inputs: `source(i)` names input i for the store's i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+# PIL's own default, read before anything changes it: the default of --max_image_pixels.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 class BadImage(Exception):
-  """An input image that cannot be read: missing, not an image, truncated."""
+  """An input image that cannot be read: missing, not an image, truncated, too many pixels."""
 
 
 class InputError(ValueError):
   """`--images` (or a file it names) cannot be used at all."""
 
 
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int):
+  """Sets PIL's decompression-bomb limit (a module global, so process-wide) and restores it."""
+  old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+  try:
+    yield
+  finally:
+    Image.MAX_IMAGE_PIXELS = old
+
+
+def _over_pixel_limit(detail: str) -> BadImage:
+  return BadImage(f"{detail}, over the pixel limit of {Image.MAX_IMAGE_PIXELS} "
+                  "(PIL.Image.MAX_IMAGE_PIXELS; the harvest's --max_image_pixels)")
+
+
 def decode_image(opener) -> Image.Image:
-  """RGB image from `opener()`, decoded now so that a truncated file fails here, not later."""
+  """RGB image from `opener()`, decoded now so that a truncated file fails here, not later.
+
+  An image over PIL's pixel limit is bad too: PIL itself only warns up to twice the limit and
+  raises an error of its own beyond, which would otherwise escape as an unnamed crash.
+  """
   try:
     image = opener()
+    width, height = image.size
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+      raise _over_pixel_limit(f"{width}x{height} = {width * height} pixels")
     image.load()
     return image.convert("RGB")
+  except Image.DecompressionBombError as e:  # "Image size (N pixels) exceeds limit of 2x..."
+    pixels = re.search(r"\d+ pixels", str(e))
+    raise _over_pixel_limit(pixels.group() if pixels else str(e)) from e
   except (OSError, ValueError, SyntaxError) as e:  # PIL raises these three for bad files
     raise BadImage(f"{type(e).__name__}: {e}") from e
 

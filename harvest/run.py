@@ -51,6 +51,7 @@ class HarvestConfig:
   shard_images: int = 128
   max_images: int = 0
   on_bad_image: str = "skip"
+  max_image_pixels: int = images.DEFAULT_MAX_PIXELS
   stop_after_last_layer: bool = True
 
   def validate(self) -> None:
@@ -63,6 +64,8 @@ class HarvestConfig:
                          f"--batch_size={self.batch_size}; shards must end on batch boundaries")
     if self.tokens not in tokens.TOKEN_MODES:
       raise HarvestError(f"--tokens={self.tokens} is not one of {sorted(tokens.TOKEN_MODES)}")
+    if self.max_image_pixels < 1:
+      raise HarvestError(f"--max_image_pixels={self.max_image_pixels} is not positive")
 
   def content_settings(self) -> dict:
     """The settings that decide what a store holds (device and threading do not)."""
@@ -166,6 +169,11 @@ def record(config: HarvestConfig, loaded: llava.LoadedModel, items: Iterable,
 def harvest(config: HarvestConfig, progress: bool = True) -> dict:
   """Runs (or resumes, or finds finished) a harvest; returns the summary printed by the CLI."""
   config.validate()
+  with images.pixel_limit(config.max_image_pixels):
+    return _harvest(config, progress)
+
+
+def _harvest(config: HarvestConfig, progress: bool) -> dict:
   began = time.perf_counter()
   inputs = images.open_inputs(config.images, config.image_column, config.split)
   stop = min(len(inputs), config.max_images) if config.max_images else len(inputs)
@@ -192,6 +200,11 @@ def harvest(config: HarvestConfig, progress: bool = True) -> dict:
     rows = record(config, loaded, pipeline.prefetch(
         encoded_batches(config, inputs, loaded, start, stop, first_image_id), PREFETCH_DEPTH),
         writers, bar)
+  if behind.images_done == 0:  # nothing to train on: fail, and leave the stores incomplete
+    bad = next((b for s in behind.shards for b in s.bad_images), None)
+    first = f"; input {bad['input']} ({bad['source']}): {bad['error']}" if bad else ""
+    raise HarvestError(f"none of the {stop} inputs of --images={config.images} could be read"
+                       f"{first}; the stores in --out={config.out} are left incomplete")
   for w in writers.values():
     if not w.complete:
       w.finish()

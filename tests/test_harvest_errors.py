@@ -2,12 +2,15 @@
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import transformers
+from PIL import Image
 
 from harvest import hooks, images, llava
 from harvest.run import HarvestConfig, HarvestError, harvest
@@ -43,6 +46,56 @@ def test_bad_images_are_skipped_and_listed(config, synthetic_images, tmp_path):
   assert bad[1]["source"].endswith("garbage.png") and "cannot identify" in bad[1]["error"]
   assert [r["id"] for r in store.images()] == [0, 1, 2, 3]  # ids count good images only
   assert sorted(set(store.meta()["image_id"])) == [0, 1, 2, 3]
+
+
+def test_all_bad_inputs_exit_nonzero_and_leave_the_store_incomplete(config, tmp_path):
+  folder = tmp_path / "unreadable"
+  folder.mkdir()
+  for name in ("a.png", "b.jpg", "c.png"):
+    (folder / name).write_bytes(b"not an image")
+  result = subprocess.run(
+      [sys.executable, "-m", "harvest", f"--model={config.model}", "--layers=1",
+       f"--images={folder}", f"--out={config.out}", "--batch_size=2", "--shard_images=2"],
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert not report["ok"]
+  assert re.fullmatch(r"none of the 3 inputs of --images=.*unreadable could be read; input 0 "
+                      r"\(.*a\.png\): UnidentifiedImageError: .*; the stores in --out=.* are "
+                      r"left incomplete", report["error"]), report["error"]
+  with pytest.raises(StoreError, match="is incomplete"):
+    Store(config.out + "/layer_1")
+  store = Store(config.out + "/layer_1", allow_incomplete=True, verify=True)
+  assert [Path(b["source"]).name for b in store.manifest["bad_images"]] == ["a.png", "b.jpg", "c.png"]
+  assert store.rows == 0
+
+
+def test_images_over_the_pixel_limit_are_skipped_and_named(config, tmp_path):
+  # 2,000 pixels allowed: PIL itself warns on b (3,000) and raises its own error on c (5,000).
+  sizes = {"a.png": (40, 30), "b.png": (60, 50), "c.png": (100, 50), "d.png": (30, 30)}
+  rng = np.random.default_rng(0)
+  (tmp_path / "all").mkdir(), (tmp_path / "good").mkdir()
+  for name, (w, h) in sizes.items():
+    image = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
+    for folder in ("all", "good") if name in ("a.png", "d.png") else ("all",):
+      image.save(tmp_path / folder / name)
+  limited = dataclasses.replace(config, images=str(tmp_path / "all"), max_image_pixels=2000,
+                                out=str(tmp_path / "limited"))
+  summary = harvest(limited, progress=False)
+  assert Image.MAX_IMAGE_PIXELS == images.DEFAULT_MAX_PIXELS  # restored after the harvest
+  assert summary["images"] == 2 and summary["bad_images"] == 2
+  store = Store(tmp_path / "limited" / "layer_1", verify=True)
+  bad = {Path(b["source"]).name: b["error"] for b in store.manifest["bad_images"]}
+  limit = r", over the pixel limit of 2000 \(PIL.Image.MAX_IMAGE_PIXELS; the harvest's --max_image_pixels\)"
+  assert re.fullmatch(r"60x50 = 3000 pixels" + limit, bad["b.png"]), bad
+  assert re.fullmatch(r"5000 pixels" + limit, bad["c.png"]), bad
+  # The good images are stored exactly as by a harvest of them alone.
+  harvest(dataclasses.replace(config, images=str(tmp_path / "good"), out=str(tmp_path / "ref")),
+          progress=False)
+  reference = Store(tmp_path / "ref" / "layer_1")
+  assert [Path(r["source"]).name for r in store.images()] == ["a.png", "d.png"]
+  np.testing.assert_array_equal(store.meta(), reference.meta())
+  np.testing.assert_array_equal(np.asarray(store.shard_acts(0)), np.asarray(reference.shard_acts(0)))
 
 
 def test_bad_image_fails_when_asked(config, synthetic_images, tmp_path):
