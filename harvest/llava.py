@@ -86,12 +86,14 @@ def prompt_text(processor, mode: str, prompt: str, with_image: bool = True) -> s
 
 def encode_batch(processor, images: list | None, texts: list[str],
                  padding_side: str = "right") -> dict:
-  """Processor outputs for a batch as tensors (right-padded; generation needs "left")."""
+  """Processor outputs for a batch as tensors (right-padded; generation needs "left"), without
+  token_type_ids, which some tokenizers return (transformers 4.x) and no LLaVA forward takes."""
   bos = processor.tokenizer.bos_token
   # Templates that write BOS themselves (Llama-3's) must not get a second one from the tokenizer.
   add_special_tokens = not (bos and texts[0].startswith(bos))
-  return dict(processor(images=images, text=texts, return_tensors="pt", padding=True,
-                        padding_side=padding_side, add_special_tokens=add_special_tokens))
+  encoded = processor(images=images, text=texts, return_tensors="pt", padding=True,
+                      padding_side=padding_side, add_special_tokens=add_special_tokens)
+  return {k: v for k, v in encoded.items() if k != "token_type_ids"}
 
 
 def to_model_inputs(loaded: LoadedModel, encoded: dict) -> dict:
