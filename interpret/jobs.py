@@ -4,8 +4,9 @@ OUT/explanations.jsonl gets one line per latent as soon as its answer arrives:
   {"latent", "status": ok|unable|parse_error|failed, "explanation", "raw", "model", "images",
    "attempts", "cached", "error"}
 A latent whose last line is ok, unable or parse_error is finished and never requested again; a
-failed one (retries exhausted, unreadable image) is tried again by the next run. A line cut short by
-kill -9 is dropped on reopening. OUT/cache/<sha256>.json holds each answer keyed by the explainer's
+failed one (retries exhausted, unreadable image) is tried again by the next run. A last line cut
+short by kill -9 is dropped on reopening, and its latent asked again; any other bad line stops the
+job with its line number. OUT/cache/<sha256>.json holds each answer keyed by the explainer's
 identity (model and sampling settings), the prompt text and the image bytes, so a rerun that lost
 its explanations.jsonl, or that selects overlapping latents, asks nothing twice.
 """
@@ -27,14 +28,15 @@ from tqdm import tqdm
 from harvest.images import BadImage
 from interpret import prompts, visual
 from interpret.explainers import ExplainerError, TransientError
-from sae_jax.store import atomic_write_json
+from sae_jax.store import atomic_write_bytes, atomic_write_json
 
 FINISHED = (prompts.OK, prompts.UNABLE, prompts.PARSE_ERROR)
+STATUSES = (*FINISHED, prompts.FAILED)
 MAX_BACKOFF_S = 60.0
 
 
 class ResultsError(ValueError):
-  """An explanations.jsonl with a line that is not an explanation record."""
+  """A JSONL file that cannot be read, or an explanations.jsonl line that is not a record."""
 
 
 class ResponseCache:
@@ -63,25 +65,73 @@ class ResponseCache:
     atomic_write_json(self.folder / f"{key}.json", {"raw": raw})
 
 
-def read_explanations(path: Path, repair: bool = False) -> dict[int, dict]:
-  """The last record of each latent in an explanations.jsonl.
+def _parse_line(line: bytes):
+  """The JSON value of one line; a ValueError says why there is none."""
+  try:
+    return json.loads(line.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
 
-  A final line without its newline is what a kill leaves behind: it is ignored, and with `repair`
-  cut off the file so that appending starts on a fresh line.
+
+def read_jsonl(path: Path, repair: bool = False) -> list[tuple[int, object]]:
+  """(line number, value) of each non-blank line of a UTF-8 JSONL file, the last one included
+  even without its newline. A bad line is a ResultsError naming the file and the line.
+
+  With `repair`, an unterminated last line that does not parse is taken for what a writer killed
+  mid-line leaves: it is cut off the file (the job redoes its record), and a complete last line
+  gets its newline, so that appending starts on a fresh line.
   """
-  data = path.read_bytes()
-  if data and not data.endswith(b"\n"):
-    data = data[:data.rfind(b"\n") + 1]
-    if repair:
-      path.write_bytes(data)
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    raise ResultsError(f"cannot read {path}: {e.strerror or e}") from e
+  lines = data.split(b"\n")  # the last item is b"" when the file ends with a newline
+  rows = []
+  for line_no, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append((line_no, _parse_line(line)))
+    except ValueError as e:
+      cut = line_no == len(lines)  # no newline after it
+      if not (repair and cut):
+        hint = "; no newline after it: cut short by a killed job? rerun it" if cut else ""
+        raise ResultsError(f"{path}:{line_no}: {e}{hint}") from None
+      lines.pop()
+  if repair and data and not data.endswith(b"\n"):
+    atomic_write_bytes(path, b"".join(line + b"\n" for line in lines))
+  return rows
+
+
+def _record_problem(record) -> str | None:
+  """Why `record` cannot be an explanation (or eval.refine label) record; None when it can."""
+  if not isinstance(record, dict):
+    return f"expected a JSON object, got {type(record).__name__}"
+  for key in ("latent", "status"):
+    if key not in record:
+      return f'missing key "{key}"'
+  if type(record["latent"]) is not int or record["latent"] < 0:
+    return f'"latent" must be an integer >= 0, got {record["latent"]!r}'
+  if record["status"] not in STATUSES:
+    return f"status {record['status']!r} is not one of {', '.join(STATUSES)}"
+  for key in ("explanation", "raw"):
+    if not isinstance(record.get(key), (str, type(None))):
+      return f'"{key}" must be a string or null, got {type(record[key]).__name__}'
+  if record["status"] == prompts.OK and not isinstance(record.get("explanation"), str):
+    return f'status "{prompts.OK}" needs an "explanation" string'
+  return None
+
+
+def read_explanations(path: Path, repair: bool = False) -> dict[int, dict]:
+  """The last record of each latent in an explanations.jsonl (see read_jsonl for `repair`)."""
   records = {}
-  for line_no, line in enumerate(data.decode().splitlines(), 1):
-    if line.strip():
-      try:
-        record = json.loads(line)
-        records[int(record["latent"])] = record
-      except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ResultsError(f"{path}:{line_no} is not an explanation record ({e})") from e
+  for line_no, record in read_jsonl(path, repair):
+    problem = _record_problem(record)
+    if problem:
+      raise ResultsError(f"{path}:{line_no}: {problem}")
+    records[record["latent"]] = record
   return records
 
 

@@ -116,6 +116,66 @@ def test_truncated_last_line_is_dropped(acts, tmp_path):
   assert [r["latent"] for r in read_records(out)][0] == 0 and len(read_records(out)) == 3
 
 
+GOOD = {"latent": 0, "status": "ok", "explanation": "x"}
+
+
+@pytest.mark.parametrize("line, why", [
+    (b'{"latent": 1, "explanation": "y"}', 'missing key "status"'),
+    (b'{"latent": 1.5, "status": "ok", "explanation": "y"}', '"latent" must be an integer'),
+    (b'{"latent": 1, "status": "ok", "explanation": 42}', '"explanation" must be a string'),
+    (b'{"latent": 1, "status": "ok"}', 'status "ok" needs an "explanation"'),
+    (b'{"latent": 1, "status": "done", "explanation": "y"}', 'status \'done\' is not one of'),
+    (b'["latent", 1]', "expected a JSON object"),
+    (b'{"latent": 1, "status": "ok", "explanation": "caf\xe9"}', "not UTF-8"),
+    (b'{"latent": 1, "status": "ok",', "not JSON"),
+])
+def test_reader_names_the_file_and_line_of_a_bad_record(tmp_path, line, why):
+  path = tmp_path / "explanations.jsonl"
+  good = json.dumps(GOOD).encode() + b"\n"
+  path.write_bytes(good + line + b"\n" + good)
+  for repair in (False, True):  # a complete line is never taken for a write cut short
+    with pytest.raises(jobs.ResultsError) as error:
+      jobs.read_explanations(path, repair=repair)
+    message = str(error.value)
+    assert message.startswith(f"{path}:2: ") and why in message and "\n" not in message
+
+
+def test_reader_keeps_a_complete_last_line_without_newline(tmp_path):
+  path = tmp_path / "explanations.jsonl"
+  path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "latent": 1}))
+  assert sorted(jobs.read_explanations(path)) == [0, 1]
+
+
+def test_reader_reports_a_last_line_cut_short(tmp_path):
+  path = tmp_path / "explanations.jsonl"
+  path.write_text(json.dumps(GOOD) + "\n" + '{"latent": 1, "sta')
+  with pytest.raises(jobs.ResultsError) as error:
+    jobs.read_explanations(path)  # a reader does not guess: the job may still be writing it
+  assert str(error.value).startswith(f"{path}:2: not JSON") and "killed job" in str(error.value)
+  assert sorted(jobs.read_explanations(path, repair=True)) == [0]
+  assert path.read_text() == json.dumps(GOOD) + "\n"  # cut off: the next append starts a line
+
+
+def test_resume_keeps_a_complete_last_line_without_newline(acts, tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "explanations.jsonl").write_text(json.dumps(GOOD))
+  with fakes.FakeOpenAIServer() as server:
+    summary = explain(acts, server, out, latents=[0, 1])
+  assert summary["already_finished"] == 1 and set(server.requests) == {1}
+  assert [r["latent"] for r in read_records(out)] == [0, 1]
+
+
+def test_resume_stops_at_a_malformed_complete_line(acts, tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "explanations.jsonl").write_text(json.dumps(GOOD) + '\n{"latent": 1}\n')
+  with fakes.FakeOpenAIServer() as server:
+    with pytest.raises(jobs.ResultsError, match=r"explanations.jsonl:2: missing key \"status\""):
+      explain(acts, server, out, latents=[0, 1])
+  assert not server.requests
+
+
 def test_grid_layout_sends_one_image(acts, tmp_path):
   settings = jobs.JobSettings(concurrency=2, num_images=3, image_size=32, grid=True)
   with fakes.FakeOpenAIServer() as server:
