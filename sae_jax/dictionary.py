@@ -11,6 +11,8 @@ Layouts (docs/formats.md has the details):
   ours:     DIR/<hookpoint>/sae_jax.json  provenance, input scale, training metrics (a sidecar the
             consumers' loaders never read, because the paper's loader rejects unknown cfg keys).
 
+One format per folder: `write` refuses a folder that holds the other layout.
+
 This module is shared by `sae_jax.export`, `sae_jax.train --init_from`, `sae_jax.scan` and the torch
 side (`interpret`), so it must stay free of jax and torch.
 """
@@ -24,9 +26,10 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from sae_jax.store import atomic_write_json
+from sae_jax.store import atomic_write_json, atomic_write_with
 
 SIDECAR = "sae_jax.json"
+WEIGHTS = {"sparsify": "sae.safetensors", "saelens": "sae_weights.safetensors"}
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -60,18 +63,23 @@ def write(out: str | Path, hookpoint: str, params: dict[str, np.ndarray], *, k: 
           layout: str, dtype: str = "float32", multi_topk: bool = False,
           sidecar: dict | None = None) -> Path:
   """Writes one dictionary in `layout` ("sparsify" | "saelens") to out/<hookpoint>/."""
+  if layout not in WEIGHTS:
+    raise DictionaryError(f"unknown layout {layout!r}; expected 'sparsify' or 'saelens'")
   n, d = _check_shapes(params)
   cast = {name: np.ascontiguousarray(np.asarray(v, np.float32).astype(DTYPES[dtype]))
           for name, v in params.items()}
   folder = Path(out) / hookpoint
+  found = layout_of(folder)
+  if found not in (None, layout):
+    raise DictionaryError(f"{folder} holds a {found} export ({WEIGHTS[found]}); refusing to write "
+                          f"a {layout} export into it: one format per folder, use another --out")
   folder.mkdir(parents=True, exist_ok=True)
   if layout == "sparsify":
     cfg = {"expansion_factor": n // d, "normalize_decoder": True, "num_latents": n, "k": k,
            "multi_topk": multi_topk, "d_in": d}
     tensors = {"encoder.weight": cast["W_enc"], "encoder.bias": cast["b_enc"],
                "W_dec": cast["W_dec"], "b_dec": cast["b_dec"]}
-    weights = "sae.safetensors"
-  elif layout == "saelens":
+  else:
     meta = (sidecar or {}).get("source", {})
     cfg = {"architecture": "topk", "d_in": d, "d_sae": n, "k": k, "dtype": dtype,
            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
@@ -81,14 +89,20 @@ def write(out: str | Path, hookpoint: str, params: dict[str, np.ndarray], *, k: 
                         "dataset_path": meta.get("store"), "context_size": None}}
     tensors = {"W_enc": np.ascontiguousarray(cast["W_enc"].T), "W_dec": cast["W_dec"],
                "b_enc": cast["b_enc"], "b_dec": cast["b_dec"]}
-    weights = "sae_weights.safetensors"
-  else:
-    raise DictionaryError(f"unknown layout {layout!r}; expected 'sparsify' or 'saelens'")
-  save_file(tensors, str(folder / weights))
+  atomic_write_with(folder / WEIGHTS[layout], lambda tmp: save_file(tensors, str(tmp)))
   atomic_write_json(folder / "cfg.json", cfg)
   if sidecar is not None:
     atomic_write_json(folder / SIDECAR, sidecar)
   return folder
+
+
+def layout_of(folder: Path) -> str | None:
+  """The layout whose weights file `folder` holds, or None when it holds neither."""
+  found = [layout for layout, name in WEIGHTS.items() if (folder / name).exists()]
+  if len(found) > 1:
+    raise DictionaryError(f"{folder} holds both sae.safetensors (sparsify) and "
+                          "sae_weights.safetensors (SAELens); keep one")
+  return found[0] if found else None
 
 
 def find_dictionary(path: str | Path) -> Path:

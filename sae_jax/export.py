@@ -6,7 +6,8 @@ r"""Exports a trained dictionary for PyTorch consumers.
 Writes EXPORT/<hookpoint>/ in the chosen layout (docs/formats.md), loadable unchanged by EleutherAI
 sparsify and the paper's code (`Sae.load_from_disk`) or by SAELens (`SAE.load_from_disk`), plus a
 sidecar `sae_jax.json` with provenance and metrics. Any input scaling used in training is folded
-into the weights, so the export acts on raw activations.
+into the weights, so the export acts on raw activations. One format per folder: writing one layout
+over the other is refused (a reader could not tell which weights are meant).
 """
 
 from __future__ import annotations
@@ -47,12 +48,15 @@ def main(argv):
             for name in dictionary.PARAM_NAMES}
   params = dictionary.fold_input_scale(params, run["input_scale"])
   hookpoint = _HOOKPOINT.value or run["source"]["hookpoint"]
-  folder = dictionary.write(
-      _OUT.value, hookpoint, params, k=run["sae"]["k"], layout=_FORMAT.value, dtype=_DTYPE.value,
-      multi_topk=run["sae"]["multi_topk"],
-      sidecar={"format": "sae_jax-export", "version": 1, "layout": _FORMAT.value, "step": step,
-               "workdir": str(workdir.absolute()), "input_scale_folded": run["input_scale"],
-               "sae": run["sae"], "source": run["source"], "metrics": last_metrics(workdir)})
+  try:
+    folder = dictionary.write(
+        _OUT.value, hookpoint, params, k=run["sae"]["k"], layout=_FORMAT.value,
+        dtype=_DTYPE.value, multi_topk=run["sae"]["multi_topk"],
+        sidecar={"format": "sae_jax-export", "version": 1, "layout": _FORMAT.value, "step": step,
+                 "workdir": str(workdir.absolute()), "input_scale_folded": run["input_scale"],
+                 "sae": run["sae"], "source": run["source"], "metrics": last_metrics(workdir)})
+  except dictionary.DictionaryError as e:  # e.g. --out already holds the other format
+    raise app.UsageError(str(e)) from e
   print(json.dumps({"export": str(folder), "layout": _FORMAT.value, "step": step,
                     "num_latents": int(params["W_enc"].shape[0]), "d_in": int(params["W_enc"].shape[1]),
                     "k": run["sae"]["k"], "dtype": _DTYPE.value}))

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -81,6 +81,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
   with open(tmp, "wb") as f:
     f.write(data)
     f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
+  """`write(tmp)` then a rename, as atomic_write_bytes, for writers that take a path.
+
+  The file keeps the mode a plain open() gives (0666 less the umask): some writers create files
+  0600 (safetensors' save_file does), which would hide an export from the other users of a group.
+  """
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.unlink(missing_ok=True)
+  with open(tmp, "wb"):  # created as open() creates any file, so its mode is the usual one
+    pass
+  mode = tmp.stat().st_mode & 0o777
+  write(tmp)
+  os.chmod(tmp, mode)
+  with open(tmp, "rb") as f:
     os.fsync(f.fileno())
   os.replace(tmp, path)
 
