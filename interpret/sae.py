@@ -3,7 +3,8 @@
     pre = ReLU(W_enc (x - b_dec) + b_enc),   z = TopK_k(pre),   x_hat = W_dec^T z + b_dec
 
 Loading goes through `sae_jax.dictionary.read`, the one reader of both export layouts (sparsify and
-SAELens), so the key mapping lives in one place. It returns float32 arrays; casting them to bfloat16
+SAELens) and of dictionaries those libraries trained, so the key mapping and the folding or refusal
+of their options live in one place. It returns float32 arrays; casting them to bfloat16
 or float16 afterwards is exact for exports written in those dtypes.
 """
 

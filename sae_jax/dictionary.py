@@ -11,7 +11,9 @@ Layouts (docs/formats.md has the details):
   ours:     DIR/<hookpoint>/sae_jax.json  provenance, input scale, training metrics (a sidecar the
             consumers' loaders never read, because the paper's loader rejects unknown cfg keys).
 
-One format per folder: `write` refuses a folder that holds the other layout.
+One format per folder: `write` refuses a folder that holds the other layout. `read` also takes
+dictionaries trained by those libraries; an option of theirs that changes the latents is folded in
+exactly (SAELens's rescale_acts_by_decoder_norm) or refused by name, never ignored.
 
 This module is shared by `sae_jax.export`, `sae_jax.train --init_from`, `sae_jax.scan` and the torch
 side (`interpret`), so it must stay free of jax and torch.
@@ -30,6 +32,8 @@ from sae_jax.store import atomic_write_json, atomic_write_with
 
 SIDECAR = "sae_jax.json"
 WEIGHTS = {"sparsify": "sae.safetensors", "saelens": "sae_weights.safetensors"}
+TENSORS = {"sparsify": {"encoder.weight", "encoder.bias", "W_dec", "b_dec"},
+           "saelens": {"W_enc", "W_dec", "b_enc", "b_dec"}}
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -119,35 +123,100 @@ def find_dictionary(path: str | Path) -> Path:
                         "name the hookpoint folder")
 
 
+# Options of the other libraries that change what the latents are and that fixed TopK weights
+# cannot express: refused rather than loaded wrong. Values are why, for the error.
+_SPARSIFY_REFUSED = {
+    "transcode": "a transcoder predicts a module's output from its input (and skips b_dec on the "
+                 "input), it does not reconstruct its input",
+    "skip_connection": "its reconstruction adds a dense W_skip x that a sparse code cannot carry",
+    "signed": "legacy signed TopK keeps the k largest |pre-activations| with their sign, no ReLU",
+}
+_SAELENS_NORMALIZATION = {
+    "expected_average_only_in": "the weights expect inputs scaled by a factor that cfg.json does "
+                                "not hold; fold it in SAELens (fold_activation_norm_scaling_factor)",
+    "covariance_whitening": "the weights expect whitened inputs; fold the whitening in SAELens "
+                            "(fold_activation_whitening)",
+    "constant_norm_rescale": "each input is scaled to norm sqrt(d_in) and its output scaled back, "
+                             "per token, which fixed weights cannot express",
+    "layer_norm": "each input is standardised and its output de-standardised, per token, which "
+                  "fixed weights cannot express",
+}
+
+
+def _check_sparsify_cfg(folder: Path, cfg: dict) -> None:
+  for option, why in _SPARSIFY_REFUSED.items():
+    if cfg.get(option):
+      raise DictionaryError(f"{folder}/cfg.json: {option}={cfg[option]!r} is not supported: {why}")
+  if cfg.get("activation", "topk") != "topk":
+    raise DictionaryError(f"{folder}/cfg.json: activation={cfg['activation']!r} is not supported: "
+                          "only 'topk' (groupmax takes the max of each of k groups of latents)")
+
+
+def _check_saelens_cfg(folder: Path, cfg: dict) -> None:
+  if cfg.get("architecture") != "topk":
+    raise DictionaryError(f"{folder}/cfg.json: architecture {cfg.get('architecture')!r} is not "
+                          "'topk'")
+  if not cfg.get("apply_b_dec_to_input", True):
+    raise DictionaryError(f"{folder}/cfg.json: apply_b_dec_to_input=false is not supported")
+  norm = cfg.get("normalize_activations", "none")
+  if norm not in ("none", None, False):  # SAELens < 6 wrote a bool: True = expected_average_only_in
+    why = _SAELENS_NORMALIZATION.get("expected_average_only_in" if norm is True else norm,
+                                     "an input normalisation this reader does not know")
+    raise DictionaryError(f"{folder}/cfg.json: normalize_activations={norm!r} is not supported: "
+                          f"{why}")
+
+
+def _load_tensors(file: Path, expected: set[str]) -> dict[str, np.ndarray]:
+  tensors = load_file(str(file))
+  if set(tensors) != expected:
+    raise DictionaryError(f"{file}: unexpected tensors {sorted(set(tensors) - expected)}, "
+                          f"missing {sorted(expected - set(tensors))}")
+  return tensors
+
+
+def fold_decoder_norms(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """SAELens's rescale_acts_by_decoder_norm as plain TopK weights with unit decoder rows.
+
+  SAELens multiplies pre-activation i by |W_dec_i| before TopK and divides z_i by it before
+  decoding. Scaling encoder row i and b_enc_i by |W_dec_i| and W_dec_i by its inverse gives the
+  same latents and reconstruction (SAELens's own fold_W_dec_norm, with its 1e-8 floor).
+  """
+  p = {name: v.astype(np.float64) for name, v in params.items()}
+  norms = np.maximum(np.linalg.norm(p["W_dec"], axis=1), 1e-8)
+  folded = {"W_enc": p["W_enc"] * norms[:, None], "b_enc": p["b_enc"] * norms,
+            "W_dec": p["W_dec"] / norms[:, None], "b_dec": p["b_dec"]}
+  return {name: v.astype(np.float32) for name, v in folded.items()}
+
+
 def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
   """Reads a sparsify- or SAELens-layout dictionary into our float32 latent-major parameters.
 
+  Options of those libraries that change the latents are folded in exactly or refused by name.
   Returns (params, info) where info has k, d_in, num_latents, layout, hookpoint, and the sidecar.
   """
   folder = find_dictionary(path)
   cfg = json.loads((folder / "cfg.json").read_text())
-  if (folder / "sae.safetensors").exists():
-    t = load_file(str(folder / "sae.safetensors"))
-    params = {"W_enc": t["encoder.weight"], "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
-              "b_dec": t["b_dec"]}
-    layout, k = "sparsify", cfg.get("k")
-  elif (folder / "sae_weights.safetensors").exists():
-    if cfg.get("architecture") != "topk":
-      raise DictionaryError(f"{folder}/cfg.json: architecture {cfg.get('architecture')!r} is not "
-                            "'topk'")
-    if not cfg.get("apply_b_dec_to_input", True):
-      raise DictionaryError(f"{folder}/cfg.json: apply_b_dec_to_input=false is not supported")
-    t = load_file(str(folder / "sae_weights.safetensors"))
-    params = {"W_enc": t["W_enc"].T, "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
-    layout, k = "saelens", cfg.get("k")
-  else:
+  layout = layout_of(folder)
+  if layout is None:
     raise DictionaryError(f"{folder} has cfg.json but neither sae.safetensors (sparsify) nor "
                           "sae_weights.safetensors (SAELens)")
+  if layout == "sparsify":
+    _check_sparsify_cfg(folder, cfg)
+    t = _load_tensors(folder / WEIGHTS[layout], TENSORS[layout])
+    params = {"W_enc": t["encoder.weight"], "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
+              "b_dec": t["b_dec"]}
+  else:
+    _check_saelens_cfg(folder, cfg)
+    t = _load_tensors(folder / WEIGHTS[layout], TENSORS[layout])
+    params = {"W_enc": t["W_enc"].T, "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+  k = cfg.get("k")
   if not isinstance(k, int) or k <= 0:
     raise DictionaryError(f"{folder}/cfg.json: k must be a positive integer, got {k!r}")
   params = {name: np.ascontiguousarray(np.asarray(v).astype(np.float32))
             for name, v in params.items()}
   n, d = _check_shapes(params)
+  if layout == "saelens" and cfg.get("rescale_acts_by_decoder_norm"):
+    params = fold_decoder_norms(params)
   sidecar_path = folder / SIDECAR
   sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else {}
   return params, {"k": k, "d_in": d, "num_latents": n, "layout": layout,

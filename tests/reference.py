@@ -13,3 +13,18 @@ def encode_numpy(params: dict[str, np.ndarray], x: np.ndarray, k: int):
 
 def decode_numpy(params: dict[str, np.ndarray], values: np.ndarray, indices: np.ndarray):
   return np.einsum("bk,bkd->bd", values, params["W_dec"].astype(np.float64)[indices]) + params["b_dec"]
+
+
+def saelens_rescaled_numpy(params: dict[str, np.ndarray], x: np.ndarray, k: int):
+  """SAELens's TopKSAE with rescale_acts_by_decoder_norm, in float64: (dense z [B,n], x_hat [B,d]).
+
+  As in sae_lens/saes/topk_sae.py: the pre-activations are scaled by the decoder row norms, then
+  TopK and ReLU; decoding divides z by the norms again.
+  """
+  p = {name: v.astype(np.float64) for name, v in params.items()}
+  norms = np.linalg.norm(p["W_dec"], axis=1)
+  pre = ((x - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]) * norms
+  idx = np.argsort(-pre, axis=1, kind="stable")[:, :k]
+  z = np.zeros_like(pre)
+  np.put_along_axis(z, idx, np.maximum(np.take_along_axis(pre, idx, 1), 0), 1)
+  return z, (z / norms) @ p["W_dec"] + p["b_dec"]

@@ -1,10 +1,13 @@
-"""Export folders: one format each, usual file permissions."""
+"""Export folders (one format each, usual file permissions) and foreign dictionaries read exactly or
+refused: what `sae_jax.dictionary` gives the torch side and `sae_jax.train --init_from`."""
 
 import json
 import os
 
 import numpy as np
 import pytest
+
+import reference
 
 from sae_jax import dictionary
 
@@ -58,3 +61,71 @@ def test_one_format_per_folder(tmp_path, first, second):
   assert sorted(p.name for p in folder.iterdir()) == before
   dictionary.write(tmp_path, "hp", random_params(1), k=K, layout=first)  # same format: overwritten
   np.testing.assert_array_equal(dictionary.read(folder)[0]["W_enc"], random_params(1)["W_enc"])
+
+
+def test_a_folder_with_both_layouts_is_refused(tmp_path):
+  folder = dictionary.write(tmp_path, "hp", random_params(), k=K, layout="sparsify")
+  other = dictionary.write(tmp_path / "other", "hp", random_params(), k=K, layout="saelens")
+  (folder / "sae_weights.safetensors").write_bytes((other / "sae_weights.safetensors").read_bytes())
+  with pytest.raises(dictionary.DictionaryError, match="both sae.safetensors .* and "
+                     "sae_weights.safetensors"):
+    dictionary.read(folder)
+
+
+@pytest.mark.parametrize("layout,changes,option", [
+    ("saelens", {"normalize_activations": "expected_average_only_in"}, "normalize_activations"),
+    ("saelens", {"normalize_activations": "constant_norm_rescale"}, "normalize_activations"),
+    ("saelens", {"normalize_activations": "layer_norm"}, "normalize_activations"),
+    ("saelens", {"normalize_activations": "covariance_whitening"}, "normalize_activations"),
+    ("saelens", {"normalize_activations": True}, "normalize_activations"),  # SAELens < 6
+    ("sparsify", {"transcode": True}, "transcode"),
+    ("sparsify", {"skip_connection": True}, "skip_connection"),
+    ("sparsify", {"signed": True}, "signed"),
+    ("sparsify", {"activation": "groupmax"}, "activation"),
+])
+def test_foreign_options_that_change_the_latents_are_refused(tmp_path, layout, changes, option):
+  folder = write_foreign(tmp_path, layout, **changes)
+  with pytest.raises(dictionary.DictionaryError) as e:
+    dictionary.read(folder)
+  message = str(e.value)
+  assert "\n" not in message and f"{folder}/cfg.json" in message
+  assert f"{option}={next(iter(changes.values()))!r}" in message
+
+
+@pytest.mark.parametrize("layout,changes", [
+    ("saelens", {"normalize_activations": "none", "rescale_acts_by_decoder_norm": False}),
+    ("saelens", {"normalize_activations": False}),  # SAELens < 6 wrote a bool
+    ("sparsify", {"transcode": False, "skip_connection": False, "signed": False,
+                  "activation": "topk"}),
+])
+def test_foreign_options_at_their_neutral_values_load(tmp_path, layout, changes):
+  params = random_params()
+  loaded, _ = dictionary.read(write_foreign(tmp_path, layout, params, **changes))
+  for name in dictionary.PARAM_NAMES:
+    np.testing.assert_array_equal(loaded[name], params[name])
+
+
+def test_unexpected_tensors_are_refused(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  folder = dictionary.write(tmp_path, "hp", random_params(), k=K, layout="sparsify")
+  tensors = load_file(str(folder / "sae.safetensors"))
+  save_file({**tensors, "W_skip": np.zeros((D, D), np.float32)}, str(folder / "sae.safetensors"))
+  with pytest.raises(dictionary.DictionaryError, match=r"sae.safetensors: unexpected tensors "
+                     r"\['W_skip'\]"):
+    dictionary.read(folder)
+
+
+def test_saelens_rescale_acts_by_decoder_norm_is_folded_exactly(tmp_path):
+  norms = np.random.default_rng(5).uniform(0.3, 3.0, N)
+  params = random_params(decoder_norms=norms)
+  folder = write_foreign(tmp_path, "saelens", params, rescale_acts_by_decoder_norm=True)
+  loaded, _ = dictionary.read(folder)
+  np.testing.assert_allclose(np.linalg.norm(loaded["W_dec"], axis=1), 1.0, rtol=1e-6)
+
+  x = np.random.default_rng(6).normal(size=(64, D))
+  z, x_hat = reference.saelens_rescaled_numpy(params, x, K)
+  values, indices = reference.encode_numpy(loaded, x, K)
+  np.testing.assert_array_equal(np.sort(indices, 1), np.sort(np.argsort(-z, 1)[:, :K], 1))
+  np.testing.assert_allclose(values, np.take_along_axis(z, indices, 1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(reference.decode_numpy(loaded, values, indices), x_hat, rtol=1e-5,
+                             atol=1e-5)

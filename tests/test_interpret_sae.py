@@ -1,4 +1,7 @@
-"""The torch SAE against the float64 numpy reference, for both export layouts and several dtypes."""
+"""The torch SAE against the float64 numpy reference, for both export layouts and several dtypes,
+and for a SAELens dictionary with rescale_acts_by_decoder_norm."""
+
+import json
 
 import ml_dtypes
 import numpy as np
@@ -60,3 +63,27 @@ def test_bfloat16_export_loads_bit_exact(tmp_path):
   overlap = np.mean([len(set(a) & set(b)) / K for a, b in zip(indices.numpy(), ref_indices)])
   assert overlap > 0.9
   assert sae(torch.from_numpy(x)).dtype == torch.bfloat16
+
+
+def test_saelens_rescale_acts_by_decoder_norm_matches_the_library_formula(tmp_path):
+  params = random_params()
+  params["W_dec"] *= np.random.default_rng(3).uniform(0.3, 3.0, N)[:, None].astype(np.float32)
+  folder = dictionary.write(tmp_path, "hp", params, k=K, layout="saelens")
+  cfg = json.loads((folder / "cfg.json").read_text())
+  (folder / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
+  sae = TopKSAE.from_export(folder, dtype=torch.float64)
+  x = np.random.default_rng(4).normal(size=(32, D))
+
+  z, x_hat = reference.saelens_rescaled_numpy(params, x, K)
+  values, indices = sae.encode(torch.from_numpy(x))
+  np.testing.assert_allclose(values.numpy(), np.take_along_axis(z, indices.numpy(), 1), rtol=1e-5)
+  np.testing.assert_allclose(np.sort(values.numpy(), 1), np.sort(z, 1)[:, -K:], rtol=1e-5)
+  np.testing.assert_allclose(sae(torch.from_numpy(x)).numpy(), x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_foreign_options_it_cannot_compute_are_refused_by_name(tmp_path):
+  folder = dictionary.write(tmp_path, "hp", random_params(), k=K, layout="saelens")
+  cfg = json.loads((folder / "cfg.json").read_text())
+  (folder / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "layer_norm"}))
+  with pytest.raises(dictionary.DictionaryError, match="normalize_activations='layer_norm'"):
+    TopKSAE.from_export(folder)
