@@ -34,6 +34,9 @@ SIDECAR = "sae_jax.json"
 WEIGHTS = {"sparsify": "sae.safetensors", "saelens": "sae_weights.safetensors"}
 TENSORS = {"sparsify": {"encoder.weight", "encoder.bias", "W_dec", "b_dec"},
            "saelens": {"W_enc", "W_dec", "b_enc", "b_dec"}}
+# SAELens >= 6 reads cfg.json's nested `metadata` only when it names a version >= 6.0.0; without
+# one it takes the file for a 5.x config and rebuilds `metadata` from top-level keys (losing it).
+SAELENS_CFG_VERSION = "6.0.0"
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -88,9 +91,10 @@ def write(out: str | Path, hookpoint: str, params: dict[str, np.ndarray], *, k: 
     cfg = {"architecture": "topk", "d_in": d, "d_sae": n, "k": k, "dtype": dtype,
            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
            "rescale_acts_by_decoder_norm": False, "reshape_activations": "none",
-           "metadata": {"model_name": meta.get("model"), "hook_name": hookpoint,
-                        "model_class_name": meta.get("model_class"), "prepend_bos": True,
-                        "dataset_path": meta.get("store"), "context_size": None}}
+           "metadata": {"sae_lens_version": SAELENS_CFG_VERSION, "model_name": meta.get("model"),
+                        "hook_name": hookpoint, "model_class_name": meta.get("model_class"),
+                        "prepend_bos": True, "dataset_path": meta.get("store"),
+                        "context_size": None}}
     tensors = {"W_enc": np.ascontiguousarray(cast["W_enc"].T), "W_dec": cast["W_dec"],
                "b_enc": cast["b_enc"], "b_dec": cast["b_dec"]}
   atomic_write_with(folder / WEIGHTS[layout], lambda tmp: save_file(tensors, str(tmp)))

@@ -1,0 +1,77 @@
+"""The real SAELens (the dev extra) loads our SAELens export with its metadata and computes our
+latents, and our reader folds SAELens's rescale_acts_by_decoder_norm as SAELens computes it."""
+
+import json
+
+import numpy as np
+import pytest
+
+import reference
+
+from sae_jax import dictionary
+
+sae_lens = pytest.importorskip("sae_lens")
+torch = pytest.importorskip("torch")
+
+N, D, K = 64, 16, 6
+HOOKPOINT = "model.language_model.layers.3"
+
+
+def random_params(seed=0, decoder_norms=None):
+  rng = np.random.default_rng(seed)
+  w_dec = rng.normal(size=(N, D))
+  w_dec *= (1.0 if decoder_norms is None else decoder_norms[:, None]) / np.linalg.norm(
+      w_dec, axis=1, keepdims=True)
+  return {"W_enc": rng.normal(size=(N, D)).astype(np.float32),
+          "b_enc": (rng.normal(size=N) * 0.1).astype(np.float32),
+          "W_dec": w_dec.astype(np.float32), "b_dec": rng.normal(size=D).astype(np.float32)}
+
+
+def dense(values, indices):
+  z = np.zeros((len(values), N))
+  np.put_along_axis(z, indices, values, 1)
+  return z
+
+
+def test_saelens_loads_our_export_with_its_metadata(tmp_path):
+  params = random_params()
+  source = {"model": "llava-hf/llava-1.5-7b-hf", "store": "/data/store", "hookpoint": HOOKPOINT}
+  folder = dictionary.write(tmp_path, HOOKPOINT, params, k=K, layout="saelens",
+                            sidecar={"source": source})
+  sae = sae_lens.SAE.load_from_disk(folder)
+
+  assert type(sae).__name__ == "TopKSAE" and sae.cfg.k == K
+  assert sae.cfg.metadata.hook_name == HOOKPOINT
+  assert sae.cfg.metadata.model_name == source["model"]
+  assert sae.cfg.metadata.dataset_path == source["store"]
+  np.testing.assert_array_equal(sae.W_enc.detach().numpy(), params["W_enc"].T)
+  np.testing.assert_array_equal(sae.W_dec.detach().numpy(), params["W_dec"])
+  np.testing.assert_array_equal(sae.b_enc.detach().numpy(), params["b_enc"])
+  np.testing.assert_array_equal(sae.b_dec.detach().numpy(), params["b_dec"])
+
+  x = np.random.default_rng(1).normal(size=(40, D))
+  values, indices = reference.encode_numpy(params, x, K)
+  with torch.no_grad():
+    z = sae.encode(torch.from_numpy(x).float()).double().numpy()
+    x_hat = sae(torch.from_numpy(x).float()).double().numpy()
+  np.testing.assert_allclose(z, dense(values, indices), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(x_hat, reference.decode_numpy(params, values, indices), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_rescale_acts_by_decoder_norm_reads_as_saelens_computes_it(tmp_path):
+  params = random_params(decoder_norms=np.random.default_rng(2).uniform(0.3, 3.0, N))
+  folder = dictionary.write(tmp_path, HOOKPOINT, params, k=K, layout="saelens")
+  cfg = json.loads((folder / "cfg.json").read_text())
+  (folder / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
+  sae = sae_lens.SAE.load_from_disk(folder, dtype="float64")
+  ours, _ = dictionary.read(folder)
+
+  x = np.random.default_rng(3).normal(size=(40, D))
+  values, indices = reference.encode_numpy(ours, x, K)
+  with torch.no_grad():
+    z = sae.encode(torch.from_numpy(x)).numpy()
+    x_hat = sae(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(dense(values, indices), z, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(reference.decode_numpy(ours, values, indices), x_hat, rtol=1e-5,
+                             atol=1e-5)
