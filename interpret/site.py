@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 
 import numpy as np
 
@@ -19,10 +20,12 @@ th, td { padding: 0.3em 0.6em; border-bottom: 1px solid #ddd; text-align: left; 
 th { background: #f4f4f4; }
 .explanation { font-size: 1.3em; margin: 0.5em 0; }
 .status-ok { color: #176317; } .status-unable, .status-parse_error, .status-failed { color: #a33; }
-.images td { text-align: center; font-size: 0.85em; }
-.images img { display: block; margin: 2px auto; }
+.images { display: flex; flex-wrap: wrap; gap: 0.8em; }
+.images figure { margin: 0; max-width: 224px; text-align: center; font-size: 0.85em; }
+.images img { display: block; max-width: 100%; height: auto; margin: 2px auto; }
 pre { white-space: pre-wrap; background: #f7f7f7; padding: 0.5em; max-width: 60em; }
 input, select { font-size: 1em; padding: 0.2em; margin-right: 1em; }
+svg { max-width: 100%; height: auto; }
 .bar { fill: #7b2cbf; } .bar:hover { fill: #f0a500; }
 """
 
@@ -37,11 +40,14 @@ const LIMIT = 2000;
 const params = new URLSearchParams(window.location.search);
 search.value = params.get("q") || "";
 if (params.has("sort")) sortBy.value = params.get("sort");
+// A number is null where it was NaN or infinite (shown "n/a"), undefined where there is none.
 function value(entry, key) {
   if (key === "latent") return -entry.latent;
-  if (key === "density") return entry.density;
-  const score = entry.scores[key];
-  return score === undefined ? -Infinity : score;
+  const number = key === "density" ? entry.density : entry.scores[key];
+  return number == null ? -Infinity : number;
+}
+function formatted(number, format) {
+  return number === undefined ? "" : number === null ? "n/a" : format(number);
 }
 function cell(row, text) { const td = row.insertCell(); td.textContent = text; return td; }
 function render() {
@@ -58,11 +64,8 @@ function render() {
     row.insertCell().appendChild(link);
     cell(row, entry.explanation || "").className = "explanation-cell";
     cell(row, entry.status).className = "status-" + entry.status;
-    cell(row, entry.density.toPrecision(3));
-    for (const name of scoreNames) {
-      const score = entry.scores[name];
-      cell(row, score === undefined ? "" : score.toFixed(3));
-    }
+    cell(row, formatted(entry.density, x => x.toPrecision(3)));
+    for (const name of scoreNames) cell(row, formatted(entry.scores[name], x => x.toFixed(3)));
   }
   count.textContent = shown.length + " of " + data.length + " latents" +
       (shown.length > LIMIT ? " (first " + LIMIT + " shown)" : "");
@@ -74,18 +77,35 @@ render();
 
 
 def _json_for_script(obj) -> str:
-  """JSON that cannot end its <script> element early (no literal <, > or &)."""
-  return (json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+  """JSON that cannot end its <script> element early (no literal <, > or &). NaN is no JSON: the
+  page's JSON.parse would fail and leave it blank, so it is refused here."""
+  text = json.dumps(obj, allow_nan=False)
+  return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _finite(value) -> float | None:
+  """`value` as a float, None for NaN and infinities (scores of degenerate latents)."""
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+def _number(value, spec: str) -> str:
+  finite = _finite(value)
+  return "n/a" if finite is None else format(finite, spec)
 
 
 def _page(title: str, body: str, css: str) -> str:
   return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+          f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
           f"<title>{html.escape(title)}</title><link rel=\"stylesheet\" href=\"{css}\"></head>"
           f"<body>\n{body}\n</body></html>\n")
 
 
 def index_page(entries: list[dict], score_names: list[str], title: str) -> str:
   """`entries`: {latent, explanation, status, density, scores: {name: value}} per latent."""
+  data = [{**entry, "density": _finite(entry["density"]),
+           "scores": {name: _finite(v) for name, v in entry["scores"].items()}}
+          for entry in entries]
   options = "".join(f"<option value=\"{html.escape(k)}\">{html.escape(label)}</option>"
                     for k, label in [("latent", "latent"), ("density", "density (high first)")]
                     + [(n, f"{n} (high first)") for n in score_names])
@@ -96,27 +116,37 @@ def index_page(entries: list[dict], score_names: list[str], title: str) -> str:
 sort by <select id="sort">{options}</select> <span id="count"></span></p>
 <table><thead><tr>{heads}</tr></thead><tbody id="rows"></tbody></table>
 <noscript>The index needs JavaScript; the pages in latents/ do not.</noscript>
-<script type="application/json" id="latent-data">{_json_for_script(entries)}</script>
+<script type="application/json" id="latent-data">{_json_for_script(data)}</script>
 <script>const scoreNames = {_json_for_script(score_names)};{INDEX_SCRIPT}</script>"""
   return _page(title, body, "style.css")
 
 
 def histogram_svg(counts: np.ndarray, edges: np.ndarray, width: int = 480, height: int = 140) -> str:
-  """Bars of the activation histogram; each bar's tooltip gives its range and count."""
+  """Bars of the activation histogram; each bar's tooltip gives its range and count.
+
+  The axis spans the bins from the first to the last non-empty one: the scan's edges cover six
+  decades, and a latent's activations a few bins of them.
+  """
   counts = np.asarray(counts, np.float64)
-  top = max(counts.max(initial=0.0), 1.0)
-  bar = width / max(len(counts), 1)
+  filled = np.flatnonzero(counts > 0)
+  if not filled.size:
+    return "<p>No activation recorded.</p>"
+  first, end, top = filled[0], filled[-1] + 1, counts.max()
+  step, base = width / (end - first), height - 20  # bar pitch; y of the axis line
   bars = []
-  for i, c in enumerate(counts):
-    h = (height - 20) * c / top
-    bars.append(f"<rect class=\"bar\" x=\"{i * bar:.2f}\" y=\"{height - 20 - h:.2f}\" "
-                f"width=\"{max(bar - 1, 1):.2f}\" height=\"{h:.2f}\"><title>[{edges[i]:.4g}, "
-                f"{edges[i + 1]:.4g}): {int(c)}</title></rect>")
+  for i in range(first, end):
+    h = (base - 14) * counts[i] / top  # 14 px left above for the label of `top`
+    bars.append(f"<rect class=\"bar\" x=\"{(i - first) * step:.2f}\" y=\"{base - h:.2f}\" "
+                f"width=\"{step * 0.85:.2f}\" height=\"{h:.2f}\"><title>[{edges[i]:.4g}, "
+                f"{edges[i + 1]:.4g}): {int(counts[i])}</title></rect>")
   return (f"<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" "
-          f"role=\"img\" aria-label=\"activation histogram\">{''.join(bars)}"
-          f"<text x=\"0\" y=\"{height - 4}\" font-size=\"11\">{edges[0]:.4g}</text>"
+          f"viewBox=\"0 0 {width} {height}\" role=\"img\" aria-label=\"activation histogram\">"
+          f"{''.join(bars)}"
+          f"<text x=\"0\" y=\"10\" font-size=\"11\">{int(top)}</text>"
+          f"<line x1=\"0\" y1=\"{base}\" x2=\"{width}\" y2=\"{base}\" stroke=\"#888\"/>"
+          f"<text x=\"0\" y=\"{height - 4}\" font-size=\"11\">{edges[first]:.4g}</text>"
           f"<text x=\"{width}\" y=\"{height - 4}\" font-size=\"11\" text-anchor=\"end\">"
-          f"{edges[-1]:.4g}</text></svg>")
+          f"{edges[end]:.4g}</text></svg>")
 
 
 def latent_page(latent, record: dict | None, scores: dict, images: list[dict], edges: np.ndarray,
@@ -132,9 +162,9 @@ def latent_page(latent, record: dict | None, scores: dict, images: list[dict], e
                    + [f"<a href=\"{n}.html\">{label} ({n})</a>"
                       for n, label in zip(neighbours, ("previous", "next")) if n is not None])
   stats = [("status", f"<span class=\"status-{e(status)}\">{e(status)}</span>"),
-           ("density", f"{latent.density:.6g}"),
+           ("density", _number(latent.density, ".6g")),
            ("explainer", e(str((record or {}).get("model", "")))),
-           *[(e(name), f"{value:.4f}") for name, value in sorted(scores.items())]]
+           *[(e(name), _number(value, ".4f")) for name, value in sorted(scores.items())]]
   stat_rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in stats)
   cells = []
   for image in images:
@@ -143,8 +173,9 @@ def latent_page(latent, record: dict | None, scores: dict, images: list[dict], e
                          for kind in ("original", "mask", "heatmap"))
     else:
       pictures = f"<p class=\"status-failed\">{e(image['error'])}</p>"
-    cells.append(f"<td>{pictures}image {image['id']}, score {image['score']:.4g}<br>"
-                 f"<small>{e(str(image['source']))}</small></td>")
+    cells.append(f"<figure>{pictures}<figcaption>image {image['id']}, score "
+                 f"{_number(image['score'], '.4g')}<br><small>{e(str(image['source']))}</small>"
+                 "</figcaption></figure>")
   raw = (record or {}).get("raw")
   body = f"""<p>{nav}</p>
 <h1>Latent {latent.index}</h1>
@@ -155,6 +186,6 @@ def latent_page(latent, record: dict | None, scores: dict, images: list[dict], e
 <h2>Top images</h2>
 <p>Each column: the image, the paper's visual prompt (inactive regions darkened), and a heatmap
 scaled by this latent's largest patch activation over these images.</p>
-<table class="images"><tr>{''.join(cells)}</tr></table>
+<div class="images">{''.join(cells)}</div>
 {f"<h2>Explainer's answer</h2><pre>{e(raw)}</pre>" if raw else ""}"""
   return _page(f"{title}: latent {latent.index}", body, "../style.css")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,10 @@ from urllib.parse import quote
 
 import pytest
 
+import numpy as np
+
 import fakes
+from interpret import site as site_lib
 
 XSS = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
 
@@ -24,11 +28,11 @@ def chromium_binary():
   return found
 
 
-def dump_dom(url: str, profile: Path) -> str:
+def dump_dom(url: str, profile: Path, *options: str) -> str:
   result = subprocess.run(
       [chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu",
        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-       "--no-first-run", f"--user-data-dir={profile}", "--dump-dom", url],
+       "--no-first-run", f"--user-data-dir={profile}", *options, "--dump-dom", url],
       capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   return result.stdout
@@ -48,7 +52,8 @@ def site(tmp_path_factory):
              {"latent": 4, "status": "ok", "explanation": "red things", "raw": "y", "model": "m"}]
   explanations.write_text("".join(json.dumps(r) + "\n" for r in records))
   scores = root / "scores.json"
-  scores.write_text(json.dumps({"0": {"clip": 20.5, "auroc": 0.5}, "1": {"clip": 30.25}, "4": 12}))
+  scores.write_text(json.dumps({"0": {"clip": 20.5, "auroc": 0.5}, "1": {"clip": 30.25}, "4": 12,
+                                "3": {"clip": float("nan"), "auroc": float("inf")}}))
   out = root / "site"
   result = subprocess.run(
       [sys.executable, "-m", "interpret.dashboard", f"--topacts={acts}",
@@ -102,10 +107,73 @@ def test_index_renders_searches_and_sorts_in_chromium(site):
   assert "4 of 4 latents" in dom  # the script ran and built the rows
   rows = table_rows(dom)
   assert [latent_of(row) for row in rows] == ["0", "1", "3", "4"]
+  assert rows[2].count("<td>n/a</td>") == 2  # latent 3's NaN clip and infinite auroc
   assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in rows[0]
   assert "striped fabric" in rows[1] and "30.250" in rows[1]
   dom = dump_dom((out / "index.html").as_uri() + "?q=" + quote("STRIPED"), root / "profile3")
   rows = table_rows(dom)
   assert "1 of 4 latents" in dom and len(rows) == 1 and "striped fabric" in rows[0]
   dom = dump_dom((out / "index.html").as_uri() + "?sort=clip", root / "profile4")
-  assert [latent_of(row) for row in table_rows(dom)] == ["1", "0", "3", "4"]  # unscored last
+  assert [latent_of(row) for row in table_rows(dom)] == ["1", "0", "3", "4"]  # n/a, unscored last
+
+
+def test_non_finite_scores_read_n_a_on_the_latent_page(site):
+  page = (site[0] / "latents" / "3.html").read_text()
+  assert "<th>auroc</th><td>n/a</td>" in page and "<th>clip</th><td>n/a</td>" in page
+
+
+LAYOUT_PROBE = """<script>addEventListener("load", () => {
+  const figures = document.querySelectorAll(".images figure");
+  const boxes = [...figures].map(f => f.getBoundingClientRect());
+  document.title = JSON.stringify({width: document.documentElement.clientWidth,
+                                   boxes: boxes.map(b => [b.top, b.right])});
+});</script>"""
+
+
+def figure_layout(site, width: int, profile: str) -> dict:
+  """Where latent 1's three top images land in a `width` px wide window."""
+  out, _, root = site
+  probe = out / "latents" / "layout_probe.html"
+  page = (out / "latents" / "1.html").read_text()
+  probe.write_text(page.replace("</body>", LAYOUT_PROBE + "</body>"))
+  dom = dump_dom(probe.as_uri(), root / profile, f"--window-size={width},800")
+  return json.loads(re.search(r"<title>(.*)</title>", dom)[1])
+
+
+def test_top_images_wrap_on_a_narrow_screen(site):
+  wide = figure_layout(site, 1200, "profile5")
+  assert len(wide["boxes"]) == 3 and len({top for top, _ in wide["boxes"]}) == 1  # one row
+  narrow = figure_layout(site, 420, "profile6")
+  assert len({top for top, _ in narrow["boxes"]}) == 3  # one image per row
+  assert all(right <= narrow["width"] for _, right in narrow["boxes"])
+
+
+def test_histogram_axis_spans_the_bins_with_data():
+  edges = np.logspace(-3, 3, 49)  # sae_jax.scan's default: six decades
+  counts = np.zeros(48, np.int64)
+  counts[[20, 21, 23]] = [5, 40, 2]  # activations around 1: four bins of the 48
+  svg = site_lib.histogram_svg(counts, edges, width=480)
+  bars = [(float(x), float(w)) for x, w in re.findall(r'<rect class="bar" x="([\d.]+)" y="[\d.]+" '
+                                                      r'width="([\d.]+)"', svg)]
+  assert [x for x, _ in bars] == [0, 120, 240, 360]  # the four bins fill the axis
+  assert all(0 < w and x + w <= 480 for x, w in bars)
+  labels = re.findall(r'font-size="11"(?: text-anchor="end")?>([^<]+)</text>', svg)
+  assert labels == ["40", f"{edges[20]:.4g}", f"{edges[24]:.4g}"]  # top count, axis ends
+  ranges = [tuple(map(float, r)) for r in re.findall(r"<title>\[([^,]+), ([^)]+)\)", svg)]
+  assert all(float(labels[1]) <= lo < hi <= float(labels[2]) for lo, hi in ranges)
+  assert "<svg" not in site_lib.histogram_svg(np.zeros(48), edges)  # a latent that never fired
+
+
+def test_bad_explanations_line_is_a_one_line_error(tmp_path):
+  acts = fakes.write_topacts(tmp_path / "topacts")
+  explanations = tmp_path / "explanations.jsonl"
+  explanations.write_bytes(b'{"latent": 0, "status": "ok", "explanation": "x"}\n'
+                           b'{"latent": 1, "status": "ok", "explanation": "caf\xe9"}\n')
+  result = subprocess.run(
+      [sys.executable, "-m", "interpret.dashboard", f"--topacts={acts}",
+       f"--explanations={explanations}", f"--out={tmp_path / 'site'}"],
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  error = json.loads(result.stdout.strip())["error"]
+  assert error.startswith(f"{explanations}:2: not UTF-8") and "\n" not in error
+
