@@ -47,22 +47,27 @@ class ScoresError(ValueError):
   """A --scores file that is not one of the accepted layouts."""
 
 
+def _numbers(obj: dict) -> dict[str, float]:
+  """The entries of `obj` that are numbers (true and false are no scores)."""
+  return {k: float(v) for k, v in obj.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def load_scores(path: str) -> dict[int, dict[str, float]]:
-  text = Path(path).read_text()
+  layout = 'expected {"<latent>": {name: number}} or JSONL of {"latent": i, name: number}'
+  if path.endswith(".jsonl"):
+    scores = {}
+    for line_no, row in jobs.read_jsonl(Path(path)):
+      if not isinstance(row, dict) or type(row.get("latent")) is not int:
+        raise ScoresError(f"--scores={path}:{line_no}: {layout}")
+      scores[row["latent"]] = _numbers({k: v for k, v in row.items() if k != "latent"})
+    return scores
   try:
-    if path.endswith(".jsonl"):
-      rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-      return {int(r.pop("latent")): {k: float(v) for k, v in r.items()
-                                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
-              for r in rows}
-    obj = json.loads(text)
-    return {int(k): ({"score": float(v)} if isinstance(v, (int, float)) else
-                     {n: float(x) for n, x in v.items()
-                      if isinstance(x, (int, float)) and not isinstance(x, bool)})
+    obj = json.loads(Path(path).read_bytes())
+    return {int(k): {"score": float(v)} if isinstance(v, (int, float)) else _numbers(v)
             for k, v in obj.items()}
-  except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-    raise ScoresError(f"--scores={path}: expected {{\"<latent>\": {{name: number}}}} or JSONL of "
-                      f"{{\"latent\": i, name: number}} ({type(e).__name__}: {e})") from e
+  except (TypeError, ValueError, AttributeError) as e:  # ValueError: not UTF-8, not JSON, ...
+    raise ScoresError(f"--scores={path}: {layout} ({type(e).__name__}: {e})") from e
 
 
 def _render_latent(index, acts, table, record, scores, neighbours, out: Path, settings) -> None:

@@ -14,7 +14,9 @@ import pytest
 import numpy as np
 
 import fakes
+from interpret import jobs
 from interpret import site as site_lib
+from interpret.dashboard import ScoresError, load_scores
 
 XSS = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
 
@@ -177,3 +179,19 @@ def test_bad_explanations_line_is_a_one_line_error(tmp_path):
   error = json.loads(result.stdout.strip())["error"]
   assert error.startswith(f"{explanations}:2: not UTF-8") and "\n" not in error
 
+
+def test_scores_files_read_with_their_faults_named(tmp_path):
+  jsonl = tmp_path / "per_latent.jsonl"
+  jsonl.write_text('{"latent": 2, "clip": NaN, "label": "x"}\n{"latent": 5, "clip": 1.5}')
+  scores = load_scores(str(jsonl))  # the last line is read without its newline; NaN is kept
+  assert list(scores) == [2, 5] and scores[5] == {"clip": 1.5} and np.isnan(scores[2]["clip"])
+  jsonl.write_text('{"latent": 2, "clip": 1}\n{"latent": "two", "clip": 1}\n')
+  with pytest.raises(ScoresError, match=rf"{jsonl}:2: expected"):
+    load_scores(str(jsonl))
+  jsonl.write_bytes(b'{"latent": 2, "clip": 1}\n{"latent": 3, "note": "\xff"}\n')
+  with pytest.raises(jobs.ResultsError, match=rf"{jsonl}:2: not UTF-8"):
+    load_scores(str(jsonl))
+  plain = tmp_path / "scores.json"
+  plain.write_bytes(b'{"1": {"clip": 2, "note": "\xff"}}')
+  with pytest.raises(ScoresError, match="UnicodeDecodeError"):
+    load_scores(str(plain))
