@@ -136,8 +136,9 @@ _SPARSIFY_REFUSED = {
     "signed": "legacy signed TopK keeps the k largest |pre-activations| with their sign, no ReLU",
 }
 _SAELENS_NORMALIZATION = {
-    "expected_average_only_in": "the weights expect inputs scaled by a factor that cfg.json does "
-                                "not hold; fold it in SAELens (fold_activation_norm_scaling_factor)",
+    "expected_average_only_in": "the weights expect inputs scaled by a factor that cfg.json "
+                                "does not hold; fold it in SAELens "
+                                "(fold_activation_norm_scaling_factor)",
     "covariance_whitening": "the weights expect whitened inputs; fold the whitening in SAELens "
                             "(fold_activation_whitening)",
     "constant_norm_rescale": "each input is scaled to norm sqrt(d_in) and its output scaled back, "

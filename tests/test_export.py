@@ -27,7 +27,7 @@ def random_params(seed=0, decoder_norms=None):
 
 
 def write_foreign(tmp_path, layout, params=None, **cfg_changes):
-  """A dictionary in `layout` whose cfg.json has the given keys changed, as another tool wrote it."""
+  """A dictionary in `layout` whose cfg.json has the given keys changed, as another tool would."""
   folder = dictionary.write(tmp_path, "hp", params or random_params(), k=K, layout=layout)
   cfg = json.loads((folder / "cfg.json").read_text())
   (folder / "cfg.json").write_text(json.dumps({**cfg, **cfg_changes}))
@@ -57,7 +57,8 @@ def test_one_format_per_folder(tmp_path, first, second):
   before = sorted(p.name for p in folder.iterdir())
   with pytest.raises(dictionary.DictionaryError) as e:
     dictionary.write(tmp_path, "hp", random_params(1), k=K, layout=second)
-  assert "\n" not in str(e.value) and str(folder) in str(e.value) and f"{first} export" in str(e.value)
+  message = str(e.value)
+  assert "\n" not in message and str(folder) in message and f"{first} export" in message
   assert sorted(p.name for p in folder.iterdir()) == before
   dictionary.write(tmp_path, "hp", random_params(1), k=K, layout=first)  # same format: overwritten
   np.testing.assert_array_equal(dictionary.read(folder)[0]["W_enc"], random_params(1)["W_enc"])
