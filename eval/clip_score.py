@@ -97,9 +97,6 @@ class InputError(ValueError):
 
 
 def read_explanations(path: Path, acts: topacts_lib.TopActs) -> dict[int, dict]:
-  path = path / "explanations.jsonl" if path.is_dir() else path
-  if not path.is_file():
-    raise InputError(f"--explanations={path}: no such file")
   records = jobs.read_explanations(path)
   outside = sorted(i for i in records if not 0 <= i < len(acts))
   if outside:

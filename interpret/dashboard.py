@@ -29,7 +29,8 @@ from sae_jax.store import StoreError, atomic_write_bytes
 
 _TOPACTS = flags.DEFINE_string("topacts", None, "TOPACTS folder (sae_jax.scan output).", required=True)
 _EXPLANATIONS = flags.DEFINE_string("explanations", None, "explanations.jsonl of interpret.explain "
-                                    "(default: none; pages show images and statistics only).")
+                                    "(or its folder; default: none, pages show images and "
+                                    "statistics only).")
 _SCORES = flags.DEFINE_string("scores", None, "Optional per-latent scores (JSON or JSONL).")
 _OUT = flags.DEFINE_string("out", None, "Folder to write the site to.", required=True)
 _STORE = flags.DEFINE_string("store", None, "Activation store whose image table names the images "

@@ -125,7 +125,9 @@ def _record_problem(record) -> str | None:
 
 
 def read_explanations(path: Path, repair: bool = False) -> dict[int, dict]:
-  """The last record of each latent in an explanations.jsonl (see read_jsonl for `repair`)."""
+  """The last record of each latent in an explanations.jsonl, or in the one of an
+  interpret.explain --out folder (see read_jsonl for `repair`)."""
+  path = path / "explanations.jsonl" if path.is_dir() else path
   records = {}
   for line_no, record in read_jsonl(path, repair):
     problem = _record_problem(record)

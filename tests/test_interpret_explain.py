@@ -156,6 +156,13 @@ def test_reader_reports_a_last_line_cut_short(tmp_path):
   assert path.read_text() == json.dumps(GOOD) + "\n"  # cut off: the next append starts a line
 
 
+def test_reader_takes_the_jobs_folder_and_names_a_missing_file(tmp_path):
+  (tmp_path / "explanations.jsonl").write_text(json.dumps(GOOD) + "\n")
+  assert list(jobs.read_explanations(tmp_path)) == [0]  # the --out folder of interpret.explain
+  with pytest.raises(jobs.ResultsError, match="cannot read .*gone.jsonl: No such file"):
+    jobs.read_explanations(tmp_path / "gone.jsonl")
+
+
 def test_resume_keeps_a_complete_last_line_without_newline(acts, tmp_path):
   out = tmp_path / "out"
   out.mkdir()
