@@ -1,4 +1,4 @@
-"""Fakes for the interpret tests: a TOPACTS folder written with numpy, and a scripted OpenAI server.
+"""Fakes for the interpret tests: a TOPACTS folder of chosen arrays, and a scripted OpenAI server.
 
 Fake images are solid colours whose red channel encodes the image id (`RED_STEP * id`), and every
 latent's first top image is active on all patches, so the server can tell which latent a request is
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from sae_jax import topacts
 
 RED_STEP = 20
 GRID = (4, 4)
@@ -44,17 +46,11 @@ def write_topacts(path: Path, num_latents: int = 8, top_n: int = 3,
   density = np.linspace(0.001, 0.5, num_latents)
   edges = np.linspace(0, 2, 9)
   histogram = rng.integers(0, 50, (num_latents, len(edges) - 1))
-  arrays = {"top_images": top_images, "top_scores": scores.astype(np.float32),
-            "top_maps": maps.astype(np.float16), "density": density.astype(np.float64),
-            "histogram": histogram.astype(np.int64)}
-  for name, array in arrays.items():
-    np.save(path / f"{name}.npy", array, allow_pickle=False)
-  (path / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-  header = {"format": "sae-topacts", "version": 1, "num_latents": num_latents, "top_n": top_n,
-            "score": "mean", "grid": list(GRID), "store": "fake", "sae": "fake", "k": 4,
-            "rows_scanned": 1000, "images_scanned": num_images, "hist_edges": edges.tolist(),
-            "complete": True}
-  (path / "topacts.json").write_text(json.dumps(header))
+  header = {"num_latents": num_latents, "top_n": top_n, "score": "mean", "grid": list(GRID),
+            "store": "fake", "sae": "fake", "k": 4, "rows_scanned": 1000,
+            "images_scanned": num_images, "hist_edges": edges.tolist()}
+  topacts.write(path, header, {"top_images": top_images, "top_scores": scores, "top_maps": maps,
+                               "density": density, "histogram": histogram}, records)
   return path
 
 

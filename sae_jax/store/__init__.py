@@ -107,7 +107,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
   atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
   tmp = path.with_name(f".{path.name}.tmp")
   with open(tmp, "wb") as f:
     np.save(f, array, allow_pickle=False)
@@ -200,8 +200,8 @@ class StoreWriter:
       raise StoreError(f"shard metadata must be [{acts.shape[0]}] of {META_DTYPE}")
     index = len(self.shards)
     files = _shard_files(index)
-    _atomic_save_npy(self.path / files["acts"], to_disk(acts, self.header["dtype"]))
-    _atomic_save_npy(self.path / files["meta"], meta)
+    atomic_save_npy(self.path / files["acts"], to_disk(acts, self.header["dtype"]))
+    atomic_save_npy(self.path / files["meta"], meta)
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in images)
     atomic_write_bytes(self.path / files["images"], lines.encode())
     info = ShardInfo(
