@@ -12,50 +12,33 @@ histogram of activation values. Memory is bounded by latents x N, never by rows 
 - on the host, only the (latent, image) pairs that entered a top-N get their patch map, built from
   the chunk's sparse codes.
 
-The scan saves its state to TOPACTS every --save_every chunks (atomically) and a rerun resumes.
-The output format is in docs/formats.md.
+Every --save_every chunks the whole state goes to one file, TOPACTS/scan_state.npz, replaced
+atomically, and a rerun resumes from it: a kill at any moment leaves the state of one chunk
+boundary, never parts of two. The output (sae_jax.topacts, docs/formats.md) is written at the end,
+its header last; then the state file is removed.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
-from absl import app, flags
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from sae_jax import checkpoint, dictionary, logs
+from sae_jax import checkpoint, dictionary, logs, topacts
 from sae_jax.model import SAEConfig, TopKSAE
-from sae_jax.store import KIND_IMAGE_BASE, Store, atomic_write_json
+from sae_jax.store import KIND_IMAGE_BASE, Store, StoreError, atomic_write_with
 
-FORMAT_NAME = "sae-topacts"
+STATE = "scan_state.npz"
 
-_SAE = flags.DEFINE_string("sae", None, "An export folder (sparsify or SAELens layout) or a "
-                           "training workdir.", required=True)
-_STORE = flags.DEFINE_string("store", None, "Store to scan (any store with the same d_model).",
-                             required=True)
-_OUT = flags.DEFINE_string("out", None, "TOPACTS folder to write.", required=True)
-_TOP_N = flags.DEFINE_integer("top_n", 5, "Images kept per latent.", lower_bound=1)
-_SCORE = flags.DEFINE_enum("score", "mean", ["mean", "max"],
-                           "Image score: mean (the paper) or max over the base-grid patches.")
-_CHUNK_IMAGES = flags.DEFINE_integer("chunk_images", 16, "Images encoded per device call.",
-                                     lower_bound=1)
-_HIST_EDGES = flags.DEFINE_list("hist_edges", ["-3", "3", "48"], "log10 of the first and last "
-                                "histogram edge, and the number of bins.")
-_SAVE_EVERY = flags.DEFINE_integer("save_every", 200, "Save the scan state every this many "
-                                   "chunks (resume point).", lower_bound=1)
-_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
-                                   "Encoder matmul dtype.")
-_DEBUG_KILL_AFTER_SAVES = flags.DEFINE_integer(
-    "debug_kill_after_saves", 0, "Fault injection for tests: SIGKILL this process after this "
-    "many intermediate saves.", lower_bound=0)
+
+class ScanError(ValueError):
+  """Inputs or an --out folder the scan cannot use; the message names the flag."""
 
 
 def load_sae(path: str, compute_dtype: str) -> tuple[TopKSAE, dict]:
@@ -125,41 +108,53 @@ def make_chunk_step(model: TopKSAE, top_n: int, chunk_images: int, score: str,
   return params, step
 
 
-def main(argv):
-  del argv
-  logs.quiet_libraries()
-  out = Path(_OUT.value)
-  out.mkdir(parents=True, exist_ok=True)
-  store = Store(_STORE.value)
-  model, sae_info = load_sae(_SAE.value, _COMPUTE_DTYPE.value)
-  n, top_n, chunk = model.cfg.num_latents, _TOP_N.value, _CHUNK_IMAGES.value
-  if model.cfg.d_in != store.d_model:
-    raise app.UsageError(f"--sae has d_in={model.cfg.d_in} but --store={_STORE.value} has "
-                         f"d_model={store.d_model}")
-  images = store.images()
+def scan(sae: str, store: str, out: str, *, top_n: int = 5, score: str = "mean",
+         chunk_images: int = 16, hist_edges: tuple[float, float, int] = (-3, 3, 48),
+         save_every: int = 200, compute_dtype: str = "float32", progress: bool = True) -> dict:
+  """Scans `store` with the dictionary at `sae` into the TOPACTS folder `out` (or resumes, or
+  finds it finished); returns the summary the command line prints.
+
+  `hist_edges`: log10 of the first and last histogram edge, and the number of bins.
+  """
+  out_path = Path(out)
+  out_path.mkdir(parents=True, exist_ok=True)
+  data = Store(store)
+  model, sae_info = load_sae(sae, compute_dtype)
+  n = model.cfg.num_latents
+  if model.cfg.d_in != data.d_model:
+    raise ScanError(f"--sae={sae} has d_in={model.cfg.d_in} but --store={store} has "
+                    f"d_model={data.d_model}")
+  images = data.images()
   grids = {tuple(r["grid"]) for r in images if "grid" in r}
   if len(grids) != 1:
-    raise app.UsageError(f"--store={_STORE.value}: images have base grids {sorted(grids)}; the "
-                         "scan needs one base grid")
+    raise ScanError(f"--store={store}: images have base grids {sorted(grids)}; the scan needs "
+                    "one base grid")
   grid = next(iter(grids))
   grid_size = grid[0] * grid[1]
-  lo, hi, num_bins = (float(v) for v in _HIST_EDGES.value)
+  if len(hist_edges) != 3:
+    raise ScanError(f"--hist_edges={','.join(map(str, hist_edges))}: expected 3 values (log10 "
+                    "of the first and last edge, number of bins)")
+  lo, hi, num_bins = hist_edges
   edges = np.logspace(lo, hi, int(num_bins) + 1).astype(np.float32)
 
-  header = {"format": FORMAT_NAME, "version": 1, "num_latents": n, "top_n": top_n,
-            "score": _SCORE.value, "grid": list(grid), "store": str(Path(_STORE.value).absolute()),
-            "sae": str(Path(_SAE.value).absolute()), "k": sae_info["k"],
-            "hist_edges": edges.tolist()}
-  state, maps, done_images, rows_scanned = resume_or_init(out, header, n, top_n, len(edges) - 1,
-                                                          grid_size)
-  params, chunk_step = make_chunk_step(model, top_n, chunk, _SCORE.value, jnp.asarray(edges),
+  header = {"format": topacts.FORMAT_NAME, "version": topacts.FORMAT_VERSION, "num_latents": n,
+            "top_n": top_n, "score": score, "grid": list(grid),
+            "store": str(Path(store).absolute()), "sae": str(Path(sae).absolute()),
+            "k": sae_info["k"], "hist_edges": edges.tolist()}
+  resumed = resume_or_init(out_path, header, n, top_n, len(edges) - 1, grid_size)
+  if resumed is None:  # finished by an earlier run
+    (out_path / STATE).unlink(missing_ok=True)
+    done = topacts.TopActs(out_path)
+    return summary(out_path, done.density, len(images), done.header["rows_scanned"], 0.0, 0)
+  state, maps, done_images, rows_scanned = resumed
+  params, chunk_step = make_chunk_step(model, top_n, chunk_images, score, jnp.asarray(edges),
                                        grid_size)
   device_state = jax.tree.map(jnp.asarray, state)
-  total = len(images)
-  progress = tqdm(total=total, initial=done_images, unit="img", dynamic_ncols=True)
+  bar = tqdm(total=len(images), initial=done_images, unit="img", dynamic_ncols=True,
+             disable=not progress)
   start_time, start_rows = time.perf_counter(), rows_scanned
-  chunks_since_save = saves = 0
-  for first, x, image, patch in image_chunks(store, chunk, done_images):
+  chunks_since_save = 0
+  for first, x, image, patch in image_chunks(data, chunk_images, done_images):
     rows = len(x)
     pad = -rows % 64  # few distinct shapes: few compilations
     x = np.pad(x, ((0, pad), (0, 0)))
@@ -172,25 +167,28 @@ def main(argv):
                 np.asarray(values)[:rows], np.asarray(indices)[:rows], image, patch)
     rows_scanned += rows
     done_images = first + int(image[-1]) + 1  # a chunk ends early at a shard boundary
-    progress.update(done_images - progress.n)
-    progress.set_postfix(rows=rows_scanned, refresh=False)
+    bar.update(done_images - bar.n)
+    bar.set_postfix(rows=rows_scanned, refresh=False)
     chunks_since_save += 1
-    if chunks_since_save == _SAVE_EVERY.value:
-      save(out, header, device_state, maps, done_images, rows_scanned, complete=False)
+    if chunks_since_save == save_every:
+      save_state(out_path, header, device_state, maps, done_images, rows_scanned)
       chunks_since_save = 0
-      saves += 1
-      if saves == _DEBUG_KILL_AFTER_SAVES.value:
-        os.kill(os.getpid(), signal.SIGKILL)
-  progress.close()
-  save(out, header, device_state, maps, total, rows_scanned, complete=True)
-  with open(out / "images.jsonl", "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in images)
-  density = np.asarray(device_state["fires"]) / max(rows_scanned, 1)
-  seconds = time.perf_counter() - start_time
-  print(json.dumps({"topacts": str(out), "latents": n, "images": total, "rows": rows_scanned,
-                    "alive_fraction": float(np.mean(density > 0)),
-                    "mean_density": float(density.mean()), "seconds": round(seconds, 3),
-                    "rows_per_s": round((rows_scanned - start_rows) / max(seconds, 1e-9), 1)}))
+  bar.close()
+  host = jax.device_get(device_state)
+  density = host["fires"] / max(rows_scanned, 1)
+  topacts.write(out_path, {**header, "rows_scanned": rows_scanned, "images_scanned": len(images)},
+                {"top_images": host["images"], "top_scores": host["scores"], "top_maps": maps,
+                 "density": density, "histogram": host["hist"]}, images)
+  (out_path / STATE).unlink(missing_ok=True)
+  return summary(out_path, density, len(images), rows_scanned,
+                 time.perf_counter() - start_time, rows_scanned - start_rows)
+
+
+def summary(out: Path, density: np.ndarray, images: int, rows: int, seconds: float,
+            rows_now: int) -> dict:
+  return {"topacts": str(out), "latents": len(density), "images": images, "rows": rows,
+          "alive_fraction": float(np.mean(density > 0)), "mean_density": float(density.mean()),
+          "seconds": round(seconds, 3), "rows_per_s": round(rows_now / max(seconds, 1e-9), 1)}
 
 
 def update_maps(maps, old_images, new_images, first_image, values, indices, image, patch):
@@ -219,35 +217,75 @@ def update_maps(maps, old_images, new_images, first_image, values, indices, imag
 
 
 def resume_or_init(out: Path, header: dict, n: int, top_n: int, bins: int, grid_size: int):
-  meta_path = out / "topacts.json"
-  if meta_path.exists():
-    saved = json.loads(meta_path.read_text())
+  """(state, maps, images scanned, rows scanned) to continue from; None if `out` is finished."""
+  finished = out / topacts.HEADER
+  if finished.exists():
+    saved = json.loads(finished.read_text())
     if {k: saved.get(k) for k in header} != header:
-      raise app.UsageError(f"{out} holds a scan with other settings; use another --out")
-    state = {"scores": np.load(out / "top_scores.npy"), "images": np.load(out / "top_images.npy"),
-             "fires": np.load(out / "fires.npy"), "hist": np.load(out / "histogram.npy")}
-    maps = np.load(out / "top_maps.npy").astype(np.float32)
-    return state, maps, saved["images_scanned"], saved["rows_scanned"]
-  state = {"scores": np.zeros((n, top_n), np.float32), "images": np.full((n, top_n), -1, np.int32),
-           "fires": np.zeros((n,), np.int32), "hist": np.zeros((n, bins), np.int32)}
-  return state, np.zeros((n, top_n, grid_size), np.float32), 0, 0
+      raise ScanError(f"--out={out} holds a scan with other settings; use another --out")
+    if not saved.get("complete"):
+      raise ScanError(f"--out={out} holds an unfinished scan of an older sae_jax.scan, whose "
+                      "state cannot be resumed safely; delete it or use another --out")
+    return None
+  if not (out / STATE).exists():
+    state = {"scores": np.zeros((n, top_n), np.float32),
+             "images": np.full((n, top_n), -1, np.int32),
+             "fires": np.zeros((n,), np.int32), "hist": np.zeros((n, bins), np.int32)}
+    return state, np.zeros((n, top_n, grid_size), np.float32), 0, 0
+  with np.load(out / STATE, allow_pickle=False) as saved:
+    if json.loads(str(saved["header"])) != header:
+      raise ScanError(f"--out={out} holds a scan with other settings; use another --out")
+    state = {name: saved[name] for name in ("scores", "images", "fires", "hist")}
+    images_scanned, rows_scanned = (int(v) for v in saved["progress"])
+    return state, saved["maps"].astype(np.float32), images_scanned, rows_scanned
 
 
-def save(out: Path, header: dict, state, maps, images_scanned: int, rows_scanned: int, *,
-         complete: bool) -> None:
-  host = jax.device_get(state)
-  arrays = {"top_scores.npy": host["scores"], "top_images.npy": host["images"].astype(np.int64),
-            "top_maps.npy": maps.astype(np.float16), "fires.npy": host["fires"],
-            "histogram.npy": host["hist"].astype(np.int64),
-            "density.npy": host["fires"] / max(rows_scanned, 1)}
-  for name, array in arrays.items():
-    tmp = out / f".{name}.tmp"
-    with open(tmp, "wb") as f:
-      np.save(f, array, allow_pickle=False)
-    os.replace(tmp, out / name)
-  atomic_write_json(out / "topacts.json", {**header, "images_scanned": images_scanned,
-                                           "rows_scanned": rows_scanned, "complete": complete})
+def save_state(out: Path, header: dict, state, maps, images_scanned: int,
+               rows_scanned: int) -> None:
+  """The whole resume point in one file, replaced atomically."""
+  arrays = {**jax.device_get(state), "maps": maps.astype(np.float16),
+            "header": np.array(json.dumps(header)),
+            "progress": np.array([images_scanned, rows_scanned], np.int64)}
+
+  def write(tmp: Path) -> None:
+    with open(tmp, "wb") as f:  # np.savez given a path would append ".npz" to the temporary name
+      np.savez(f, **arrays)
+  atomic_write_with(out / STATE, write)
 
 
 if __name__ == "__main__":
+  # Flags only for the command line, so that importing the scan defines none (tests run it
+  # in-process next to modules whose flags share these names).
+  from absl import app, flags
+
+  _SAE = flags.DEFINE_string("sae", None, "An export folder (sparsify or SAELens layout) or a "
+                             "training workdir.", required=True)
+  _STORE = flags.DEFINE_string("store", None, "Store to scan (any store with the same d_model).",
+                               required=True)
+  _OUT = flags.DEFINE_string("out", None, "TOPACTS folder to write.", required=True)
+  _TOP_N = flags.DEFINE_integer("top_n", 5, "Images kept per latent.", lower_bound=1)
+  _SCORE = flags.DEFINE_enum("score", "mean", ["mean", "max"],
+                             "Image score: mean (the paper) or max over the base-grid patches.")
+  _CHUNK_IMAGES = flags.DEFINE_integer("chunk_images", 16, "Images encoded per device call.",
+                                       lower_bound=1)
+  _HIST_EDGES = flags.DEFINE_list("hist_edges", ["-3", "3", "48"], "log10 of the first and last "
+                                  "histogram edge, and the number of bins.")
+  _SAVE_EVERY = flags.DEFINE_integer("save_every", 200, "Save the scan state every this many "
+                                     "chunks (resume point).", lower_bound=1)
+  _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                                     "Encoder matmul dtype.")
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logs.quiet_libraries()
+    try:
+      result = scan(_SAE.value, _STORE.value, _OUT.value, top_n=_TOP_N.value, score=_SCORE.value,
+                    chunk_images=_CHUNK_IMAGES.value,
+                    hist_edges=tuple(float(v) for v in _HIST_EDGES.value),
+                    save_every=_SAVE_EVERY.value, compute_dtype=_COMPUTE_DTYPE.value)
+    except (ScanError, StoreError, topacts.TopActsError) as e:
+      raise app.UsageError(str(e)) from e
+    print(json.dumps(result))
+
   app.run(main)

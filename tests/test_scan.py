@@ -1,16 +1,19 @@
-"""The latent scan against a float64 numpy reference, and its resume after kill -9."""
+"""The latent scan against a float64 numpy reference, and its resume after a kill at any write."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import reference
 
-from sae_jax import dictionary
+from sae_jax import dictionary, scan as scan_lib
 from sae_jax.store import KIND_IMAGE_BASE, KIND_TEXT, META_DTYPE, StoreWriter
+from sae_jax.topacts import TopActs, TopActsError
 
 D, N_LATENTS, K, GRID = 8, 32, 3, (2, 3)
 
@@ -93,15 +96,103 @@ def test_scan_matches_numpy_reference(setup, tmp_path, score):
   assert np.load(tmp_path / "histogram.npy").sum() == round(density.sum() * 21 * 6)
 
 
-def test_scan_resumes_after_kill(setup, tmp_path):
+# Runs `python -m sae_jax.scan ARGS...` and kill -9s it right after it renames its KILL_AT-th file
+# into OUT (every file the scan writes is written to a temporary name and renamed).
+KILL_AFTER_WRITES = """
+import os, runpy, signal, sys
+from pathlib import Path
+out, kill_at = Path(sys.argv[1]), int(sys.argv[2])
+real_replace, written = os.replace, []
+def replace(src, dst):
+  real_replace(src, dst)
+  if Path(dst).parent == out:
+    written.append(dst)
+    if len(written) == kill_at:
+      os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+sys.argv = [sys.argv[0], *sys.argv[3:]]
+runpy.run_module("sae_jax.scan", run_name="__main__", alter_sys=True)
+"""
+
+
+class Killed(BaseException):
+  """Stands in for kill -9: a BaseException, so nothing on its way out handles it."""
+
+
+def count_writes(out, monkeypatch, kill_at=None):
+  """The files renamed into `out`, in order; raises Killed right after the `kill_at`-th."""
+  real_replace, written = os.replace, []
+
+  def replace(src, dst):
+    real_replace(src, dst)
+    if Path(dst).parent == out:
+      written.append(Path(dst).name)
+      if len(written) == kill_at:
+        raise Killed(f"after writing {written}")
+  monkeypatch.setattr(os, "replace", replace)
+  return written
+
+
+def in_process_scan(root, export, out):
+  return scan_lib.scan(str(export), str(root / "store"), str(out), top_n=4, chunk_images=2,
+                       save_every=2, progress=False)
+
+
+def assert_same_scan(expected, got):
+  for name in ("top_images", "top_scores", "top_maps", "density", "histogram"):
+    np.testing.assert_array_equal(np.load(expected / f"{name}.npy"), np.load(got / f"{name}.npy"),
+                                  err_msg=name)
+  for name in ("images.jsonl", "topacts.json"):
+    assert (expected / name).read_text() == (got / name).read_text(), name
+  for top in np.load(got / "top_images.npy"):  # the symptom of a torn state: an image twice
+    assert len(set(top[top >= 0])) == np.sum(top >= 0), top
+  assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in expected.iterdir())
+
+
+def test_a_kill_after_any_write_resumes_to_the_same_scan(setup, tmp_path, monkeypatch):
   root, _, export = setup
-  scan(root, export, tmp_path / "straight")
-  killed = scan(root, export, tmp_path / "resumed", "--save_every=2", "--debug_kill_after_saves=2",
-                check=False)
-  assert killed.returncode == -9
-  assert not json.loads((tmp_path / "resumed" / "topacts.json").read_text())["complete"]
-  scan(root, export, tmp_path / "resumed", "--save_every=2")
-  for name in ("top_images.npy", "top_scores.npy", "top_maps.npy", "density.npy",
-               "histogram.npy"):
-    np.testing.assert_array_equal(np.load(tmp_path / "straight" / name),
-                                  np.load(tmp_path / "resumed" / name), err_msg=name)
+  straight = tmp_path / "straight"
+  writes = count_writes(straight, monkeypatch)
+  in_process_scan(root, export, straight)
+  assert writes.count(scan_lib.STATE) == 6  # 3 shards x 4 chunks (of 2, 2, 2, 1 images) / 2
+  assert writes[-1] == "topacts.json"
+  for kill_at in range(1, len(writes) + 1):
+    out = tmp_path / f"killed_{kill_at}"
+    count_writes(out, monkeypatch, kill_at)
+    with pytest.raises(Killed):
+      in_process_scan(root, export, out)
+    if kill_at < len(writes):
+      with pytest.raises(TopActsError, match="is not a finished TOPACTS folder"):
+        TopActs(out)
+    count_writes(out, monkeypatch)
+    in_process_scan(root, export, out)
+    assert_same_scan(straight, out)
+
+
+def test_kill_9_of_the_command_resumes_to_the_same_scan(setup, tmp_path):
+  root, _, export = setup
+  in_process_scan(root, export, tmp_path / "straight")
+  out = tmp_path / "resumed"
+  args = [f"--sae={export}", f"--store={root / 'store'}", f"--out={out}", "--top_n=4",
+          "--chunk_images=2", "--save_every=2"]
+  # The 9th file: after the 6 state saves, inside the output (which a state of several files
+  # per save would have reached inside its second save).
+  killed = subprocess.run([sys.executable, "-c", KILL_AFTER_WRITES, str(out), "9", *args],
+                          capture_output=True, text=True, timeout=300)
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  assert (out / scan_lib.STATE).exists() and not (out / "topacts.json").exists()
+  resumed = subprocess.run([sys.executable, "-m", "sae_jax.scan", *args], capture_output=True,
+                           text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert_same_scan(tmp_path / "straight", out)
+
+
+def test_unfinished_scan_of_an_older_version_is_refused(setup, tmp_path):
+  root, _, export = setup
+  in_process_scan(root, export, tmp_path)
+  header = json.loads((tmp_path / "topacts.json").read_text())
+  (tmp_path / "topacts.json").write_text(json.dumps({**header, "complete": False}))
+  with pytest.raises(TopActsError, match=r"topacts.json: the scan has not finished"):
+    TopActs(tmp_path)
+  with pytest.raises(scan_lib.ScanError, match=r"unfinished scan of an older sae_jax.scan"):
+    in_process_scan(root, export, tmp_path)
