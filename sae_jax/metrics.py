@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sae_jax.store import atomic_write_bytes
+
 
 class MetricWriter:
   """Appends `{"step": s, ...}` lines to workdir/metrics.jsonl and scalars to workdir/tb/.
@@ -23,7 +25,8 @@ class MetricWriter:
     if self.path.exists():
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line)["step"] <= resume_step]
-      self.path.write_text("".join(line + "\n" for line in kept))
+      # Atomic: a rewrite that fails midway (disk full, kill) must not lose the lines it keeps.
+      atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
     self._file = open(self.path, "a")
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(str(Path(workdir) / "tb"), purge_step=resume_step + 1)
