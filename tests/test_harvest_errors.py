@@ -66,7 +66,8 @@ def test_all_bad_inputs_exit_nonzero_and_leave_the_store_incomplete(config, tmp_
   with pytest.raises(StoreError, match="is incomplete"):
     Store(config.out + "/layer_1")
   store = Store(config.out + "/layer_1", allow_incomplete=True, verify=True)
-  assert [Path(b["source"]).name for b in store.manifest["bad_images"]] == ["a.png", "b.jpg", "c.png"]
+  bad = [Path(b["source"]).name for b in store.manifest["bad_images"]]
+  assert bad == ["a.png", "b.jpg", "c.png"]
   assert store.rows == 0
 
 
@@ -86,7 +87,8 @@ def test_images_over_the_pixel_limit_are_skipped_and_named(config, tmp_path):
   assert summary["images"] == 2 and summary["bad_images"] == 2
   store = Store(tmp_path / "limited" / "layer_1", verify=True)
   bad = {Path(b["source"]).name: b["error"] for b in store.manifest["bad_images"]}
-  limit = r", over the pixel limit of 2000 \(PIL.Image.MAX_IMAGE_PIXELS; the harvest's --max_image_pixels\)"
+  limit = (r", over the pixel limit of 2000 "
+           r"\(PIL.Image.MAX_IMAGE_PIXELS; the harvest's --max_image_pixels\)")
   assert re.fullmatch(r"60x50 = 3000 pixels" + limit, bad["b.png"]), bad
   assert re.fullmatch(r"5000 pixels" + limit, bad["c.png"]), bad
   # The good images are stored exactly as by a harvest of them alone.
@@ -95,7 +97,8 @@ def test_images_over_the_pixel_limit_are_skipped_and_named(config, tmp_path):
   reference = Store(tmp_path / "ref" / "layer_1")
   assert [Path(r["source"]).name for r in store.images()] == ["a.png", "d.png"]
   np.testing.assert_array_equal(store.meta(), reference.meta())
-  np.testing.assert_array_equal(np.asarray(store.shard_acts(0)), np.asarray(reference.shard_acts(0)))
+  np.testing.assert_array_equal(np.asarray(store.shard_acts(0)),
+                                np.asarray(reference.shard_acts(0)))
 
 
 def test_bad_image_fails_when_asked(config, synthetic_images, tmp_path):
