@@ -1,7 +1,5 @@
 """End to end: training recovers a planted dictionary from synthetic sparse data."""
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +24,6 @@ def planted_batch(key, directions):
 
 
 def test_training_recovers_planted_directions():
-  start = time.perf_counter()
   rng = np.random.default_rng(0)
   directions = rng.normal(size=(M, D))
   directions = jnp.asarray(directions / np.linalg.norm(directions, axis=1, keepdims=True),
@@ -52,4 +49,3 @@ def test_training_recovers_planted_directions():
   recovered = (cosines.max(axis=1) > 0.9).mean()
   assert recovered >= 0.9, (recovered, {k: float(v) for k, v in metrics.items()})
   assert float(metrics["fvu"]) < 0.1
-  assert time.perf_counter() - start < 60
