@@ -28,13 +28,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from eval import clip as clip_lib
 from eval import plots, refine, scoring, stats
 from harvest.images import BadImage
 from interpret import explainers, jobs, prompts, sources
 from interpret import topacts as topacts_lib
+from sae_jax import cli
 from sae_jax.store import StoreError, atomic_write_bytes, atomic_write_json
 
 FORMAT_NAME, FORMAT_VERSION = "clip-scores", 1
@@ -187,23 +188,17 @@ def aggregate(scores: list[dict]) -> dict:
           for name in scoring.METRIC_NAMES}
 
 
-def main(argv):
-  del argv
+def main():
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   settings = {name: flags.FLAGS[name].value for name in _OURS}  # the key itself is never a flag
   atomic_write_json(out / "flags.json", settings)
-  try:
-    acts = topacts_lib.TopActs(_TOPACTS.value)
-    records = read_explanations(Path(_EXPLANATIONS.value), acts)
-    latents, skipped = topacts_lib.selection_from_flags(acts, flags.FLAGS, restrict_to=set(records))
-    # Before any refinement request: a CLIP model that cannot load fails the run at once.
-    clip = clip_lib.load(_CLIP_MODEL.value, _CLIP_PRETRAINED.value, device(), _PRECISION.value)
-    rows, summary = score(acts, records, latents, clip, out)
-  except (topacts_lib.TopActsError, StoreError, jobs.ResultsError, prompts.TemplateError,
-          explainers.ExplainerError, clip_lib.ClipError, BadImage, InputError) as e:
-    print(json.dumps({"ok": False, "error": str(e)}))
-    sys.exit(1)
+  acts = topacts_lib.TopActs(_TOPACTS.value)
+  records = read_explanations(Path(_EXPLANATIONS.value), acts)
+  latents, skipped = topacts_lib.selection_from_flags(acts, flags.FLAGS, restrict_to=set(records))
+  # Before any refinement request: a CLIP model that cannot load fails the run at once.
+  clip = clip_lib.load(_CLIP_MODEL.value, _CLIP_PRETRAINED.value, device(), _PRECISION.value)
+  rows, summary = score(acts, records, latents, clip, out)
   atomic_write_json(out / "clip_scores.json", {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                                                "settings": settings, "skipped_no_images": skipped,
                                                **summary})
@@ -218,4 +213,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, (topacts_lib.TopActsError, StoreError, jobs.ResultsError, prompts.TemplateError,
+                 explainers.ExplainerError, clip_lib.ClipError, BadImage, InputError))

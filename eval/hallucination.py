@@ -21,49 +21,46 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
 import tqdm
-from absl import app, flags
+from absl import flags
 from PIL import Image
 
 from eval import chair, pope
 from harvest import images, llava
 from harvest.hooks import HookError
 from interpret import steering
+from sae_jax import cli
 from sae_jax.store import atomic_write_json
 
 _TASK = flags.DEFINE_enum("task", "pope", ["pope", "chair"], "pope: yes/no questions; chair: "
                           "captions scored against ground-truth objects.")
-_MODEL = flags.DEFINE_string("model", None, "LLaVA checkpoint (folder or hub id).", required=True)
+_LLAVA = llava.define_flags()  # --model --dtype --device --prompt_mode
 _QUESTIONS = flags.DEFINE_string("questions", None, "JSONL items. pope: {image, question | text, "
                                  "label} (the official POPE files load as they are); chair: "
                                  "{image, objects, prompt (optional)}.", required=True)
 _IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Folder the image paths are relative to "
                                   "(default: the question file's folder).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
-steering.define_flags(flags)  # --sae --layer --latents --mode --values --strengths --positions
+steering.define_flags()  # --sae --layer --latents --mode --values --strengths --positions
 _SUFFIX = flags.DEFINE_string("question_suffix", "", "pope: appended to every question, e.g. ' "
                               "Please answer yes or no.' (POPE itself adds nothing).")
 _CAPTION_PROMPT = flags.DEFINE_string("caption_prompt", "Please describe this image in detail.",
                                       "chair: prompt of the items without their own.")
 _VOCABULARY = flags.DEFINE_string("vocabulary", None, "chair: synonyms file, one object per line, "
                                   "canonical name first (default: the items' object names).")
-_PROMPT_MODE = flags.DEFINE_enum("prompt_mode", "chat", ["chat", "bare"],
-                                 "chat: the model's chat template; bare: '<image>\\nPROMPT'.")
 _MAX_QUESTIONS = flags.DEFINE_integer("max_questions", 0, "Only the first N items (0: all).",
                                       lower_bound=0)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Items per generate call.", lower_bound=1)
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 0, "Answer length (0: 16 for pope, "
                                        "which reads the first sentence; 512 for chair).",
                                        lower_bound=0)
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", list(llava.TORCH_DTYPES), "Model dtype (the SAE "
-                           "always runs in float32).")
-_DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Where the model runs.")
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(llava)  # --help lists the shared flags too
+flags.adopt_module_key_flags(steering)
 USER_ERRORS = (pope.QuestionError, steering.SteeringError, HookError, llava.ModelError,
                images.BadImage)
 
@@ -120,7 +117,7 @@ def answer_all(loaded: llava.LoadedModel, task: Task, items: list, desc: str) ->
   max_new_tokens = _MAX_NEW_TOKENS.value or task.max_new_tokens
   for start in tqdm.tqdm(range(0, len(items), size), desc=desc, unit="batch"):
     batch = items[start:start + size]
-    texts = [llava.prompt_text(loaded.processor, _PROMPT_MODE.value, task.prompt(item))
+    texts = [llava.prompt_text(loaded.processor, _LLAVA.prompt_mode.value, task.prompt(item))
              for item in batch]
     batch_images = [load_image(item, start + i) for i, item in enumerate(batch)]
     answers += steering.generate_texts(loaded, batch_images, texts, max_new_tokens)
@@ -148,7 +145,7 @@ def run() -> tuple[dict, list[dict], Task]:
     if not item.image.is_file():
       raise images.BadImage(f"--questions={_QUESTIONS.value} row {row + 1}: image "
                             f"{item.image} does not exist (check --image_root)")
-  loaded = llava.load_llava(_MODEL.value, _DTYPE.value, _DEVICE.value)
+  loaded = _LLAVA.load()
   runs = [("plain", contextlib.nullcontext())]
   if configs:
     sae, layer = steering.load_sae(loaded, FLAGS.sae, FLAGS.layer)
@@ -161,19 +158,13 @@ def run() -> tuple[dict, list[dict], Task]:
     metrics, records = task.score(items, answers)
     results.append({"label": label, **metrics})
     answer_rows += [{"run": label, **record} for record in records]
-  return {"task": _TASK.value, "model": _MODEL.value, "questions": _QUESTIONS.value,
+  return {"task": _TASK.value, "model": _LLAVA.model.value, "questions": _QUESTIONS.value,
           "items": len(items), "sae": FLAGS.sae, "mode": FLAGS.mode if configs else None,
           "positions": FLAGS.positions if configs else None, "runs": results}, answer_rows, task
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:
-    result, answer_rows, task = run()
-  except USER_ERRORS as e:
-    print(json.dumps({"ok": False, "error": str(e)}))
-    sys.exit(1)
+def main():
+  result, answer_rows, task = run()
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   with open(out / "answers.jsonl", "w") as f:
@@ -188,4 +179,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, USER_ERRORS)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
-import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from eval import plots, scoring
+from sae_jax import cli
 from sae_jax.store import atomic_write_bytes
 
 # The paper's CLIP scores (ViT-B/32 openai, LLaVA-NeXT-8B, 131k latents, top-5 images).
@@ -232,25 +232,18 @@ def to_html(title: str, sections: list[Section]) -> str:
   return "\n".join(parts) + "\n"
 
 
-def main(argv):
-  del argv
+def main():
   if not (_WORKDIR.value or _CLIP_SCORES.value or _SAE_QUALITY.value):
-    print(json.dumps({"ok": False, "error": "nothing to report: pass --workdir, --clip_scores "
-                      "and/or --sae_quality"}))
-    sys.exit(1)
+    raise ReportError("nothing to report: pass --workdir, --clip_scores and/or --sae_quality")
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
-  try:
-    sections = []
-    if _WORKDIR.value:
-      sections.append(training_section(Path(_WORKDIR.value), out))
-    if _SAE_QUALITY.value:
-      sections.append(quality_section(Path(_SAE_QUALITY.value)))
-    if _CLIP_SCORES.value:
-      sections.append(clip_section(Path(_CLIP_SCORES.value), out))
-  except ReportError as e:
-    print(json.dumps({"ok": False, "error": str(e)}))
-    sys.exit(1)
+  sections = []
+  if _WORKDIR.value:
+    sections.append(training_section(Path(_WORKDIR.value), out))
+  if _SAE_QUALITY.value:
+    sections.append(quality_section(Path(_SAE_QUALITY.value)))
+  if _CLIP_SCORES.value:
+    sections.append(clip_section(Path(_CLIP_SCORES.value), out))
   atomic_write_bytes(out / "report.md", to_markdown(_TITLE.value, sections).encode())
   atomic_write_bytes(out / "report.html", to_html(_TITLE.value, sections).encode())
   print(json.dumps({"ok": True, "sections": [s.title for s in sections],
@@ -258,4 +251,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, (ReportError,))

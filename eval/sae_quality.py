@@ -24,20 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import tqdm
-from absl import app, flags
+from absl import flags
 
 from harvest import images as images_lib
 from harvest import llava, tokens
 from harvest.hooks import HookError
 from interpret import steering
 from interpret.sae import TopKSAE
+from sae_jax import cli
 from sae_jax.store import atomic_write_json
 
 VARIANTS = ("sae", "sae_with_error", "zero")
@@ -201,17 +201,15 @@ def evaluate(loaded: llava.LoadedModel, sae: TopKSAE, layer: int, inputs, *, pro
 
 
 if __name__ == "__main__":
-  _MODEL = flags.DEFINE_string("model", None, "LLaVA checkpoint (folder or hub id).", required=True)
-  _SAE = flags.DEFINE_string("sae", None, "Exported dictionary: EXPORT/<hookpoint> (or an EXPORT "
-                             "with one hookpoint), sparsify or SAELens layout.", required=True)
-  _LAYER = flags.DEFINE_integer("layer", -1, "Decoder layer of the SAE (-1: from the export's "
-                                "hookpoint folder name).")
+  _LLAVA = llava.define_flags()  # --model --dtype --device --prompt_mode
+  steering.define_sae_flags()  # --sae --layer
+  flags.mark_flag_as_required("sae")
+  flags.adopt_module_key_flags(llava)  # --help lists the shared flags too
+  flags.adopt_module_key_flags(steering)
   _IMAGES = flags.DEFINE_string("images", None, "Held-out inputs: a folder of images, a JSONL of "
                                 "{image, prompt} or a saved datasets folder.", required=True)
   _IMAGE_COLUMN = flags.DEFINE_string("image_column", "image", "Image column of a datasets input.")
   _SPLIT = flags.DEFINE_string("split", "train", "Split of a datasets input.")
-  _PROMPT_MODE = flags.DEFINE_enum("prompt_mode", "chat", ["chat", "bare"], "chat: the model's "
-                                   "chat template (text to score); bare: the paper's '<image>'.")
   _PROMPT = flags.DEFINE_string("prompt", "Write a short caption for this image.", "Prompt of "
                                 "every input without its own (JSONL or dataset 'prompt').")
   _TOKENS = flags.DEFINE_enum("tokens", "all", list(tokens.TOKEN_MODES), "Tokens the SAE is "
@@ -221,30 +219,21 @@ if __name__ == "__main__":
   _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Inputs per forward pass.", lower_bound=1)
   _DENSE = flags.DEFINE_float("dense_threshold", 0.1, "A latent firing on more than this fraction "
                               "of tokens counts as dense.")
-  _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", list(llava.TORCH_DTYPES), "Model dtype (the "
-                             "SAE always runs in float32).")
-  _DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Where the model runs.")
   _OUT = flags.DEFINE_string("out", None, "JSON file for the results (optional).")
 
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    try:
-      loaded = llava.load_llava(_MODEL.value, _DTYPE.value, _DEVICE.value)
-      sae, layer = steering.load_sae(loaded, _SAE.value, _LAYER.value)
-      inputs = images_lib.open_inputs(_IMAGES.value, _IMAGE_COLUMN.value, _SPLIT.value)
-      result = evaluate(loaded, sae, layer, inputs, prompt_mode=_PROMPT_MODE.value,
-                        prompt=_PROMPT.value, token_mode=_TOKENS.value,
-                        batch_size=_BATCH_SIZE.value, max_images=_MAX_IMAGES.value,
-                        dense_threshold=_DENSE.value)
-    except (QualityError, steering.SteeringError, HookError, llava.ModelError,
-            images_lib.InputError, tokens.TokenError) as e:
-      print(json.dumps({"ok": False, "error": str(e)}))
-      sys.exit(1)
-    result = {"model": _MODEL.value, "sae": _SAE.value, "layer": layer, "token_mode": _TOKENS.value,
+  def main():
+    loaded = _LLAVA.load()
+    sae, layer = steering.load_sae(loaded, flags.FLAGS.sae, flags.FLAGS.layer)
+    inputs = images_lib.open_inputs(_IMAGES.value, _IMAGE_COLUMN.value, _SPLIT.value)
+    result = evaluate(loaded, sae, layer, inputs, prompt_mode=_LLAVA.prompt_mode.value,
+                      prompt=_PROMPT.value, token_mode=_TOKENS.value,
+                      batch_size=_BATCH_SIZE.value, max_images=_MAX_IMAGES.value,
+                      dense_threshold=_DENSE.value)
+    result = {"model": _LLAVA.model.value, "sae": flags.FLAGS.sae, "layer": layer, "token_mode": _TOKENS.value,
               **result}
     if _OUT.value:
       atomic_write_json(Path(_OUT.value), result)
     print(json.dumps({"ok": True, "out": _OUT.value, **result}))
 
-  app.run(main)
+  cli.run(main, (QualityError, steering.SteeringError, HookError, llava.ModelError,
+                 images_lib.InputError, tokens.TokenError))

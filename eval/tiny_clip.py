@@ -44,14 +44,15 @@ def save(out: str | Path, seed: int = 0) -> str:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
+
+  from sae_jax import cli
 
   # Flags only when run as a command: tests import save() next to other commands' flags.
   _OUT = flags.DEFINE_string("out", None, "Folder to write the model to.", required=True)
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
 
-  def main(argv):
-    del argv
+  def main():
     print(json.dumps({"out": _OUT.value, "clip_model": save(_OUT.value, _SEED.value)}))
 
-  app.run(main)
+  cli.run(main)

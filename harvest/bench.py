@@ -97,16 +97,16 @@ def bench(config: run.HarvestConfig, repeats: int) -> dict:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
 
   from harvest.flags import apply_torch_threads, config_from_flags  # and the harvest flags
+  from sae_jax import cli
 
   _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per phase; the fastest is reported.")
 
-  def main(argv):
-    del argv
+  def main():
     apply_torch_threads()
     flags.FLAGS.out = flags.FLAGS.out or "unused"  # every phase writes to a temporary folder
     print(json.dumps(bench(config_from_flags(), _REPEATS.value)))
 
-  app.run(main)
+  cli.run(main)

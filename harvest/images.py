@@ -228,15 +228,16 @@ def write_synthetic_images(out: str | Path, num: int, seed: int = 0) -> list[Pat
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
+
+  from sae_jax import cli
 
   _OUT = flags.DEFINE_string("out", None, "Folder to write the PNGs to.", required=True)
   _NUM = flags.DEFINE_integer("num", 64, "How many images.")
   _SEED = flags.DEFINE_integer("seed", 0, "Image i is drawn from seed + i.")
 
-  def main(argv):
-    del argv
+  def main():
     paths = write_synthetic_images(_OUT.value, _NUM.value, _SEED.value)
     print(json.dumps({"ok": True, "out": _OUT.value, "images": len(paths)}))
 
-  app.run(main)
+  cli.run(main)

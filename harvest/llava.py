@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 import transformers
+from absl import flags
 
 from harvest.tokens import ImageLayout
 
@@ -64,6 +65,34 @@ def load_llava(name: str, dtype: str, device: str) -> LoadedModel:
       grid=(grid, grid), base_first=config.model_type != "llava")
   return LoadedModel(model=model, processor=processor, model_type=config.model_type,
                      layout=layout, d_model=config.text_config.hidden_size, device=target)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFlags:
+  """--model, --dtype, --device and --prompt_mode of a command that runs a LLaVA model."""
+  model: flags.FlagHolder
+  dtype: flags.FlagHolder
+  device: flags.FlagHolder
+  prompt_mode: flags.FlagHolder
+
+  def load(self) -> LoadedModel:
+    return load_llava(self.model.value, self.dtype.value, self.device.value)
+
+
+def define_flags(*, dtype: str = "bfloat16", prompt_mode: str = "chat") -> ModelFlags:
+  """The LLaVA model flags, one definition for every command (each adopts them for its --help)."""
+  return ModelFlags(
+      model=flags.DEFINE_string(
+          "model", None, "LLaVA checkpoint: a local folder or a hub id (LLaVA-1.5, LLaVA-NeXT or "
+          "LLaVA-OneVision classes of transformers).", required=True),
+      dtype=flags.DEFINE_enum("dtype", dtype, list(TORCH_DTYPES),
+                              "dtype the model runs in (an SAE always runs in float32)."),
+      device=flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"],
+                               "Where the model runs; auto picks cuda if present."),
+      prompt_mode=flags.DEFINE_enum(
+          "prompt_mode", prompt_mode, ["chat", "bare"],
+          "chat: the model's chat template around the image and the prompt; bare: the paper's "
+          "literal '<image>' (followed by a newline and the prompt if there is one)."))
 
 
 def prompt_text(processor, mode: str, prompt: str, with_image: bool = True) -> str:

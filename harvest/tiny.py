@@ -156,16 +156,17 @@ def save(kind: str, out: str | Path, seed: int = 0) -> Path:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
+
+  from sae_jax import cli
 
   _KIND = flags.DEFINE_enum("kind", "llava_next", KINDS, "Which LLaVA class to build.")
   _OUT = flags.DEFINE_string("out", None, "Folder to save the model and processor in.",
                              required=True)
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
 
-  def main(argv):
-    del argv
+  def main():
     out = save(_KIND.value, _OUT.value, _SEED.value)
     print(json.dumps({"ok": True, "kind": _KIND.value, "out": str(out)}))
 
-  app.run(main)
+  cli.run(main)

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import json
-import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from tqdm import tqdm
 
 from harvest.images import BadImage
 from interpret import jobs, site, sources, visual
 from interpret import topacts as topacts_lib
+from sae_jax import cli
 from sae_jax.store import StoreError, atomic_write_bytes
 
 _TOPACTS = flags.DEFINE_string("topacts", None, "TOPACTS folder (sae_jax.scan output).", required=True)
@@ -123,25 +123,20 @@ def build_site(acts, table, latents: list[int], records: dict[int, dict],
           "scored": sum(i in scores for i in latents), "score_names": score_names}
 
 
-def main(argv):
-  del argv
+def main():
   out = Path(_OUT.value)
-  try:
-    acts = topacts_lib.TopActs(_TOPACTS.value)
-    records = jobs.read_explanations(Path(_EXPLANATIONS.value)) if _EXPLANATIONS.value else {}
-    scores = load_scores(_SCORES.value) if _SCORES.value else {}
-    latents, skipped = topacts_lib.selection_from_flags(
-        acts, flags.FLAGS, restrict_to=set(records) if _EXPLANATIONS.value else None)
-    table = sources.open_table(acts, _STORE.value, _IMAGE_ROOT.value)
-    summary = build_site(acts, table, latents, records, scores, out, {
-        "image_size": _IMAGE_SIZE.value, "num_images": _NUM_IMAGES.value, "title": _TITLE.value,
-        "workers": _WORKERS.value})
-  except (topacts_lib.TopActsError, StoreError, jobs.ResultsError, ScoresError, OSError) as e:
-    print(json.dumps({"ok": False, "error": str(e)}))
-    sys.exit(1)
+  acts = topacts_lib.TopActs(_TOPACTS.value)
+  records = jobs.read_explanations(Path(_EXPLANATIONS.value)) if _EXPLANATIONS.value else {}
+  scores = load_scores(_SCORES.value) if _SCORES.value else {}
+  latents, skipped = topacts_lib.selection_from_flags(
+      acts, flags.FLAGS, restrict_to=set(records) if _EXPLANATIONS.value else None)
+  table = sources.open_table(acts, _STORE.value, _IMAGE_ROOT.value)
+  summary = build_site(acts, table, latents, records, scores, out, {
+      "image_size": _IMAGE_SIZE.value, "num_images": _NUM_IMAGES.value, "title": _TITLE.value,
+      "workers": _WORKERS.value})
   print(json.dumps({"ok": True, "skipped_no_images": skipped, **summary,
                     "index": str(out / "index.html")}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, (topacts_lib.TopActsError, StoreError, jobs.ResultsError, ScoresError, OSError))

@@ -18,10 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from interpret import explainers, jobs, prompts, sources
 from interpret import topacts as topacts_lib
+from sae_jax import cli
 from sae_jax.store import StoreError, atomic_write_json
 
 _BEFORE = set(flags.FLAGS)
@@ -72,31 +73,25 @@ topacts_lib.define_selection_flags(flags)
 _OURS = sorted(set(flags.FLAGS) - _BEFORE)
 
 
-def main(argv):
-  del argv
+def main():
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   # Resolved flags, for the record. The key itself is never a flag: only the variable's name is here.
   atomic_write_json(out / "flags.json", {name: flags.FLAGS[name].value for name in _OURS})
-  try:
-    topacts = topacts_lib.TopActs(_TOPACTS.value)
-    latents, skipped = topacts_lib.selection_from_flags(topacts, flags.FLAGS)
-    table = sources.open_table(topacts, _STORE.value, _IMAGE_ROOT.value)
-    template = prompts.load_template(_PROMPT_TEMPLATE.value)
-    if _ANSWER_PREFIX.value is not None:
-      template = dataclasses.replace(template, assistant=_ANSWER_PREFIX.value)
-    explainer = explainers.make_explainer(
-        _EXPLAINER.value, _EXPLAINER_MODEL.value, os.environ.get(_API_KEY_ENV.value),
-        timeout_s=_TIMEOUT_S.value, max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
-        multi_images=_MULTI_IMAGES.value, device=_HF_DEVICE.value, dtype=_HF_DTYPE.value)
-    settings = jobs.JobSettings(concurrency=_CONCURRENCY.value, max_retries=_MAX_RETRIES.value,
-                                backoff_s=_BACKOFF_S.value, num_images=_NUM_IMAGES.value,
-                                image_size=_IMAGE_SIZE.value, grid=_GRID.value)
-    summary = jobs.run(topacts, table, latents, template, explainer, out, settings)
-  except (topacts_lib.TopActsError, StoreError, prompts.TemplateError, jobs.ResultsError,
-          explainers.ExplainerError) as e:
-    print(json.dumps({"ok": False, "error": str(e)}))
-    sys.exit(1)
+  topacts = topacts_lib.TopActs(_TOPACTS.value)
+  latents, skipped = topacts_lib.selection_from_flags(topacts, flags.FLAGS)
+  table = sources.open_table(topacts, _STORE.value, _IMAGE_ROOT.value)
+  template = prompts.load_template(_PROMPT_TEMPLATE.value)
+  if _ANSWER_PREFIX.value is not None:
+    template = dataclasses.replace(template, assistant=_ANSWER_PREFIX.value)
+  explainer = explainers.make_explainer(
+      _EXPLAINER.value, _EXPLAINER_MODEL.value, os.environ.get(_API_KEY_ENV.value),
+      timeout_s=_TIMEOUT_S.value, max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
+      multi_images=_MULTI_IMAGES.value, device=_HF_DEVICE.value, dtype=_HF_DTYPE.value)
+  settings = jobs.JobSettings(concurrency=_CONCURRENCY.value, max_retries=_MAX_RETRIES.value,
+                              backoff_s=_BACKOFF_S.value, num_images=_NUM_IMAGES.value,
+                              image_size=_IMAGE_SIZE.value, grid=_GRID.value)
+  summary = jobs.run(topacts, table, latents, template, explainer, out, settings)
   # Failed latents (retries exhausted, unreadable images) are retried by the next run: say so in
   # the exit status, so that scripts notice.
   failed = summary["by_status"].get(prompts.FAILED, 0)
@@ -106,4 +101,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, (topacts_lib.TopActsError, StoreError, prompts.TemplateError, jobs.ResultsError,
+                 explainers.ExplainerError))

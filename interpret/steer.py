@@ -13,32 +13,29 @@ run per strength with every latent at it; --mode=ablate needs neither. Writes ev
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import tqdm
-from absl import app, flags
+from absl import flags
 from PIL import Image
 
 from harvest import images, llava
 from harvest.hooks import HookError
 from interpret import steering
+from sae_jax import cli
 from sae_jax.store import atomic_write_json
 
-_MODEL = flags.DEFINE_string("model", None, "LLaVA checkpoint (folder or hub id).", required=True)
-steering.define_flags(flags)  # --sae --layer --latents --mode --values --strengths --positions
+_LLAVA = llava.define_flags()  # --model --dtype --device --prompt_mode
+steering.define_flags()  # --sae --layer --latents --mode --values --strengths --positions
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt text.", required=True)
 _IMAGE = flags.DEFINE_string("image", None, "Optional image file shown with the prompt.")
-_PROMPT_MODE = flags.DEFINE_enum("prompt_mode", "chat", ["chat", "bare"],
-                                 "chat: the model's chat template; bare: '<image>\\nPROMPT'.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per run.",
                                        lower_bound=1)
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", list(llava.TORCH_DTYPES), "Model dtype (the SAE "
-                           "always runs in float32).")
-_DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Where the model runs.")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the generations (optional).")
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(llava)  # --help lists the shared flags too
+flags.adopt_module_key_flags(steering)
 USER_ERRORS = (steering.SteeringError, HookError, llava.ModelError, images.BadImage)
 
 
@@ -52,9 +49,9 @@ def run() -> dict:
       image = images.decode_image(lambda: Image.open(_IMAGE.value))
     except images.BadImage as e:
       raise images.BadImage(f"--image={_IMAGE.value}: {e}") from e
-  loaded = llava.load_llava(_MODEL.value, _DTYPE.value, _DEVICE.value)
+  loaded = _LLAVA.load()
   sae, layer = steering.load_sae(loaded, FLAGS.sae, FLAGS.layer)
-  text = llava.prompt_text(loaded.processor, _PROMPT_MODE.value, _PROMPT.value,
+  text = llava.prompt_text(loaded.processor, _LLAVA.prompt_mode.value, _PROMPT.value,
                            with_image=image is not None)
   batch_images = [image] if image is not None else None
 
@@ -69,19 +66,13 @@ def run() -> dict:
     runs.append({"label": label, "edits": [{"latent": e.latent, "value": e.value} for e in edits],
                  "text": generated, "differs": generated != baseline,
                  "edited_positions": steer.edited_positions})
-  return {"model": _MODEL.value, "sae": FLAGS.sae, "layer": layer, "mode": FLAGS.mode,
+  return {"model": _LLAVA.model.value, "sae": FLAGS.sae, "layer": layer, "mode": FLAGS.mode,
           "positions": FLAGS.positions, "prompt": _PROMPT.value, "image": _IMAGE.value,
           "max_new_tokens": _MAX_NEW_TOKENS.value, "baseline": baseline, "runs": runs}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:
-    result = run()
-  except USER_ERRORS as e:
-    print(json.dumps({"ok": False, "error": str(e)}))
-    sys.exit(1)
+def main():
+  result = run()
   if _OUT.value:
     atomic_write_json(Path(_OUT.value), result)
   print(f"[no steering] {result['baseline']!r}")
@@ -93,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, USER_ERRORS)

@@ -37,6 +37,7 @@ import re
 from typing import Callable, Sequence
 
 import torch
+from absl import flags
 from torch import nn
 from transformers.cache_utils import Cache
 
@@ -72,12 +73,17 @@ def layer_of_hookpoint(hookpoint: str) -> int:
   return int(match.group(1))
 
 
-def define_flags(flags) -> None:
-  """The steering flags shared by `interpret.steer` and `eval.hallucination`."""
+def define_sae_flags() -> None:
+  """--sae and --layer, for every command that applies an exported SAE inside the model."""
   flags.DEFINE_string("sae", None, "Exported dictionary: EXPORT/<hookpoint> (or an EXPORT with one "
                       "hookpoint), sparsify or SAELens layout.")
-  flags.DEFINE_integer("layer", -1, "Decoder layer to steer at (-1: from the SAE's hookpoint "
-                       "folder name, e.g. model.layers.24 -> 24).")
+  flags.DEFINE_integer("layer", -1, "Decoder layer the SAE reads (-1: the layer of the export's "
+                       "hookpoint).")
+
+
+def define_flags() -> None:
+  """The steering flags shared by `interpret.steer` and `eval.hallucination`."""
+  define_sae_flags()
   flags.DEFINE_list("latents", [], "Latent indices to edit, e.g. 12,40.")
   flags.DEFINE_enum("mode", "clamp", MODES, "clamp: set to a value, SAE error kept; add: add "
                     "value x decoder row; add_scaled: add value x |x| x unit decoder row; "

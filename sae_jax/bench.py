@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
+from absl import flags
 
-from sae_jax import aot, perf, sharding
+from sae_jax import aot, cli, perf, sharding
 from sae_jax import step as step_lib
 from sae_jax import topk as topk_lib
 from sae_jax.model import SAEConfig
@@ -57,8 +55,7 @@ _PROFILE_DIR = flags.DEFINE_string(
 _MESH = flags.DEFINE_string("mesh", "data:-1,model:1", "Mesh of --aot_devices (one -1 fills).")
 
 
-def main(argv):
-  del argv
+def main():
   if _AOT_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _AOT_DEVICES.value)  # before the backend starts
   cfg = SAEConfig(d_in=_D_IN.value, num_latents=_NUM_LATENTS.value, k=_K.value,
@@ -108,4 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

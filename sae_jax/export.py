@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
-from sae_jax import checkpoint, dictionary, logs
+from sae_jax import checkpoint, cli, dictionary, logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Export folder (EXPORT/<hookpoint>/ is written).",
@@ -39,8 +39,7 @@ def last_metrics(workdir: Path) -> dict:
   return json.loads(lines[-1]) if lines else {}
 
 
-def main(argv):
-  del argv
+def main():
   logs.quiet_libraries()
   workdir = Path(_WORKDIR.value)
   model, run, step = checkpoint.load_model(workdir, _STEP.value)
@@ -48,19 +47,17 @@ def main(argv):
             for name in dictionary.PARAM_NAMES}
   params = dictionary.fold_input_scale(params, run["input_scale"])
   hookpoint = _HOOKPOINT.value or run["source"]["hookpoint"]
-  try:
-    folder = dictionary.write(
-        _OUT.value, hookpoint, params, k=run["sae"]["k"], layout=_FORMAT.value,
-        dtype=_DTYPE.value, multi_topk=run["sae"]["multi_topk"],
-        sidecar={"format": "sae_jax-export", "version": 1, "layout": _FORMAT.value, "step": step,
-                 "workdir": str(workdir.absolute()), "input_scale_folded": run["input_scale"],
-                 "sae": run["sae"], "source": run["source"], "metrics": last_metrics(workdir)})
-  except dictionary.DictionaryError as e:  # e.g. --out already holds the other format
-    raise app.UsageError(str(e)) from e
+  folder = dictionary.write(
+      _OUT.value, hookpoint, params, k=run["sae"]["k"], layout=_FORMAT.value,
+      dtype=_DTYPE.value, multi_topk=run["sae"]["multi_topk"],
+      sidecar={"format": "sae_jax-export", "version": 1, "layout": _FORMAT.value, "step": step,
+               "workdir": str(workdir.absolute()), "input_scale_folded": run["input_scale"],
+               "sae": run["sae"], "source": run["source"], "metrics": last_metrics(workdir)})
   print(json.dumps({"export": str(folder), "layout": _FORMAT.value, "step": step,
                     "num_latents": int(params["W_enc"].shape[0]), "d_in": int(params["W_enc"].shape[1]),
                     "k": run["sae"]["k"], "dtype": _DTYPE.value}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # e.g. --workdir is no training workdir, --out already holds the other format
+  cli.run(main, (dictionary.DictionaryError, FileNotFoundError))
