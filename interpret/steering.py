@@ -33,7 +33,6 @@ bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Callable, Sequence
 
 import torch
@@ -44,7 +43,7 @@ from transformers.cache_utils import Cache
 from harvest import llava
 from harvest.hooks import HookError, find_decoder_layers
 from interpret.sae import TopKSAE
-from sae_jax.dictionary import DictionaryError
+from sae_jax import dictionary
 
 MODES = ("clamp", "add", "add_scaled", "ablate", "replace")
 POSITIONS = ("image", "text", "prompt", "generated", "all")
@@ -66,11 +65,11 @@ class Edit:
 
 def layer_of_hookpoint(hookpoint: str) -> int:
   """Decoder layer index of a hookpoint name: 'model.layers.24' or '...language_model.layers.24'."""
-  match = re.search(r"(?:^|\.)layers\.(\d+)$", hookpoint)
-  if not match:
+  layer = dictionary.layer_index(hookpoint)
+  if layer is None:
     raise SteeringError(f"cannot tell the decoder layer from the SAE's hookpoint {hookpoint!r}; "
                         "pass --layer")
-  return int(match.group(1))
+  return layer
 
 
 def define_sae_flags() -> None:
@@ -301,16 +300,23 @@ class Steering:
 
 
 def load_sae(loaded: llava.LoadedModel, path: str, layer: int) -> tuple[TopKSAE, int]:
-  """The SAE at `path` in float32 on the model's device, and its decoder layer (`layer` < 0: read
-  from the export's hookpoint folder name)."""
+  """The SAE at `path` in float32 on the model's device, and its decoder layer: the layer of the
+  hookpoint its metadata records (dictionary.read); `layer` >= 0 must agree with it."""
   try:
     sae = TopKSAE.from_export(path, dtype=torch.float32, device=loaded.device)
-  except (DictionaryError, OSError) as e:
+  except (dictionary.DictionaryError, OSError) as e:
     raise SteeringError(f"--sae={path}: {e}") from e
   if sae.d_in != loaded.d_model:
     raise SteeringError(f"--sae={path} reads vectors of width {sae.d_in} but the model's "
                         f"residual stream has width {loaded.d_model}")
-  return sae, layer if layer >= 0 else layer_of_hookpoint(sae.info["hookpoint"])
+  hookpoint = sae.info["hookpoint"]
+  if layer < 0:
+    return sae, layer_of_hookpoint(hookpoint)
+  trained_at = dictionary.layer_index(hookpoint)
+  if trained_at is not None and trained_at != layer:
+    raise SteeringError(f"--layer={layer}, but the SAE at {path} was trained on {hookpoint} "
+                        f"(layer {trained_at}); leave --layer out")
+  return sae, layer
 
 
 def steering_for(loaded: llava.LoadedModel, sae: TopKSAE, layer: int, edits: Sequence[Edit],

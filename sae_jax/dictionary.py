@@ -22,6 +22,7 @@ side (`interpret`), so it must stay free of jax and torch.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import ml_dtypes
@@ -76,6 +77,7 @@ def write(out: str | Path, hookpoint: str, params: dict[str, np.ndarray], *, k: 
   cast = {name: np.ascontiguousarray(np.asarray(v, np.float32).astype(DTYPES[dtype]))
           for name, v in params.items()}
   folder = Path(out) / hookpoint
+  check_hookpoint(folder, recorded_hookpoint({}, sidecar or {}))
   found = layout_of(folder)
   if found not in (None, layout):
     raise DictionaryError(f"{folder} holds a {found} export ({WEIGHTS[found]}); refusing to write "
@@ -102,6 +104,29 @@ def write(out: str | Path, hookpoint: str, params: dict[str, np.ndarray], *, k: 
   if sidecar is not None:
     atomic_write_json(folder / SIDECAR, sidecar)
   return folder
+
+
+def layer_index(hookpoint: str) -> int | None:
+  """Decoder layer of a hookpoint name ('model.layers.24', '...language_model.layers.24': the
+  output of block 24), or None for a name of another form."""
+  match = re.search(r"(?:^|\.)layers\.(\d+)$", hookpoint)
+  return int(match.group(1)) if match else None
+
+
+def recorded_hookpoint(cfg: dict, sidecar: dict) -> str | None:
+  """The hookpoint a dictionary was trained on, from its own metadata: our sidecar's source (the
+  store's hookpoint), else SAELens's metadata.hook_name (hook_name before SAELens 6)."""
+  return ((sidecar.get("source") or {}).get("hookpoint")
+          or (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name"))
+
+
+def check_hookpoint(folder: Path, recorded: str | None) -> None:
+  """A folder named for one layer holding a dictionary of another is refused (steering or
+  splicing it at the folder's layer would silently use the wrong residual stream)."""
+  named = layer_index(folder.name)
+  if recorded is not None and named is not None and named != layer_index(recorded):
+    raise DictionaryError(f"{folder} is named for layer {named}, but the dictionary in it was "
+                          f"trained on {recorded}")
 
 
 def layout_of(folder: Path) -> str | None:
@@ -224,5 +249,8 @@ def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     params = fold_decoder_norms(params)
   sidecar_path = folder / SIDECAR
   sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else {}
+  recorded = recorded_hookpoint(cfg, sidecar)
+  check_hookpoint(folder, recorded)
+  # Without metadata (a foreign sparsify export) the folder name is the hookpoint, as in sparsify.
   return params, {"k": k, "d_in": d, "num_latents": n, "layout": layout,
-                  "hookpoint": folder.name, "folder": str(folder), "sidecar": sidecar}
+                  "hookpoint": recorded or folder.name, "folder": str(folder), "sidecar": sidecar}

@@ -130,3 +130,30 @@ def test_saelens_rescale_acts_by_decoder_norm_is_folded_exactly(tmp_path):
   np.testing.assert_allclose(values, np.take_along_axis(z, indices, 1), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(reference.decode_numpy(loaded, values, indices), x_hat, rtol=1e-5,
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_hookpoint_comes_from_the_exports_metadata(tmp_path, layout):
+  sidecar = {"source": {"hookpoint": "model.language_model.layers.3", "layer": 3}}
+  folder = dictionary.write(tmp_path, "model.language_model.layers.3", random_params(), k=K,
+                            layout=layout, sidecar=sidecar)
+  renamed = folder.rename(tmp_path / "my_sae")  # a user's copy under another name
+  assert dictionary.read(renamed)[1]["hookpoint"] == "model.language_model.layers.3"
+  if layout == "saelens":  # SAELens's own metadata, without our sidecar
+    (renamed / dictionary.SIDECAR).unlink()
+    assert dictionary.read(renamed)[1]["hookpoint"] == "model.language_model.layers.3"
+
+
+def test_a_folder_named_for_another_layer_is_refused(tmp_path):
+  sidecar = {"source": {"hookpoint": "model.layers.3", "layer": 3}}
+  with pytest.raises(dictionary.DictionaryError, match="named for layer 5.*model.layers.3"):
+    dictionary.write(tmp_path, "model.layers.5", random_params(), k=K, layout="sparsify",
+                     sidecar=sidecar)
+  folder = dictionary.write(tmp_path, "model.layers.3", random_params(), k=K, layout="sparsify",
+                            sidecar=sidecar)
+  with pytest.raises(dictionary.DictionaryError, match="named for layer 5.*model.layers.3"):
+    dictionary.read(folder.rename(tmp_path / "model.layers.5"))
+  # A foreign sparsify export has no metadata: its folder name is its hookpoint, as in sparsify.
+  plain = dictionary.write(tmp_path / "plain", "model.layers.7", random_params(), k=K,
+                           layout="sparsify")
+  assert dictionary.read(plain)[1]["hookpoint"] == "model.layers.7"

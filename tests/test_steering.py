@@ -11,7 +11,8 @@ import steer_fixtures
 from harvest import hooks, images, llava
 from interpret.sae import TopKSAE
 from interpret.steering import (Edit, Steering, SteeringError, edit_configs,
-                                layer_of_hookpoint, steering_for)
+                                layer_of_hookpoint, load_sae, steering_for)
+from sae_jax import dictionary
 
 ALWAYS_ON = 3  # fires at every position with a pre-activation of about 20
 LAYER = 0
@@ -214,7 +215,7 @@ def test_half_precision_model(dtype, tiny_model, tmp_path):
   torch.testing.assert_close(moved, 30.0 - current[image], rtol=0.05, atol=0.2)
 
 
-def test_errors_and_configs(setup):
+def test_errors_and_configs(setup, tmp_path):
   loaded, sae = setup
   with pytest.raises(SteeringError, match="latent 999"):
     steering(loaded, sae, [Edit(999, 1.0)])
@@ -222,6 +223,13 @@ def test_errors_and_configs(setup):
     steering(loaded, sae, [Edit(1, 1.0)], positions="nowhere")
   with pytest.raises(hooks.HookError, match="layer 9"):
     steering(loaded, sae, [Edit(1, 1.0)], layer=9)
+  renamed = tmp_path / "my_sae"  # the export's metadata, not its folder name, gives the layer
+  steer_fixtures.write_export(tmp_path, steer_fixtures.random_params(loaded.d_model)).rename(renamed)
+  (renamed / dictionary.SIDECAR).write_text(
+      json.dumps({"source": {"hookpoint": steer_fixtures.HOOKPOINT}}))
+  assert load_sae(loaded, str(renamed), -1)[1] == 0
+  with pytest.raises(SteeringError, match=r"--layer=1, but .*\(layer 0\)"):
+    load_sae(loaded, str(renamed), 1)
   assert layer_of_hookpoint("model.layers.24") == 24
   assert layer_of_hookpoint("model.language_model.layers.3") == 3
   with pytest.raises(SteeringError, match="--layer"):
