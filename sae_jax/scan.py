@@ -256,7 +256,9 @@ def save_state(out: Path, header: dict, state, maps, images_scanned: int,
 if __name__ == "__main__":
   # Flags only for the command line, so that importing the scan defines none (tests run it
   # in-process next to modules whose flags share these names).
-  from absl import app, flags
+  from absl import flags
+
+  from sae_jax import cli
 
   _SAE = flags.DEFINE_string("sae", None, "An export folder (sparsify or SAELens layout) or a "
                              "training workdir.", required=True)
@@ -275,17 +277,11 @@ if __name__ == "__main__":
   _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                                      "Encoder matmul dtype.")
 
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  def main():
     logs.quiet_libraries()
-    try:
-      result = scan(_SAE.value, _STORE.value, _OUT.value, top_n=_TOP_N.value, score=_SCORE.value,
-                    chunk_images=_CHUNK_IMAGES.value,
-                    hist_edges=tuple(float(v) for v in _HIST_EDGES.value),
-                    save_every=_SAVE_EVERY.value, compute_dtype=_COMPUTE_DTYPE.value)
-    except (ScanError, StoreError, topacts.TopActsError) as e:
-      raise app.UsageError(str(e)) from e
-    print(json.dumps(result))
+    print(json.dumps(scan(_SAE.value, _STORE.value, _OUT.value, top_n=_TOP_N.value,
+                          score=_SCORE.value, chunk_images=_CHUNK_IMAGES.value,
+                          hist_edges=tuple(float(v) for v in _HIST_EDGES.value),
+                          save_every=_SAVE_EVERY.value, compute_dtype=_COMPUTE_DTYPE.value)))
 
-  app.run(main)
+  cli.run(main, (ScanError, StoreError, topacts.TopActsError))
