@@ -5,13 +5,15 @@ import dataclasses
 import torch
 from absl import flags
 
+from harvest import llava
 from harvest.images import DEFAULT_MAX_PIXELS
 from harvest.run import HarvestConfig, HarvestError
 from harvest.tokens import TOKEN_MODES
 
-MODEL = flags.DEFINE_string(
-    "model", None, "LLaVA checkpoint: a local folder or a hub id (LLaVA-1.5, LLaVA-NeXT or "
-    "LLaVA-OneVision classes of transformers).")
+# --model --dtype --device --prompt_mode, as every command that runs a LLaVA model has them; the
+# harvest runs the model in float32 and gives it the paper's bare prompt unless told otherwise.
+llava.define_flags(dtype="float32", prompt_mode="bare")
+flags.adopt_module_key_flags(llava)
 LAYERS = flags.DEFINE_list(
     "layers", None, "Decoder layer indices to record, e.g. 24 or 24,30. The stored vector is the "
     "output of decoder block L, i.e. hidden_states[L + 1]. All layers come from one forward pass.")
@@ -22,23 +24,15 @@ OUT = flags.DEFINE_string(
     "out", None, "Output folder: one store per layer in OUT/layer_<L>/, plus OUT/harvest_flags.json.")
 IMAGE_COLUMN = flags.DEFINE_string("image_column", "image", "Image column of a datasets input.")
 SPLIT = flags.DEFINE_string("split", "train", "Split of a datasets input saved as a DatasetDict.")
-PROMPT_MODE = flags.DEFINE_enum(
-    "prompt_mode", "bare", ["bare", "chat"],
-    "bare: the paper's literal '<image>' prompt (followed by a newline and --prompt if given), no "
-    "chat template. chat: the model's chat template around the image and the prompt.")
 PROMPT = flags.DEFINE_string(
     "prompt", "", "Prompt text for every image; a JSONL or dataset 'prompt' overrides it.")
 TOKENS = flags.DEFINE_enum(
     "tokens", "base_patches", list(TOKEN_MODES),
     "Which token rows to store: base_patches (the base image grid, the paper's 576), image (every "
     "image token, anyres tiles and newlines included), text, or all. BOS and padding never.")
-DTYPE = flags.DEFINE_enum(
-    "dtype", "float32", ["float32", "bfloat16", "float16"], "dtype the model runs in.")
 STORE_DTYPE = flags.DEFINE_enum(
     "store_dtype", "bfloat16", ["float32", "bfloat16", "float16"],
     "dtype of the stored activations (bfloat16 never overflows on residual outliers).")
-DEVICE = flags.DEFINE_enum(
-    "device", "auto", ["auto", "cpu", "cuda"], "Where the model runs; auto picks cuda if present.")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1)
 SHARD_IMAGES = flags.DEFINE_integer(
     "shard_images", 128, "Input images per store shard; a multiple of --batch_size so that a "
