@@ -61,7 +61,8 @@ def test_sae_jax_imports_without_torch():
   # sys.modules["torch"] = None makes every `import torch` raise ImportError, as on a TPU pod.
   # A command module defines its flags on import, so each gets an interpreter of its own.
   modules = [m.name for m in pkgutil.walk_packages(sae_jax.__path__, "sae_jax.")]
-  commands = [m for m in modules if "app.run(" in Path(importlib.util.find_spec(m).origin).read_text()]
+  sources = {m: Path(importlib.util.find_spec(m).origin).read_text() for m in modules}
+  commands = [m for m in modules if re.search(r"\b(app|cli)\.run\(", sources[m])]
   for group in [[m for m in modules if m not in commands], *[[m] for m in commands]]:
     code = ("import importlib, sys\nsys.modules['torch'] = None\n"
             f"for name in {group!r}:\n  importlib.import_module(name)\n"
