@@ -24,6 +24,7 @@ from sae_jax.model import SAEConfig, TopKSAE
 from sae_jax.store import atomic_write_json
 
 RUN_FILE = "run.json"
+FLAGS_FILE = "flags.json"
 
 
 def manager(workdir: str | Path, *, keep: int) -> ocp.CheckpointManager:
@@ -56,6 +57,12 @@ def write_run(workdir: str | Path, *, cfg: SAEConfig, input_scale: float, source
 
 def read_run(workdir: str | Path) -> dict | None:
   path = Path(workdir) / RUN_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_flags(workdir: str | Path) -> dict | None:
+  """The flags of the workdir's latest start (what a resumed run must agree with)."""
+  path = Path(workdir) / FLAGS_FILE
   return json.loads(path.read_text()) if path.exists() else None
 
 

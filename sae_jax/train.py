@@ -4,9 +4,11 @@ r"""Trains a TopK sparse autoencoder on an activation store.
   python -m sae_jax.train --flagfile=launch/configs/tiny_cpu.flags
 
 Rerunning the same command resumes from the latest checkpoint in --workdir, exactly: the result is
-bit-identical to a run that was never interrupted (same data order, same state). SIGTERM saves a
-checkpoint before exiting. The resolved flags go to WORKDIR/flags.json, metrics to
-WORKDIR/metrics.jsonl and WORKDIR/tb/, and a one-line JSON summary is printed last.
+bit-identical to a run that was never interrupted (same data order, same state). Only the flags in
+RESUMABLE_FLAGS may change on resume. SIGTERM saves a checkpoint before exiting. The resolved flags
+go to WORKDIR/flags.json, metrics to WORKDIR/metrics.jsonl and WORKDIR/tb/, and a one-line JSON
+summary is printed last; a run stopped by its inputs or a non-finite loss prints
+{"ok": false, "error": ...} instead and exits with status 1.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import signal
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
-import grain
+from absl import flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from sae_jax import checkpoint, data, dictionary, distributed, logs, perf, sharding
+from sae_jax import checkpoint, cli, data, dictionary, distributed, logs, perf, sharding
+from sae_jax.dictionary import DictionaryError
 from sae_jax.metrics import MetricWriter
 from sae_jax.model import SAEConfig, geometric_median
 from sae_jax.step import create_state, default_learning_rate, make_optimizer, train_step
@@ -110,12 +112,73 @@ _KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kep
 _LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Write metrics every this many steps.",
                                   lower_bound=1)
 _DATA_WORKERS = flags.DEFINE_integer("data_workers", 0, "grain worker processes reading the "
-                                     "store (0: read in a background thread).", lower_bound=0)
+                                     "store (0: read in background threads).", lower_bound=0)
+_PREFETCH_BATCHES = flags.DEFINE_integer(
+    "prefetch_batches", 4, "Batches read ahead of the step per reading process, each batch_size x "
+    "d_in float32 (0: read each batch when it is due).", lower_bound=0)
 _DEBUG_SIGNAL_AT_STEP = flags.DEFINE_integer(
     "debug_signal_at_step", 0, "Fault injection for tests: send --debug_signal to this process "
     "when this step is reached (after the checkpoints due before it are on disk).", lower_bound=0)
 _DEBUG_SIGNAL = flags.DEFINE_enum("debug_signal", "SIGKILL", ["SIGKILL", "SIGTERM"],
                                   "Signal of --debug_signal_at_step.")
+
+# What a resumed run may change: how long it runs and how it is carried out, not what it computes.
+# Changing --steps/--epochs is also refused when the learning-rate schedule depends on the total.
+RESUMABLE_FLAGS = frozenset({
+    "workdir", "steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every",
+    "data_workers", "prefetch_batches", "mesh", "distributed", "coordinator_address",
+    "num_processes", "process_id", "debug_signal_at_step", "debug_signal"})
+
+
+class TrainError(Exception):
+  """A run that cannot go on (bad flags, a resume that would change the run, a non-finite loss);
+  reported as one line."""
+
+
+def resolved_flags() -> dict:
+  """This module's flags as flags.json records them (JSON types, paths absolute)."""
+  values = {h.name: h.value for h in globals().values() if isinstance(h, flags.FlagHolder)}
+  for name in ("store", "init_from"):
+    if values[name]:
+      values[name] = str(Path(values[name]).absolute())
+  return json.loads(json.dumps(values))
+
+
+def flag_text(value) -> str:
+  """A flag value as it is written on a command line."""
+  if isinstance(value, list):
+    return ",".join(map(str, value))
+  if isinstance(value, bool):
+    return str(value).lower()
+  return "" if value is None else str(value)
+
+
+def check_resumed_flags(workdir: Path, old: dict, new: dict) -> None:
+  """Refuses a resume whose flags would change the run recorded in WORKDIR/flags.json."""
+  for name, value in sorted(new.items()):
+    if name not in RESUMABLE_FLAGS and name in old and old[name] != value:
+      was = f"--{name}={flag_text(old[name])}"
+      raise TrainError(f"--{name}={flag_text(value)} but the run in {workdir} used {was}; rerun "
+                       f"with {was} to resume it, or use a new --workdir")
+
+
+def check_resumed_total(workdir: Path, old_total: int, new_total: int) -> None:
+  """Refuses a new total step count where the learning-rate schedule depends on it: a decay, or a
+  warmup that the old total cut short."""
+  warmup = _LR_WARMUP_STEPS.value
+  if new_total != old_total and (_LR_DECAY.value != "constant" or
+                                 min(warmup, old_total) != min(warmup, new_total)):
+    raise TrainError(f"--steps/--epochs give {new_total} steps but the run in {workdir} has "
+                     f"{old_total}, and its learning rate (--lr_decay={_LR_DECAY.value}, "
+                     f"--lr_warmup_steps={warmup}) depends on the total; use a new --workdir")
+
+
+def check_finite(step: int, metrics: dict, last_good: int | None, workdir: Path) -> None:
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    saved = (f"step {last_good} in {workdir / 'checkpoints'}" if last_good else
+             "none (no checkpoint was saved)")
+    raise TrainError(f"loss is {loss} at step {step}; the last good checkpoint is {saved}")
 
 
 def write_note(note: str) -> None:
@@ -136,9 +199,12 @@ def lr_schedule(peak: float, warmup: int, total: int, decay: str) -> optax.Sched
 
 
 def log_metrics(writer: MetricWriter, progress: tqdm, schedule: optax.Schedule, floor_ms: float,
-                step: int, device_metrics: dict, since_time: float, since_step: int) -> dict:
-  """Fetches a step's metrics (already computed: this runs one step late) and writes them."""
+                step: int, device_metrics: dict, since_time: float, since_step: int, *,
+                last_good: int | None, workdir: Path) -> dict:
+  """Fetches a step's metrics (already computed: this runs one step late), stops the run if the
+  loss is not finite, and writes them."""
   scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+  check_finite(step, scalars, last_good, workdir)
   scalars["lr"] = float(schedule(step - 1))  # the rate that step's update used
   elapsed = time.perf_counter() - since_time
   scalars["tokens_per_s"] = (step - since_step) * _BATCH_SIZE.value / max(elapsed, 1e-9)
@@ -158,12 +224,16 @@ def measure_floor_ms(cfg: SAEConfig, state, x) -> float:
   return perf.time_interleaved({"floor": call}, steps=3, warmup=1)["floor"][0]
 
 
-def main(argv):
-  del argv
+def main() -> None:
   logs.quiet_libraries()
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)
   workdir = Path(_WORKDIR.value)
+  run = checkpoint.read_run(workdir)
+  new_flags = resolved_flags()
+  old_flags = checkpoint.read_flags(workdir) if run is not None else None
+  if old_flags is not None:
+    check_resumed_flags(workdir, old_flags, new_flags)
   workdir.mkdir(parents=True, exist_ok=True)
 
   ##############################################################################################
@@ -176,9 +246,10 @@ def main(argv):
   per_epoch = rows.num_rows // _BATCH_SIZE.value
   total_steps = _STEPS.value or int(_EPOCHS.value * per_epoch)
   if total_steps <= 0:
-    raise app.UsageError(f"--epochs={_EPOCHS.value} of {per_epoch} steps each is no training; "
-                         "set --steps or a larger --epochs")
-  run = checkpoint.read_run(workdir)
+    raise TrainError(f"--epochs={_EPOCHS.value} of {per_epoch} steps each is no training; "
+                     "set --steps or a larger --epochs")
+  if old_flags is not None:
+    check_resumed_total(workdir, old_flags["resolved"]["total_steps"], total_steps)
   sample = None
   if run is not None:
     input_scale = run["input_scale"]
@@ -202,38 +273,40 @@ def main(argv):
   num_latents = (init_info["num_latents"] if init_info else
                  _NUM_LATENTS.value or _EXPANSION_FACTOR.value * d_in)
   if _K.value > num_latents:
-    raise app.UsageError(f"--k={_K.value} exceeds the number of latents ({num_latents})")
+    raise TrainError(f"--k={_K.value} exceeds the number of latents ({num_latents})")
   cfg = SAEConfig(d_in=d_in, num_latents=num_latents, k=_K.value, multi_topk=_MULTI_TOPK.value,
                   auxk_alpha=_AUXK_ALPHA.value, dead_tokens=_DEAD_TOKENS.value,
                   k_aux=_K_AUX.value or None, shard_capacity=_SHARD_CAPACITY.value,
                   compute_dtype=_COMPUTE_DTYPE.value, topk=_TOPK.value,
                   topk_recall=_TOPK_RECALL.value, weight_grads=_WEIGHT_GRADS.value)
   if run is not None and SAEConfig(**run["sae"]) != cfg:
-    raise app.UsageError(f"{workdir} holds a run with another SAE config ({run['sae']}); "
-                         "use a new --workdir")
+    raise TrainError(f"{workdir} holds a run with another SAE config ({run['sae']}); "
+                     "use a new --workdir")
   peak_lr = _LR.value or default_learning_rate(num_latents)
   schedule = lr_schedule(peak_lr, _LR_WARMUP_STEPS.value, total_steps, _LR_DECAY.value)
   tx = make_optimizer(schedule,
                       b1=_ADAM_B1.value, b2=_ADAM_B2.value, eps=_ADAM_EPS.value,
                       grad_clip=_GRAD_CLIP.value or None)
-  resolved = {h.name: h.value for h in globals().values() if isinstance(h, flags.FlagHolder)}
   if jax.process_index() == 0:
-    atomic_write_json(workdir / "flags.json", {
-        **resolved, "resolved": {"num_latents": num_latents, "lr": peak_lr,
+    atomic_write_json(workdir / checkpoint.FLAGS_FILE, {
+        **new_flags, "resolved": {"num_latents": num_latents, "lr": peak_lr,
                                  "total_steps": total_steps, "steps_per_epoch": per_epoch,
                                  "input_scale": input_scale}})
 
   ##############################################################################################
   # Mesh, shardings and the initial state (born sharded, never whole on one device).           #
   ##############################################################################################
-  mesh = sharding.make_mesh(_MESH.value)
+  try:
+    mesh = sharding.make_mesh(_MESH.value)
+  except ValueError as e:  # the message names --mesh
+    raise TrainError(str(e)) from e
   data_shards = mesh.shape["data"]
   if _BATCH_SIZE.value % data_shards:
-    raise app.UsageError(f"--batch_size={_BATCH_SIZE.value} must be divisible by the data axis "
-                         f"of the mesh ({data_shards})")
+    raise TrainError(f"--batch_size={_BATCH_SIZE.value} must be divisible by the data axis of "
+                     f"the mesh ({data_shards})")
   if num_latents % mesh.shape["model"]:
-    raise app.UsageError(f"num_latents={num_latents} must be divisible by the model axis of the "
-                         f"mesh ({mesh.shape['model']})")
+    raise TrainError(f"num_latents={num_latents} must be divisible by the model axis of the "
+                     f"mesh ({mesh.shape['model']})")
   write_note(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
              f"devices, {jax.process_count()} process(es); {total_steps} steps of "
              f"{_BATCH_SIZE.value} tokens")
@@ -294,10 +367,8 @@ def main(argv):
         rows, batch_size=_BATCH_SIZE.value, seed=_SEED.value, num_epochs=None,
         start_step=start_step, process_index=jax.process_index(),
         process_count=jax.process_count())
-    batches = dataset.to_iter_dataset()
-    if _DATA_WORKERS.value:
-      batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=_DATA_WORKERS.value))
-    batches = iter(batches)
+    batches = data.make_batches(dataset, prefetch=_PREFETCH_BATCHES.value,
+                                workers=_DATA_WORKERS.value)
 
     ############################################################################################
     # The loop.                                                                                 #
@@ -312,44 +383,43 @@ def main(argv):
     progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                     disable=jax.process_index() != 0)
     step = start_step
-    for step in range(start_step + 1, total_steps + 1):
-      if _DEBUG_SIGNAL_AT_STEP.value == step:
-        mngr.wait_until_finished()
-        os.kill(os.getpid(), getattr(signal, _DEBUG_SIGNAL.value))
-      with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
-        x = sharding.global_batch(next(batches), mesh)
-        if step == start_step + 1:
-          floor_ms = measure_floor_ms(cfg, state, x)
-        state, step_metrics = update(state, x)
+    try:
+      for step in range(start_step + 1, total_steps + 1):
+        if _DEBUG_SIGNAL_AT_STEP.value == step:
+          mngr.wait_until_finished()
+          os.kill(os.getpid(), getattr(signal, _DEBUG_SIGNAL.value))
+        with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
+          x = sharding.global_batch(next(batches), mesh)
+          if step == start_step + 1:
+            floor_ms = measure_floor_ms(cfg, state, x)
+          state, step_metrics = update(state, x)
+        if pending is not None:
+          summary = log_metrics(writer, progress, schedule, floor_ms, *pending, tick_time,
+                                tick_step, last_good=last_good, workdir=workdir)
+          tick_time, tick_step = time.perf_counter(), pending[0]
+          pending = None
+        if step % _LOG_EVERY.value == 0 or step == total_steps:
+          pending = (step, step_metrics)
+        progress.update(1)
+        if step % _CHECKPOINT_EVERY.value == 0 or step == total_steps or preempted:
+          check_finite(step, step_metrics, last_good, workdir)  # never save a diverged state
+          checkpoint.save(mngr, step, state)
+          last_good = step
+        if preempted:
+          write_note(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
+          break
       if pending is not None:
-        summary = log_metrics(writer, progress, schedule, floor_ms, *pending, tick_time, tick_step)
-        tick_time, tick_step = time.perf_counter(), pending[0]
-        pending = None
-      if step % _LOG_EVERY.value == 0 or step == total_steps:
-        pending = (step, step_metrics)
-      progress.update(1)
-      due = step % _CHECKPOINT_EVERY.value == 0 or step == total_steps or preempted
-      if due:
-        loss = float(step_metrics["loss"])
-        if not math.isfinite(loss):
-          raise FloatingPointError(
-              f"loss is {loss} at step {step}; the last good checkpoint is step {last_good} in "
-              f"{workdir / 'checkpoints'}")
-        checkpoint.save(mngr, step, state)
-        last_good = step
-      if preempted:
-        write_note(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
-        break
-    if pending is not None:
-      summary = log_metrics(writer, progress, schedule, floor_ms, *pending, tick_time, tick_step)
-    progress.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
+        summary = log_metrics(writer, progress, schedule, floor_ms, *pending, tick_time,
+                              tick_step, last_good=last_good, workdir=workdir)
+    finally:  # an error too leaves the checkpoints it names complete on disk
+      progress.close()
+      mngr.wait_until_finished()
+      mngr.close()
+      writer.close()
   if jax.process_index() == 0:
     print(json.dumps({"workdir": str(workdir), "step": step, "total_steps": total_steps,
                       **summary}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, (TrainError, StoreError, DictionaryError))

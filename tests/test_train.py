@@ -1,6 +1,7 @@
 """The trainer as a user runs it: resume exactness after kill -9, export round trip, bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,8 +12,8 @@ import reference
 
 import synthetic
 
-from sae_jax import dictionary
-from sae_jax.store import META_DTYPE, StoreWriter
+from sae_jax import data, dictionary
+from sae_jax.store import Store
 
 D_MODEL = 16
 
@@ -25,13 +26,36 @@ def store(tmp_path_factory):
 
 
 def train(store, workdir, *extra, check=True):
+  """Runs the trainer (a flag in `extra` overrides the same flag before it)."""
   cmd = [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}",
          "--num_latents=64", "--k=4", "--batch_size=64", "--steps=20", "--checkpoint_every=5",
          "--log_every=5", "--lr_warmup_steps=2", "--dead_tokens=256", "--normalize_inputs", *extra]
   result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   if check and result.returncode != 0:
-    raise AssertionError(result.stderr[-3000:])
+    raise AssertionError(result.stdout[-1000:] + result.stderr[-3000:])
   return result
+
+
+def error_of(result) -> str:
+  """The one-line error a failed run prints last, after checking it failed."""
+  assert result.returncode == 1, result.stderr[-3000:]
+  last = json.loads(result.stdout.splitlines()[-1])
+  assert last["ok"] is False and "\n" not in last["error"]
+  return last["error"]
+
+
+@pytest.fixture(scope="module")
+def straight(store, tmp_path_factory):
+  """The workdir of the uninterrupted run that the resumed ones must reproduce."""
+  workdir = tmp_path_factory.mktemp("straight")
+  train(store, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def straight_params(straight, tmp_path_factory):
+  folder = export(straight, tmp_path_factory.mktemp("export"), "sparsify")["export"]
+  return dictionary.read(folder)[0]
 
 
 def export(workdir, out, layout):
@@ -42,17 +66,15 @@ def export(workdir, out, layout):
   return json.loads(result.stdout.splitlines()[-1])
 
 
-def test_resume_after_kill_is_bit_identical(store, tmp_path):
-  train(store, tmp_path / "straight")
+def test_resume_after_kill_is_bit_identical(store, straight_params, tmp_path):
   killed = train(store, tmp_path / "resumed", "--debug_signal_at_step=13", check=False)
   assert killed.returncode == -9  # really killed, mid-run
   assert not (tmp_path / "resumed" / "checkpoints" / "20").exists()
   summary = json.loads(train(store, tmp_path / "resumed").stdout.splitlines()[-1])
   assert summary["step"] == 20
-  straight = dictionary.read(export(tmp_path / "straight", tmp_path / "e1", "sparsify")["export"])[0]
   resumed = dictionary.read(export(tmp_path / "resumed", tmp_path / "e2", "sparsify")["export"])[0]
   for name in dictionary.PARAM_NAMES:
-    np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
+    np.testing.assert_array_equal(straight_params[name], resumed[name], err_msg=name)
   # The metrics file reads as one run: each logged step once.
   rows = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
   assert [row["step"] for row in rows] == [5, 10, 15, 20]
@@ -63,18 +85,16 @@ def test_resume_after_kill_is_bit_identical(store, tmp_path):
   assert all(0 < row["floor_fraction"] < np.inf for row in rows)
 
 
-def test_export_reproduces_the_jax_model_on_raw_activations(store, tmp_path):
+def test_export_reproduces_the_jax_model_on_raw_activations(store, straight, tmp_path):
   from sae_jax import checkpoint
-  from sae_jax.store import Store
-  train(store, tmp_path / "run")
-  model, run, _ = checkpoint.load_model(tmp_path / "run")
+  model, run, _ = checkpoint.load_model(straight)
   scale = run["input_scale"]
   assert scale != pytest.approx(1.0)  # the test exercises the folding
   x = np.stack([Store(store)[i] for i in range(0, 1024, 7)])
   values, indices = (np.asarray(a) for a in model.encode(x * scale))
   x_hat = np.asarray(model(x * scale)) / scale
   for layout in ("sparsify", "saelens"):
-    params, info = dictionary.read(export(tmp_path / "run", tmp_path / layout, layout)["export"])
+    params, info = dictionary.read(export(straight, tmp_path / layout, layout)["export"])
     assert info["k"] == 4 and info["layout"] == layout
     ref_values, ref_indices = reference.encode_numpy(params, x, info["k"])
     order = np.argsort(-values, axis=1, kind="stable")
@@ -109,35 +129,45 @@ def test_init_from_an_export_starts_from_its_weights(store, tmp_path):
   np.testing.assert_allclose(after["b_dec"], before["b_dec"], rtol=1e-5)
 
 
-def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_the_same(store, tmp_path):
-  train(store, tmp_path / "straight")
+def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_the_same(store, straight_params,
+                                                                    tmp_path):
   stopped = train(store, tmp_path / "resumed", "--debug_signal_at_step=12",
                   "--debug_signal=SIGTERM")
   assert (tmp_path / "resumed" / "checkpoints" / "12").exists()
   assert json.loads(stopped.stdout.splitlines()[-1])["step"] == 12
-  train(store, tmp_path / "resumed")
-  straight = dictionary.read(export(tmp_path / "straight", tmp_path / "e1", "sparsify")["export"])[0]
+  # How the run is carried out may change on resume: not what it computes.
+  train(store, tmp_path / "resumed", "--checkpoint_every=3", "--log_every=4",
+        "--prefetch_batches=0")
   resumed = dictionary.read(export(tmp_path / "resumed", tmp_path / "e2", "sparsify")["export"])[0]
   for name in dictionary.PARAM_NAMES:
-    np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
+    np.testing.assert_array_equal(straight_params[name], resumed[name], err_msg=name)
 
 
-def test_nan_loss_stops_and_names_the_step(tmp_path):
-  writer = StoreWriter(tmp_path / "store", {"model": "synthetic", "hookpoint": "h", "layer": 0,
-                                            "d_model": D_MODEL, "dtype": "float32",
-                                            "settings": {}})
-  acts = np.random.default_rng(0).normal(size=(512, D_MODEL)).astype(np.float32)
-  acts[300:] = 3e38  # squares overflow: the loss becomes inf/NaN once these rows are drawn
-  writer.write_shard(acts, np.zeros(512, META_DTYPE), [{"id": 0}], num_inputs=1)
-  writer.finish()
-  result = subprocess.run([
-      sys.executable, "-m", "sae_jax.train", f"--store={tmp_path / 'store'}",
-      f"--workdir={tmp_path / 'run'}", "--num_latents=32", "--k=4", "--batch_size=64",
-      "--steps=8", "--checkpoint_every=1", "--b_dec_init=zeros"], capture_output=True, text=True,
-      timeout=300)
-  assert result.returncode != 0
-  assert "loss is" in result.stderr and "at step 1;" in result.stderr
-  assert "last good checkpoint is step None" in result.stderr
+def rows_of_step(store, step, *, batch_size, tmp_path):
+  """The global row indices of step `step`'s batch, read through the trainer's own pipeline from
+  a store of the same shape whose rows hold their own index."""
+  rows = Store(store).rows
+  marked = synthetic.write_store(tmp_path / "marked", np.arange(rows)[:, None].repeat(2, 1),
+                                 num_shards=len(Store(store).shards))
+  batch = data.make_dataset(data.RowGather(Store(marked)), batch_size=batch_size, seed=0,
+                            num_epochs=None)[step - 1]
+  return batch[:, 0].astype(int)
+
+
+def test_a_non_finite_loss_stops_the_run_at_the_next_log_step(store, tmp_path):
+  acts = np.concatenate([Store(store).shard_acts(i) for i in range(4)])
+  # One row of step 11's batch so large that its square overflows: the loss of step 11 is inf.
+  acts[rows_of_step(store, 11, batch_size=64, tmp_path=tmp_path)[0]] = 3e38
+  poisoned = synthetic.write_store(tmp_path / "poisoned", acts, num_shards=4)
+  result = train(poisoned, tmp_path / "run", "--nonormalize_inputs", "--b_dec_init=zeros",
+                 "--steps=16", "--log_every=4", "--checkpoint_every=5", check=False)
+  # The update of step 11 made the weights NaN, so step 12's logged loss is NaN: fetched one step
+  # late, it stops the run at step 13, before the checkpoint of step 15.
+  assert error_of(result) == (f"loss is nan at step 12; the last good checkpoint is step 10 in "
+                              f"{tmp_path / 'run' / 'checkpoints'}")
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["10", "5"]
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [row["step"] for row in rows] == [4, 8]
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -147,8 +177,7 @@ def test_nan_loss_stops_and_names_the_step(tmp_path):
     ("--mesh=data:3", "needs 3 devices"),
 ])
 def test_bad_flags_get_clear_errors(store, tmp_path, flag, message):
-  result = train(store, tmp_path / "bad", flag, check=False)
-  assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+  assert message in error_of(train(store, tmp_path / "bad", flag, check=False))
 
 
 def test_init_from_with_another_d_model_is_refused(store, tmp_path):
@@ -156,8 +185,58 @@ def test_init_from_with_another_d_model_is_refused(store, tmp_path):
   params = {"W_enc": rng.normal(size=(64, 8)), "b_enc": np.zeros(64),
             "W_dec": rng.normal(size=(64, 8)), "b_dec": np.zeros(8)}
   folder = dictionary.write(tmp_path / "other", "h", params, k=4, layout="sparsify")
-  result = train(store, tmp_path / "bad", f"--init_from={folder}", check=False)
-  assert result.returncode != 0 and "d_in=8" in result.stderr and "d_model=16" in result.stderr
+  error = error_of(train(store, tmp_path / "bad", f"--init_from={folder}", check=False))
+  assert "d_in=8" in error and "d_model=16" in error
+
+
+@pytest.mark.parametrize("extra", [[], ["--data_workers=1"]],
+                         ids=["reader_thread", "worker_process"])
+def test_a_corrupted_shard_stops_the_run_before_its_rows_are_used(store, tmp_path, extra):
+  bad = shutil.copytree(store, tmp_path / "bad")
+  raw = bytearray((bad / "shards" / "00002.acts.npy").read_bytes())
+  raw[-1] ^= 1  # past the .npy header: the file still loads, only its checksum tells
+  (bad / "shards" / "00002.acts.npy").write_bytes(bytes(raw))
+  # With --b_dec_init=zeros and no --normalize_inputs, no row is read before the first batch.
+  result = train(bad, tmp_path / "run", "--nonormalize_inputs", "--b_dec_init=zeros", *extra,
+                 check=False)
+  assert error_of(result) == (f"shard 2 of {bad}: shards/00002.acts.npy is corrupted (sha256 "
+                              "does not match the manifest); harvest this store again")
+  assert not list((tmp_path / "run" / "checkpoints").glob("*"))
+  assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize("flag, old", [
+    ("--store={other}", "--store={store}"),
+    ("--batch_size=32", "--batch_size=64"),
+    ("--lr=0.001", "--lr=0.0"),
+    ("--normalize_inputs=false", "--normalize_inputs=true"),
+    ("--token_kinds=image_base", "--token_kinds="),
+    ("--k=8", "--k=4"),
+    ("--num_latents=128", "--num_latents=64"),
+    ("--seed=1", "--seed=0"),
+])
+def test_a_resume_refuses_flags_that_change_the_run(store, straight, tmp_path, flag, old):
+  other = shutil.copytree(store, tmp_path / "same_rows_elsewhere")
+  flag, old = flag.format(other=other), old.format(store=store)
+  flags_json = (straight / "flags.json").read_text()
+  checkpoints = sorted((straight / "checkpoints").iterdir())
+  error = error_of(train(store, straight, flag, check=False))
+  assert error == (f"{flag} but the run in {straight} used {old}; rerun with {old} to resume it, "
+                   "or use a new --workdir")
+  assert (straight / "flags.json").read_text() == flags_json
+  assert sorted((straight / "checkpoints").iterdir()) == checkpoints
+
+
+def test_steps_may_change_on_resume_unless_the_learning_rate_depends_on_them(store, tmp_path):
+  train(store, tmp_path / "constant", "--steps=4")
+  summary = json.loads(train(store, tmp_path / "constant", "--steps=6").stdout.splitlines()[-1])
+  assert summary["step"] == 6
+  train(store, tmp_path / "linear", "--steps=4", "--lr_decay=linear")
+  error = error_of(train(store, tmp_path / "linear", "--steps=6", "--lr_decay=linear",
+                         check=False))
+  assert error == (f"--steps/--epochs give 6 steps but the run in {tmp_path / 'linear'} has 4, "
+                   "and its learning rate (--lr_decay=linear, --lr_warmup_steps=2) depends on "
+                   "the total; use a new --workdir")
 
 
 def free_port():
@@ -180,15 +259,14 @@ def train_two_processes(store, workdir, *extra):
   return [p.returncode for p in procs], outputs
 
 
-def test_two_processes_match_one_and_resume_after_a_kill(store, tmp_path):
-  train(store, tmp_path / "single")
+def test_two_processes_match_one_and_resume_after_a_kill(store, straight_params, tmp_path):
   codes, outputs = train_two_processes(store, tmp_path / "multi", "--debug_signal_at_step=13")
   assert -9 in codes, outputs
   codes, outputs = train_two_processes(store, tmp_path / "multi")
   assert codes == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
   assert "process 1 of 2" in outputs[1][1] and "resuming from step 10" in outputs[0][1]
-  single = dictionary.read(export(tmp_path / "single", tmp_path / "e1", "sparsify")["export"])[0]
   multi = dictionary.read(export(tmp_path / "multi", tmp_path / "e2", "sparsify")["export"])[0]
   for name in dictionary.PARAM_NAMES:
     # Same global batches; only the order of the cross-process sums differs.
-    np.testing.assert_allclose(multi[name], single[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(multi[name], straight_params[name], rtol=1e-4, atol=1e-5,
+                               err_msg=name)
