@@ -135,7 +135,31 @@ def quality_section(path: Path) -> Section:
   if not isinstance(quality, dict):
     raise ReportError(f"--sae_quality={path}: expected a JSON object")
   table = Table(["metric", "value"], [[k, _fmt(v)] for k, v in scalars(quality)])
-  return Section("SAE quality", [f"From {path}.", table])
+  blocks = [f"From {path}.", table]
+  if isinstance(quality.get("loss_recovered"), (int, float)):
+    blocks.append(loss_recovered_note(quality))
+  return Section("SAE quality", blocks)
+
+
+def loss_recovered_note(quality: dict) -> str:
+  """What loss_recovered says, and what a value outside [0, 1] means (readers take it for a bug)."""
+  value = quality["loss_recovered"]
+  note = ("loss_recovered = (L_zero - L_sae) / (L_zero - L_clean): 1 when splicing the SAE's "
+          "reconstruction in costs nothing against the clean model, 0 when it is as bad as zeroing "
+          "the hookpoint.")
+  targets = quality.get("text_targets")
+  kl = (quality.get("kl") or {}).get("sae")
+  moved = f" KL(clean || sae) = {_fmt(kl)} says how far the predictions moved." if kl else ""
+  if value > 1:
+    note += (f" Here it is {_fmt(value)}, above 1: the model predicted the text slightly better "
+             "with the reconstruction than with its own activations. That is no error: L_sae may "
+             "fall below L_clean when the reconstruction drops directions the next-token loss does "
+             "not use, and over few tokens" + (f" ({targets} text targets here)" if targets else "")
+             + " the gap between the two is noise." + moved)
+  elif value < 0:
+    note += (f" Here it is {_fmt(value)}, below 0: the reconstruction hurt the model more than "
+             "zeroing the hookpoint, so the dictionary misses what later layers read." + moved)
+  return note
 
 
 def _clip_name(settings: dict) -> str:

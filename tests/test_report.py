@@ -73,6 +73,21 @@ def test_report_renders_every_input_and_escapes_model_text(inputs, tmp_path):
   assert page.index("<td>clip_score</td>") < page.index("<td>heldout_auroc</td>")
 
 
+@pytest.mark.parametrize("recovered, says", [(1.04, "above 1"), (-0.2, "below 0"), (0.9, None)])
+def test_report_explains_loss_recovered(tmp_path, recovered, says):
+  quality = tmp_path / "quality.json"
+  quality.write_text(json.dumps({"fvu": 0.2, "loss_recovered": recovered, "text_targets": 37,
+                                 "kl": {"sae": 0.01}}))
+  code, summary = report(f"--sae_quality={quality}", f"--out={tmp_path / 'report'}")
+  assert code == 0, summary
+  markdown = (tmp_path / "report" / "report.md").read_text().replace("\\", "")  # unescaped
+  assert "(L_zero - L_sae) / (L_zero - L_clean)" in markdown
+  assert ("above 1" in markdown) == (says == "above 1")
+  assert ("below 0" in markdown) == (says == "below 0")
+  if says == "above 1":
+    assert "37 text targets" in markdown and "no error" in markdown
+
+
 def test_report_errors_name_the_input(inputs, tmp_path):
   code, summary = report(f"--out={tmp_path / 'report'}")
   assert code == 1 and "--workdir" in summary["error"]
