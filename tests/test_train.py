@@ -37,11 +37,12 @@ def train(store, workdir, *extra, check=True):
 
 
 def error_of(result) -> str:
-  """The one-line error a failed run prints last, after checking it failed."""
+  """The error of a failed run, after checking that it is all the run printed: one line."""
   assert result.returncode == 1, result.stderr[-3000:]
-  last = json.loads(result.stdout.splitlines()[-1])
-  assert last["ok"] is False and "\n" not in last["error"]
-  return last["error"]
+  [line] = result.stdout.splitlines()
+  summary = json.loads(line)
+  assert summary["ok"] is False and "\n" not in summary["error"]
+  return summary["error"]
 
 
 @pytest.fixture(scope="module")
