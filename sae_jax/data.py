@@ -36,6 +36,10 @@ def check_file(store: Store, shard: int, kind: str) -> None:
                      "the manifest); harvest this store again")
 
 
+class DataError(ValueError):
+  """Flags the input pipeline cannot serve (an unknown token kind, an indivisible batch)."""
+
+
 def select_rows(store: Store, token_kinds: Sequence[str] | None) -> np.ndarray | None:
   """Global row indices whose token kind is in `token_kinds`; None means every row."""
   if not token_kinds:
@@ -43,7 +47,7 @@ def select_rows(store: Store, token_kinds: Sequence[str] | None) -> np.ndarray |
   names = {v: k for k, v in KIND_NAMES.items()}
   unknown = [t for t in token_kinds if t not in names]
   if unknown:
-    raise ValueError(f"--token_kinds: unknown kind(s) {unknown}; expected some of {sorted(names)}")
+    raise DataError(f"--token_kinds: unknown kind(s) {unknown}; expected some of {sorted(names)}")
   wanted = np.array([names[t] for t in token_kinds])
   for shard in range(len(store.shards)):  # the selection reads every shard's metadata
     check_file(store, shard, "meta")
@@ -118,7 +122,7 @@ def make_dataset(gather: RowGather, *, batch_size: int, seed: int, num_epochs: i
   takes every `process_count`-th row of the global order, and a trailing partial batch is dropped.
   """
   if batch_size % process_count:
-    raise ValueError(f"--batch_size={batch_size} must be divisible by the number of processes "
+    raise DataError(f"--batch_size={batch_size} must be divisible by the number of processes "
                      f"({process_count})")
   if gather.num_rows < batch_size:
     raise StoreError(f"{gather.store.path} has {gather.num_rows} selected rows, fewer than one "

@@ -422,4 +422,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, (TrainError, StoreError, DictionaryError))
+  cli.run(main, (TrainError, StoreError, DictionaryError, data.DataError))

@@ -175,6 +175,7 @@ def test_a_non_finite_loss_stops_the_run_at_the_next_log_step(store, tmp_path):
     ("--k=100", "--k=100 exceeds"),
     ("--batch_size=5000", "fewer than one batch"),
     ("--token_kinds=text", "no rows of token kinds"),
+    ("--token_kinds=patches", "--token_kinds: unknown kind(s) ['patches']"),
     ("--mesh=data:3", "needs 3 devices"),
 ])
 def test_bad_flags_get_clear_errors(store, tmp_path, flag, message):
