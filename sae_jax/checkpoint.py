@@ -72,8 +72,9 @@ def load_model(workdir: str | Path, step: int | None = None) -> tuple[TopKSAE, d
   if run is None:
     raise FileNotFoundError(f"{workdir} is not a training workdir: {RUN_FILE} is missing")
   cfg = SAEConfig(**run["sae"])
+  # Nothing is saved through it; read_only=True would only add orbax's warnings to every export.
   mngr = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints",
-                               options=ocp.CheckpointManagerOptions(read_only=True))
+                               options=ocp.CheckpointManagerOptions(create=False))
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{workdir} has no checkpoint yet")
