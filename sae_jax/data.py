@@ -123,7 +123,7 @@ def make_dataset(gather: RowGather, *, batch_size: int, seed: int, num_epochs: i
   """
   if batch_size % process_count:
     raise DataError(f"--batch_size={batch_size} must be divisible by the number of processes "
-                     f"({process_count})")
+                    f"({process_count})")
   if gather.num_rows < batch_size:
     raise StoreError(f"{gather.store.path} has {gather.num_rows} selected rows, fewer than one "
                      f"batch (--batch_size={batch_size})")
