@@ -22,6 +22,10 @@ from eval import chair, pope
     ("Nope", "yes"),  # not one of the words
     ("NO.", "yes"),  # the official rule is case-sensitive
     ("", "yes"),
+    ("No\n", "no"),  # whitespace around a word does not hide it (the official split on " " does)
+    ("\n No", "no"),
+    ("There is\nno cat", "no"),
+    ("Yes\n", "yes"),
 ])
 def test_parse_answer_follows_the_official_rule(answer, parsed):
   assert pope.parse_answer(answer) == parsed
