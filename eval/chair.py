@@ -1,19 +1,32 @@
 """CHAIR (Rohrbach et al., EMNLP 2018): object hallucination in free-form captions.
 
 A caption file is JSONL, one `{"image", "objects": [ground-truth object names], "prompt": optional}`
-per line. The object vocabulary is a text file with one object per line, comma-separated synonyms,
-the canonical name first: the format of `data/synonyms.txt` in LisaAnne/Hallucination (its 80 COCO
-classes), e.g. `person, girl, boy, man, woman, people`. Without one, every ground-truth object name
-of the caption file is its own canonical name.
+per line (`python -m eval.coco_objects` writes one from COCO's annotations). The object vocabulary
+is the reference's `data/synonyms.txt` (LisaAnne/Hallucination), read as the reference reads it:
+one object per line, names separated by ", ", the canonical name first, e.g.
+`person, girl, boy, man, woman, people`. Without one, every ground-truth object name of the caption
+file is its own canonical name.
 
-Matching, as in LisaAnne/Hallucination `utils/chair.py`, with documented simplifications: lowercase,
-split into words, two-word phrases ("hot dog", "traffic light") before single words, plural words
-mapped to the singular by a few suffix rules plus a small irregular table (the original uses
-pattern.en's singularize); the original's special case "toilet seat" is not reproduced. A mention is
-hallucinated when its canonical object is not one of the image's ground-truth objects.
+Matching follows the reference's `utils/chair.py` `caption_to_words`, step by step:
+  1. lowercase and tokenize (nltk's word_tokenize there: punctuation splits, a hyphen, slash or
+     inner period does not, so "hot-dog" is one token and no object);
+  2. singularize every token with pattern.en's rules (eval/singular.py; "bus" -> "bu" included);
+  3. merge two-token phrases, left to right: the reference's COCO double words ("hot dog",
+     "teddy bear", "home plate", ...; "train track" and "home plate" count as no object),
+     "baby/adult <animal>" -> the animal and "passenger jet/train" -> jet/train (not person),
+     "bow tie" -> tie, "toilet seat" -> toilet, "wine glas" -> wine glass; plus every two-word
+     name of the vocabulary (the reference's file has one more, "dining table", with the same
+     result as its "table");
+  4. drop "seat" when "toilet" is in the caption (a toilet seat is no chair);
+  5. keep the names of the vocabulary and map each to its canonical object.
+A three-word name ("stove top oven") is read but, as in the reference, never matched: only two
+tokens are merged. Names are compared as written, so the reference's " motor bike",
+" cheesecake" (a doubled space) and "iPhone" (capital) never match there or here.
+
+A mention is hallucinated when its canonical object is not one of the image's ground-truth objects.
   chair_i = hallucinated mentions / object mentions (every mention counts, as in the original)
   chair_s = captions with a hallucinated mention / captions
-  recall  = ground-truth objects mentioned / ground-truth objects (per caption, then summed)
+  recall  = ground-truth objects mentioned / ground-truth objects (per caption, then summed; ours)
 """
 
 from __future__ import annotations
@@ -23,10 +36,24 @@ import re
 from pathlib import Path
 
 from eval.pope import QuestionError, jsonl_rows
+from eval.singular import singularize
 
-IRREGULAR = {"men": "man", "women": "woman", "people": "person", "children": "child",
-             "mice": "mouse", "geese": "goose", "teeth": "tooth", "feet": "foot",
-             "knives": "knife", "wolves": "wolf", "leaves": "leaf"}
+ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe",
+           "animal", "cub")
+# Two-token phrases of the reference, and what each counts as.
+REFERENCE_MERGES = {
+    **{p: p for p in ("motor bike", "motor cycle", "air plane", "traffic light", "street light",
+                      "traffic signal", "stop light", "fire hydrant", "stop sign", "parking meter",
+                      "suit case", "sports ball", "baseball bat", "baseball glove",
+                      "tennis racket", "wine glass", "hot dog", "cell phone", "mobile phone",
+                      "teddy bear", "hair drier", "potted plant", "bow tie", "laptop computer",
+                      "home plate", "train track")},
+    **{f"{age} {animal}": animal for animal in ANIMALS for age in ("baby", "adult")},
+    "passenger jet": "jet", "passenger train": "train",
+    "bow tie": "tie", "toilet seat": "toilet", "wine glas": "wine glass"}
+# What nltk's Treebank tokenizer splits on (an apostrophe starts a new token there: "dog's" ->
+# "dog", "'s"); "--" too.
+_SPLIT = re.compile(r"""--|[\s,;:!?()\[\]{}<>"'`@#$%&]""")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +71,7 @@ def read_items(path: str | Path, image_root: str | Path | None = None) -> list[C
   items = []
   for line_no, row in jsonl_rows(path):
     objects = row.get("objects") if isinstance(row, dict) else None
-    if "image" not in row or not isinstance(objects, list):
+    if not isinstance(objects, list) or "image" not in row:
       raise QuestionError(f"{path}:{line_no}: expected an object with \"image\" and an "
                           "\"objects\" list")
     items.append(CaptionItem(root / row["image"], tuple(str(o).lower() for o in objects),
@@ -54,72 +81,83 @@ def read_items(path: str | Path, image_root: str | Path | None = None) -> list[C
   return items
 
 
-def read_vocabulary(path: str | Path) -> dict[str, str]:
-  """{word or two-word phrase: canonical object} from a synonyms file."""
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+  canonical: dict[str, str]  # every name -> its canonical object
+  merges: dict[str, str]  # "token token" -> the word the pair counts as
+
+
+def make_vocabulary(canonical: dict[str, str]) -> Vocabulary:
+  two_word = {name: name for name in canonical if len(name.split(" ")) == 2}
+  return Vocabulary(canonical, {**two_word, **REFERENCE_MERGES})
+
+
+def read_vocabulary(path: str | Path) -> Vocabulary:
+  """The synonyms file at `path`, split as the reference splits it (a later line wins a name)."""
   if not Path(path).is_file():
     raise QuestionError(f"--vocabulary={path} does not exist")
-  vocabulary = {}
-  for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
-    names = [n.strip().lower() for n in line.split(",") if n.strip()]
-    if not names:
-      continue
-    for name in names:
-      if len(name.split()) > 2:
-        raise QuestionError(f"--vocabulary={path}:{line_no}: {name!r} has more than two words")
-      vocabulary[name] = names[0]
-  return vocabulary
+  canonical = {}
+  for line in Path(path).read_text().splitlines():
+    if line.strip():
+      names = line.strip().split(", ")
+      canonical.update((name, names[0]) for name in names)
+  if not canonical:
+    raise QuestionError(f"--vocabulary={path} holds no names")
+  return make_vocabulary(canonical)
 
 
-def vocabulary_of(items: list[CaptionItem]) -> dict[str, str]:
+def vocabulary_of(items: list[CaptionItem]) -> Vocabulary:
   """The default vocabulary: every ground-truth object name, as its own canonical name."""
-  return {name: name for item in items for name in item.objects}
+  return make_vocabulary({name: name for item in items for name in item.objects})
 
 
-def singular_forms(word: str) -> list[str]:
-  """Candidate singulars of a word, most specific first (the word itself comes first)."""
-  forms = [word]
-  if word in IRREGULAR:
-    forms.append(IRREGULAR[word])
-  if word.endswith("ies") and len(word) > 4:
-    forms.append(word[:-3] + "y")
-  if word.endswith("es") and word[:-2].endswith(("s", "x", "z", "ch", "sh")):
-    forms.append(word[:-2])
-  if word.endswith("s") and not word.endswith("ss"):
-    forms.append(word[:-1])
-  return forms
+def tokens(caption: str) -> list[str]:
+  """Lowercase tokens of a caption, as nltk's word_tokenize cuts ordinary text (sentence-final
+  periods split off, inner ones stay)."""
+  pieces = (piece.strip(".") for piece in _SPLIT.split(caption.lower()))
+  return [piece for piece in pieces if piece]
 
 
-def mentions(caption: str, vocabulary: dict[str, str]) -> list[str]:
-  """Canonical objects mentioned in a caption, one entry per mention, in order."""
-  words = re.findall(r"[a-z]+", caption.lower())
-  found, i = [], 0
-
-  def lookup(prefix: str, word: str) -> str | None:
-    for form in singular_forms(word):
-      if prefix + form in vocabulary:
-        return vocabulary[prefix + form]
-    return None
-
-  while i < len(words):
-    phrase = lookup(words[i] + " ", words[i + 1]) if i + 1 < len(words) else None
-    if phrase is not None:
-      found.append(phrase)
+def words(caption: str, vocabulary: Vocabulary) -> list[str]:
+  """The caption's singular tokens after merging two-token phrases and the toilet-seat rule."""
+  singular = [singularize(t) for t in tokens(caption)]
+  merged, i = [], 0
+  while i < len(singular):
+    pair = " ".join(singular[i:i + 2])
+    if i + 1 < len(singular) and pair in vocabulary.merges:
+      merged.append(vocabulary.merges[pair])
       i += 2
-      continue
-    single = lookup("", words[i])
-    if single is not None:
-      found.append(single)
-    i += 1
-  return found
+    else:
+      merged.append(singular[i])
+      i += 1
+  if "toilet" in merged:
+    merged = [w for w in merged if w != "seat"]
+  return merged
 
 
-def scores(captions: list[str], truths: list[tuple[str, ...]], vocabulary: dict[str, str]) -> dict:
+def mentions(caption: str, vocabulary: Vocabulary) -> list[str]:
+  """Canonical objects mentioned in a caption, one entry per mention, in order."""
+  return [vocabulary.canonical[w] for w in words(caption, vocabulary) if w in vocabulary.canonical]
+
+
+def canonical_objects(names: tuple[str, ...], vocabulary: Vocabulary) -> set[str]:
+  """Ground-truth names as objects: a vocabulary name maps to its object (COCO category names are
+  synonyms' first names), other text goes through the caption matching, the rest stays as is."""
+  objects = set()
+  for name in names:
+    if name in vocabulary.canonical:
+      objects.add(vocabulary.canonical[name])
+    else:
+      objects.update(mentions(name, vocabulary) or [name])
+  return objects
+
+
+def scores(captions: list[str], truths: list[tuple[str, ...]], vocabulary: Vocabulary) -> dict:
   """CHAIR_i, CHAIR_s, recall and the mean caption length in words."""
   mentioned_total = hallucinated_total = captions_hallucinating = 0
   covered = truth_total = 0
   for caption, truth in zip(captions, truths, strict=True):
-    # Ground-truth names go through the same matching ("men" -> person); unknown names stay as are.
-    canonical_truth = {name for t in truth for name in (mentions(t, vocabulary) or [t])}
+    canonical_truth = canonical_objects(truth, vocabulary)
     found = mentions(caption, vocabulary)
     hallucinated = [o for o in found if o not in canonical_truth]
     mentioned_total += len(found)

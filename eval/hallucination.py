@@ -49,8 +49,9 @@ _SUFFIX = flags.DEFINE_string("question_suffix", "", "pope: appended to every qu
                               "Please answer yes or no.' (POPE itself adds nothing).")
 _CAPTION_PROMPT = flags.DEFINE_string("caption_prompt", "Please describe this image in detail.",
                                       "chair: prompt of the items without their own.")
-_VOCABULARY = flags.DEFINE_string("vocabulary", None, "chair: synonyms file, one object per line, "
-                                  "canonical name first (default: the items' object names).")
+_VOCABULARY = flags.DEFINE_string("vocabulary", None, "chair: synonyms file (the reference's "
+                                  "data/synonyms.txt): one object per line, names separated by "
+                                  "', ', canonical name first (default: the items' object names).")
 _MAX_QUESTIONS = flags.DEFINE_integer("max_questions", 0, "Only the first N items (0: all).",
                                       lower_bound=0)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Items per generate call.", lower_bound=1)
@@ -83,13 +84,13 @@ def score_pope(questions: list[pope.Question], answers: list[str]) -> tuple[dict
   return pope.metrics(parsed, [q.label for q in questions]), records
 
 
-def chair_scorer(vocabulary: dict[str, str] | None):
+def chair_scorer(vocabulary: chair.Vocabulary | None):
   """Scores captions against `vocabulary` (None: the items' own object names)."""
   def score(items: list[chair.CaptionItem], answers: list[str]) -> tuple[dict, list[dict]]:
-    words = vocabulary or chair.vocabulary_of(items)
+    vocab = vocabulary or chair.vocabulary_of(items)
     records = [{"image": str(item.image), "objects": list(item.objects), "answer": answer,
-                "mentions": chair.mentions(answer, words)} for item, answer in zip(items, answers)]
-    return chair.scores(answers, [item.objects for item in items], words), records
+                "mentions": chair.mentions(answer, vocab)} for item, answer in zip(items, answers)]
+    return chair.scores(answers, [item.objects for item in items], vocab), records
   return score
 
 

@@ -30,6 +30,7 @@ COMMANDS = {
     "eval.hallucination": ["model", "dtype", "prompt_mode", "sae", "latents", "strengths",
                            "questions", "task"],
     "eval.report": ["workdir", "out"],
+    "eval.coco_objects": ["instances", "captions", "vocabulary", "num_images", "out"],
 }
 
 
