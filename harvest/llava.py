@@ -79,12 +79,14 @@ class ModelFlags:
     return load_llava(self.model.value, self.dtype.value, self.device.value)
 
 
-def define_flags(*, dtype: str = "bfloat16", prompt_mode: str = "chat") -> ModelFlags:
-  """The LLaVA model flags, one definition for every command (each adopts them for its --help)."""
+def define_flags(*, dtype: str = "bfloat16", prompt_mode: str = "chat",
+                 model_required: bool = True) -> ModelFlags:
+  """The LLaVA model flags, one definition for every command (each adopts them for its --help).
+  `model_required=False` for a command that can also run without a model (it checks itself)."""
   return ModelFlags(
       model=flags.DEFINE_string(
           "model", None, "LLaVA checkpoint: a local folder or a hub id (LLaVA-1.5, LLaVA-NeXT or "
-          "LLaVA-OneVision classes of transformers).", required=True),
+          "LLaVA-OneVision classes of transformers).", required=model_required),
       dtype=flags.DEFINE_enum("dtype", dtype, list(TORCH_DTYPES),
                               "dtype the model runs in (an SAE always runs in float32)."),
       device=flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"],
