@@ -28,7 +28,7 @@ COMMANDS = {
     "eval.clip_score": ["topacts", "explanations", "out", "clip_model"],
     "eval.sae_quality": ["model", "dtype", "prompt_mode", "sae", "layer", "images", "tokens"],
     "eval.hallucination": ["model", "dtype", "prompt_mode", "sae", "latents", "strengths",
-                           "questions", "task"],
+                           "questions", "task", "predictions", "judge"],
     "eval.report": ["workdir", "out"],
     "eval.coco_objects": ["instances", "captions", "vocabulary", "num_images", "out"],
 }
