@@ -102,6 +102,7 @@ USER_ERRORS = (pope.QuestionError, steering.SteeringError, HookError, llava.Mode
 class Task:
   """What differs between benchmarks: items, prompts, scoring and the table's columns."""
   read: Callable[[str, str | None], list]  # (path, image root) -> items with an `image` path
+  # (None: asked without an image)
   prompt: Callable[[object], str]
   score: Callable[[list, list[str]], tuple[dict, list[dict]]]  # -> metrics, one record per answer
   columns: tuple[str, ...]  # shown as percentages, except "length"
@@ -140,9 +141,7 @@ def judge_codes() -> Callable[[list, list[str]], list[tuple[str, str]]]:
   """(correctness code, judgment) per answer by --judge; an LLM judge is contacted now, so that
   a bad one fails before any work."""
   if _JUDGE.value == "rule":
-    return lambda questions, answers: [
-        (hallusionbench.rule_code(q, a), hallusionbench.rule_judgment(a))
-        for q, a in zip(questions, answers)]
+    return hallusionbench.rule_codes
   try:
     client = explainers.make_explainer(
         _JUDGE.value, _JUDGE_MODEL.value, os.environ.get(_API_KEY_ENV.value), timeout_s=120.0,
@@ -232,9 +231,9 @@ def markdown(runs: list[dict], columns: tuple[str, ...], scale: float = 100.0) -
 
 def rescore(task: Task) -> tuple[dict, list[dict], Task]:
   """--predictions: the result file's answers judged and scored, no model."""
-  if _TASK.value != "hallusionbench" or _QUESTIONS.value or _LLAVA.model.value or FLAGS.sae:
-    raise pope.QuestionError("--predictions re-scores a --task=hallusionbench result file; it "
-                             "takes no --questions, --model or --sae")
+  if _QUESTIONS.value or _LLAVA.model.value or FLAGS.sae:
+    raise pope.QuestionError("--predictions re-scores a result file: it takes no --questions, "
+                             "--model or --sae")
   items = hallusionbench.read_questions(_PREDICTIONS.value, predictions=True)
   metrics, records = task.score(items, [q.row["model_prediction"] for q in items])
   return {"task": _TASK.value, "predictions": _PREDICTIONS.value, "judge": _JUDGE.value,
@@ -242,6 +241,8 @@ def rescore(task: Task) -> tuple[dict, list[dict], Task]:
 
 
 def run() -> tuple[dict, list[dict], Task]:
+  if _TASK.value != "hallusionbench" and (_PREDICTIONS.value or _JUDGE.value != "rule"):
+    raise pope.QuestionError("--predictions and --judge are for --task=hallusionbench")
   task = make_task(_TASK.value)
   if _PREDICTIONS.value:
     return rescore(task)

@@ -114,10 +114,16 @@ def rule_code(question: Question, answer: str) -> str:
   judgment = rule_judgment(answer)
   if judgment == "uncertain":
     return UNCLEAR
-  if "gt_answer" not in question.row:
-    raise QuestionError(f"question {'/'.join(question.field(k) for k in KEY_FIELDS)} has no "
-                        "gt_answer, which the rule judge needs (or use an LLM --judge)")
   return CORRECT if (judgment == "yes") == (question.field("gt_answer") == "1") else INCORRECT
+
+
+def rule_codes(questions: list[Question], answers: list[str]) -> list[tuple[str, str]]:
+  """(code, judgment) per answer from the rule judge, which needs every row's gt_answer."""
+  for number, question in enumerate(questions, 1):
+    if "gt_answer" not in question.row:
+      raise QuestionError(f"question row {number} has no gt_answer, which the rule judge needs "
+                          "(an LLM --judge reads gt_answer_details instead)")
+  return [(rule_code(q, a), rule_judgment(a)) for q, a in zip(questions, answers, strict=True)]
 
 
 def reply_code(reply: str) -> str:

@@ -61,7 +61,11 @@ def test_official_metrics_on_a_hand_made_file(tmp_path):
   questions = hallusionbench.read_questions(write(tmp_path / "hb.json", question_rows()), "/img")
   assert questions[0].image.as_posix() == "/img/VD/illusion/0_0.png" and questions[4].image is None
   answers = [r[7] for r in ROWS]
-  codes = [hallusionbench.rule_code(q, a) for q, a in zip(questions, answers)]
+  judged = hallusionbench.rule_codes(questions, answers)
+  assert [j for _, j in judged] == ["yes", "yes", "no", "uncertain", "yes", "yes", "no",
+                                    "uncertain", "uncertain", "no"]
+  codes = [code for code, _ in judged]
+  assert codes == ["1", "0", "1", "2", "1", "1", "1", "2", "2", "1"]
   assert [hallusionbench.is_correct(q, c) for q, c in zip(questions, codes)] == [r[8] for r in ROWS]
   scores = hallusionbench.scores(questions, codes)
   assert {k: scores[k] for k in EXPECTED} == pytest.approx(EXPECTED)
@@ -102,6 +106,14 @@ def test_bad_rows_name_the_row(tmp_path, change, message):
   change(rows)
   with pytest.raises(hallusionbench.QuestionError, match=rf"hb.json {message}"):
     hallusionbench.read_questions(write(tmp_path / "hb.json", rows))
+
+
+def test_the_rule_judge_needs_gt_answer(tmp_path):
+  rows = question_rows()
+  del rows[2]["gt_answer"]  # the official sample result file has none
+  questions = hallusionbench.read_questions(write(tmp_path / "hb.json", rows))
+  with pytest.raises(hallusionbench.QuestionError, match="row 3 has no gt_answer"):
+    hallusionbench.rule_codes(questions, ["Yes"] * len(rows))
 
 
 def test_a_result_file_needs_every_prediction(tmp_path):
