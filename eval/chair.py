@@ -8,8 +8,8 @@ one object per line, names separated by ", ", the canonical name first, e.g.
 file is its own canonical name.
 
 Matching follows the reference's `utils/chair.py` `caption_to_words`, step by step:
-  1. lowercase and tokenize (nltk's word_tokenize there: punctuation splits, a hyphen, slash or
-     inner period does not, so "hot-dog" is one token and no object);
+  1. lowercase and tokenize (nltk's word_tokenize there: punctuation and clitics split off and
+     stay tokens, a hyphen, slash or inner period joins, so "hot-dog" is one token and no object);
   2. singularize every token with pattern.en's rules (eval/singular.py; "bus" -> "bu" included);
   3. merge two-token phrases, left to right: the reference's COCO double words ("hot dog",
      "teddy bear", "home plate", ...; "train track" and "home plate" count as no object),
@@ -51,9 +51,12 @@ REFERENCE_MERGES = {
     **{f"{age} {animal}": animal for animal in ANIMALS for age in ("baby", "adult")},
     "passenger jet": "jet", "passenger train": "train",
     "bow tie": "tie", "toilet seat": "toilet", "wine glas": "wine glass"}
-# What nltk's Treebank tokenizer splits on (an apostrophe starts a new token there: "dog's" ->
-# "dog", "'s"); "--" too.
-_SPLIT = re.compile(r"""--|[\s,;:!?()\[\]{}<>"'`@#$%&]""")
+# Punctuation that nltk's Treebank tokenizer makes a token of its own. Punctuation tokens stay in
+# the token list: "laptop, computer" must not merge into "laptop computer".
+_PUNCTUATION = re.compile(r"""(--|[,;:!?()\[\]{}<>"`@#$%&])""")
+# Endings it splits off a word: "man's" -> "man" "'s", "dogs'" -> "dogs" "'", "don't" -> "do"
+# "n't"; a leading quote stays on the word ("'bird" is no bird there either).
+_CLITIC = re.compile(r"(.*[^'])('s|'m|'d|'ll|'re|'ve|n't|')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +115,21 @@ def vocabulary_of(items: list[CaptionItem]) -> Vocabulary:
 
 
 def tokens(caption: str) -> list[str]:
-  """Lowercase tokens of a caption, as nltk's word_tokenize cuts ordinary text (sentence-final
-  periods split off, inner ones stay)."""
-  pieces = (piece.strip(".") for piece in _SPLIT.split(caption.lower()))
-  return [piece for piece in pieces if piece]
+  """Lowercase tokens of a caption, as nltk's word_tokenize cuts ordinary text: punctuation and
+  clitics split off, a period ending a word too (it ends a sentence), inner periods, hyphens and
+  slashes stay ("hot-dog", "cat/dog")."""
+  out = []
+  for piece in _PUNCTUATION.split(caption.lower()):
+    if _PUNCTUATION.fullmatch(piece):
+      out.append(piece)
+      continue
+    for word in piece.split():
+      stem = word.rstrip(".")
+      clitic = _CLITIC.fullmatch(stem)
+      out += [clitic[1], clitic[2]] if clitic else [stem] if stem else []
+      if stem != word:
+        out.append(".")
+  return out
 
 
 def words(caption: str, vocabulary: Vocabulary) -> list[str]:

@@ -1,11 +1,12 @@
-"""Singular of an English noun, as pattern.en's `singularize` (pattern 2.6 / 3.6) gives it.
+"""Singular of an English noun, as pattern.en's `singularize` gives it (pattern 3.6, as CHAIR's
+reference pins it).
 
 CHAIR's reference (LisaAnne/Hallucination `utils/chair.py`) singularizes every caption word with
 pattern.en before matching the COCO synonyms, and the published CHAIR numbers carry its results,
 good and bad: "buses" -> "bus" but "bus" -> "bu" (so a lone "bus" is never an object), "glass" ->
 "glas" (the reference maps "wine glas" back), "ties" -> "ty", "cookies" and "collies" stay plural.
-pattern has no Python 3 release that installs today, so its rules are restated here; the order of
-the checks and of the suffix rules is pattern's, because the first one that applies wins.
+The rules are restated here rather than imported, so as not to depend on pattern (unmaintained since
+2018); the order of the checks and of the suffix rules is pattern's: the first that applies wins.
 
 The input is one lowercase token without apostrophes (eval/chair.py's tokenizer splits them off).
 """
