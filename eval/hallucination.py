@@ -62,7 +62,8 @@ _PREDICTIONS = flags.DEFINE_string("predictions", None, "hallusionbench: re-scor
                                    "file (rows with model_prediction) without a model.")
 _JUDGE = flags.DEFINE_string("judge", "rule", "hallusionbench: rule (yes/no/uncertain from the "
                              "answer's words), or an LLM judge against gt_answer_details: "
-                             "openai:http://host:port/v1 or hf:PATH.")
+                             "openai:http://host:port/v1 (any chat model) or hf:PATH (an "
+                             "image-text checkpoint, as interpret.explain loads it).")
 _JUDGE_MODEL = flags.DEFINE_string("judge_model", None, "Model name sent to an openai: judge "
                                    "(default: the server's only model).")
 _JUDGE_TEMPLATE = flags.DEFINE_string("judge_template", None, "Judge prompt template (default: "
