@@ -42,7 +42,7 @@ from interpret import jobs, prompts
 from interpret.explainers import ExplainerError
 
 KEY_FIELDS = ("category", "subcategory", "set_id", "figure_id", "question_id")
-REQUIRED = (*KEY_FIELDS, "visual_input", "question", "filename")
+SCORED = (*KEY_FIELDS, "visual_input", "question")  # what scoring reads (the judges add theirs)
 DEFAULT_JUDGE_TEMPLATE = Path(__file__).parent / "templates" / "hallusionbench_judge.txt"
 CORRECT, INCORRECT, UNCLEAR = "1", "0", "2"
 
@@ -64,8 +64,8 @@ class Question:
 def read_questions(path: str | Path, image_root: str | Path | None = None, *,
                    predictions: bool = False) -> list[Question]:
   """The rows of an official question file (or, with `predictions`, of a result file, which must
-  have `model_prediction`); relative file names are relative to `image_root` (default: the
-  file's folder)."""
+  have `model_prediction` and may lack `filename`, as the official sample does); relative file
+  names are relative to `image_root` (default: the file's folder)."""
   path = Path(path)
   flag = "--predictions" if predictions else "--questions"
   try:
@@ -75,7 +75,7 @@ def read_questions(path: str | Path, image_root: str | Path | None = None, *,
   if not isinstance(rows, list) or not rows:
     raise QuestionError(f"{flag}={path}: expected the official JSON list of questions")
   root = Path(image_root) if image_root else path.parent
-  required = (*REQUIRED, "model_prediction") if predictions else REQUIRED
+  required = (*SCORED, "model_prediction") if predictions else (*SCORED, "filename")
   questions, seen = [], {}
   for number, row in enumerate(rows, 1):
     where = f"{flag}={path} row {number}"
@@ -87,15 +87,16 @@ def read_questions(path: str | Path, image_root: str | Path | None = None, *,
                           f"{row['visual_input']!r} is not VD|VS / 0|1|2")
     if "gt_answer" in row and str(row["gt_answer"]) not in ("0", "1"):
       raise QuestionError(f"{where}: gt_answer {row['gt_answer']!r} is not \"0\" or \"1\"")
-    if not (row["filename"] is None or isinstance(row["filename"], str)):
-      raise QuestionError(f"{where}: filename {row['filename']!r} is neither a path nor null")
+    filename = row.get("filename")
+    if not (filename is None or isinstance(filename, str)):
+      raise QuestionError(f"{where}: filename {filename!r} is neither a path nor null")
     if predictions and not isinstance(row["model_prediction"], str):
       raise QuestionError(f"{where}: model_prediction is not a string")
     key = tuple(str(row[k]) for k in KEY_FIELDS)
     if key in seen:  # the official scorer asserts these are unique
       raise QuestionError(f"{where}: same {'/'.join(KEY_FIELDS)} as row {seen[key]}")
     seen[key] = number
-    image = root / row["filename"] if row["filename"] is not None else None
+    image = root / filename if filename is not None else None
     questions.append(Question(row, image, str(row["question"])))
   return questions
 

@@ -125,6 +125,14 @@ def test_a_result_file_needs_every_prediction(tmp_path):
   del rows[4]["model_prediction"]
   with pytest.raises(hallusionbench.QuestionError, match=r"row 5: no model_prediction"):
     hallusionbench.read_questions(write(tmp_path / "hb.json", rows), predictions=True)
+  # The official sample result file has neither filename nor gt_answer: it can be re-scored (by
+  # an LLM judge).
+  rows = [{k: v for k, v in row.items() if k not in ("filename", "gt_answer")}
+          for row in question_rows()]
+  for row in rows:
+    row["model_prediction"] = "Yes"
+  questions = hallusionbench.read_questions(write(tmp_path / "hb.json", rows), predictions=True)
+  assert len(questions) == 10 and all(q.image is None for q in questions)
 
 
 class JudgeServer(fakes.FakeOpenAIServer):
