@@ -4,19 +4,19 @@ Not part of the project: it runs the reference from clones (nothing of theirs is
 
   git clone https://github.com/LisaAnne/Hallucination /tmp/Hallucination
   git clone https://github.com/clips/pattern /tmp/pattern
-  python -m venv /tmp/chairvenv && /tmp/chairvenv/bin/pip install nltk numpy
-  PYTHONPATH=. /tmp/chairvenv/bin/python benchmarks/chair_compare.py --hallucination=/tmp/Hallucination \
-      --pattern=/tmp/pattern [--captions=answers.jsonl]
+  python -m venv /tmp/chairvenv && /tmp/chairvenv/bin/pip install nltk
+  PYTHONPATH=. /tmp/chairvenv/bin/python benchmarks/chair_compare.py \
+      --hallucination=/tmp/Hallucination --pattern=/tmp/pattern [--captions=answers.jsonl]
 
 The reference `utils/chair.py` is Python 2: its source is loaded with the print statements
 dropped, with pattern.en's `singularize` taken from the pattern clone's `inflect.py` (only the
 singular section is executed: the rest of pattern does not import on Python 3), and with nltk's
 Treebank tokenizer on sentences split after ". ", '." ' and the like when nltk's punkt data is
-absent (word_tokenize needs it; that split is what punkt does on ordinary captions). Its `caption_to_words` is compared with
-eval.chair.mentions on built-in captions and, with --captions, on the `answer` (or `caption`) of
-each line of a JSONL file (eval.hallucination's answers.jsonl). Singulars are compared on every
-token and every synonym with common plural endings. Prints one JSON line; exit status 1 on any
-difference.
+absent (word_tokenize needs it; that split is what punkt does on ordinary captions). Its
+`caption_to_words` is compared with eval.chair.mentions on built-in captions and, with --captions,
+on the `answer` (or `caption`) of each line of a JSONL file (eval.hallucination's answers.jsonl).
+Singulars are compared on every token and every synonym with common plural endings. Prints one JSON
+line; exit status 1 on any difference.
 """
 
 import argparse
@@ -90,7 +90,8 @@ def load_reference(clone: Path, singularize):
     lines.append(line)
   fake_nltk = types.SimpleNamespace(word_tokenize=tokenizer())
   namespace = {"__name__": "reference_chair", "singularize": singularize, "os": __import__("os")}
-  exec(compile("\n".join(lines), str(clone / "utils" / "chair.py"), "exec"), namespace)  # pylint: disable=exec-used
+  code = compile("\n".join(lines), str(clone / "utils" / "chair.py"), "exec")
+  exec(code, namespace)  # pylint: disable=exec-used
   namespace["nltk"] = fake_nltk
   namespace["open"] = lambda path, *a: open(clone / path, *a)  # it opens data/synonyms.txt
   return namespace["CHAIR"]([], str(clone))

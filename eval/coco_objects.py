@@ -1,8 +1,9 @@
 """`python -m eval.coco_objects`: CHAIR's ground-truth objects of COCO images, as a caption file.
 
   python -m eval.coco_objects --instances=coco/annotations/instances_val2014.json \
-      --captions=coco/annotations/captions_val2014.json --vocabulary=Hallucination/data/synonyms.txt \
-      --num_images=500 --seed=0 --out=chair_val2014_500.jsonl
+      --captions=coco/annotations/captions_val2014.json \
+      --vocabulary=Hallucination/data/synonyms.txt --num_images=500 --seed=0 \
+      --out=chair_val2014_500.jsonl
 
 As the reference (LisaAnne/Hallucination `utils/chair.py`, `get_annotations`) builds them: an
 image's objects are the canonical names of its instance annotations' categories, plus every object

@@ -56,6 +56,7 @@ class Question:
   row: dict  # the file's row, written back with model_prediction
   image: Path | None  # None: asked without an image
   question: str
+  where: str  # "--questions=FILE row N", for errors
 
   def field(self, name: str) -> str:
     return str(self.row[name])
@@ -97,7 +98,7 @@ def read_questions(path: str | Path, image_root: str | Path | None = None, *,
       raise QuestionError(f"{where}: same {'/'.join(KEY_FIELDS)} as row {seen[key]}")
     seen[key] = number
     image = root / filename if filename is not None else None
-    questions.append(Question(row, image, str(row["question"])))
+    questions.append(Question(row, image, str(row["question"]), where))
   return questions
 
 
@@ -120,10 +121,10 @@ def rule_code(question: Question, answer: str) -> str:
 
 def rule_codes(questions: list[Question], answers: list[str]) -> list[tuple[str, str]]:
   """(code, judgment) per answer from the rule judge, which needs every row's gt_answer."""
-  for number, question in enumerate(questions, 1):
+  for question in questions:
     if "gt_answer" not in question.row:
-      raise QuestionError(f"question row {number} has no gt_answer, which the rule judge needs "
-                          "(an LLM --judge reads gt_answer_details instead)")
+      raise QuestionError(f"{question.where}: no gt_answer, which the rule judge needs (an LLM "
+                          "--judge reads gt_answer_details instead)")
   return [(rule_code(q, a), rule_judgment(a)) for q, a in zip(questions, answers, strict=True)]
 
 
@@ -149,7 +150,7 @@ def llm_codes(questions: list[Question], answers: list[str], client, template: p
   def one(index: int) -> tuple[str, str]:
     question = questions[index]
     if "gt_answer_details" not in question.row:
-      raise QuestionError(f"question row {index + 1} has no gt_answer_details for the LLM judge")
+      raise QuestionError(f"{question.where}: no gt_answer_details, which the LLM judge reads")
     prompt = judge_prompt(template, question, answers[index])
     key = jobs.ResponseCache.key(client.identity, prompt)
     reply = cache.get(key)
@@ -157,7 +158,7 @@ def llm_codes(questions: list[Question], answers: list[str], client, template: p
       try:
         reply, _ = jobs.with_retries(lambda: client.complete(prompt), settings, counters)
       except ExplainerError as e:
-        raise JudgeError(f"judge {client.name}: question row {index + 1}: {e} (rerun: answers "
+        raise JudgeError(f"judge {client.name}: {question.where}: {e} (rerun: the answers "
                          "judged so far are cached)") from e
       cache.put(key, reply)
     return reply_code(reply), reply

@@ -112,7 +112,8 @@ def test_the_rule_judge_needs_gt_answer(tmp_path):
   rows = question_rows()
   del rows[2]["gt_answer"]  # the official sample result file has none
   questions = hallusionbench.read_questions(write(tmp_path / "hb.json", rows))
-  with pytest.raises(hallusionbench.QuestionError, match="row 3 has no gt_answer"):
+  with pytest.raises(hallusionbench.QuestionError,
+                     match=r"--questions=\S*hb.json row 3: no gt_answer"):
     hallusionbench.rule_codes(questions, ["Yes"] * len(rows))
 
 
