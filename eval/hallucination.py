@@ -266,18 +266,23 @@ def run() -> tuple[dict, list[dict], Task]:
     sae, layer = steering.load_sae(loaded, FLAGS.sae, FLAGS.layer)
     runs += [(f"{FLAGS.mode} {label}", steering.steering_for(
         loaded, sae, layer, edits, FLAGS.mode, FLAGS.positions)) for label, edits in configs]
-  results, answer_rows = [], []
+  generated = []
   for label, steer in runs:
     with steer:
       answers = answer_all(loaded, task, items, label)
-    if task.save:  # before scoring: a judge that fails leaves the answers to re-score
+    if task.save:
       task.save(Path(_OUT.value), label, items, answers)
+    generated.append((label, answers))
+  results, answer_rows = [], []
+  for label, answers in generated:  # after every run is saved: a judge that fails loses nothing
     metrics, records = task.score(items, answers)
     results.append({"label": label, **metrics})
     answer_rows += [{"run": label, **record} for record in records]
+  judge = {"judge": _JUDGE.value} if _TASK.value == "hallusionbench" else {}
   return {"task": _TASK.value, "model": _LLAVA.model.value, "questions": _QUESTIONS.value,
           "items": len(items), "sae": FLAGS.sae, "mode": FLAGS.mode if configs else None,
-          "positions": FLAGS.positions if configs else None, "runs": results}, answer_rows, task
+          "positions": FLAGS.positions if configs else None, **judge, "runs": results}, \
+      answer_rows, task
 
 
 def main():
