@@ -173,6 +173,25 @@ def run_benchmark(*args):
   return proc, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def test_rescore_with_an_llm_judge(tmp_path):
+  rows = [{**row, "model_prediction": r[7]} for row, r in zip(question_rows(), ROWS)]
+  predictions = write(tmp_path / "HallusionBench_result.json", rows)
+  script = lambda i, attempt: fakes.reply(
+      "unclear" if i == 7 else ("Correct." if ROWS[i][8] else "incorrect"))
+  with JudgeServer(script) as server:
+    proc, summary = run_benchmark("--task=hallusionbench", f"--predictions={predictions}",
+                                  f"--judge=openai:{server.url}", f"--out={tmp_path / 'out'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert {k: summary[k] for k in ("aAcc", "fAcc", "qAcc", "easy", "hard")} == pytest.approx(
+      {k: round(EXPECTED[k], 4) for k in ("aAcc", "fAcc", "qAcc", "easy", "hard")})
+  result = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert result["judge"] == f"openai:{server.url}" and len(server.bodies) == len(ROWS)
+  answers = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text()
+             .splitlines()]
+  assert [a["judgment"] for a in answers][6:8] == ["Correct.", "unclear"]
+  assert len(list((tmp_path / "out" / "judge_cache").iterdir())) == len(ROWS)
+
+
 def test_generate_write_the_official_file_and_rescore(tiny_model, synthetic_images, tmp_path):
   names = sorted(p.name for p in synthetic_images.iterdir())[:3]
   questions = write(tmp_path / "HallusionBench.json", question_rows(names))
