@@ -68,7 +68,7 @@ def parse_answer(text: str) -> str:
   """POPE's rule (AoiDragon/POPE evaluate.py, also LLaVA's eval_pope.py): keep the text before the
   first '.', drop commas, split into words; "no" if any word is No / no / not, else "yes".
 
-  The official script splits on single spaces, so a newline glued to a word ("No\n") hides it and
+  The official script splits on single spaces, so a newline glued to a word ("No\\n") hides it and
   the answer counts as yes; here the text is stripped and split on any whitespace."""
   first_sentence = text.strip().split(".")[0]
   words = first_sentence.replace(",", "").split()
