@@ -6,7 +6,15 @@ top-k over [B, n], jitted alone. Everything else in a step is O(B*k*d) plus the 
   python -m sae_jax.bench --d_in=512 --num_latents=16384 --k=32 --batch_size=4096
 
 prints one JSON line: tokens_per_s, step_ms, floor_ms, floor_fraction (= floor_ms / step_ms),
-step_cpu_ms and floor_cpu_ms (process CPU time, a cross-check on a busy host), config and device.
+step_cpu_ms and floor_cpu_ms (process CPU time, a cross-check on a busy host), config, device and
+kernel_plan.
+
+  python -m sae_jax.bench --aot_topology=v5e:2x4 --mesh=data:1,model:8 --d_in=4096 ...
+  python -m sae_jax.bench --aot_devices=8 --mesh=data:1,model:8 ...
+
+compile the training step ahead of time instead (sae_jax.aot): for a TPU slice with libtpu's
+compiler (`pip install -e ".[tpu]"`, no TPU needed), or for a virtual mesh of CPU devices, and
+print its per-chip memory, collectives and cost analysis.
 """
 
 from __future__ import annotations
@@ -18,10 +26,11 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from sae_jax import aot, cli, perf, sharding
+from sae_jax import aot, cli, logs, perf, sharded, sharding
 from sae_jax import step as step_lib
-from sae_jax import topk as topk_lib
+from sae_jax.kernel_plan import KernelPlan
 from sae_jax.model import SAEConfig
+from sae_jax.select import TOPK_METHODS
 
 _D_IN = flags.DEFINE_integer("d_in", 512, "Input width.")
 _NUM_LATENTS = flags.DEFINE_integer("num_latents", 16384, "SAE width.")
@@ -29,7 +38,7 @@ _K = flags.DEFINE_integer("k", 32, "Active latents per token.")
 _BATCH = flags.DEFINE_integer("batch_size", 4096, "Tokens per step.")
 _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                            "Encoder matmul dtype.")
-_TOPK = flags.DEFINE_enum("topk", "exact", list(topk_lib.TOPK_METHODS), "Top-k implementation.")
+_TOPK = flags.DEFINE_enum("topk", "exact", list(TOPK_METHODS), "Top-k implementation.")
 _WEIGHT_GRADS = flags.DEFINE_enum("weight_grads", "auto", ["auto", "scatter", "matmul"],
                                   "How the backward forms the weight gradients (see train).")
 _MULTI_TOPK = flags.DEFINE_bool("multi_topk", False, "Add the Multi-TopK (4k) loss.")
@@ -49,27 +58,44 @@ _AOT_DEVICES = flags.DEFINE_integer(
 _K_AUX = flags.DEFINE_integer("k_aux", 0, "AuxK width (0: d_in / 2).", lower_bound=0)
 _SHARD_CAPACITY = flags.DEFINE_float("shard_capacity", 0.0, "Per-shard top-k candidate budget "
                                      "(see sae_jax.train); 0: exact.", lower_bound=0)
+_AUXK_SELECT = flags.DEFINE_enum("auxk_select", "per_shard", list(sharded.AUXK_SELECTS),
+                                 "How AuxK selects over latent shards (see sae_jax.train).")
+_AOT_TOPOLOGY = flags.DEFINE_string(
+    "aot_topology", None, "Instead of timing: compile the step ahead of time for this TPU slice "
+    "(e.g. v5e:2x4, v4:2x2x2, v5p:2x2x1, v6e:4x4) with libtpu's compiler and report per-chip "
+    "memory, collectives and cost analysis. Needs the tpu extra, not a TPU.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", None, "After timing, trace 3 more steps with jax.profiler into this folder "
     "(TensorBoard/XProf, and perfetto_trace.json.gz: benchmarks/trace_summary.py sums it by op).")
-_MESH = flags.DEFINE_string("mesh", "data:-1,model:1", "Mesh of --aot_devices (one -1 fills).")
+_MESH = flags.DEFINE_string("mesh", "data:-1,model:1",
+                            "Mesh of --aot_devices or --aot_topology (one -1 fills).")
 
 
 def main():
+  logs.quiet_libraries()
+  if _AOT_DEVICES.value and _AOT_TOPOLOGY.value:
+    raise aot.TopologyError("--aot_devices and --aot_topology: give one")
   if _AOT_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _AOT_DEVICES.value)  # before the backend starts
   cfg = SAEConfig(d_in=_D_IN.value, num_latents=_NUM_LATENTS.value, k=_K.value,
                   multi_topk=_MULTI_TOPK.value, auxk_alpha=_AUXK_ALPHA.value,
                   dead_tokens=_DEAD_TOKENS.value,
                   compute_dtype=_DTYPE.value, topk=_TOPK.value, k_aux=_K_AUX.value or None,
-                  shard_capacity=_SHARD_CAPACITY.value, weight_grads=_WEIGHT_GRADS.value)
-  if _AOT_DEVICES.value:
-    mesh = sharding.make_mesh(_MESH.value, jax.devices("cpu"))
-    print(json.dumps({**aot.plan(cfg, mesh, _BATCH.value),
+                  shard_capacity=_SHARD_CAPACITY.value, weight_grads=_WEIGHT_GRADS.value,
+                  auxk_select=_AUXK_SELECT.value)
+  if _AOT_DEVICES.value or _AOT_TOPOLOGY.value:
+    devices = (aot.tpu_devices(_AOT_TOPOLOGY.value) if _AOT_TOPOLOGY.value else
+               jax.devices("cpu"))
+    try:
+      mesh = sharding.make_mesh(_MESH.value, devices)
+    except ValueError as e:  # the message names --mesh
+      raise aot.TopologyError(str(e)) from e
+    print(json.dumps({**aot.plan(cfg, mesh, _BATCH.value), "topology": _AOT_TOPOLOGY.value,
                       "config": {**dataclasses.asdict(cfg), "batch_size": _BATCH.value}}))
     return
+  plan = KernelPlan.for_devices(jax.devices())
   tx = step_lib.make_optimizer(step_lib.default_learning_rate(cfg.num_latents))
-  graphdef, state = step_lib.create_state(cfg, tx, seed=_SEED.value, b_dec=None)
+  graphdef, state = step_lib.create_state(cfg, tx, seed=_SEED.value, b_dec=None, plan=plan)
   x = jax.random.normal(jax.random.PRNGKey(_SEED.value + 1), (_BATCH.value, cfg.d_in))
 
   train_step = jax.jit(step_lib.train_step, donate_argnums=1)
@@ -79,7 +105,7 @@ def main():
     holder["state"], metrics = train_step(graphdef, holder["state"], x)
     return metrics
 
-  floor = perf.make_floor(cfg)
+  floor = perf.make_floor(cfg, plan)
   # Separate copies: the step donates (and so invalidates) the state's own buffers.
   params = {name: jnp.copy(state[0][name][...]) for name in ("W_enc", "b_enc", "b_dec")}
   ms = perf.time_interleaved({
@@ -101,8 +127,9 @@ def main():
       "config": {**dataclasses.asdict(cfg), "batch_size": _BATCH.value, "steps": _STEPS.value,
                  "warmup": _WARMUP.value},
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
+      "kernel_plan": plan.to_json(),
   }))
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, (aot.TopologyError,))

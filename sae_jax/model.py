@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sae_jax import sharded
+from sae_jax import rows, sharded
 from sae_jax import topk as topk_lib
+from sae_jax.kernel_plan import KernelPlan
+from sae_jax.select import TOPK_METHODS
 
 INT32_MAX = np.iinfo(np.int32).max
 
@@ -39,6 +41,10 @@ class SAEConfig:
   # the global top-k (and likewise for AuxK): exact unless one shard holds more of a token's
   # winners, and m*k -> capacity*k fewer candidates to all-gather. 0: exact (min(k, n/m) each).
   shard_capacity: float = 0.0
+  # How AuxK selects on a latent-sharded mesh (sharded.sparse_encoder): "per_shard" takes each
+  # shard's top ceil(k_aux / shards) dead latents and gathers nothing; "exact" the global top
+  # k_aux, all-gathering [B, shards * k_aux] candidates every step. One device: always exact.
+  auxk_select: str = "per_shard"
   # How the backward forms the W_enc and W_dec gradients: "scatter" adds the B*k picked rows,
   # "matmul" multiplies a dense [B, n] matrix of the picks (in compute_dtype), "auto" takes the
   # matmul on GPU/TPU when n/k (per shard) <= topk.MAX_ROWS_PER_PICK, else the scatter.
@@ -51,11 +57,13 @@ class SAEConfig:
       raise ValueError(f"multi_topk needs 4k={4 * self.k} <= num_latents={self.num_latents}")
     if self.compute_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected float32 or bfloat16")
-    if self.weight_grads not in topk_lib.WEIGHT_GRADS:
-      raise ValueError(f"weight_grads={self.weight_grads!r}; expected one of "
-                       f"{topk_lib.WEIGHT_GRADS}")
-    if self.topk not in topk_lib.TOPK_METHODS:
-      raise ValueError(f"topk={self.topk!r}; expected one of {topk_lib.TOPK_METHODS}")
+    if self.weight_grads not in rows.WEIGHT_GRADS:
+      raise ValueError(f"weight_grads={self.weight_grads!r}; expected one of {rows.WEIGHT_GRADS}")
+    if self.topk not in TOPK_METHODS:
+      raise ValueError(f"topk={self.topk!r}; expected one of {TOPK_METHODS}")
+    if self.auxk_select not in sharded.AUXK_SELECTS:
+      raise ValueError(f"auxk_select={self.auxk_select!r}; expected one of "
+                       f"{sharded.AUXK_SELECTS}")
     if self.shard_capacity and self.shard_capacity < 1:
       raise ValueError(f"shard_capacity={self.shard_capacity} must be 0 (exact) or >= 1")
     if self.auxk_alpha < 0 or self.dead_tokens < 0:
@@ -81,28 +89,43 @@ def kernels():
   return sharded if sharded.active() else topk_lib
 
 
+def row_kernels():
+  """The row operations for the mesh in scope: per shard (sharded.py) or whole (rows.py)."""
+  return sharded if sharded.active() else rows
+
+
 class DeadCounter(nnx.Variable):
   """Per-latent bookkeeping updated by the train step, not by the optimizer."""
 
 
-class TopKSAE(nnx.Module):
+# Sharding metadata of the per-latent variables (their Adam moments inherit it): the latent axis
+# is split over the mesh's "model" axis. Metadata only; sharding.state_shardings applies it.
+LATENT_ROWS = dict(out_sharding=("model", None), eager_sharding=False)
+LATENTS = dict(out_sharding=("model",), eager_sharding=False)
 
-  def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):
+
+class TopKSAE(nnx.Module):
+  """`plan`: the kernels for the devices the model's programs are compiled for (default: this
+  process's devices)."""
+
+  def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs, plan: KernelPlan | None = None):
     self.cfg = cfg
+    self.plan = KernelPlan.for_devices(jax.devices()) if plan is None else plan
     n, d = cfg.num_latents, cfg.d_in
     bound = 1 / np.sqrt(d)  # torch nn.Linear's default init, as sparsify uses
     W_enc = jax.random.uniform(rngs.params(), (n, d), jnp.float32, -bound, bound)
-    self.W_enc = nnx.Param(W_enc)
-    self.b_enc = nnx.Param(jnp.zeros((n,), jnp.float32))
-    self.W_dec = nnx.Param(normalize_rows(W_enc))
+    self.W_enc = nnx.Param(W_enc, **LATENT_ROWS)
+    self.b_enc = nnx.Param(jnp.zeros((n,), jnp.float32), **LATENTS)
+    self.W_dec = nnx.Param(normalize_rows(self.plan, W_enc), **LATENT_ROWS)
     self.b_dec = nnx.Param(jnp.zeros((d,), jnp.float32))
-    self.tokens_since_fired = DeadCounter(jnp.zeros((n,), jnp.int32))
+    self.tokens_since_fired = DeadCounter(jnp.zeros((n,), jnp.int32), **LATENTS)
 
   def _sparse_encoder(self, k: int, k_aux: int):
     cfg = self.cfg
-    args = (k, k_aux, cfg.topk, cfg.topk_recall, cfg.compute_dtype, cfg.weight_grads)
+    args = (self.plan, k, k_aux, cfg.topk, cfg.topk_recall, cfg.compute_dtype, cfg.weight_grads)
     if sharded.active():
-      return sharded.sparse_encoder(*args, capacity=self.cfg.shard_capacity)
+      return sharded.sparse_encoder(*args, capacity=cfg.shard_capacity,
+                                    auxk_select=cfg.auxk_select)
     return topk_lib.sparse_encoder(*args)
 
   def dead_mask(self) -> jax.Array:
@@ -125,8 +148,8 @@ class TopKSAE(nnx.Module):
   def decode(self, values, indices) -> jax.Array:
     """sum_j values_j W_dec[indices_j] + b_dec, [B, d]."""
     values = values.astype(jnp.float32)
-    return kernels().sparse_decode(values, indices, self.W_dec[...], self.cfg.weight_grads,
-                                   self.cfg.compute_dtype) + self.b_dec[...]
+    return kernels().sparse_decode(self.plan, values, indices, self.W_dec[...],
+                                   self.cfg.weight_grads, self.cfg.compute_dtype) + self.b_dec[...]
 
   def __call__(self, x) -> jax.Array:
     return self.decode(*self.encode(x))
@@ -138,7 +161,7 @@ class TopKSAE(nnx.Module):
                                 jnp.dtype(self.cfg.compute_dtype))
 
   def normalize_decoder(self) -> None:
-    self.W_dec[...] = normalize_rows(self.W_dec[...])
+    self.W_dec[...] = normalize_rows(self.plan, self.W_dec[...])
 
   def record_firing(self, indices, values, num_tokens: int) -> None:
     """Adds `num_tokens` to every counter (saturating at int32 max) and zeroes the counters of the
@@ -150,14 +173,14 @@ class TopKSAE(nnx.Module):
     self.tokens_since_fired[...] = jnp.where(fired, 0, count)
 
 
-def row_dots(a: jax.Array, b: jax.Array) -> jax.Array:
+def row_dots(plan: KernelPlan, a: jax.Array, b: jax.Array) -> jax.Array:
   """(a * b).sum(axis=1) of two [n, d] matrices (per latent shard on a mesh)."""
-  return kernels().row_dots(a, b)
+  return row_kernels().row_dots(plan, a, b)
 
 
-def normalize_rows(w: jax.Array, eps: float = 1e-12) -> jax.Array:
+def normalize_rows(plan: KernelPlan, w: jax.Array, eps: float = 1e-12) -> jax.Array:
   """Each row of w scaled to unit norm (rows of norm below eps are divided by eps)."""
-  return kernels().normalize_rows(w, eps)
+  return row_kernels().normalize_rows(plan, w, eps)
 
 
 def geometric_median(x, iters: int = 100, eps: float = 1e-8) -> jax.Array:

@@ -12,17 +12,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax import sharded
 from sae_jax import topk as topk_lib
+from sae_jax.kernel_plan import KernelPlan
 from sae_jax.model import SAEConfig
 
 
-def make_floor(cfg: SAEConfig):
-  """jitted (x, W_enc, b_enc, b_dec) -> top-k of the encoder: the floor of a step."""
+def make_floor(cfg: SAEConfig, plan: KernelPlan):
+  """jitted (x, W_enc, b_enc, b_dec) -> top-k of the encoder: the floor of a step. Traced under a
+  mesh of several devices, it runs per latent shard as the step does (sharded.sparse_encoder):
+  a top-k left to XLA over sharded latents all-gathers the whole [B, n] matrix."""
 
   @jax.jit
   def floor(x, W_enc, b_enc, b_dec):
-    pre = topk_lib.encoder_pre(x - b_dec, W_enc, b_enc, jnp.dtype(cfg.compute_dtype))
-    return topk_lib.select_top(pre, cfg.k, cfg.topk, cfg.topk_recall)
+    args = (plan, cfg.k, 0, cfg.topk, cfg.topk_recall, cfg.compute_dtype)
+    encode = (sharded.sparse_encoder(*args, capacity=cfg.shard_capacity) if sharded.active()
+              else topk_lib.sparse_encoder(*args))
+    dead = jnp.zeros((W_enc.shape[0],), bool)
+    return encode(x, b_dec, W_enc, b_enc, dead)[:2]
 
   return floor
 

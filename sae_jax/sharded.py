@@ -9,13 +9,18 @@ matrix. Here every shard instead runs topk.py's kernels on its own n/m latents:
   decode: each shard decodes the winners it owns (the others masked to weight 0, indices made
           shard-local) with topk.sparse_decode; the partial sums are psum'd over "model".
 
-Forward, per selection (top-k or 4k, and AuxK) one all-gather of [B/d, m*k] values and indices
-over "model", and per decode one psum of [B/d, d_in]; the backward runs their transposes (a
-reduce-scatter of the candidates' cotangent, a psum of the decode's). Nothing of size [B, n] moves.
+  AuxK:   by default each shard keeps its own top ceil(k_aux/m) dead latents and decodes them
+          where they are (`auxk_select`): no candidates move.
+
+Forward, per selection (top-k or 4k; AuxK only with auxk_select="exact") one all-gather of
+[B/d, m*k] values and indices over "model", and per decode one psum of [B/d, d_in]; the backward
+runs their transposes (a reduce-scatter of the candidates' cotangent, a psum of the decode's).
+Nothing of size [B, n] moves.
 The functions take the same arguments as their topk.py counterparts and must run under a mesh with
 a "model" axis (`jax.set_mesh`).
 
-Gradients: autodiff through shard_map with check_vma=False, which is exact here. Every output is
+Gradients: autodiff through shard_map with check_vma=False, which is exact here. Every output but
+the per-shard AuxK picks (split over "model", their cotangents stay on their shard) is
 replicated over "model" (the global selection is computed identically on every shard, the decode
 is psum'd). For such outputs shard_map's transpose divides the incoming cotangent by the size of
 the mesh axes the out_spec does not name, and psums each input's cotangent over the axes its
@@ -38,7 +43,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from sae_jax import rows
 from sae_jax import topk as topk_lib
+from sae_jax.kernel_plan import KernelPlan
 
 AXIS = "model"
 
@@ -67,13 +74,23 @@ def _global_top(values: jax.Array, indices: jax.Array, k: int):
   return top_values, jnp.take_along_axis(candidate_indices, positions, axis=1)
 
 
+AUXK_SELECTS = ("per_shard", "exact")
+
+
 @functools.lru_cache(maxsize=None)
-def sparse_encoder(k: int, k_aux: int, method: str = "exact", recall: float = 0.95,
-                   compute_dtype: str = "float32", weight_grads: str = "auto",
-                   capacity: float = 0.0):
+def sparse_encoder(plan: KernelPlan, k: int, k_aux: int, method: str = "exact",
+                   recall: float = 0.95, compute_dtype: str = "float32",
+                   weight_grads: str = "auto", capacity: float = 0.0,
+                   auxk_select: str = "per_shard"):
   """topk.sparse_encoder over latent shards: f(x, b_dec, W_enc, b_enc, dead) -> (values [B,k],
-  indices [B,k], aux_values [B,k_aux], aux_indices [B,k_aux]), indices global. `capacity`: see
-  SAEConfig.shard_capacity (0: exact)."""
+  indices [B,k], aux_values, aux_indices), indices global. `capacity`: see
+  SAEConfig.shard_capacity (0: exact).
+
+  AuxK (`auxk_select`): "exact" gathers every shard's top-k_aux dead candidates and selects the
+  global top k_aux ([B, k_aux] outputs, replicated over "model"). "per_shard" keeps each shard's
+  own top ceil(k_aux / m) dead latents, nothing gathered: the outputs are [B, m * ceil(k_aux / m)]
+  split over "model" along the pick axis, shard s's block holding its own picks, which
+  `decode_with_aux(..., auxk_select="per_shard")` decodes where they are."""
 
   def candidates(count: int, num_local: int) -> int:
     # A shard holds at most its own latents; m shards still offer min(m*k, n) >= k candidates.
@@ -82,24 +99,39 @@ def sparse_encoder(k: int, k_aux: int, method: str = "exact", recall: float = 0.
       budget = min(budget, math.ceil(capacity * count / jax.lax.axis_size(AXIS)))
     return budget
 
+  def aux_budget(num_local: int) -> int:
+    if auxk_select == "exact":
+      return candidates(k_aux, num_local)
+    return min(math.ceil(k_aux / jax.lax.axis_size(AXIS)), num_local)
+
   def local(x, b_dec, W_enc, b_enc, dead):
     num_local = W_enc.shape[0]
     offset = jax.lax.axis_index(AXIS) * num_local
-    encode = topk_lib.sparse_encoder(candidates(k, num_local), candidates(k_aux, num_local),
+    encode = topk_lib.sparse_encoder(plan, candidates(k, num_local), aux_budget(num_local),
                                      method, recall, compute_dtype, weight_grads)
     values, indices, aux_values, aux_indices = encode(x, b_dec, W_enc, b_enc, dead)
     values, indices = _global_top(values, indices + offset, k)
-    if k_aux:
+    aux_indices = aux_indices + offset
+    if k_aux and auxk_select == "exact":
       # Masked picks (live latents, or shards with nothing dead) are value 0 and stay inert.
-      aux_values, aux_indices = _global_top(aux_values, aux_indices + offset, k_aux)
+      aux_values, aux_indices = _global_top(aux_values, aux_indices, k_aux)
     return values, indices, aux_values, aux_indices
 
   def encode(x, b_dec, W_enc, b_enc, dead):
     batch = _batch_spec()
+    aux = _aux_spec(auxk_select)
     return jax.shard_map(local, in_specs=(batch, P(), P(AXIS, None), P(AXIS), P(AXIS)),
-                         out_specs=(batch,) * 4, check_vma=False)(x, b_dec, W_enc, b_enc, dead)
+                         out_specs=(batch, batch, aux, aux), check_vma=False)(
+                             x, b_dec, W_enc, b_enc, dead)
 
+  if auxk_select not in AUXK_SELECTS:
+    raise ValueError(f"auxk_select={auxk_select!r}; expected one of {AUXK_SELECTS}")
   return encode
+
+
+def _aux_spec(auxk_select: str) -> P:
+  """Where AuxK's picks live: replicated over "model" (exact), or each shard's own (per_shard)."""
+  return P(_batch_spec()[0], AXIS if auxk_select == "per_shard" else None)
 
 
 def _local_picks(values: jax.Array, indices: jax.Array, num_local: int):
@@ -110,12 +142,12 @@ def _local_picks(values: jax.Array, indices: jax.Array, num_local: int):
   return jnp.where(mine, values, 0.0), jnp.where(mine, indices, 0)
 
 
-def sparse_decode(values: jax.Array, indices: jax.Array, W_dec: jax.Array,
+def sparse_decode(plan: KernelPlan, values: jax.Array, indices: jax.Array, W_dec: jax.Array,
                   weight_grads: str = "auto", compute_dtype: str = "float32") -> jax.Array:
   """topk.sparse_decode with W_dec [n, d] split over "model" and global indices [B, k]."""
 
   def local(values, indices, W_dec):
-    part = topk_lib.sparse_decode(*_local_picks(values, indices, W_dec.shape[0]), W_dec,
+    part = topk_lib.sparse_decode(plan, *_local_picks(values, indices, W_dec.shape[0]), W_dec,
                                   weight_grads, compute_dtype)
     return jax.lax.psum(part, AXIS)
 
@@ -124,20 +156,22 @@ def sparse_decode(values: jax.Array, indices: jax.Array, W_dec: jax.Array,
                        check_vma=False)(values, indices, W_dec)
 
 
-def decode_with_aux(values: jax.Array, indices: jax.Array, aux_values: jax.Array,
-                    aux_indices: jax.Array, aux_on: jax.Array, W_dec: jax.Array,
-                    weight_grads: str = "auto", compute_dtype: str = "float32"):
-  """topk.decode_with_aux with W_dec [n, d] split over "model" and global indices."""
+def decode_with_aux(plan: KernelPlan, values: jax.Array, indices: jax.Array,
+                    aux_values: jax.Array, aux_indices: jax.Array, aux_on: jax.Array,
+                    W_dec: jax.Array, weight_grads: str = "auto", compute_dtype: str = "float32",
+                    auxk_select: str = "per_shard"):
+  """topk.decode_with_aux with W_dec [n, d] split over "model", global indices, and AuxK's picks
+  laid out as `sparse_encoder(..., auxk_select)` returns them."""
 
   def local(values, indices, aux_values, aux_indices, aux_on, W_dec):
     num_local = W_dec.shape[0]
-    parts = topk_lib.decode_with_aux(*_local_picks(values, indices, num_local),
+    parts = topk_lib.decode_with_aux(plan, *_local_picks(values, indices, num_local),
                                      *_local_picks(aux_values, aux_indices, num_local), aux_on,
                                      W_dec, weight_grads, compute_dtype)
     return jax.lax.psum(parts, AXIS)
 
-  batch = _batch_spec()
-  return jax.shard_map(local, in_specs=(batch,) * 4 + (P(), P(AXIS, None)),
+  batch, aux = _batch_spec(), _aux_spec(auxk_select)
+  return jax.shard_map(local, in_specs=(batch, batch, aux, aux, P(), P(AXIS, None)),
                        out_specs=(batch, batch), check_vma=False)(
                            values, indices, aux_values, aux_indices, aux_on, W_dec)
 
@@ -145,15 +179,15 @@ def decode_with_aux(values: jax.Array, indices: jax.Array, aux_values: jax.Array
 # Row-local ops of [n, d] matrices split over "model": per shard, without collectives. Outside
 # shard_map, XLA would all-gather the matrices into the native CPU kernels (custom calls it
 # cannot partition).
-def row_dots(a: jax.Array, b: jax.Array) -> jax.Array:
-  """topk.row_dots of two [n, d] matrices split over "model"."""
-  rows = P(AXIS, None)
-  return jax.shard_map(topk_lib.row_dots, in_specs=(rows, rows), out_specs=P(AXIS),
-                       check_vma=False)(a, b)
+def row_dots(plan: KernelPlan, a: jax.Array, b: jax.Array) -> jax.Array:
+  """rows.row_dots of two [n, d] matrices split over "model"."""
+  spec = P(AXIS, None)
+  return jax.shard_map(functools.partial(rows.row_dots, plan), in_specs=(spec, spec),
+                       out_specs=P(AXIS), check_vma=False)(a, b)
 
 
-def normalize_rows(w: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """topk.normalize_rows of an [n, d] matrix split over "model"."""
-  rows = P(AXIS, None)
-  return jax.shard_map(functools.partial(topk_lib.normalize_rows, eps=eps), in_specs=rows,
-                       out_specs=rows, check_vma=False)(w)
+def normalize_rows(plan: KernelPlan, w: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """rows.normalize_rows of an [n, d] matrix split over "model"."""
+  spec = P(AXIS, None)
+  return jax.shard_map(functools.partial(rows.normalize_rows, plan, eps=eps), in_specs=spec,
+                       out_specs=spec, check_vma=False)(w)

@@ -6,6 +6,7 @@ import math
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "model")
@@ -44,17 +45,12 @@ def make_mesh(spec: str, devices=None) -> jax.sharding.Mesh:
                        axis_types=(AxisType.Auto,) * len(AXES))
 
 
-def state_shardings(abstract_state, mesh: jax.sharding.Mesh, num_latents: int):
-  """Leaves whose leading dimension is the latent axis (W_enc, W_dec, b_enc, their Adam moments,
-  the dead-latent counters) are split over "model"; everything else is replicated."""
-
-  def spec(leaf):
-    shape = getattr(leaf, "shape", ())
-    if len(shape) >= 1 and shape[0] == num_latents:
-      return NamedSharding(mesh, P("model", *([None] * (len(shape) - 1))))
-    return NamedSharding(mesh, P())
-
-  return jax.tree.map(spec, abstract_state)
+def state_shardings(abstract_state, mesh: jax.sharding.Mesh):
+  """The shardings the state's variables name in their metadata (model.LATENT_ROWS: W_enc, W_dec,
+  b_enc, the dead-latent counters, and the Adam moments that inherit it, split over "model");
+  the rest replicated."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                      nnx.get_partition_spec(abstract_state))
 
 
 def with_shardings(abstract_tree, shardings):

@@ -14,7 +14,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sae_jax import topk as topk_lib
+from sae_jax import sharded
+from sae_jax.kernel_plan import KernelPlan
 from sae_jax.model import SAEConfig, TopKSAE, kernels, row_dots
 
 
@@ -32,10 +33,10 @@ def make_optimizer(learning_rate: float | optax.Schedule, *, b1: float = 0.9, b2
 
 
 def create_state(cfg: SAEConfig, tx: optax.GradientTransformation, *, seed: int,
-                 b_dec=None) -> tuple[nnx.GraphDef, nnx.State]:
+                 b_dec=None, plan: KernelPlan | None = None) -> tuple[nnx.GraphDef, nnx.State]:
   """A fresh model and its optimizer, split. Traceable, so it can run under jit with
-  out_shardings (parameters are then born sharded)."""
-  model = TopKSAE(cfg, rngs=nnx.Rngs(seed))
+  out_shardings (parameters are then born sharded). `plan`: see TopKSAE."""
+  model = TopKSAE(cfg, rngs=nnx.Rngs(seed), plan=plan)
   if b_dec is not None:
     model.b_dec[...] = jnp.asarray(b_dec, jnp.float32).reshape(cfg.d_in)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -48,7 +49,7 @@ def losses(model: TopKSAE, x: jax.Array, dead: jax.Array):
   x = x.astype(jnp.float32)
   values, indices, aux_values, aux_indices = model.select(x, dead)
   decoding = dict(weight_grads=cfg.weight_grads, compute_dtype=cfg.compute_dtype)
-  sparse_decode = functools.partial(kernels().sparse_decode, **decoding)
+  sparse_decode = functools.partial(kernels().sparse_decode, model.plan, **decoding)
   W_dec, b_dec = model.W_dec[...], model.b_dec[...]
   total_variance = jnp.sum(jnp.square(x - x.mean(0)))
 
@@ -56,8 +57,10 @@ def losses(model: TopKSAE, x: jax.Array, dead: jax.Array):
   num_dead = jnp.sum(dead)
   if cfg.num_aux:
     # AuxK's decode (and its backward) runs only while some latent is dead; e_hat is 0 otherwise.
-    decoded, e_hat = kernels().decode_with_aux(top_values, top_indices, aux_values, aux_indices,
-                                               num_dead > 0, W_dec, **decoding)
+    if sharded.active():
+      decoding["auxk_select"] = cfg.auxk_select
+    decoded, e_hat = kernels().decode_with_aux(model.plan, top_values, top_indices, aux_values,
+                                               aux_indices, num_dead > 0, W_dec, **decoding)
   else:
     decoded = sparse_decode(top_values, top_indices, W_dec)
   x_hat = decoded + b_dec
@@ -105,9 +108,9 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array
       loss_fn, has_aux=True)(model)
   # Adam must not move a decoder row along itself: the renorm below would undo it.
   g, W = grads["W_dec"][...], model.W_dec[...]
-  grads["W_dec"][...] = g - row_dots(g, W)[:, None] * W
-  metrics["grad_norm"] = global_norm(grads)
-  if not topk_lib.on_accelerator():
+  grads["W_dec"][...] = g - row_dots(model.plan, g, W)[:, None] * W
+  metrics["grad_norm"] = global_norm(model.plan, grads)
+  if not model.plan.accelerator:
     # XLA:CPU otherwise wrote each gradient's square out as one more [n, d] array for Adam's
     # second moment (the step: 768 against 781 ms, 696 against 710, in two interleaved A/Bs).
     grads = jax.tree.map(jax.lax.optimization_barrier, grads)
@@ -118,10 +121,10 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array
   return nnx.state((model, optimizer)), metrics
 
 
-def global_norm(grads) -> jax.Array:
+def global_norm(plan: KernelPlan, grads) -> jax.Array:
   """optax.tree.norm(grads), with the [n, d] matrices summed by `row_dots`: on CPU a native kernel
   on all cores, where XLA's reduction ran on one (~2.5 ms each at 16384 x 512)."""
-  squares = [jnp.sum(row_dots(g, g)) if g.ndim == 2 else jnp.vdot(g, g)
+  squares = [jnp.sum(row_dots(plan, g, g)) if g.ndim == 2 else jnp.vdot(g, g)
              for g in jax.tree.leaves(grads)]
   return jnp.sqrt(sum(squares))
 

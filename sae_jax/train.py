@@ -28,8 +28,9 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from sae_jax import checkpoint, cli, data, dictionary, distributed, logs, perf, sharding
+from sae_jax import checkpoint, cli, data, dictionary, distributed, logs, perf, sharded, sharding
 from sae_jax.dictionary import DictionaryError
+from sae_jax.kernel_plan import KernelPlan
 from sae_jax.metrics import MetricWriter
 from sae_jax.model import SAEConfig, geometric_median
 from sae_jax.step import create_state, default_learning_rate, make_optimizer, train_step
@@ -63,6 +64,11 @@ _SHARD_CAPACITY = flags.DEFINE_float(
     "shard_capacity", 0.0, "With latents split over the mesh's model axis: each shard offers "
     "ceil(this * k / shards) top-k candidates (>= 1; exact unless one shard holds more of a "
     "token's winners). 0: exact, min(k, latents per shard) each.", lower_bound=0)
+_AUXK_SELECT = flags.DEFINE_enum(
+    "auxk_select", "per_shard", list(sharded.AUXK_SELECTS), "With latents split over m shards: "
+    "per_shard = AuxK reconstructs with each shard's own top ceil(k_aux / m) dead latents, no "
+    "candidates cross chips; exact = the global top k_aux dead latents, an all-gather of "
+    "[batch, m * k_aux] candidates every step. One device: exact either way.")
 _B_DEC_INIT = flags.DEFINE_enum("b_dec_init", "median", ["median", "mean", "zeros"],
                                 "Initial b_dec: geometric median or mean of a sample, or zeros.")
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Start from an exported dictionary (ours, or "
@@ -215,10 +221,11 @@ def log_metrics(writer: MetricWriter, progress: tqdm, schedule: optax.Schedule, 
   return scalars
 
 
-def measure_floor_ms(cfg: SAEConfig, state, x) -> float:
-  """Wall milliseconds of the step's floor (encoder matmul + top-k) on this batch and these
-  weights: `floor_fraction` in the metrics is this over the measured step time."""
-  floor = perf.make_floor(cfg)
+def measure_floor_ms(cfg: SAEConfig, plan: KernelPlan, state, x) -> float:
+  """Wall milliseconds of the step's floor (encoder matmul + top-k, per latent shard as the step
+  runs it) on this batch and these weights: `floor_fraction` in the metrics is this over the
+  measured step time."""
+  floor = perf.make_floor(cfg, plan)
   model = state[0]
   call = lambda: floor(x, model["W_enc"][...], model["b_enc"][...], model["b_dec"][...])
   return perf.time_interleaved({"floor": call}, steps=3, warmup=1)["floor"][0]
@@ -277,7 +284,7 @@ def main() -> None:
   cfg = SAEConfig(d_in=d_in, num_latents=num_latents, k=_K.value, multi_topk=_MULTI_TOPK.value,
                   auxk_alpha=_AUXK_ALPHA.value, dead_tokens=_DEAD_TOKENS.value,
                   k_aux=_K_AUX.value or None, shard_capacity=_SHARD_CAPACITY.value,
-                  compute_dtype=_COMPUTE_DTYPE.value, topk=_TOPK.value,
+                  auxk_select=_AUXK_SELECT.value, compute_dtype=_COMPUTE_DTYPE.value, topk=_TOPK.value,
                   topk_recall=_TOPK_RECALL.value, weight_grads=_WEIGHT_GRADS.value)
   if run is not None and SAEConfig(**run["sae"]) != cfg:
     raise TrainError(f"{workdir} holds a run with another SAE config ({run['sae']}); "
@@ -287,12 +294,6 @@ def main() -> None:
   tx = make_optimizer(schedule,
                       b1=_ADAM_B1.value, b2=_ADAM_B2.value, eps=_ADAM_EPS.value,
                       grad_clip=_GRAD_CLIP.value or None)
-  if jax.process_index() == 0:
-    atomic_write_json(workdir / checkpoint.FLAGS_FILE, {
-        **new_flags, "resolved": {"num_latents": num_latents, "lr": peak_lr,
-                                 "total_steps": total_steps, "steps_per_epoch": per_epoch,
-                                 "input_scale": input_scale}})
-
   ##############################################################################################
   # Mesh, shardings and the initial state (born sharded, never whole on one device).           #
   ##############################################################################################
@@ -307,9 +308,16 @@ def main() -> None:
   if num_latents % mesh.shape["model"]:
     raise TrainError(f"num_latents={num_latents} must be divisible by the model axis of the "
                      f"mesh ({mesh.shape['model']})")
+  # The kernels for the devices the step is compiled for; `bench --aot_topology` plans the same.
+  plan = KernelPlan.for_devices(mesh.devices.flat)
+  if jax.process_index() == 0:
+    atomic_write_json(workdir / checkpoint.FLAGS_FILE, {
+        **new_flags, "resolved": {"num_latents": num_latents, "lr": peak_lr,
+                                 "total_steps": total_steps, "steps_per_epoch": per_epoch,
+                                 "input_scale": input_scale, "kernel_plan": plan.to_json()}})
   write_note(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
              f"devices, {jax.process_count()} process(es); {total_steps} steps of "
-             f"{_BATCH_SIZE.value} tokens")
+             f"{_BATCH_SIZE.value} tokens; kernels {plan}")
 
   def b_dec_init():
     if init_params is not None:
@@ -327,7 +335,7 @@ def main() -> None:
   graphdef_box = []
 
   def init_state():
-    graphdef, state = create_state(cfg, tx, seed=_SEED.value, b_dec=b_dec)
+    graphdef, state = create_state(cfg, tx, seed=_SEED.value, b_dec=b_dec, plan=plan)
     if init_params is not None:
       model, optimizer = nnx.merge(graphdef, state)
       for name, value in init_params.items():
@@ -339,7 +347,7 @@ def main() -> None:
   with jax.set_mesh(mesh):
     abstract_state = jax.eval_shape(init_state)
     graphdef = graphdef_box[0]
-    state_sharding = sharding.state_shardings(abstract_state, mesh, num_latents)
+    state_sharding = sharding.state_shardings(abstract_state, mesh)
     if start_step:
       write_note(f"resuming from step {start_step} of {workdir}")
       state = checkpoint.restore(mngr, start_step, abstract_state, state_sharding)
@@ -391,7 +399,7 @@ def main() -> None:
         with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
           x = sharding.global_batch(next(batches), mesh)
           if step == start_step + 1:
-            floor_ms = measure_floor_ms(cfg, state, x)
+            floor_ms = measure_floor_ms(cfg, plan, state, x)
           state, step_metrics = update(state, x)
         if pending is not None:
           summary = log_metrics(writer, progress, schedule, floor_ms, *pending, tick_time,

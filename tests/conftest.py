@@ -21,15 +21,3 @@ def synthetic_images(tmp_path_factory) -> Path:
   images.write_synthetic_images(out, 96)
   return out
 
-
-@pytest.fixture
-def without_native_kernels(monkeypatch):
-  """The CPU kernels as on a host where sae_jax.native could not be built: the XLA gathers and
-  scatters. jit caches are cleared around it, so no trace of the other path is reused."""
-  import jax
-
-  from sae_jax import topk
-  monkeypatch.setattr(topk, "native_kernels", lambda: False)
-  jax.clear_caches()
-  yield
-  jax.clear_caches()

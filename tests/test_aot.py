@@ -1,6 +1,9 @@
-"""bench --aot_devices: the step compiled for a virtual mesh, its per-device memory, collectives."""
+"""bench --aot_devices / --aot_topology: the step compiled for a virtual CPU mesh or a TPU slice
+(libtpu's compiler, no TPU), its per-device memory, collectives and kernel plan."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -9,18 +12,27 @@ import pytest
 N, D, K, BATCH = 1024, 32, 8, 64
 
 
-def plan(mesh, *extra):
-  result = subprocess.run(
-      [sys.executable, "-m", "sae_jax.bench", "--aot_devices=8", f"--mesh={mesh}", f"--d_in={D}",
-       f"--num_latents={N}", f"--k={K}", f"--batch_size={BATCH}", *extra],
-      capture_output=True, text=True, timeout=300)
+def bench(*args):
+  return subprocess.run([sys.executable, "-m", "sae_jax.bench", *args], capture_output=True,
+                        text=True, timeout=300)
+
+
+def plan(mesh, *extra, target="--aot_devices=8", n=N, d=D, k=K, batch=BATCH):
+  result = bench(target, f"--mesh={mesh}", f"--d_in={d}", f"--num_latents={n}", f"--k={k}",
+                 f"--batch_size={batch}", *extra)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.splitlines()[-1])
 
 
+def shapes(report, op):
+  """The [rows, cols] results of the collectives `op` in a plan."""
+  return {tuple(int(n) for n in array.split("[")[1].rstrip("]").split(","))
+          for name in report["collectives"] if name.startswith(op + " ")
+          for array in name.split(" ")[1:] if array.count(",") == 1}
+
+
 def gathered_widths(report):
-  return {int(name.split(",")[-1].rstrip("]")) for name in report["collectives"]
-          if name.startswith("all-gather")}
+  return {cols for _, cols in shapes(report, "all-gather")}
 
 
 def test_latent_split_divides_the_state_and_never_gathers_pre_activations():
@@ -31,10 +43,54 @@ def test_latent_split_divides_the_state_and_never_gathers_pre_activations():
         replicated["per_device_gib"][part] / 8, rel=0.02)
   for report in (replicated, split):
     assert N not in gathered_widths(report)  # no [B, n] all-gather, on either mesh
-  # The candidates that are gathered: 8 shards x min(4k... k, n/8) top-k and x k_aux=d/2 AuxK.
-  assert gathered_widths(split) == {8 * K, 8 * D // 2}
+    assert report["kernel_plan"]["platform"] == "cpu"
+  # Gathered: 8 shards x min(k, n/8) top-k candidates; AuxK selects per shard, gathers nothing.
+  assert gathered_widths(split) == {8 * K}
+  exact_aux = plan("data:1,model:8", "--auxk_select=exact")
+  assert gathered_widths(exact_aux) == {8 * K, 8 * D // 2}
+  assert exact_aux["collective_gib_per_step"] > split["collective_gib_per_step"]
 
 
 def test_shard_capacity_shrinks_the_candidate_gathers():
-  capped = plan("data:1,model:8", "--shard_capacity=2")
+  capped = plan("data:1,model:8", "--shard_capacity=2", "--auxk_select=exact")
   assert gathered_widths(capped) == {8 * 2 * K // 8, 8 * 2 * (D // 2) // 8}
+
+
+# CI installs the tpu extra; elsewhere the TPU plan needs it.
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None and not os.environ.get("CI"),
+    reason="libtpu not installed: pip install -e '.[tpu]'")
+
+
+@needs_libtpu
+def test_a_tpu_plan_takes_the_accelerator_kernels_and_moves_no_pre_activations():
+  """The paper's shape at toy size (d = 64, n = 64 d, k = 8, bfloat16) compiled by libtpu for a
+  v5e 2x4 slice, latents over 4 chips and the batch over 2: accelerator kernels, no collective
+  of a [rows, n]-sized result, and collective bytes within what the config accounts for."""
+  n, d, k, batch, data, model = 4096, 64, 8, 512, 2, 4
+  report = plan(f"data:{data},model:{model}", "--compute_dtype=bfloat16",
+                target="--aot_topology=v5e:2x4", n=n, d=d, k=k, batch=batch)
+  assert report["platform"] == "tpu" and report["topology"] == "v5e:2x4"
+  assert report["kernel_plan"] == {"platform": "tpu", "native": False, "grouped_topk": True,
+                                   "dense_products": True}
+  for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all"):
+    assert not [s for s in shapes(report, op) if s[1] >= n // model], (op, report["collectives"])
+  rows = batch // data
+  # Per chip and step: the top-k candidates' all-gather (f32 values, s32 indices), the psums of
+  # the top-k and AuxK decodes and of their cotangents, and the weight gradients' reduction over
+  # "data" (W_enc, W_dec, b_enc and b_dec of this chip's latents), at 2x slack for small terms.
+  bound = 2 * (rows * model * k * 8 + 4 * rows * d * 4 + (2 * n // model * (d + 1) + d) * 4)
+  assert 0 < report["collective_gib_per_step"] * 2**30 < bound, report["collectives"]
+  assert report["per_device_gib"]["xla_peak_estimate"] > 0
+  assert report["cost_analysis"]["flops"] > 2 * batch * d * n / (data * model)
+
+
+def test_without_libtpu_the_topology_flag_says_how_to_get_it():
+  # sys.modules["libtpu"] = None hides the package, as on an install without the tpu extra.
+  code = ("import runpy, sys\nsys.modules['libtpu'] = None\n"
+          "sys.argv = ['bench', '--aot_topology=v5e:2x4']\n"
+          "runpy.run_module('sae_jax.bench', run_name='__main__')")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 1
+  assert 'pip install -e \\".[tpu]\\"' in result.stdout.splitlines()[-1], result.stdout

@@ -8,14 +8,20 @@ from flax import nnx
 
 from sae_jax import step as step_lib
 from sae_jax import topk as topk_lib
+from sae_jax.kernel_plan import KernelPlan
 from sae_jax.model import SAEConfig, TopKSAE, geometric_median, normalize_rows
+
+# The kernels of a CPU host where sae_jax.native could not be built (XLA gathers and scatters),
+# and of a GPU (dense products, grouped top-k), here compiled for the CPU.
+XLA_CPU = KernelPlan.for_platform("cpu", use_native=False)
+ACCELERATOR = KernelPlan.for_platform("gpu")
 
 D, N, K, B = 12, 48, 3, 20
 
 
-def make_model(dead_latents: int = 0, **overrides) -> TopKSAE:
+def make_model(dead_latents: int = 0, plan=None, **overrides) -> TopKSAE:
   cfg = SAEConfig(d_in=D, num_latents=N, k=K, dead_tokens=100, **overrides)
-  model = TopKSAE(cfg, rngs=nnx.Rngs(0))
+  model = TopKSAE(cfg, rngs=nnx.Rngs(0), plan=plan)
   rng = np.random.default_rng(1)
   model.b_enc[...] = jnp.asarray(rng.normal(0, 0.1, N), jnp.float32)
   model.b_dec[...] = jnp.asarray(rng.normal(0, 0.3, D), jnp.float32)
@@ -66,14 +72,13 @@ def params_of(model):
 ])
 @pytest.mark.parametrize("weight_grads", ["scatter", "xla_scatter", "matmul", "accelerator"])
 def test_sparse_gradients_match_dense_autodiff(multi_topk, auxk_alpha, dead_latents, weight_grads,
-                                               monkeypatch, request):
+                                               ):
+  plan = None
   if weight_grads == "accelerator":  # "auto" as on a GPU: dense decodes and weight gradients
-    monkeypatch.setattr(topk_lib, "on_accelerator", lambda: True)
-    weight_grads = "auto"
+    plan, weight_grads = ACCELERATOR, "auto"
   if weight_grads == "xla_scatter":  # a CPU host without the native kernels
-    request.getfixturevalue("without_native_kernels")
-    weight_grads = "scatter"
-  model = make_model(dead_latents, multi_topk=multi_topk, auxk_alpha=auxk_alpha, k_aux=5,
+    plan, weight_grads = XLA_CPU, "scatter"
+  model = make_model(dead_latents, plan, multi_topk=multi_topk, auxk_alpha=auxk_alpha, k_aux=5,
                      weight_grads=weight_grads)
   x, dead = batch(), model.dead_mask()
   graphdef, state = nnx.split(model)
@@ -115,7 +120,7 @@ def test_init_is_sparsify_like():
   W_enc, W_dec = np.asarray(model.W_enc[...]), np.asarray(model.W_dec[...])
   assert np.abs(W_enc).max() <= 1 / 8 and np.abs(W_enc).max() > 0.95 / 8
   np.testing.assert_allclose(np.linalg.norm(W_dec, axis=1), 1, rtol=1e-6)
-  np.testing.assert_allclose(W_dec, normalize_rows(W_enc), rtol=1e-6)
+  np.testing.assert_allclose(W_dec, normalize_rows(XLA_CPU, W_enc), rtol=1e-6)
   assert not np.asarray(model.b_enc[...]).any() and not np.asarray(model.b_dec[...]).any()
   assert not isinstance(model.tokens_since_fired, nnx.Param)
 
@@ -175,6 +180,6 @@ def test_sparse_decode_gradient_adds_into_the_picked_rows():
   W = jnp.asarray(np.random.default_rng(0).normal(size=(N, D)), jnp.float32)
   v = jnp.ones((2, K))
   idx = jnp.array([[0, 1, 1], [2, 3, 0]], jnp.int32)
-  grad = jax.grad(lambda W: topk_lib.sparse_decode(v, idx, W).sum())(W)
+  grad = jax.grad(lambda W: topk_lib.sparse_decode(XLA_CPU, v, idx, W).sum())(W)
   assert np.asarray(grad[1]).tolist() == [2.0] * D and np.asarray(grad[0]).tolist() == [2.0] * D
   assert not np.asarray(grad[4:]).any()

@@ -13,6 +13,7 @@ from flax import nnx
 
 from sae_jax import native
 from sae_jax import step as step_lib
+from sae_jax.kernel_plan import KernelPlan
 from sae_jax.model import SAEConfig
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not native.available(),
@@ -93,16 +94,18 @@ def test_results_do_not_depend_on_the_run():
     np.testing.assert_array_equal(got, want)
 
 
-def step_hlo() -> str:
+def step_hlo(plan) -> str:
   cfg = SAEConfig(d_in=8, num_latents=32, k=2)
-  graphdef, state = step_lib.create_state(cfg, step_lib.make_optimizer(1e-3), seed=0)
+  graphdef, state = step_lib.create_state(cfg, step_lib.make_optimizer(1e-3), seed=0, plan=plan)
   return jax.jit(step_lib.train_step).lower(graphdef, state, jnp.zeros((4, 8))).as_text()
 
 
-def test_the_cpu_step_uses_the_kernels_unless_told_not_to(request):
-  assert "sae_row_grads_and_dots" in step_hlo() and "sae_normalize_rows" in step_hlo()
-  request.getfixturevalue("without_native_kernels")
-  assert "sae_" not in step_hlo()
+def test_the_cpu_plan_uses_the_kernels_unless_told_not_to():
+  native_plan = KernelPlan.for_devices(jax.devices("cpu"))
+  assert native_plan.native
+  assert "sae_row_grads_and_dots" in step_hlo(native_plan)
+  assert "sae_normalize_rows" in step_hlo(native_plan)
+  assert "sae_" not in step_hlo(KernelPlan.for_platform("cpu", use_native=False))
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:

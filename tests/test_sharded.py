@@ -32,10 +32,10 @@ from sae_jax.model import SAEConfig
 
 def run(cfg, mesh, batches):
   tx = step_lib.make_optimizer(1e-2)
-  init = lambda: step_lib.create_state(cfg, tx, seed=0, b_dec=None)
+  init = lambda: step_lib.create_state(cfg, tx, seed=0, b_dec=None, plan=PLAN)
   graphdef, _ = init()
   with jax.set_mesh(mesh):
-    shardings = sharding.state_shardings(jax.eval_shape(lambda: init()[1]), mesh, cfg.num_latents)
+    shardings = sharding.state_shardings(jax.eval_shape(lambda: init()[1]), mesh)
     state = jax.jit(lambda: init()[1], out_shardings=shardings)()
     update = jax.jit(lambda s, x: step_lib.train_step(graphdef, s, x), donate_argnums=0,
                      in_shardings=(shardings, sharding.batch_sharding(mesh)),
@@ -49,7 +49,8 @@ def run(cfg, mesh, batches):
 
 def grads_and_eval(cfg, x):
   # Loss and gradients (of the parameters and of x) with 20 latents dead, and the eval metrics.
-  graphdef, state = step_lib.create_state(cfg, step_lib.make_optimizer(1e-2), seed=0, b_dec=None)
+  graphdef, state = step_lib.create_state(cfg, step_lib.make_optimizer(1e-2), seed=0, b_dec=None,
+                                          plan=PLAN)
   model, optimizer = nnx.merge(graphdef, state)
   count = np.zeros(cfg.num_latents, np.int32)
   count[np.random.default_rng(0).permutation(cfg.num_latents)[:20]] = 1000
@@ -72,8 +73,9 @@ batches = [jnp.asarray(np.random.default_rng(i).normal(0.2, 1.0, (32, 16)), jnp.
 for multi_topk, specs in ((False, ["data:8,model:1", "data:2,model:4"]),
                           (True, ["data:4,model:2", "data:1,model:8"])):
   # 8 latents per shard on model:8, fewer than the 4k = 16 Multi-TopK picks.
+  # AuxK's exact selection, as on one device (per_shard: tests/test_auxk_select.py).
   cfg = SAEConfig(d_in=16, num_latents=64, k=4, multi_topk=multi_topk, auxk_alpha=0.5, k_aux=6,
-                  dead_tokens=40)
+                  dead_tokens=40, auxk_select="exact")
   want_losses, want = run(cfg, sharding.make_mesh("data:1,model:1", jax.devices()[:1]), batches)
   want_grads = grads_and_eval(cfg, batches[0])
   for spec in specs:
@@ -90,9 +92,12 @@ for multi_topk, specs in ((False, ["data:8,model:1", "data:2,model:4"]),
 """
 
 
-# The rules "auto" follows on a GPU or TPU (dense weight-gradient and AuxK-decode products per
-# shard), here on CPU devices; tests/test_model.py checks them against autodiff on one device.
-ACCELERATOR_RULES = "from sae_jax import topk\ntopk.on_accelerator = lambda: True\n"
+# The plan of the devices, or the kernels a GPU or TPU runs (dense weight-gradient and
+# AuxK-decode products per shard, grouped top-k) compiled for CPU devices; tests/test_model.py
+# checks them against autodiff on one device.
+PLANS = {"cpu": "PLAN = None\n",
+         "accelerator": "from sae_jax.kernel_plan import KernelPlan\n"
+                        "PLAN = KernelPlan.for_platform('gpu')\n"}
 
 
 @pytest.mark.parametrize("rules", ["cpu", "accelerator"])
@@ -100,7 +105,7 @@ def test_train_steps_on_every_mesh_shape_match_one_device(rules):
   """8x1, 4x2, 2x4 and 1x8 meshes: gradients (no factor of the model-axis size), eval metrics, and
   losses, parameters, Adam moments and dead counters after 4 steps (AuxK active from the third,
   Multi-TopK in two of them) equal the one-device run's."""
-  script = (ACCELERATOR_RULES if rules == "accelerator" else "") + STEPS_SCRIPT
+  script = PLANS[rules] + STEPS_SCRIPT
   assert run_with_devices(["-c", script]).count("ok") == 2
 
 
@@ -116,7 +121,7 @@ graphdef, _ = step_lib.create_state(cfg, tx, seed=0, b_dec=None)
 mesh = sharding.make_mesh("data:2,model:4")
 with jax.set_mesh(mesh):
   abstract = jax.eval_shape(lambda: step_lib.create_state(cfg, tx, seed=0, b_dec=None)[1])
-  shardings = sharding.state_shardings(abstract, mesh, N)
+  shardings = sharding.state_shardings(abstract, mesh)
   batch = jax.ShapeDtypeStruct((B, 16), np.float32, sharding=sharding.batch_sharding(mesh))
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        abstract, shardings)
@@ -129,13 +134,15 @@ gathered = [tuple(map(int, shape.split(",")))
             for shape in re.findall(r"\\[([\\d,]+)\\]", result)]
 print(sorted(set(gathered)))
 assert not [s for s in gathered if len(s) == 2 and s[0] in (B // 2, B) and s[1] == N], gathered
-assert (B // 2, 4 * K) in gathered and (B // 2, 4 * K_AUX) in gathered, gathered
+assert (B // 2, 4 * K) in gathered, gathered
+assert (B // 2, 4 * K_AUX) not in gathered, gathered  # AuxK per shard: no candidates gathered
 print("ok")
 """
 
 
 def test_compiled_step_gathers_candidates_not_pre_activations():
-  """On a 2x4 mesh the step all-gathers [B/2, 4k] candidates, never a [B/2 or B, n] matrix."""
+  """On a 2x4 mesh the step all-gathers [B/2, 4k] candidates, never a [B/2 or B, n] matrix, and,
+  with AuxK per shard, no AuxK candidates."""
   assert run_with_devices(["-c", HLO_SCRIPT]).strip().endswith("ok")
 
 

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from sae_jax import step as step_lib
+from sae_jax.kernel_plan import KernelPlan
 from sae_jax.model import SAEConfig
 
 D, N, K, B = 10, 40, 3, 16
@@ -80,15 +81,15 @@ def reference_update(p, mu, nu, t, count, x, cfg):
 
 @pytest.mark.parametrize("multi_topk,weight_grads", [(False, "scatter"), (True, "scatter"),
                                                     (True, "xla_scatter"), (True, "matmul")])
-def test_train_step_matches_float64_reference(multi_topk, weight_grads, request):
+def test_train_step_matches_float64_reference(multi_topk, weight_grads):
+  plan = None
   if weight_grads == "xla_scatter":  # a CPU host without the native kernels
-    request.getfixturevalue("without_native_kernels")
-    weight_grads = "scatter"
+    plan, weight_grads = KernelPlan.for_platform("cpu", use_native=False), "scatter"
   cfg = SAEConfig(d_in=D, num_latents=N, k=K, multi_topk=multi_topk, auxk_alpha=0.25, k_aux=4,
                   dead_tokens=2 * B, weight_grads=weight_grads)
   rng = np.random.default_rng(0)
   tx = step_lib.make_optimizer(LR, b1=B1, b2=B2, eps=EPS)
-  graphdef, state = step_lib.create_state(cfg, tx, seed=0, b_dec=rng.normal(0, 0.2, D))
+  graphdef, state = step_lib.create_state(cfg, tx, seed=0, b_dec=rng.normal(0, 0.2, D), plan=plan)
   model, optimizer = nnx.merge(graphdef, state)
   model.b_enc[...] = jnp.asarray(rng.normal(0, 0.05, N), jnp.float32)
   # Some latents start dead, one is one batch short of dying.
@@ -155,7 +156,9 @@ MESH_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from sae_jax import sharding, step as step_lib
 from sae_jax.model import SAEConfig
-cfg = SAEConfig(d_in=16, num_latents=64, k=4, multi_topk=True, dead_tokens=40, k_aux=6)
+# AuxK's exact selection, as on one device (per_shard is tested in tests/test_auxk_select.py).
+cfg = SAEConfig(d_in=16, num_latents=64, k=4, multi_topk=True, dead_tokens=40, k_aux=6,
+                auxk_select="exact")
 tx = step_lib.make_optimizer(1e-2)
 x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 16)), jnp.float32)
 init = lambda: step_lib.create_state(cfg, tx, seed=0, b_dec=None)
@@ -163,7 +166,7 @@ graphdef, want = init()
 one_device = jax.jit(step_lib.train_step)
 mesh = sharding.make_mesh("data:2,model:2")
 with jax.set_mesh(mesh):
-  shardings = sharding.state_shardings(jax.eval_shape(lambda: init()[1]), mesh, 64)
+  shardings = sharding.state_shardings(jax.eval_shape(lambda: init()[1]), mesh)
   got = jax.jit(lambda: init()[1], out_shardings=shardings)()
   on_mesh = jax.jit(lambda s, x: step_lib.train_step(graphdef, s, x), donate_argnums=0,
                     in_shardings=(shardings, sharding.batch_sharding(mesh)),
