@@ -5,10 +5,13 @@ r"""Trains a TopK sparse autoencoder on an activation store.
 
 Rerunning the same command resumes from the latest checkpoint in --workdir, exactly: the result is
 bit-identical to a run that was never interrupted (same data order, same state). Only the flags in
-RESUMABLE_FLAGS may change on resume. SIGTERM saves a checkpoint before exiting. The resolved flags
-go to WORKDIR/flags.json, metrics to WORKDIR/metrics.jsonl and WORKDIR/tb/, and a one-line JSON
-summary is printed last; a run stopped by its inputs or a non-finite loss prints
-{"ok": false, "error": ...} instead and exits with status 1.
+RESUMABLE_FLAGS may change on resume. SIGTERM (a preemption notice) saves a checkpoint and exits
+with status 143 (PREEMPTED_EXIT_CODE), so that `train && export` never exports half a run; with
+several processes, every process saves the same step (JAX's preemption sync, through orbax) and
+exits. The resolved flags go to WORKDIR/flags.json, metrics to WORKDIR/metrics.jsonl and
+WORKDIR/tb/, and a one-line JSON summary is printed last ("preempted": true when stopped so); a
+run stopped by its inputs or a non-finite loss prints {"ok": false, "error": ...} instead and
+exits with status 1.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -134,6 +138,11 @@ RESUMABLE_FLAGS = frozenset({
     "workdir", "steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every",
     "data_workers", "prefetch_batches", "mesh", "distributed", "coordinator_address",
     "num_processes", "process_id", "debug_signal_at_step", "debug_signal"})
+
+
+# The status of a run stopped by SIGTERM after saving: 128 + SIGTERM, as a shell reports a process
+# that SIGTERM ended, so schedulers and `&&` chains see an unfinished run.
+PREEMPTED_EXIT_CODE = 143
 
 
 class TrainError(Exception):
@@ -382,8 +391,13 @@ def main() -> None:
     # The loop.                                                                                 #
     ############################################################################################
     writer = MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
-    preempted = []
-    signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    sigterm = []
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
+    # With several processes, JAX's preemption service catches SIGTERM on any of them and agrees
+    # with all on the step at which every process saves and stops (each must ask every step):
+    # one process leaving the loop alone would leave the others hung in the next collectives.
+    preempted = False
     pending = None  # (step, device metrics) of the previous step, fetched one step late
     last_good = start_step or None
     tick_time, tick_step = time.perf_counter(), start_step
@@ -409,12 +423,14 @@ def main() -> None:
         if step % _LOG_EVERY.value == 0 or step == total_steps:
           pending = (step, step_metrics)
         progress.update(1)
+        preempted = mngr.reached_preemption(step) or bool(sigterm)
         if step % _CHECKPOINT_EVERY.value == 0 or step == total_steps or preempted:
           check_finite(step, step_metrics, last_good, workdir)  # never save a diverged state
           checkpoint.save(mngr, step, state)
           last_good = step
         if preempted:
-          write_note(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
+          write_note(f"SIGTERM: saved step {step}, exiting with status {PREEMPTED_EXIT_CODE}; "
+                     "rerun the same command to resume")
           break
       if pending is not None:
         summary = log_metrics(writer, progress, schedule, floor_ms, *pending, tick_time,
@@ -426,7 +442,9 @@ def main() -> None:
       writer.close()
   if jax.process_index() == 0:
     print(json.dumps({"workdir": str(workdir), "step": step, "total_steps": total_steps,
-                      **summary}))
+                      **summary, **({"preempted": True} if preempted else {})}))
+  if preempted:
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

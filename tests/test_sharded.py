@@ -15,9 +15,9 @@ import synthetic
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_with_devices(args, num_devices: int = 8, timeout: int = 300) -> str:
+def run_with_devices(args, num_devices: int = 8, timeout: int = 300, xla_flags: str = "") -> str:
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}"}
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices} {xla_flags}"}
   result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -155,12 +155,32 @@ def store(tmp_path_factory):
                                       d_model=D_MODEL)
 
 
-def train(store, workdir, steps, mesh=None, num_devices=1):
+def train(store, workdir, steps, mesh=None, num_devices=1, *extra, xla_flags=""):
   args = ["-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}", "--num_latents=64",
           "--k=4", "--batch_size=64", f"--steps={steps}", f"--checkpoint_every={STEPS}",
-          "--lr_warmup_steps=0", "--lr=1e-2", "--dead_tokens=64", "--multi_topk"]
-  return json.loads(run_with_devices(args + ([f"--mesh={mesh}"] if mesh else []),
-                                     num_devices).splitlines()[-1])
+          "--lr_warmup_steps=0", "--lr=1e-2", "--dead_tokens=64", "--multi_topk", *extra]
+  return json.loads(run_with_devices(args + ([f"--mesh={mesh}"] if mesh else []), num_devices,
+                                     xla_flags=xla_flags).splitlines()[-1])
+
+
+def test_every_program_the_trainer_compiles_on_a_mesh_moves_no_pre_activations(store, tmp_path):
+  """All programs of a run on a 2x4 mesh (init, floor, step, ...), as XLA compiled them: no
+  collective result has the latent width n (a [B, n] pre-activation matrix or a whole [n, d]
+  matrix), and AuxK (active: latents die) gathers no candidates."""
+  from sae_jax import aot
+  n = 256  # unlike every other width here: d = 16, B = 64, 4k = 16, n / 4 = 64
+  summary = train(store, tmp_path / "run", 4, "data:2,model:4", 8, "--auxk_alpha=0.5",
+                  f"--num_latents={n}", xla_flags=f"--xla_dump_to={tmp_path / 'hlo'} "
+                  "--xla_dump_hlo_as_text --xla_dump_hlo_pass_re=^$")
+  assert summary["auxk_loss"] > 0
+  programs = sorted((tmp_path / "hlo").glob("*after_optimizations.txt"))
+  assert any("train_step" in p.name or "scaled_step" in p.name for p in programs), programs
+  for program in programs:
+    counts, _ = aot.collectives(program.read_text())
+    wide = [name for name in counts if f",{n}]" in name or f"[{n}," in name or f"[{n}]" in name]
+    assert not wide, (program.name, wide)
+    # AuxK's exact form would gather [B/2, 4 shards x k_aux = d/2] = [32, 32] candidates.
+    assert not [name for name in counts if name.startswith("all-gather") and ",32]" in name]
 
 
 def test_checkpoint_saved_on_one_mesh_resumes_on_others(store, tmp_path):

@@ -133,9 +133,11 @@ def test_init_from_an_export_starts_from_its_weights(store, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_the_same(store, straight_params,
                                                                     tmp_path):
   stopped = train(store, tmp_path / "resumed", "--debug_signal_at_step=12",
-                  "--debug_signal=SIGTERM")
+                  "--debug_signal=SIGTERM", check=False)
+  assert stopped.returncode == 143, stopped.stderr[-3000:]  # an unfinished run, for `&&`
   assert (tmp_path / "resumed" / "checkpoints" / "12").exists()
-  assert json.loads(stopped.stdout.splitlines()[-1])["step"] == 12
+  summary = json.loads(stopped.stdout.splitlines()[-1])
+  assert summary["step"] == 12 and summary["preempted"] is True
   # How the run is carried out may change on resume: not what it computes.
   train(store, tmp_path / "resumed", "--checkpoint_every=3", "--log_every=4",
         "--prefetch_batches=0")
@@ -248,15 +250,16 @@ def free_port():
     return s.getsockname()[1]
 
 
-def train_two_processes(store, workdir, *extra):
-  """Two real processes on localhost (CPU, gloo collectives) training one SAE together."""
+def train_two_processes(store, workdir, *extra, only_process_1=()):
+  """Two real processes on localhost (CPU, gloo collectives) training one SAE together; the flags
+  `only_process_1` go to the second alone."""
   port = free_port()
   procs = [subprocess.Popen(
       [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}",
        "--num_latents=64", "--k=4", "--batch_size=64", "--steps=20", "--checkpoint_every=5",
        "--log_every=5", "--lr_warmup_steps=2", "--dead_tokens=256", "--normalize_inputs",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-       *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+       *extra, *(only_process_1 if i == 1 else ())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in procs]
   return [p.returncode for p in procs], outputs
 
@@ -272,3 +275,27 @@ def test_two_processes_match_one_and_resume_after_a_kill(store, straight_params,
     # Same global batches; only the order of the cross-process sums differs.
     np.testing.assert_allclose(multi[name], straight_params[name], rtol=1e-4, atol=1e-5,
                                err_msg=name)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(store, tmp_path):
+  """SIGTERM reaches process 1 alone at step 12: both processes agree on a step, both save it and
+  exit with 143 (none hangs in the next step's collectives), and the rerun ends bit-identical to
+  two processes never interrupted."""
+  codes, outputs = train_two_processes(
+      store, tmp_path / "stopped", only_process_1=("--debug_signal_at_step=12",
+                                                    "--debug_signal=SIGTERM"))
+  assert codes == [143, 143], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  summary = json.loads(outputs[0][0].splitlines()[-1])
+  assert summary["preempted"] is True and summary["step"] >= 12
+  saved = sorted(int(p.name) for p in (tmp_path / "stopped" / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert saved[-1] == summary["step"], saved
+  codes, outputs = train_two_processes(store, tmp_path / "stopped")
+  assert codes == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  assert f"resuming from step {summary['step']}" in outputs[0][1]
+  codes, outputs = train_two_processes(store, tmp_path / "straight")
+  assert codes == [0, 0], outputs[0][1][-3000:]
+  want = dictionary.read(export(tmp_path / "straight", tmp_path / "e1", "sparsify")["export"])[0]
+  got = dictionary.read(export(tmp_path / "stopped", tmp_path / "e2", "sparsify")["export"])[0]
+  for name in dictionary.PARAM_NAMES:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
