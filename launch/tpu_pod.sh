@@ -7,5 +7,5 @@
 set -euo pipefail
 tpu="$1"; zone="$2"; shift 2
 gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="
-  cd ~/llava-sae && pip install -q -e . 'jax[tpu]' &&
+  cd ~/llava-sae && pip install -q -e '.[tpu]' &&
   python -m sae_jax.train $*"

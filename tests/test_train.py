@@ -138,6 +138,8 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_the_same(store, strai
   assert (tmp_path / "resumed" / "checkpoints" / "12").exists()
   summary = json.loads(stopped.stdout.splitlines()[-1])
   assert summary["step"] == 12 and summary["preempted"] is True
+  plan = json.loads((tmp_path / "resumed" / "flags.json").read_text())["resolved"]["kernel_plan"]
+  assert plan["platform"] == "cpu" and not plan["grouped_topk"]  # what the step compiled with
   # How the run is carried out may change on resume: not what it computes.
   train(store, tmp_path / "resumed", "--checkpoint_every=3", "--log_every=4",
         "--prefetch_batches=0")
