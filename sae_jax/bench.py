@@ -39,6 +39,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 4096, "Tokens per step.")
 _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                            "Encoder matmul dtype.")
 _TOPK = flags.DEFINE_enum("topk", "exact", list(TOPK_METHODS), "Top-k implementation.")
+_TOPK_RECALL = flags.DEFINE_float("topk_recall", 0.95, "Recall target of --topk=approx.",
+                                  lower_bound=0, upper_bound=1)
 _WEIGHT_GRADS = flags.DEFINE_enum("weight_grads", "auto", ["auto", "scatter", "matmul"],
                                   "How the backward forms the weight gradients (see train).")
 _MULTI_TOPK = flags.DEFINE_bool("multi_topk", False, "Add the Multi-TopK (4k) loss.")
@@ -80,7 +82,8 @@ def main():
   cfg = SAEConfig(d_in=_D_IN.value, num_latents=_NUM_LATENTS.value, k=_K.value,
                   multi_topk=_MULTI_TOPK.value, auxk_alpha=_AUXK_ALPHA.value,
                   dead_tokens=_DEAD_TOKENS.value,
-                  compute_dtype=_DTYPE.value, topk=_TOPK.value, k_aux=_K_AUX.value or None,
+                  compute_dtype=_DTYPE.value, topk=_TOPK.value, topk_recall=_TOPK_RECALL.value,
+                  k_aux=_K_AUX.value or None,
                   shard_capacity=_SHARD_CAPACITY.value, weight_grads=_WEIGHT_GRADS.value,
                   auxk_select=_AUXK_SELECT.value)
   if _AOT_DEVICES.value or _AOT_TOPOLOGY.value:
