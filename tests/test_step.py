@@ -189,3 +189,23 @@ def test_train_step_on_a_data_model_mesh_matches_one_device():
   result = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_shardings_come_from_the_variables_metadata_even_when_n_equals_d():
+  """With n == d, b_dec and b_enc have the same shape; only the per-latent one (and its Adam
+  moments) is split over "model"."""
+  from jax.sharding import PartitionSpec as P
+
+  from sae_jax import sharding
+  cfg = SAEConfig(d_in=32, num_latents=32, k=4)
+  tx = step_lib.make_optimizer(1e-3)
+  abstract = jax.eval_shape(lambda: step_lib.create_state(cfg, tx, seed=0)[1])
+  mesh = sharding.make_mesh("data:1,model:1", jax.devices()[:1])
+  specs = {jax.tree_util.keystr(path): s.spec for path, s in
+           jax.tree.leaves_with_path(sharding.state_shardings(abstract, mesh))}
+  latent = [k for k in specs if any(n in k for n in ("W_enc", "W_dec", "b_enc",
+                                                     "tokens_since_fired"))]
+  assert len(latent) == 3 + 3 * 2 + 1  # W_enc, W_dec, b_enc, two Adam moments each, the counter
+  for key, spec in specs.items():
+    want = (P("model", None) if "'W_" in key else P("model")) if key in latent else P()
+    assert spec == want, key

@@ -3,8 +3,9 @@
 XLA:CPU runs gathers and scatters as scalar loops; on the benchmark configuration they and their
 sort cost about two thirds of everything a training step does beyond the encoder matmul and
 top-k (docs/benchmarks.md). These kernels do the same sums in vectorised row passes on XLA's
-thread pool. `topk.py` uses them on CPU and keeps its pure-XLA forms for GPU and TPU, and for CPU
-hosts where they are not `available()`.
+thread pool. `rows.py` and `topk.py` use them where the kernel plan says (CPU devices, when
+`available()`: `kernel_plan.KernelPlan.native`) and keep their pure-XLA forms for GPU and TPU, and
+for CPU hosts without them.
 
 The source is compiled on first use with the host's C++ compiler (`$CXX`, else `c++`) against
 the XLA FFI headers that ship with jaxlib, for this CPU (`-march=native`), and cached in

@@ -1,5 +1,5 @@
 // Row gathers, scatters and row reductions of the TopK SAE for XLA:CPU, as XLA FFI handlers
-// (sae_jax/native/__init__.py builds and registers them; sae_jax/topk.py calls them on CPU).
+// (sae_jax/native/__init__.py builds and registers them; sae_jax/rows.py calls them where the kernel plan says (CPU devices)).
 //
 // XLA:CPU runs a gather or scatter as a scalar loop over its elements, and materialises the
 // gathered rows before a fused product. Here each row is one vectorised pass, the weight
