@@ -20,4 +20,3 @@ def synthetic_images(tmp_path_factory) -> Path:
   out = tmp_path_factory.mktemp("synthetic_images")
   images.write_synthetic_images(out, 96)
   return out
-
