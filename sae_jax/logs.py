@@ -1,5 +1,5 @@
 """Keeps the libraries' chatter out of our commands' logs: orbax's and grain's INFO lines (orbax
-logs every file it closes), and, off a TPU host, libtpu's start-up warnings."""
+logs every file it closes), and, off a TPU host, libtpu's start-up warnings and lockfile."""
 
 import glob
 import logging as py_logging
@@ -27,9 +27,13 @@ def quiet_tpu_runtime() -> None:
   the TPU VM's metadata it writes a screen of warnings about unknown hostnames and accelerator
   type. Naming this host and some type silences them; it changes no compile for a
   `--aot_topology` (the HLO of a v5e and a v4 plan came out identical). Must run before JAX starts
-  its backends; on a TPU host (a /dev/accel* or /dev/vfio device) it does nothing."""
+  its backends; on a TPU host (a /dev/accel* or /dev/vfio device) it does nothing.
+
+  It also lets several processes load libtpu at once: its lockfile (/tmp/libtpu_lockfile) guards
+  a TPU this host does not have, and a compile failed while another JAX process held it."""
   if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
     return
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
