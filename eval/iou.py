@@ -1,0 +1,66 @@
+"""IoU between a latent's activation maps and ground-truth masks, compared at the patch grid.
+
+A latent's map is binarised: a patch is in it when the latent's activation there exceeds the
+threshold (default 1e-5, "the latent fired here", the same cut as the explainer's masked prompt in
+interpret/visual.py). A pixel mask is brought to the grid the way the model sees the image
+(squashed to a square, cut into h x w patches): a patch is in it when at least half its area is.
+
+The random baseline moves each binarised map's active patches to random places (same count, so
+the same area), and is scored exactly like the real maps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from interpret.visual import ACTIVE_THRESHOLD
+
+DEFAULT_THRESHOLD = ACTIVE_THRESHOLD
+COVERED = 0.5  # share of a patch's area a pixel mask must cover for the patch to be in it
+
+
+def binarise(maps: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+  """[..., patches] bool: where the activation exceeds the threshold."""
+  return np.asarray(maps, np.float32) > threshold
+
+
+def mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+  """[h*w] bool from a [height, width] pixel mask: patches at least half covered."""
+  height, width = grid
+  pixels = Image.fromarray(np.asarray(mask, np.float32), "F")
+  covered = np.asarray(pixels.resize((width, height), Image.Resampling.BOX))  # area averages
+  return (covered >= COVERED - 1e-6).reshape(-1)
+
+
+def iou(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+  """|pred & target| / |pred | target| over the last axis (broadcasting); NaN where both are empty."""
+  pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+  inter = (pred & target).sum(-1)
+  union = (pred | target).sum(-1)
+  return np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+
+
+def mean_iou(pred: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """[concepts] mean over images of the per-image IoU, from pred [images, patches] and targets
+  [images, concepts, patches]. An image where the target is absent and the latent fires scores 0;
+  one where both are empty says nothing and is left out (NaN if every image is)."""
+  return _nan_mean(iou(pred[:, None, :], targets))
+
+
+def _nan_mean(values: np.ndarray) -> np.ndarray:
+  """Mean over axis 0 of the finite entries; NaN (without numpy's warning) where there are none."""
+  counted = np.isfinite(values).sum(0)
+  return np.where(counted > 0, np.nansum(values, 0) / np.maximum(counted, 1), np.nan)
+
+
+def shuffled(pred: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Each row of pred [images, patches] with its patches in a random order (same active count)."""
+  order = np.argsort(rng.random(pred.shape), axis=-1)
+  return np.take_along_axis(pred, order, axis=-1)
+
+
+def random_mean_iou(pred: np.ndarray, targets: np.ndarray, draws: int,
+                    rng: np.random.Generator) -> np.ndarray:
+  """[concepts] mean_iou of shuffled maps, averaged over `draws` shuffles."""
+  return _nan_mean(np.stack([mean_iou(shuffled(pred, rng), targets) for _ in range(draws)]))
