@@ -9,7 +9,8 @@
 
 Each reader is a sequence of inputs: `source(i)` names input i for the store's image table and
 `prompt(i)` is its own prompt (or None); `load(i)` decodes its image, raising `BadImage`.
-`python -m harvest.images --out=DIR --num=64` writes varied synthetic PNGs (seeded) for tests.
+`python -m harvest.images --out=DIR --num=64` writes varied synthetic PNGs (seeded) for tests, and
+DIR/concepts.jsonl, what each one shows where (`concept_masks` turns a line into masks).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from sae_jax.store import atomic_write_bytes
 
 # PIL's own default, read before anything changes it: the default of --max_image_pixels.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -171,8 +174,18 @@ def inputs_fingerprint(inputs) -> str:
 
 # --- Synthetic images -----------------------------------------------------------------------------
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-  """One of: flat colour, gradient, stripes, checkerboard, noise."""
+TEXTURES = ("flat", "gradient", "stripes", "checkerboard", "noise")
+SHAPES = ("ellipse", "rectangle", "triangle", "line")
+# Named colours a shape's fill is labelled with (the nearest in RGB): the colour concepts.
+COLOURS = {"black": (0, 0, 0), "white": (255, 255, 255), "grey": (128, 128, 128),
+           "red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220),
+           "yellow": (230, 220, 40), "cyan": (40, 210, 220), "magenta": (210, 40, 210),
+           "orange": (240, 140, 20), "purple": (120, 40, 160), "brown": (130, 80, 30)}
+CONCEPTS_FILE = "concepts.jsonl"
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, str]:
+  """The background pixels and its texture, one of TEXTURES."""
   c1, c2 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
   y, x = np.mgrid[0:height, 0:width]
   style = rng.integers(5)
@@ -187,29 +200,71 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     t = ((x // step + y // step) % 2).astype(float)
   else:
     t = rng.random((height, width))
-  return (c1 + t[..., None] * (c2 - c1)).astype(np.uint8)
+  return (c1 + t[..., None] * (c2 - c1)).astype(np.uint8), TEXTURES[style]
+
+
+def colour_name(rgb) -> str:
+  return min(COLOURS, key=lambda name: sum((int(a) - b) ** 2 for a, b in zip(rgb, COLOURS[name])))
+
+
+def _scene(seed: int) -> tuple[np.ndarray, dict]:
+  """The background pixels and the scene record (what `concepts.jsonl` holds) of one seed."""
+  rng = np.random.default_rng(seed)
+  height, width = (int(v) for v in rng.integers(40, 200, 2))
+  background, texture = _background(rng, height, width)
+  shapes = []
+  for _ in range(rng.integers(1, 5)):
+    rgb = [int(c) for c in rng.integers(0, 256, 3)]
+    x0, x1 = sorted(int(v) for v in rng.integers(0, width, 2))
+    y0, y1 = sorted(int(v) for v in rng.integers(0, height, 2))
+    shape = SHAPES[rng.integers(4)]
+    line_width = int(rng.integers(1, 6)) if shape == "line" else None
+    shapes.append({"shape": shape, "colour": colour_name(rgb), "rgb": rgb,
+                   "box": [x0, y0, x1, y1], "line_width": line_width})
+  return background, {"seed": seed, "size": [width, height], "texture": texture, "shapes": shapes}
+
+
+def _draw(draw: ImageDraw.ImageDraw, shapes: list[dict], fills: list) -> None:
+  """The one drawing of a scene's shapes, for the image (fills: colours) and for its masks."""
+  for spec, fill in zip(shapes, fills):
+    x0, y0, x1, y1 = spec["box"]
+    if spec["shape"] == "ellipse":
+      draw.ellipse([x0, y0, x1, y1], fill=fill)
+    elif spec["shape"] == "rectangle":
+      draw.rectangle([x0, y0, x1, y1], fill=fill)
+    elif spec["shape"] == "triangle":
+      draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=fill)
+    else:
+      draw.line([x0, y0, x1, y1], fill=fill, width=spec["line_width"])
 
 
 def synthetic_image(seed: int) -> Image.Image:
   """A varied image (size, aspect ratio, background texture, 1-4 shapes) from one seed."""
-  rng = np.random.default_rng(seed)
-  height, width = (int(v) for v in rng.integers(40, 200, 2))
-  image = Image.fromarray(_background(rng, height, width))
-  draw = ImageDraw.Draw(image)
-  for _ in range(rng.integers(1, 5)):
-    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-    x0, x1 = sorted(int(v) for v in rng.integers(0, width, 2))
-    y0, y1 = sorted(int(v) for v in rng.integers(0, height, 2))
-    shape = rng.integers(4)
-    if shape == 0:
-      draw.ellipse([x0, y0, x1, y1], fill=colour)
-    elif shape == 1:
-      draw.rectangle([x0, y0, x1, y1], fill=colour)
-    elif shape == 2:
-      draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=colour)
-    else:
-      draw.line([x0, y0, x1, y1], fill=colour, width=int(rng.integers(1, 6)))
+  background, scene = _scene(seed)
+  image = Image.fromarray(background)
+  _draw(ImageDraw.Draw(image), scene["shapes"], [tuple(s["rgb"]) for s in scene["shapes"]])
   return image
+
+
+def concept_masks(scene: dict) -> dict[str, np.ndarray]:
+  """{"shape:NAME" | "colour:NAME" | "texture:NAME": [height, width] bool} of a scene record.
+
+  Shapes are redrawn, in order, into a map of which shape each pixel shows last, so a mask holds
+  only the visible part (later shapes cover earlier ones). The texture is the visible background.
+  """
+  width, height = scene["size"]
+  owner = Image.new("L", (width, height), 0)
+  _draw(ImageDraw.Draw(owner), scene["shapes"], range(1, len(scene["shapes"]) + 1))
+  owner = np.asarray(owner)
+  masks = {f"texture:{scene['texture']}": owner == 0}
+  for i, spec in enumerate(scene["shapes"], 1):
+    for concept in (f"shape:{spec['shape']}", f"colour:{spec['colour']}"):
+      masks[concept] = masks.get(concept, False) | (owner == i)
+  return {name: mask for name, mask in masks.items() if mask.any()}
+
+
+def _name(i: int) -> str:
+  return f"synthetic_{i:05d}.png"
 
 
 def write_synthetic_images(out: str | Path, num: int, seed: int = 0) -> list[Path]:
@@ -218,13 +273,22 @@ def write_synthetic_images(out: str | Path, num: int, seed: int = 0) -> list[Pat
   out.mkdir(parents=True, exist_ok=True)
   paths = []
   for i in range(num):
-    path = out / f"synthetic_{i:05d}.png"
+    path = out / _name(i)
     if not path.exists():
       tmp = path.with_name(f".{path.name}.tmp")
       synthetic_image(seed + i).save(tmp, format="PNG")
       tmp.replace(path)
     paths.append(path)
   return paths
+
+
+def write_concepts(out: str | Path, num: int, seed: int = 0) -> Path:
+  """OUT/concepts.jsonl: one scene record per image of `write_synthetic_images` (docs/formats.md)."""
+  path = Path(out) / CONCEPTS_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  lines = [json.dumps({"image": _name(i), **_scene(seed + i)[1]}) + "\n" for i in range(num)]
+  atomic_write_bytes(path, "".join(lines).encode())
+  return path
 
 
 if __name__ == "__main__":
@@ -238,6 +302,8 @@ if __name__ == "__main__":
 
   def main():
     paths = write_synthetic_images(_OUT.value, _NUM.value, _SEED.value)
-    print(json.dumps({"ok": True, "out": _OUT.value, "images": len(paths)}))
+    concepts = write_concepts(_OUT.value, _NUM.value, _SEED.value)
+    print(json.dumps({"ok": True, "out": _OUT.value, "images": len(paths),
+                      "concepts": str(concepts)}))
 
   cli.run(main)
