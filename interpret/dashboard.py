@@ -8,6 +8,10 @@ SITE/latents/<i>.html shows one latent: explanation, density, scores, activation
 top image as is, as the paper's masked prompt and as a heatmap (PNGs in SITE/latents/<i>/). It needs
 no server: open index.html in a browser, or copy the folder anywhere.
 
+--concepts is eval.concepts's per_latent.jsonl (or its folder): each latent's best-matching planted
+concept is shown beside its explanation, and its IoU and random baseline join the scores
+(`concept_iou`, `concept_random_iou`).
+
 --scores is a JSON object {"<latent>": {"<score name>": number, ...}} (or {"<latent>": number},
 read as the score "score"), or JSONL lines {"latent": i, "<score name>": number, ...}.
 """
@@ -32,6 +36,8 @@ _EXPLANATIONS = flags.DEFINE_string("explanations", None, "explanations.jsonl of
                                     "(or its folder; default: none, pages show images and "
                                     "statistics only).")
 _SCORES = flags.DEFINE_string("scores", None, "Optional per-latent scores (JSON or JSONL).")
+_CONCEPTS = flags.DEFINE_string("concepts", None, "per_latent.jsonl of eval.concepts (or its "
+                                "folder): the planted concept each latent matches.")
 _OUT = flags.DEFINE_string("out", None, "Folder to write the site to.", required=True)
 _STORE = flags.DEFINE_string("store", None, "Activation store whose image table names the images "
                              "(default: TOPACTS/images.jsonl).")
@@ -71,7 +77,30 @@ def load_scores(path: str) -> dict[int, dict[str, float]]:
     raise ScoresError(f"--scores={path}: {layout} ({type(e).__name__}: {e})") from e
 
 
-def _render_latent(index, acts, table, record, scores, neighbours, out: Path, settings) -> None:
+def load_concepts(path: str) -> dict[int, dict]:
+  """{latent: {"concept", "iou", "random_iou"}} from eval.concepts's per_latent.jsonl."""
+  file = Path(path) / "per_latent.jsonl" if Path(path).is_dir() else Path(path)
+  concepts = {}
+  for line_no, row in jobs.read_jsonl(file):
+    if (not isinstance(row, dict) or type(row.get("latent")) is not int
+        or not isinstance(row.get("concept"), (str, type(None)))):
+      raise ScoresError(f"--concepts={file}:{line_no}: expected a row of eval.concepts "
+                        '({"latent": i, "concept": name, "iou": number, ...})')
+    concepts[row["latent"]] = {"concept": row["concept"], **_numbers(
+        {"iou": row.get("iou"), "random_iou": row.get("random_iou")})}
+  return concepts
+
+
+def with_concepts(scores: dict[int, dict], concepts: dict[int, dict]) -> dict[int, dict]:
+  """The scores plus each latent's concept IoU and its random baseline, sortable like any score."""
+  out = {i: dict(v) for i, v in scores.items()}
+  for i, match in concepts.items():
+    out.setdefault(i, {}).update({f"concept_{k}": v for k, v in match.items() if k != "concept"})
+  return out
+
+
+def _render_latent(index, acts, table, record, scores, concept, neighbours, out: Path,
+                   settings) -> None:
   latent = acts.latent(index)
   count = len(latent.image_ids) if settings["num_images"] is None else settings["num_images"]
   ids, maps, image_scores = latent.image_ids[:count], latent.maps[:count], latent.scores[:count]
@@ -98,27 +127,31 @@ def _render_latent(index, acts, table, record, scores, neighbours, out: Path, se
       entry["files"][kind] = f"{index}/top{rank}_{kind}.png"
     images.append(entry)
   page = site.latent_page(latent, record, scores, images, acts.hist_edges, neighbours,
-                          settings["title"])
+                          settings["title"], concept)
   atomic_write_bytes(out / "latents" / f"{index}.html", page.encode())
 
 
 def build_site(acts, table, latents: list[int], records: dict[int, dict],
-               scores: dict[int, dict], out: Path, settings: dict) -> dict:
+               scores: dict[int, dict], out: Path, settings: dict,
+               concepts: dict[int, dict] | None = None) -> dict:
+  concepts = concepts or {}
+  scores = with_concepts(scores, concepts)
   (out / "latents").mkdir(parents=True, exist_ok=True)
   atomic_write_bytes(out / "style.css", site.STYLE.encode())
   neighbours = {i: (latents[n - 1] if n else None, latents[n + 1] if n + 1 < len(latents) else None)
                 for n, i in enumerate(latents)}
   with futures.ThreadPoolExecutor(settings["workers"]) as pool:
     jobs = [pool.submit(_render_latent, i, acts, table, records.get(i), scores.get(i, {}),
-                        neighbours[i], out, settings) for i in latents]
+                        concepts.get(i), neighbours[i], out, settings) for i in latents]
     for job in tqdm(futures.as_completed(jobs), total=len(jobs), unit="latent", desc="dashboard"):
       job.result()
   score_names = sorted({name for i in latents for name in scores.get(i, {})})
   entries = [{"latent": i, "explanation": (records.get(i) or {}).get("explanation"),
               "status": (records.get(i) or {}).get("status", "not explained"),
+              "concept": (concepts.get(i) or {}).get("concept"),
               "density": float(acts.density[i]), "scores": scores.get(i, {})} for i in latents]
-  atomic_write_bytes(out / "index.html",
-                     site.index_page(entries, score_names, settings["title"]).encode())
+  atomic_write_bytes(out / "index.html", site.index_page(entries, score_names, settings["title"],
+                                                         show_concepts=bool(concepts)).encode())
   return {"latents": len(latents), "explained": sum(i in records for i in latents),
           "scored": sum(i in scores for i in latents), "score_names": score_names}
 
@@ -128,12 +161,13 @@ def main():
   acts = topacts_lib.TopActs(_TOPACTS.value)
   records = jobs.read_explanations(Path(_EXPLANATIONS.value)) if _EXPLANATIONS.value else {}
   scores = load_scores(_SCORES.value) if _SCORES.value else {}
+  concepts = load_concepts(_CONCEPTS.value) if _CONCEPTS.value else {}
   latents, skipped = topacts_lib.selection_from_flags(
       acts, flags.FLAGS, restrict_to=set(records) if _EXPLANATIONS.value else None)
   table = sources.open_table(acts, _STORE.value, _IMAGE_ROOT.value)
   summary = build_site(acts, table, latents, records, scores, out, {
       "image_size": _IMAGE_SIZE.value, "num_images": _NUM_IMAGES.value, "title": _TITLE.value,
-      "workers": _WORKERS.value})
+      "workers": _WORKERS.value}, concepts)
   print(json.dumps({"ok": True, "skipped_no_images": skipped, **summary,
                     "index": str(out / "index.html")}))
 

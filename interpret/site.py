@@ -63,6 +63,7 @@ function render() {
     link.textContent = entry.latent;
     row.insertCell().appendChild(link);
     cell(row, entry.explanation || "").className = "explanation-cell";
+    if (showConcepts) cell(row, entry.concept || "");
     cell(row, entry.status).className = "status-" + entry.status;
     cell(row, formatted(entry.density, x => x.toPrecision(3)));
     for (const name of scoreNames) cell(row, formatted(entry.scores[name], x => x.toFixed(3)));
@@ -101,8 +102,10 @@ def _page(title: str, body: str, css: str) -> str:
           f"<body>\n{body}\n</body></html>\n")
 
 
-def index_page(entries: list[dict], score_names: list[str], title: str) -> str:
-  """`entries`: {latent, explanation, status, density, scores: {name: value}} per latent."""
+def index_page(entries: list[dict], score_names: list[str], title: str,
+               show_concepts: bool = False) -> str:
+  """`entries`: {latent, explanation, status, density, scores: {name: value}} per latent, and
+  `concept` (the planted concept it matches, eval.concepts), a column when `show_concepts`."""
   data = [{**entry, "density": _finite(entry["density"]),
            "scores": {name: _finite(v) for name, v in entry["scores"].items()}}
           for entry in entries]
@@ -110,14 +113,16 @@ def index_page(entries: list[dict], score_names: list[str], title: str) -> str:
                     for k, label in [("latent", "latent"), ("density", "density (high first)")]
                     + [(n, f"{n} (high first)") for n in score_names])
   heads = "".join(f"<th>{html.escape(h)}</th>"
-                  for h in ["latent", "explanation", "status", "density", *score_names])
+                  for h in ["latent", "explanation", *(["planted concept"] if show_concepts else []),
+                            "status", "density", *score_names])
   body = f"""<h1>{html.escape(title)}</h1>
 <p><input id="search" type="search" placeholder="search explanations" size="40">
 sort by <select id="sort">{options}</select> <span id="count"></span></p>
 <table><thead><tr>{heads}</tr></thead><tbody id="rows"></tbody></table>
 <noscript>The index needs JavaScript; the pages in latents/ do not.</noscript>
 <script type="application/json" id="latent-data">{_json_for_script(data)}</script>
-<script>const scoreNames = {_json_for_script(score_names)};{INDEX_SCRIPT}</script>"""
+<script>const scoreNames = {_json_for_script(score_names)};
+const showConcepts = {_json_for_script(show_concepts)};{INDEX_SCRIPT}</script>"""
   return _page(title, body, "style.css")
 
 
@@ -150,8 +155,10 @@ def histogram_svg(counts: np.ndarray, edges: np.ndarray, width: int = 480, heigh
 
 
 def latent_page(latent, record: dict | None, scores: dict, images: list[dict], edges: np.ndarray,
-                neighbours: tuple[int | None, int | None], title: str) -> str:
-  """One latent: explanation, statistics, histogram and its top images.
+                neighbours: tuple[int | None, int | None], title: str,
+                concept: dict | None = None) -> str:
+  """One latent: explanation, the planted concept it matches (`concept`: {concept, iou,
+  random_iou} from eval.concepts), statistics, histogram and its top images.
 
   `images`: {id, score, source, files: {original, mask, heatmap} | None, error} per top image.
   """
@@ -177,9 +184,15 @@ def latent_page(latent, record: dict | None, scores: dict, images: list[dict], e
                  f"{_number(image['score'], '.4g')}<br><small>{e(str(image['source']))}</small>"
                  "</figcaption></figure>")
   raw = (record or {}).get("raw")
+  match = ""
+  if concept and concept.get("concept"):
+    match = (f"<p class=\"concept\">Planted concept it fires on: <b>{e(concept['concept'])}</b>, "
+             f"IoU {_number(concept.get('iou', math.nan), '.3f')} (its maps placed at random: "
+             f"{_number(concept.get('random_iou', math.nan), '.3f')})</p>")
   body = f"""<p>{nav}</p>
 <h1>Latent {latent.index}</h1>
 <p class="explanation">{e(explanation) if explanation else "<i>no explanation</i>"}</p>
+{match}
 <table>{stat_rows}</table>
 <h2>Activation histogram</h2>
 {histogram_svg(latent.histogram, edges)}

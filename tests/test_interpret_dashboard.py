@@ -56,10 +56,16 @@ def site(tmp_path_factory):
   scores = root / "scores.json"
   scores.write_text(json.dumps({"0": {"clip": 20.5, "auroc": 0.5}, "1": {"clip": 30.25}, "4": 12,
                                 "3": {"clip": float("nan"), "auroc": float("inf")}}))
+  concepts = root / "concepts" / "per_latent.jsonl"  # as eval.concepts writes it
+  concepts.parent.mkdir()
+  concepts.write_text(json.dumps({"latent": 0, "concept": XSS, "iou": 0.5, "random_iou": 0.25})
+                      + "\n" + json.dumps({"latent": 1, "concept": "shape:rectangle", "iou": 0.75,
+                                           "random_iou": 0.125, "images": 8}) + "\n")
   out = root / "site"
   result = subprocess.run(
       [sys.executable, "-m", "interpret.dashboard", f"--topacts={acts}",
        f"--explanations={explanations}", f"--scores={scores}", f"--out={out}", "--image_size=32",
+       f"--concepts={concepts.parent}",
        "--title=Test site"], capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -69,7 +75,7 @@ def site(tmp_path_factory):
 def test_files_and_summary(site):
   out, summary, _ = site
   assert summary["latents"] == 4 and summary["explained"] == 4  # restricted to explained latents
-  assert summary["score_names"] == ["auroc", "clip", "score"]
+  assert summary["score_names"] == ["auroc", "clip", "concept_iou", "concept_random_iou", "score"]
   for kind in ("original", "mask", "heatmap"):
     assert (out / "latents" / "1" / f"top2_{kind}.png").exists()
   assert not (out / "latents" / "2.html").exists()
@@ -83,6 +89,15 @@ def test_model_text_is_escaped_in_the_files(site):
   page = (out / "latents" / "0.html").read_text()
   assert "<script>document" not in page and "&lt;script&gt;document.title" in page
   assert "<script>document" not in (out / "index.html").read_text()
+  assert "<b>&lt;script&gt;document.title" in page  # the concept name too
+
+
+def test_the_planted_concept_is_shown_beside_the_explanation(site):
+  page = (site[0] / "latents" / "1.html").read_text()
+  explanation = page.index("striped fabric")
+  concept = page.index("<b>shape:rectangle</b>, IoU 0.750 (its maps placed at random: 0.125)")
+  assert explanation < concept < page.index("<table>")
+  assert "<th>concept_iou</th><td>0.7500</td>" in page
 
 
 def test_latent_page_renders_in_chromium(site):
@@ -112,6 +127,8 @@ def test_index_renders_searches_and_sorts_in_chromium(site):
   assert rows[2].count("<td>n/a</td>") == 2  # latent 3's NaN clip and infinite auroc
   assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in rows[0]
   assert "striped fabric" in rows[1] and "30.250" in rows[1]
+  assert "striped fabric</td><td>shape:rectangle</td>" in rows[1]
+  assert "planted concept" in dom
   dom = dump_dom((out / "index.html").as_uri() + "?q=" + quote("STRIPED"), root / "profile3")
   rows = table_rows(dom)
   assert "1 of 4 latents" in dom and len(rows) == 1 and "striped fabric" in rows[0]
