@@ -1,11 +1,12 @@
 """`python -m eval.report`: one page (markdown and HTML) with a run's training, quality and scores.
 
   python -m eval.report --workdir=WORKDIR --clip_scores=SCORES [--sae_quality=QUALITY.json] \
-      --out=REPORT
+      [--concepts=CONCEPTS] --out=REPORT
 
-Any subset of the three inputs works. Writes REPORT/report.md, REPORT/report.html (open it in a
-browser; it needs nothing else than the PNGs next to it), REPORT/training_curves.png (every scalar
-of WORKDIR/metrics.jsonl against the step) and REPORT/score_distributions.png. --sae_quality is the
+Any subset of the four inputs works (--concepts: eval.concepts's planted-concept IoU). Writes
+REPORT/report.md, REPORT/report.html (open it in a browser; it needs nothing else than the PNGs
+next to it), REPORT/training_curves.png (every scalar of WORKDIR/metrics.jsonl against the step)
+and REPORT/score_distributions.png. --sae_quality is the
 JSON summary of eval.sae_quality: every scalar in it is shown, nested keys joined with dots.
 Model-generated text (explanations, labels) is escaped in both pages.
 """
@@ -35,6 +36,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (metrics.jsonl
 _CLIP_SCORES = flags.DEFINE_string("clip_scores", None, "Output folder of eval.clip_score (or its "
                                    "clip_scores.json).")
 _SAE_QUALITY = flags.DEFINE_string("sae_quality", None, "JSON summary written by eval.sae_quality.")
+_CONCEPTS = flags.DEFINE_string("concepts", None, "Output folder of eval.concepts (or its "
+                                "concepts.json).")
 _OUT = flags.DEFINE_string("out", None, "Folder to write the report to.", required=True)
 _TITLE = flags.DEFINE_string("title", "SAE run report", "Title of the report.")
 
@@ -180,10 +183,7 @@ def clip_section(path: Path, out: Path) -> Section:
       + (f"labels refined by {settings['refine']}" if settings.get("refine") else "explanations")
       + f". Latents scored: {latents.get('scored')} of {latents.get('selected')}; excluded: "
       f"{excluded}. Random baseline: {settings.get('random_draws')} draws per latent.",
-      Table(["metric", "latents", "mean", "median", "95% CI of the mean"],
-            [[name, m["n"], _fmt(m["mean"]), _fmt(m["median"]),
-              "" if not m["ci95"] else f"[{_fmt(m['ci95'][0])}, {_fmt(m['ci95'][1])}]"]
-             for name, m in _in_order(summary.get("metrics", {}))]),
+      _metrics_table(_in_order(summary.get("metrics", {}))),
       "The paper (comparable only with --clip_model=ViT-B-32 --clip_pretrained=openai, the paper's "
       "SAE and explainer; see docs/reproduce_paper.md):",
       Table(["paper", "CLIP score"], [[name, value] for name, value in PAPER_CLIP_SCORES])]
@@ -200,6 +200,45 @@ def clip_section(path: Path, out: Path) -> Section:
             _fmt(r.get("shuffled_baseline")), _fmt(r.get("heldout_auroc")),
             r.get("explanation") or "", r.get("label") or ""] for r in chosen])]
   return Section("CLIP score", blocks)
+
+
+def _metrics_table(metrics: list[tuple[str, dict]]) -> Table:
+  """One row per aggregate of eval.stats.summarize."""
+  return Table(["metric", "latents", "mean", "median", "95% CI of the mean"],
+               [[name, m["n"], _fmt(m["mean"]), _fmt(m["median"]),
+                 "" if not m["ci95"] else f"[{_fmt(m['ci95'][0])}, {_fmt(m['ci95'][1])}]"]
+                for name, m in metrics])
+
+
+def concepts_section(path: Path) -> Section:
+  """eval.concepts: the planted concepts the latents find, with the explanations beside them."""
+  folder = path.parent if path.is_file() else path
+  summary = _read_json(folder / "concepts.json", "concepts")
+  rows = _read_jsonl(folder / "per_latent.jsonl", "concepts")
+  settings, concepts = summary.get("settings", {}), summary.get("concepts", {})
+  match_iou = settings.get("match_iou")
+  blocks: list = [
+      f"Each latent's top-image patch maps, binarised at activation > {settings.get('threshold')}, "
+      f"against the masks of the shapes, colours and textures drawn in the synthetic images "
+      f"({settings.get('concepts')}), compared on the {settings.get('grid')} patch grid (a patch is "
+      f"in a mask when at least {settings.get('covered')} of it is). A latent's IoU is its mean "
+      f"over its top images (latents with at least {settings.get('min_images')} of them), its "
+      f"match the concept with the highest. Random baseline: the same maps with their active "
+      f"patches placed at random ({settings.get('random_draws')} draws).",
+      f"{summary.get('matched')} of {summary.get('planted')} planted concepts are matched by some "
+      f"latent at IoU >= {match_iou} (by the randomly placed maps: "
+      f"{summary.get('matched_random')}). Latents scored: {summary.get('latents', {}).get('scored')}.",
+      _metrics_table(list(summary.get("metrics", {}).items())),
+      Table(["planted concept", "best latent", "IoU", "random", f"matched (>= {match_iou})"],
+            [[name, c.get("latent"), _fmt(c.get("iou")), _fmt(c.get("random_iou")),
+              "yes" if c.get("matched") else "no"] for name, c in sorted(concepts.items())])]
+  ranked = sorted((r for r in rows if r.get("iou") is not None), key=lambda r: -r["iou"])
+  if ranked:
+    blocks += [f"Best {EXAMPLES} latents:", Table(
+        ["latent", "planted concept", "IoU", "random", "explanation"],
+        [[r["latent"], r.get("concept") or "", _fmt(r["iou"]), _fmt(r.get("random_iou")),
+          r.get("explanation") or ""] for r in ranked[:EXAMPLES]])]
+  return Section("Planted concepts (IoU)", blocks)
 
 
 def _in_order(metrics: dict) -> list[tuple[str, dict]]:
@@ -257,8 +296,9 @@ def to_html(title: str, sections: list[Section]) -> str:
 
 
 def main():
-  if not (_WORKDIR.value or _CLIP_SCORES.value or _SAE_QUALITY.value):
-    raise ReportError("nothing to report: pass --workdir, --clip_scores and/or --sae_quality")
+  if not (_WORKDIR.value or _CLIP_SCORES.value or _SAE_QUALITY.value or _CONCEPTS.value):
+    raise ReportError("nothing to report: pass --workdir, --clip_scores, --sae_quality and/or "
+                      "--concepts")
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   sections = []
@@ -268,6 +308,8 @@ def main():
     sections.append(quality_section(Path(_SAE_QUALITY.value)))
   if _CLIP_SCORES.value:
     sections.append(clip_section(Path(_CLIP_SCORES.value), out))
+  if _CONCEPTS.value:
+    sections.append(concepts_section(Path(_CONCEPTS.value)))
   atomic_write_bytes(out / "report.md", to_markdown(_TITLE.value, sections).encode())
   atomic_write_bytes(out / "report.html", to_html(_TITLE.value, sections).encode())
   print(json.dumps({"ok": True, "sections": [s.title for s in sections],

@@ -212,3 +212,13 @@ def test_scores_files_read_with_their_faults_named(tmp_path):
   plain.write_bytes(b'{"1": {"clip": 2, "note": "\xff"}}')
   with pytest.raises(ScoresError, match="UnicodeDecodeError"):
     load_scores(str(plain))
+
+
+def test_a_bad_concepts_row_is_named(tmp_path):
+  from interpret.dashboard import load_concepts
+  rows = tmp_path / "per_latent.jsonl"
+  rows.write_text('{"latent": 2, "concept": "shape:line", "iou": 0.5}\n{"concept": "x"}\n')
+  with pytest.raises(ScoresError, match=f"^--concepts={rows}:2: expected a row of eval.concepts"):
+    load_concepts(str(rows))
+  rows.write_text('{"latent": 2, "concept": "shape:line", "iou": 0.5, "random_iou": null}\n')
+  assert load_concepts(str(tmp_path)) == {2: {"concept": "shape:line", "iou": 0.5}}

@@ -95,3 +95,41 @@ def test_report_errors_name_the_input(inputs, tmp_path):
   assert code == 1 and "metrics.jsonl" in summary["error"] and str(tmp_path) in summary["error"]
   code, summary = report(f"--clip_scores={tmp_path / 'nowhere'}", f"--out={tmp_path / 'report'}")
   assert code == 1 and "--clip_scores" in summary["error"]
+
+
+def test_report_shows_planted_concepts_beside_the_explanations(tmp_path):
+  concepts = tmp_path / "concepts"
+  concepts.mkdir()
+  metric = lambda mean: {"n": 2, "mean": mean, "median": mean, "ci95": [mean - 0.25, mean + 0.25]}
+  (concepts / "concepts.json").write_text(json.dumps({
+      "format": "concept-iou", "version": 1,
+      "settings": {"threshold": 1e-5, "match_iou": 0.5, "grid": [4, 4], "covered": 0.5,
+                   "min_images": 3, "random_draws": 10, "concepts": "images/concepts.jsonl"},
+      "latents": {"scored": 2}, "metrics": {"iou": metric(0.625), "random_iou": metric(0.125)},
+      "planted": 3, "matched": 1, "matched_random": 0,
+      "concepts": {"shape:rectangle": {"latent": 7, "iou": 0.875, "random_iou": 0.25,
+                                       "matched": True},
+                   "colour:red": {"latent": 2, "iou": 0.375, "random_iou": 0.125,
+                                  "matched": False},
+                   "texture:flat": {"latent": None, "iou": None, "random_iou": None,
+                                    "matched": False}}}))
+  rows = [{"latent": 7, "concept": "shape:rectangle", "iou": 0.875, "random_iou": 0.25,
+           "images": 8, "explanation": XSS},
+          {"latent": 2, "concept": "colour:red", "iou": 0.375, "random_iou": 0.125, "images": 5,
+           "explanation": None}]
+  (concepts / "per_latent.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out = tmp_path / "report"
+  code, summary = report(f"--concepts={concepts}", f"--out={out}")
+  assert code == 0, summary
+  assert summary["sections"] == ["Planted concepts (IoU)"]
+  page = (out / "report.html").read_text()
+  assert "1 of 3 planted concepts are matched by some latent at IoU &gt;= 0.5" in page
+  assert "(by the randomly placed maps: 0)" in page
+  assert "<td>shape:rectangle</td><td>7</td><td>0.875</td><td>0.25</td><td>yes</td>" in page
+  assert "<td>0.625</td><td>0.625</td><td>[0.375, 0.875]</td>" in page
+  # The best latent first, its explanation (escaped) in the same row as its concept.
+  best = page.index("<td>7</td><td>shape:rectangle</td><td>0.875</td><td>0.25</td><td>&lt;script")
+  assert best < page.index("<td>2</td><td>colour:red</td><td>0.375</td>")
+  assert "<script" not in page and "<script" not in (out / "report.md").read_text()
+  code, summary = report(f"--concepts={tmp_path / 'nowhere'}", f"--out={out}")
+  assert code == 1 and summary["error"].startswith("--concepts: cannot read")
