@@ -29,8 +29,12 @@ python -m interpret.explain --topacts="$OUT/topacts" --explainer="hf:$OUT/explai
 python -m eval.tiny_clip --out="$OUT/clip"
 python -m eval.clip_score --topacts="$OUT/topacts" --clip_model="local-dir:$OUT/clip" \
   --explanations="$OUT/explanations/explanations.jsonl" --out="$OUT/scores"
+# Ground truth: harvest.images recorded what it drew (images/concepts.jsonl); which latents find it?
+python -m eval.concepts --topacts="$OUT/topacts" --concepts="$OUT/images/concepts.jsonl" \
+  --explanations="$OUT/explanations/explanations.jsonl" --out="$OUT/concepts"
 python -m interpret.dashboard --topacts="$OUT/topacts" --out="$OUT/dashboard" \
-  --explanations="$OUT/explanations/explanations.jsonl" --scores="$OUT/scores/per_latent.jsonl"
+  --explanations="$OUT/explanations/explanations.jsonl" --scores="$OUT/scores/per_latent.jsonl" \
+  --concepts="$OUT/concepts/per_latent.jsonl"
 
 # --- The dictionary inside the model: spliced-in quality, and steering by one latent. ---
 SAE="$OUT/export/model.language_model.layers.0"
@@ -41,8 +45,16 @@ python -m interpret.steer --model="$OUT/model" --sae="$SAE" --latents="$latent" 
   --strengths=-8,8 --image="$OUT/images/synthetic_00000.png" --prompt="Describe the image." \
   --max_new_tokens=8 --dtype=float32 --out="$OUT/steer.json"
 python -m eval.report --workdir="$OUT/sae" --clip_scores="$OUT/scores" \
-  --sae_quality="$OUT/quality.json" --out="$OUT/report"
-
+  --sae_quality="$OUT/quality.json" --concepts="$OUT/concepts" --out="$OUT/report"
+found=$(python -c "
+import json; s = json.load(open('$OUT/concepts/concepts.json'))
+names = ', '.join(n for n, c in sorted(s['concepts'].items()) if c['matched'])
+real, rand = s['metrics']['iou'], s['metrics']['random_iou']
+print(f\"{s['matched']} of the {s['planted']} planted concepts (shapes, colours, textures) are \"
+      f\"matched by some latent at IoU >= {s['settings']['match_iou']}\"
+      + (f' ({names})' if names else '') + f\", {s['matched_random']} by the same maps placed at \"
+      f\"random.\\nA latent's best IoU is {real['mean']:.3f} on average over {real['n']} latents, \"
+      f\"{rand['mean']:.3f} at random (concepts/concepts.json).\")")
 cat <<EOF
 quickstart done. Outputs in $OUT:
   model/ images/        the tiny LLaVA-NeXT and its synthetic images
@@ -52,10 +64,12 @@ quickstart done. Outputs in $OUT:
   topacts/              top images per latent
   explanations/         explanations.jsonl (from a tiny untrained explainer: gibberish)
   scores/               CLIP scores vs baselines
+  concepts/             IoU of each latent with the shapes, colours and textures drawn in images/
   dashboard/index.html  the feature browser
   quality.json          FVU, L0, dead latents and next-token loss with the SAE spliced in
   steer.json            generations with latent $latent pushed down and up
   report/report.html    training, quality and scores on one page
-The tiny models are random, so the numbers only show that every stage runs;
-docs/reproduce_paper.md runs the same pipeline on the paper's models.
+The tiny models are random, so the explanations are gibberish and the numbers mostly show that
+every stage runs; docs/reproduce_paper.md runs the same pipeline on the paper's models.
+Ground truth: $found
 EOF
