@@ -22,14 +22,15 @@ COMMANDS = {
     "sae_jax.bench": ["d_in", "num_latents", "k", "aot_devices"],
     "sae_jax.scan": ["sae", "store", "out", "top_n"],
     "interpret.explain": ["topacts", "explainer", "out"],
-    "interpret.dashboard": ["topacts", "explanations", "out"],
+    "interpret.dashboard": ["topacts", "explanations", "out", "concepts"],
     "interpret.steer": ["model", "dtype", "device", "prompt_mode", "sae", "layer", "latents",
                         "mode", "positions", "prompt"],
     "eval.clip_score": ["topacts", "explanations", "out", "clip_model"],
     "eval.sae_quality": ["model", "dtype", "prompt_mode", "sae", "layer", "images", "tokens"],
     "eval.hallucination": ["model", "dtype", "prompt_mode", "sae", "latents", "strengths",
                            "questions", "task", "predictions", "judge"],
-    "eval.report": ["workdir", "out"],
+    "eval.concepts": ["topacts", "concepts", "out", "threshold", "match_iou", "min_images"],
+    "eval.report": ["workdir", "out", "concepts"],
     "eval.coco_objects": ["instances", "captions", "vocabulary", "num_images", "out"],
 }
 
