@@ -64,3 +64,13 @@ def random_mean_iou(pred: np.ndarray, targets: np.ndarray, draws: int,
                     rng: np.random.Generator) -> np.ndarray:
   """[concepts] mean_iou of shuffled maps, averaged over `draws` shuffles."""
   return _nan_mean(np.stack([mean_iou(shuffled(pred, rng), targets) for _ in range(draws)]))
+
+
+def against_masks(pred: np.ndarray, masks: np.ndarray, draws: int,
+                  rng: np.random.Generator) -> tuple[float | None, float | None, list]:
+  """(mean IoU, its random baseline, per-image IoUs; None for NaN) of binarised maps
+  [images, patches] against one mask per image [images, patches] (e.g. a grounded explanation)."""
+  finite = lambda value: float(value) if np.isfinite(value) else None
+  targets = masks[:, None, :]
+  return (finite(mean_iou(pred, targets)[0]), finite(random_mean_iou(pred, targets, draws, rng)[0]),
+          [finite(v) for v in iou(pred, masks)])

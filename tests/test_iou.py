@@ -53,3 +53,13 @@ def test_random_baseline_matches_its_expected_value():
   shuffled = iou.shuffled(np.repeat(pred, 5, 0), rng)
   assert shuffled.sum(-1).tolist() == [1] * 5  # the area is kept
   assert iou.random_mean_iou(pred, targets, 4000, rng)[0] == pytest.approx(0.25, abs=0.02)
+
+
+def test_against_masks_a_planted_latent_scores_one():
+  masks = np.stack([_patches({0, 1, 4, 5}), _patches({10}), _patches(())])
+  rng = np.random.default_rng(0)
+  mean, random, per_image = iou.against_masks(masks.copy(), masks, 20, rng)
+  assert per_image == [1.0, 1.0, None] and mean == 1.0 and random < 1.0
+  pred = np.stack([_patches({1, 2}), _patches(()), _patches({3})])
+  mean, _, per_image = iou.against_masks(pred, masks, 5, rng)
+  assert per_image == [pytest.approx(1 / 5), 0.0, 0.0] and mean == pytest.approx(1 / 15)
