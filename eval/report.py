@@ -1,13 +1,13 @@
 """`python -m eval.report`: one page (markdown and HTML) with a run's training, quality and scores.
 
   python -m eval.report --workdir=WORKDIR --clip_scores=SCORES [--sae_quality=QUALITY.json] \
-      [--concepts=CONCEPTS] --out=REPORT
+      [--grounded_iou=GROUNDED] [--concepts=CONCEPTS] --out=REPORT
 
-Any subset of the four inputs works (--concepts: eval.concepts's planted-concept IoU). Writes
-REPORT/report.md, REPORT/report.html (open it in a browser; it needs nothing else than the PNGs
-next to it), REPORT/training_curves.png (every scalar of WORKDIR/metrics.jsonl against the step)
-and REPORT/score_distributions.png. --sae_quality is the
-JSON summary of eval.sae_quality: every scalar in it is shown, nested keys joined with dots.
+Any subset of the inputs works (--grounded_iou: eval.grounded_iou, shown beside the CLIP score;
+--concepts: eval.concepts's planted-concept IoU). Writes REPORT/report.md, REPORT/report.html (open
+it in a browser; it needs nothing else than the PNGs next to it), REPORT/training_curves.png (every
+scalar of WORKDIR/metrics.jsonl against the step) and REPORT/score_distributions.png. --sae_quality
+is the JSON summary of eval.sae_quality: every scalar in it is shown, nested keys joined with dots.
 Model-generated text (explanations, labels) is escaped in both pages.
 """
 
@@ -38,6 +38,8 @@ _CLIP_SCORES = flags.DEFINE_string("clip_scores", None, "Output folder of eval.c
 _SAE_QUALITY = flags.DEFINE_string("sae_quality", None, "JSON summary written by eval.sae_quality.")
 _CONCEPTS = flags.DEFINE_string("concepts", None, "Output folder of eval.concepts (or its "
                                 "concepts.json).")
+_GROUNDED_IOU = flags.DEFINE_string("grounded_iou", None, "Output folder of eval.grounded_iou (or "
+                                    "its grounded_iou.json).")
 _OUT = flags.DEFINE_string("out", None, "Folder to write the report to.", required=True)
 _TITLE = flags.DEFINE_string("title", "SAE run report", "Title of the report.")
 
@@ -241,6 +243,43 @@ def concepts_section(path: Path) -> Section:
   return Section("Planted concepts (IoU)", blocks)
 
 
+def _mean_ci(metric: dict | None) -> str:
+  if not metric or metric.get("mean") is None:
+    return ""
+  ci = metric.get("ci95")
+  return _fmt(metric["mean"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+
+def grounded_section(path: Path, clip_path: Path | None) -> Section:
+  """eval.grounded_iou, and next to it the CLIP score of the same run when there is one."""
+  folder = path.parent if path.is_file() else path
+  summary = _read_json(folder / "grounded_iou.json", "grounded_iou")
+  settings, metrics = summary.get("settings", {}), summary.get("metrics", {})
+  blocks: list = [
+      f"GroundingDINO ({settings.get('grounding_dino')}, box threshold "
+      f"{settings.get('box_threshold')}, text threshold {settings.get('text_threshold')}) finds "
+      f"each explanation's box in the top images the explainer saw, SAM ({settings.get('sam')}) "
+      f"segments it; the mask is compared with the latent's map binarised at activation > "
+      f"{settings.get('threshold')}, on the {settings.get('grid')} patch grid. Random baseline: "
+      f"the same maps with their active patches placed at random. Latents scored: "
+      f"{summary.get('latents', {}).get('scored')}; images: "
+      + (", ".join(f"{n} {k}" for k, n in sorted(summary.get("images", {}).items())) or "none")
+      + ".",
+      _metrics_table(list(metrics.items()))]
+  clip = {}
+  if clip_path is not None:
+    clip_folder = clip_path.parent if clip_path.is_file() else clip_path
+    clip = _read_json(clip_folder / "clip_scores.json", "clip_scores").get("metrics", {})
+  paper = dict(PAPER_CLIP_SCORES)
+  blocks += ["CLIP and IoU side by side (mean over latents [95% CI]):", Table(
+      ["metric", "this run", "random baseline", "the paper", "the paper's random"],
+      [["CLIP score", _mean_ci(clip.get("clip_score")), _mean_ci(clip.get("random_baseline")),
+        paper["layer 25 (model.layers.24, the released SAE)"], paper["random images"]],
+       ["IoU", _mean_ci(metrics.get("iou")), _mean_ci(metrics.get("random_iou")),
+        "not recorded here", "not recorded here"]])]
+  return Section("IoU (GroundingDINO + SAM)", blocks)
+
+
 def _in_order(metrics: dict) -> list[tuple[str, dict]]:
   """The metrics in scoring.METRIC_NAMES order (JSON files keep them sorted by name)."""
   known = [(name, metrics[name]) for name in scoring.METRIC_NAMES if name in metrics]
@@ -296,9 +335,10 @@ def to_html(title: str, sections: list[Section]) -> str:
 
 
 def main():
-  if not (_WORKDIR.value or _CLIP_SCORES.value or _SAE_QUALITY.value or _CONCEPTS.value):
-    raise ReportError("nothing to report: pass --workdir, --clip_scores, --sae_quality and/or "
-                      "--concepts")
+  if not (_WORKDIR.value or _CLIP_SCORES.value or _SAE_QUALITY.value or _CONCEPTS.value
+          or _GROUNDED_IOU.value):
+    raise ReportError("nothing to report: pass --workdir, --clip_scores, --sae_quality, "
+                      "--concepts and/or --grounded_iou")
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   sections = []
@@ -308,6 +348,9 @@ def main():
     sections.append(quality_section(Path(_SAE_QUALITY.value)))
   if _CLIP_SCORES.value:
     sections.append(clip_section(Path(_CLIP_SCORES.value), out))
+  if _GROUNDED_IOU.value:
+    sections.append(grounded_section(Path(_GROUNDED_IOU.value),
+                                     Path(_CLIP_SCORES.value) if _CLIP_SCORES.value else None))
   if _CONCEPTS.value:
     sections.append(concepts_section(Path(_CONCEPTS.value)))
   atomic_write_bytes(out / "report.md", to_markdown(_TITLE.value, sections).encode())

@@ -30,7 +30,9 @@ COMMANDS = {
     "eval.hallucination": ["model", "dtype", "prompt_mode", "sae", "latents", "strengths",
                            "questions", "task", "predictions", "judge"],
     "eval.concepts": ["topacts", "concepts", "out", "threshold", "match_iou", "min_images"],
-    "eval.report": ["workdir", "out", "concepts"],
+    "eval.grounded_iou": ["topacts", "explanations", "grounding_dino", "sam", "out", "threshold",
+                          "box_threshold"],
+    "eval.report": ["workdir", "out", "concepts", "grounded_iou"],
     "eval.coco_objects": ["instances", "captions", "vocabulary", "num_images", "out"],
 }
 

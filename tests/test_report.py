@@ -133,3 +133,26 @@ def test_report_shows_planted_concepts_beside_the_explanations(tmp_path):
   assert "<script" not in page and "<script" not in (out / "report.md").read_text()
   code, summary = report(f"--concepts={tmp_path / 'nowhere'}", f"--out={out}")
   assert code == 1 and summary["error"].startswith("--concepts: cannot read")
+
+
+def test_report_shows_clip_and_grounded_iou_side_by_side(inputs, tmp_path):
+  _, _, scores = inputs
+  grounded = tmp_path / "grounded"
+  grounded.mkdir()
+  (grounded / "grounded_iou.json").write_text(json.dumps({
+      "format": "grounded-iou", "version": 1,
+      "settings": {"grounding_dino": "/m/gd", "sam": "/m/sam", "box_threshold": 0.35,
+                   "text_threshold": 0.25, "threshold": 1e-5, "grid": [24, 24]},
+      "latents": {"selected": 3, "scored": 2}, "images": {"boxed": 7, "no box": 3},
+      "metrics": {"iou": {"n": 2, "mean": 0.375, "median": 0.375, "ci95": [0.25, 0.5]},
+                  "random_iou": {"n": 2, "mean": 0.125, "median": 0.125, "ci95": None}}}))
+  out = tmp_path / "report"
+  code, summary = report(f"--clip_scores={scores}", f"--grounded_iou={grounded}", f"--out={out}")
+  assert code == 0, summary
+  assert summary["sections"] == ["CLIP score", "IoU (GroundingDINO + SAM)"]
+  page = (out / "report.html").read_text()
+  assert "7 boxed, 3 no box" in page and "binarised at activation &gt; 1e-05" in page
+  # This run's means with their intervals, next to the paper's CLIP scores.
+  assert ("<tr><td>CLIP score</td><td>25.5 [24.5, 26.5]</td><td>18.25 [17.25, 19.25]</td>"
+          "<td>24.92</td><td>18.2</td></tr>") in page
+  assert "<tr><td>IoU</td><td>0.375 [0.25, 0.5]</td><td>0.125</td>" in page
