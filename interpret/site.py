@@ -187,8 +187,8 @@ def latent_page(latent, record: dict | None, scores: dict, images: list[dict], e
   match = ""
   if concept and concept.get("concept"):
     match = (f"<p class=\"concept\">Best-matching planted concept: "
-             f"<b>{e(concept['concept'])}</b>, IoU {_number(concept.get('iou', math.nan), '.3f')} (its maps placed at random: "
-             f"{_number(concept.get('random_iou', math.nan), '.3f')})</p>")
+             f"<b>{e(concept['concept'])}</b>, IoU {_number(concept.get('iou', math.nan), '.3f')} "
+             f"(its maps placed at random: {_number(concept.get('random_iou', math.nan), '.3f')})</p>")
   body = f"""<p>{nav}</p>
 <h1>Latent {latent.index}</h1>
 <p class="explanation">{e(explanation) if explanation else "<i>no explanation</i>"}</p>
