@@ -8,7 +8,8 @@ shape, colour and background texture is a concept with a mask. Each latent's top
 are binarised (activation > --threshold) and compared with every concept's mask at the patch grid
 (eval/iou.py); the latent's IoU with a concept is the mean over its top images, and its match is the
 concept with the highest (latents with fewer than --min_images labelled top images are not
-scored). A planted concept is matched when some latent reaches --match_iou on it.
+scored). A planted concept (one that covers a patch of some scanned image) is matched when some
+latent reaches --match_iou on it.
 The random baseline scores the same maps with their active patches moved at random. Writes:
   concepts.json      settings, counts, aggregates (n, mean, median, bootstrap 95% CI) and, per
                      planted concept, its best latent and IoU
@@ -68,8 +69,8 @@ def read_concepts(path: Path) -> dict[str, dict]:
   for line_no, line in enumerate(lines, 1):
     try:
       record = json.loads(line)
-      scenes[record["image"]] = record
       images_lib.concept_masks(record)  # a record it cannot draw fails here, with its line
+      scenes[record["image"]] = record
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
       raise ConceptsError(f"--concepts={path}:{line_no}: not a scene record of harvest.images "
                           f"({type(e).__name__}: {e})") from e
@@ -77,26 +78,28 @@ def read_concepts(path: Path) -> dict[str, dict]:
 
 
 class GridMasks:
-  """Each scanned image's concept masks at the patch grid, [concepts, patches], computed once."""
+  """Each scanned image's concept masks at the patch grid, [concepts, patches]."""
 
   def __init__(self, acts, scenes: dict[str, dict]):
-    self.grid = acts.grid
-    self._scenes = {int(r["id"]): scenes.get(Path(r["source"]).name) for r in acts.images()}
-    self.names = sorted({name for scene in self._scenes.values() if scene
-                         for name in images_lib.concept_masks(scene)})
-    self._index = {name: i for i, name in enumerate(self.names)}
-    self._cache: dict[int, np.ndarray] = {}
+    self._masks = {}  # image id -> {concept: [patches] bool}, for the images concepts.jsonl lists
+    for record in acts.images():
+      scene = scenes.get(Path(record["source"]).name)
+      if scene is not None:
+        self._masks[int(record["id"])] = {
+            name: iou_lib.mask_to_grid(mask, acts.grid)
+            for name, mask in images_lib.concept_masks(scene).items()}
+    # A concept that covers no patch anywhere (a thin line on a coarse grid) cannot be found.
+    self.names = sorted({name for masks in self._masks.values()
+                         for name, mask in masks.items() if mask.any()})
+    self._patches = acts.grid[0] * acts.grid[1]
 
   def labelled(self, image_id: int) -> bool:
-    return self._scenes.get(image_id) is not None
+    return image_id in self._masks
 
   def __call__(self, image_id: int) -> np.ndarray:
-    if image_id not in self._cache:
-      masks = np.zeros((len(self.names), self.grid[0] * self.grid[1]), bool)
-      for name, mask in images_lib.concept_masks(self._scenes[image_id]).items():
-        masks[self._index[name]] = iou_lib.mask_to_grid(mask, self.grid)
-      self._cache[image_id] = masks
-    return self._cache[image_id]
+    masks = self._masks[image_id]
+    empty = np.zeros(self._patches, bool)
+    return np.stack([masks.get(name, empty) for name in self.names])
 
 
 def score(acts, masks: GridMasks, threshold: float, min_images: int, draws: int, seed: int):

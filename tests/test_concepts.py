@@ -45,7 +45,8 @@ SCENES = [
      "shapes": [_shape("ellipse", "red", [20, 0, 39, 19]),                      # 2 3 6 7
                 _shape("rectangle", "blue", [20, 20, 39, 39])]},                # 10 11 14 15
     {"image": "c.png", "size": [40, 40], "texture": "flat",
-     "shapes": [_shape("rectangle", "blue", [0, 20, 19, 39])]},                 # 8 9 12 13
+     "shapes": [_shape("rectangle", "blue", [0, 20, 19, 39]),                   # 8 9 12 13
+                {**_shape("line", "green", [25, 5, 35, 5]), "line_width": 1}]},  # no whole patch
 ]
 RECTANGLES = [{0, 1, 4, 5}, {10, 11, 14, 15}, {8, 9, 12, 13}]
 
@@ -105,7 +106,8 @@ def test_a_latent_on_one_concept_matches_it_with_iou_one(planted):
   summary = json.load(open(folder / "out" / "concepts.json"))
   # Matched (IoU >= 0.5): rectangle (latent 0: 1), flat (latent 1: 2/3), blue (latent 0: the blue
   # rectangles of b and c, none in a: 2/3). Red reaches 1/3 (latent 0), the ellipse 1/12 (latent 1).
-  assert summary["planted"] == 5 and summary["matched"] == 3
+  assert summary["planted"] == 5 and summary["matched"] == 3  # the thin green line is not planted
+  assert "shape:line" not in summary["concepts"] and "colour:green" not in summary["concepts"]
   assert {name for name, c in summary["concepts"].items() if c["matched"]} == {
       "shape:rectangle", "texture:flat", "colour:blue"}
   assert summary["concepts"]["colour:red"]["iou"] == pytest.approx(1 / 3)
