@@ -252,6 +252,10 @@ def concept_masks(scene: dict) -> dict[str, np.ndarray]:
   Shapes are redrawn, in order, into a map of which shape each pixel shows last, so a mask holds
   only the visible part (later shapes cover earlier ones). The texture is the visible background.
   """
+  unknown = [s["shape"] for s in scene["shapes"] if s["shape"] not in SHAPES]
+  if unknown or scene["texture"] not in TEXTURES:
+    raise ValueError(f"unknown shape {unknown[0]!r}" if unknown else
+                     f"unknown texture {scene['texture']!r}")
   width, height = scene["size"]
   owner = Image.new("L", (width, height), 0)
   _draw(ImageDraw.Draw(owner), scene["shapes"], range(1, len(scene["shapes"]) + 1))
