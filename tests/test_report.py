@@ -116,7 +116,9 @@ def test_report_shows_planted_concepts_beside_the_explanations(tmp_path):
   rows = [{"latent": 7, "concept": "shape:rectangle", "iou": 0.875, "random_iou": 0.25,
            "images": 8, "explanation": XSS},
           {"latent": 2, "concept": "colour:red", "iou": 0.375, "random_iou": 0.125, "images": 5,
-           "explanation": None}]
+           "explanation": None},
+          {"latent": 9, "concept": "texture:flat", "iou": 0.9, "random_iou": 0.9, "images": 5,
+           "explanation": None}]  # active everywhere: as good at random
   (concepts / "per_latent.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   out = tmp_path / "report"
   code, summary = report(f"--concepts={concepts}", f"--out={out}")
@@ -127,9 +129,10 @@ def test_report_shows_planted_concepts_beside_the_explanations(tmp_path):
   assert "(by the randomly placed maps: 0)" in page
   assert "<td>shape:rectangle</td><td>7</td><td>0.875</td><td>0.25</td><td>yes</td>" in page
   assert "<td>0.625</td><td>0.625</td><td>[0.375, 0.875]</td>" in page
-  # The best latent first, its explanation (escaped) in the same row as its concept.
+  # Ranked by the gain over the random placement, the explanation (escaped) beside the concept.
   best = page.index("<td>7</td><td>shape:rectangle</td><td>0.875</td><td>0.25</td><td>&lt;script")
-  assert best < page.index("<td>2</td><td>colour:red</td><td>0.375</td>")
+  assert best < page.index("<td>2</td><td>colour:red</td><td>0.375</td>") < page.index(
+      "<td>9</td><td>texture:flat</td><td>0.9</td>")
   assert "<script" not in page and "<script" not in (out / "report.md").read_text()
   code, summary = report(f"--concepts={tmp_path / 'nowhere'}", f"--out={out}")
   assert code == 1 and summary["error"].startswith("--concepts: cannot read")
