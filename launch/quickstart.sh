@@ -48,13 +48,16 @@ python -m eval.report --workdir="$OUT/sae" --clip_scores="$OUT/scores" \
   --sae_quality="$OUT/quality.json" --concepts="$OUT/concepts" --out="$OUT/report"
 found=$(python -c "
 import json; s = json.load(open('$OUT/concepts/concepts.json'))
+rows = [json.loads(line) for line in open('$OUT/concepts/per_latent.jsonl')]
+best = max(rows, key=lambda r: r['iou'] - r['random_iou'])
 names = ', '.join(n for n, c in sorted(s['concepts'].items()) if c['matched'])
 real, rand = s['metrics']['iou'], s['metrics']['random_iou']
 print(f\"{s['matched']} of the {s['planted']} planted concepts (shapes, colours, textures) are \"
       f\"matched by some latent at IoU >= {s['settings']['match_iou']}\"
       + (f' ({names})' if names else '') + f\", {s['matched_random']} by the same maps placed at \"
       f\"random.\\nA latent's best IoU is {real['mean']:.3f} on average over {real['n']} latents, \"
-      f\"{rand['mean']:.3f} at random (concepts/concepts.json).\")")
+      f\"{rand['mean']:.3f} at random; furthest above chance: latent {best['latent']} on \"
+      f\"{best['concept']}, {best['iou']:.3f} vs {best['random_iou']:.3f} (concepts/).\")")
 cat <<EOF
 quickstart done. Outputs in $OUT:
   model/ images/        the tiny LLaVA-NeXT and its synthetic images
