@@ -12,7 +12,6 @@ the same area), and is scored exactly like the real maps.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
 from interpret.visual import ACTIVE_THRESHOLD
 
@@ -25,12 +24,20 @@ def binarise(maps: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarr
   return np.asarray(maps, np.float32) > threshold
 
 
+def _overlaps(pixels: int, cells: int) -> np.ndarray:
+  """[cells, pixels]: the share of each cell that each pixel covers, the cells splitting the
+  pixels evenly (cell c spans pixels [c * pixels / cells, (c + 1) * pixels / cells))."""
+  edges = np.arange(cells + 1) * pixels / cells
+  lo, hi = np.arange(pixels), np.arange(1, pixels + 1)
+  overlap = np.minimum(hi, edges[1:, None]) - np.maximum(lo, edges[:-1, None])
+  return np.clip(overlap, 0, None) / (pixels / cells)
+
+
 def mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
   """[h*w] bool from a [height, width] pixel mask: patches at least half covered."""
-  height, width = grid
-  pixels = Image.fromarray(np.asarray(mask, np.float32), "F")
-  covered = np.asarray(pixels.resize((width, height), Image.Resampling.BOX))  # area averages
-  return (covered >= COVERED - 1e-6).reshape(-1)
+  mask = np.asarray(mask, np.float64)
+  covered = _overlaps(mask.shape[0], grid[0]) @ mask @ _overlaps(mask.shape[1], grid[1]).T
+  return (covered >= COVERED - 1e-9).reshape(-1)
 
 
 def iou(pred: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -36,6 +36,11 @@ def test_pixel_mask_goes_to_the_grid_by_covered_area():
   wide = np.zeros((4, 8), bool)
   wide[:, :4] = True
   assert iou.mask_to_grid(wide, (2, 2)).tolist() == [True, False, True, False]
+  # Patches that split pixels: 5 columns in 2 patches of 2.5. Columns 2 and 3 cover 0.5 / 2.5 of
+  # the left patch and 1.5 / 2.5 of the right one.
+  split = np.zeros((3, 5), bool)
+  split[:, 2:4] = True
+  assert iou.mask_to_grid(split, (1, 2)).tolist() == [False, True]
 
 
 def test_mean_iou_scores_absent_concepts_zero_and_skips_empty_pairs():
