@@ -4,13 +4,13 @@
       --grounding_dino=/models/grounding-dino-base --sam=/models/sam-vit-huge --out=GROUNDED
 
 For each explained latent and each top image the explainer saw (the record's `images`, else the
-first --shown): GroundingDINO finds the explanation's best box, SAM segments it (eval/grounding.py),
-and the mask is compared with the latent's map binarised at activation > --threshold, on the patch
+first --shown): GroundingDINO finds the explanation's boxes, SAM segments them (eval/grounding.py),
+and the union of their masks is compared with the latent's map binarised at activation > --threshold, on the patch
 grid (eval/iou.py: a patch is in the mask when at least half of it is). An image where no box passes
 the thresholds has an empty mask. A latent's IoU is the mean over its images; the random baseline
 scores the same maps with their active patches placed at random. Writes:
   grounded_iou.json   settings, counts, aggregates (n, mean, median, bootstrap 95% CI)
-  per_latent.jsonl    {"latent", "explanation", "iou", "random_iou", "images": [{"id", "box", "iou"}]}
+  per_latent.jsonl    {"latent", "explanation", "iou", "random_iou", "images": [{"id", "boxes", "iou"}]}
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ _STORE = flags.DEFINE_string("store", None, "Activation store whose image table 
 _IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Folder relative image paths are relative to.")
 _THRESHOLD = flags.DEFINE_float("threshold", iou_lib.DEFAULT_THRESHOLD, "A patch is in a latent's "
                                 "mask when its activation exceeds this.")
-_BOX_THRESHOLD = flags.DEFINE_float("box_threshold", 0.35, "GroundingDINO box score threshold.")
+_BOX_THRESHOLD = flags.DEFINE_float("box_threshold", 0.3, "GroundingDINO box score threshold (the "
+                                    "paper's code: 0.3).")
 _TEXT_THRESHOLD = flags.DEFINE_float("text_threshold", 0.25, "GroundingDINO text threshold.")
 _SHOWN = flags.DEFINE_integer("shown", 5, "Top images per latent when its explanation does not "
                               "list the ones shown.", lower_bound=1)
@@ -66,24 +67,24 @@ def score(acts, records: dict[int, dict], latents: list[int], table, grounder) -
     latent, record = acts.latent(index), records[index]
     wanted = [int(i) for i in record.get("images") or latent.image_ids[:_SHOWN.value]]
     rank = {int(i): n for n, i in enumerate(latent.image_ids)}
-    used, boxes, masks, errors = [], [], [], []
+    used, found, masks, errors = [], [], [], []
     for image_id in (i for i in wanted if i in rank):
       try:
         image = table.load(image_id)
       except BadImage as e:
         errors.append(str(e))
         continue
-      box = grounder.box(image, record["explanation"])
+      boxes = grounder.boxes(image, record["explanation"])
       used.append(image_id)
-      boxes.append(box)
-      masks.append(iou_lib.mask_to_grid(grounder.mask(image, box), acts.grid))
+      found.append(boxes)
+      masks.append(iou_lib.mask_to_grid(grounder.mask(image, boxes), acts.grid))
     row = {"latent": index, "explanation": record["explanation"], "iou": None,
            "random_iou": None, "images": [], "errors": errors}
     if used:
       pred = iou_lib.binarise(latent.maps[[rank[i] for i in used]], _THRESHOLD.value)
       row["iou"], row["random_iou"], per_image = iou_lib.against_masks(
           pred, np.stack(masks), _RANDOM_DRAWS.value, rng)
-      row["images"] = [{"id": i, "box": b, "iou": v} for i, b, v in zip(used, boxes, per_image)]
+      row["images"] = [{"id": i, "boxes": b, "iou": v} for i, b, v in zip(used, found, per_image)]
     rows.append(row)
   return rows
 
@@ -115,7 +116,7 @@ def main():
       "latents": {"selected": len(latents), "scored": sum(r["iou"] is not None for r in rows),
                   "skipped_no_images": skipped},
       "images": dict(collections.Counter(
-          "boxed" if image["box"] else "no box" for r in rows for image in r["images"])),
+          "boxed" if image["boxes"] else "no box" for r in rows for image in r["images"])),
       "metrics": {name: stats.summarize([r[name] for r in rows], _BOOTSTRAP.value, _SEED.value)
                   for name in ("iou", "random_iou")}}
   out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
-"""Where an explanation is in an image: GroundingDINO finds its box, SAM segments the box.
+"""Where an explanation is in an image: GroundingDINO finds its boxes, SAM segments them.
 
 The paper's second metric grounds each explanation in its latent's top images this way and compares
-the mask with the latent's activation map (eval/grounded_iou.py). Both models load from local
+the mask with the latent's activation map (eval/grounded_iou.py). As in the paper's code, every box
+over the thresholds counts: the mask is the union of their SAM masks. Both models load from local
 folders with transformers' from_pretrained (`GroundingDinoForObjectDetection`, `SamModel`, and the
 processors saved with them): e.g. IDEA-Research/grounding-dino-base and facebook/sam-vit-huge
 downloaded beforehand, or eval.tiny_grounding's random ones.
@@ -40,15 +41,15 @@ def prompt(text: str) -> str:
 class Grounder:
 
   def __init__(self, grounding_dino: str, sam: str, device: str = "cpu",
-               box_threshold: float = 0.35, text_threshold: float = 0.25):
+               box_threshold: float = 0.3, text_threshold: float = 0.25):
     self.device = device
     self.box_threshold, self.text_threshold = box_threshold, text_threshold
     self._dino_processor, self._dino = _load(
         "grounding_dino", grounding_dino, "GroundingDinoForObjectDetection", "grounding-dino", device)
     self._sam_processor, self._sam = _load("sam", sam, "SamModel", "sam", device)
 
-  def box(self, image: Image.Image, text: str) -> list[float] | None:
-    """[x0, y0, x1, y1] in pixels of the highest-scoring box over the thresholds, or None."""
+  def boxes(self, image: Image.Image, text: str) -> list[list[float]]:
+    """[x0, y0, x1, y1] in pixels of every box over the thresholds, best first."""
     import torch
     inputs = self._dino_processor(images=image, text=prompt(text), return_tensors="pt",
                                   truncation=True, max_length=self._dino.config.max_text_len)
@@ -57,19 +58,18 @@ class Grounder:
     found = self._dino_processor.post_process_grounded_object_detection(
         outputs, inputs["input_ids"], threshold=self.box_threshold,
         text_threshold=self.text_threshold, target_sizes=[(image.height, image.width)])[0]
-    if not len(found["scores"]):
-      return None
-    return found["boxes"][int(found["scores"].argmax())].tolist()
+    order = found["scores"].argsort(descending=True)
+    return found["boxes"][order].tolist()
 
-  def mask(self, image: Image.Image, box: list[float] | None) -> np.ndarray:
-    """[height, width] bool: SAM's mask of the box (all False without a box)."""
+  def mask(self, image: Image.Image, boxes: list[list[float]]) -> np.ndarray:
+    """[height, width] bool: the union of SAM's masks of the boxes (all False without a box)."""
     import torch
-    if box is None:
+    if not boxes:
       return np.zeros((image.height, image.width), bool)
-    inputs = self._sam_processor(images=image, input_boxes=[[box]], return_tensors="pt")
+    inputs = self._sam_processor(images=image, input_boxes=[boxes], return_tensors="pt")
     with torch.no_grad():
       outputs = self._sam(**inputs.to(self.device), multimask_output=False)
     masks = self._sam_processor.image_processor.post_process_masks(
         outputs.pred_masks.cpu(), inputs["original_sizes"].cpu(),
         inputs["reshaped_input_sizes"].cpu())
-    return masks[0][0, 0].numpy().astype(bool)
+    return masks[0][:, 0].numpy().astype(bool).any(0)

@@ -260,8 +260,8 @@ def grounded_section(path: Path, clip_path: Path | None) -> Section:
   blocks: list = [
       f"GroundingDINO ({settings.get('grounding_dino')}, box threshold "
       f"{settings.get('box_threshold')}, text threshold {settings.get('text_threshold')}) finds "
-      f"each explanation's box in the top images the explainer saw, SAM ({settings.get('sam')}) "
-      f"segments it; the mask is compared with the latent's map binarised at activation > "
+      f"each explanation's boxes in the top images the explainer saw, SAM ({settings.get('sam')}) "
+      f"segments them; their union is compared with the latent's map binarised at activation > "
       f"{settings.get('threshold')}, on the {settings.get('grid')} patch grid. Random baseline: "
       f"the same maps with their active patches placed at random. Latents scored: "
       f"{summary.get('latents', {}).get('scored')}; images: "

@@ -57,11 +57,12 @@ def test_ious_are_those_of_the_grounded_masks(models, inputs, tmp_path):
     expected = []
     for rank, image_id in enumerate(topacts.latent(latent).image_ids):
       image = Image.open(acts / "images" / f"{image_id}.png").convert("RGB")
-      box = grounder.box(image, text)
-      mask = iou.mask_to_grid(grounder.mask(image, box), topacts.grid)
+      boxes = grounder.boxes(image, text)
+      mask = iou.mask_to_grid(grounder.mask(image, boxes), topacts.grid)
       pred = topacts.latent(latent).maps[rank] > 0.7
       expected.append(float(iou.iou(pred, mask)))
-      assert rows[latent]["images"][rank]["box"] == pytest.approx(box)
+      assert len(boxes) > 1  # with no threshold, every query's box: the mask is their union
+      assert np.array_equal(np.asarray(rows[latent]["images"][rank]["boxes"]), np.asarray(boxes))
     assert [image["iou"] for image in rows[latent]["images"]] == pytest.approx(expected)
     assert rows[latent]["iou"] == pytest.approx(np.mean(expected))
   summary = json.load(open(tmp_path / "out" / "grounded_iou.json"))
@@ -78,7 +79,17 @@ def test_no_box_is_an_empty_mask(models, inputs, tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / "out" / "per_latent.jsonl")]
   # The first top image of every latent of fakes.write_topacts is active everywhere: IoU 0.
   assert [r["iou"] for r in rows] == [0.0, 0.0] and [r["random_iou"] for r in rows] == [0.0, 0.0]
-  assert all(image["box"] is None for r in rows for image in r["images"])
+  assert all(image["boxes"] == [] for r in rows for image in r["images"])
+
+
+def test_the_mask_is_the_union_of_the_boxes_masks(models):
+  grounder = grounding.Grounder(models["grounding_dino"], models["sam"])
+  image = Image.new("RGB", (60, 40), (200, 30, 30))
+  boxes = [[0.0, 0.0, 20.0, 20.0], [30.0, 10.0, 59.0, 39.0]]
+  union = grounder.mask(image, boxes)
+  assert union.shape == (40, 60)
+  assert np.array_equal(union, grounder.mask(image, boxes[:1]) | grounder.mask(image, boxes[1:]))
+  assert not grounder.mask(image, []).any()
 
 
 def test_a_model_folder_that_does_not_load_is_named(models, inputs, tmp_path):
