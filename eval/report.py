@@ -263,7 +263,8 @@ def grounded_section(path: Path, clip_path: Path | None) -> Section:
       f"each explanation's boxes in the top images the explainer saw, SAM ({settings.get('sam')}) "
       f"segments them; their union is compared with the latent's map binarised at activation > "
       f"{settings.get('threshold')}, on the {settings.get('grid')} patch grid. Random baseline: "
-      f"the same maps with their active patches placed at random. Latents scored: "
+      f"the same maps with their active patches placed at random (the paper's code scores random "
+      f"images instead, whose maps TOPACTS does not hold). Latents scored: "
       f"{summary.get('latents', {}).get('scored')}; images: "
       + (", ".join(f"{n} {k}" for k, n in sorted(summary.get("images", {}).items())) or "none")
       + ".",
