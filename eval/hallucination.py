@@ -200,6 +200,14 @@ def load_image(item, row: int) -> Image.Image:
                           f"{item.image}: {e}") from e
 
 
+def check_images(items: list) -> None:
+  """Every item's image exists: run before loading a large model."""
+  for row, item in enumerate(items):
+    if item.image is not None and not item.image.is_file():
+      raise images.BadImage(f"--questions={_QUESTIONS.value} row {row + 1}: image "
+                            f"{item.image} does not exist (check --image_root)")
+
+
 def answer_all(loaded: llava.LoadedModel, task: Task, items: list, desc: str) -> list[str]:
   answers = []
   size = _BATCH_SIZE.value
@@ -256,10 +264,7 @@ def run() -> tuple[dict, list[dict], Task]:
   items = task.read(_QUESTIONS.value, _IMAGE_ROOT.value)
   if _MAX_QUESTIONS.value:
     items = items[:_MAX_QUESTIONS.value]
-  for row, item in enumerate(items):  # fail before loading a large model
-    if item.image is not None and not item.image.is_file():
-      raise images.BadImage(f"--questions={_QUESTIONS.value} row {row + 1}: image "
-                            f"{item.image} does not exist (check --image_root)")
+  check_images(items)
   loaded = _LLAVA.load()
   runs = [("plain", contextlib.nullcontext())]
   if configs:

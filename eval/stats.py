@@ -47,3 +47,14 @@ def auroc(positives, negatives) -> float:
   rank_sum = average_rank[inverse[:len(positives)]].sum()
   u = rank_sum - len(positives) * (len(positives) + 1) / 2
   return float(u / (len(positives) * len(negatives)))
+
+
+def paired_bootstrap_ci(statistic, n: int, resamples: int, seed: int,
+                        level: float = 0.95) -> tuple[float, float]:
+  """Percentile interval of `statistic(indices [resamples, n]) -> [resamples]` over resamples of
+  the n items with replacement; a paired comparison passes one statistic that computes both arms
+  on the same indices (e.g. steered minus plain), so the two share every resample."""
+  indices = np.random.default_rng(seed).integers(0, n, (resamples, n))
+  tail = (1 - level) / 2 * 100
+  low, high = np.percentile(np.asarray(statistic(indices), np.float64), [tail, 100 - tail])
+  return float(low), float(high)

@@ -104,8 +104,12 @@ def _numbers(flag_values, name: str, kind: type) -> list:
 
 def configs_from_flags(flag_values) -> list[tuple[str, list[Edit]]]:
   """edit_configs of the flags of `define_flags`."""
-  return edit_configs(_numbers(flag_values, "latents", int), flag_values["mode"].value,
-                      _numbers(flag_values, "values", float),
+  return configs_for_latents(flag_values, _numbers(flag_values, "latents", int))
+
+
+def configs_for_latents(flag_values, latents: Sequence[int]) -> list[tuple[str, list[Edit]]]:
+  """edit_configs of `latents` with the mode, values and strengths of the flags."""
+  return edit_configs(latents, flag_values["mode"].value, _numbers(flag_values, "values", float),
                       _numbers(flag_values, "strengths", float))
 
 
