@@ -1,4 +1,5 @@
-"""Aggregates over latents (mean, median, seeded bootstrap CI of the mean); AUROC by Mann-Whitney U."""
+"""Aggregates over latents (mean, median, seeded bootstrap CI of the mean), paired bootstrap
+intervals of a change; AUROC by Mann-Whitney U."""
 
 from __future__ import annotations
 

@@ -168,3 +168,15 @@ def test_command_end_to_end(tiny_model, synthetic_images, tmp_path):
   assert change["ci95"][0] <= change["delta"] <= change["ci95"][1]
   assert summary["runs"]["add 80"]["accuracy"] == round(change["delta"], 4)
   assert "| add 80 | accuracy |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("args,error", [
+    (["--task=chair"], "captions have no right answer"),
+    (["--latents=3"], "the latents are found here"),
+    (["--mode=clamp"], "--mode=clamp needs --values or --strengths"),
+])
+def test_command_rejects_bad_requests_before_loading(args, error, tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "eval.hallucination_latents", "--model=none", "--questions=q",
+       "--sae=s", f"--out={tmp_path}", *args], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and error in json.loads(proc.stdout.strip())["error"]
