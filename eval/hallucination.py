@@ -208,7 +208,10 @@ def check_images(items: list) -> None:
                             f"{item.image} does not exist (check --image_root)")
 
 
-def answer_all(loaded: llava.LoadedModel, task: Task, items: list, desc: str) -> list[str]:
+def answer_all(loaded: llava.LoadedModel, task: Task, items: list, desc: str,
+               generate: Callable = steering.generate_texts) -> list:
+  """One result of `generate(loaded, images, texts, max_new_tokens)` per item (default: its
+  answer), in batches of --batch_size."""
   answers = []
   size = _BATCH_SIZE.value
   max_new_tokens = _MAX_NEW_TOKENS.value or task.max_new_tokens
@@ -222,8 +225,7 @@ def answer_all(loaded: llava.LoadedModel, task: Task, items: list, desc: str) ->
       texts = [llava.prompt_text(loaded.processor, _LLAVA.prompt_mode.value,
                                  task.prompt(batch[i]), with_image) for i in rows]
       batch_images = [load_image(batch[i], start + i) for i in rows] if with_image else None
-      for i, answer in zip(rows, steering.generate_texts(loaded, batch_images, texts,
-                                                         max_new_tokens)):
+      for i, answer in zip(rows, generate(loaded, batch_images, texts, max_new_tokens)):
         batch_answers[i] = answer
     answers += batch_answers
   return answers

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import tqdm
 from absl import flags
 
 from eval import hallucination, pope
@@ -59,24 +58,12 @@ flags.adopt_module_key_flags(hallucination)  # --help lists the benchmark and st
 def discover(loaded, sae, layer: int, task, items: list) -> tuple[list[str], np.ndarray,
                                                                    np.ndarray]:
   """Plain answers of the items and their [items, latents] activations at both places."""
-  answers, first, image = [""] * len(items), [None] * len(items), [None] * len(items)
-  size = FLAGS.batch_size
-  max_new_tokens = FLAGS.max_new_tokens or task.max_new_tokens
-  for start in tqdm.tqdm(range(0, len(items), size), desc="discovery", unit="batch"):
-    batch = items[start:start + size]
-    for with_image in (True, False):  # as eval.hallucination.answer_all asks them
-      rows = [i for i, item in enumerate(batch) if (item.image is not None) == with_image]
-      if not rows:
-        continue
-      texts = [llava.prompt_text(loaded.processor, FLAGS.prompt_mode, task.prompt(batch[i]),
-                                 with_image) for i in rows]
-      batch_images = ([hallucination.load_image(batch[i], start + i) for i in rows]
-                      if with_image else None)
-      got = sep.answer_and_record(loaded, sae, layer, texts, batch_images, max_new_tokens)
-      for j, i in enumerate(rows):
-        answers[start + i] = got[0][j]
-        first[start + i], image[start + i] = got[1][j].cpu(), got[2][j].cpu()
-  return answers, torch.stack(first).numpy(), torch.stack(image).numpy()
+  def record(loaded, batch_images, texts, max_new_tokens):
+    answers, first, image = sep.answer_and_record(loaded, sae, layer, texts, batch_images,
+                                                  max_new_tokens)
+    return list(zip(answers, first.cpu(), image.cpu()))
+  answers, first, image = zip(*hallucination.answer_all(loaded, task, items, "discovery", record))
+  return list(answers), torch.stack(first).numpy(), torch.stack(image).numpy()
 
 
 def run() -> dict:

@@ -53,17 +53,14 @@ def answer_and_record(loaded: llava.LoadedModel, sae, layer: int, texts: list[st
                       max_new_tokens: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
   """Greedy answers of a batch, and the latent activations (first generated token, image mean)
   from one forward pass over the prompt and that token, as the model produced it."""
-  encoded = llava.encode_batch(loaded.processor, batch_images, texts, padding_side="left")
-  inputs = llava.to_model_inputs(loaded, encoded)
-  pad = loaded.processor.tokenizer.pad_token_id
-  out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=pad)
+  inputs, out = steering.generate_ids(loaded, batch_images, texts, max_new_tokens)
   length = inputs["input_ids"].shape[1]
   answers = loaded.processor.tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
   mask = inputs["attention_mask"]
   forced = {**inputs, "input_ids": out[:, :length + 1],
             "attention_mask": torch.cat([mask, torch.ones_like(mask[:, :1])], 1)}
   recorded = []
+  # The edit only records the block's output (append returns None: the output is kept).
   with steering.BlockEdit(loaded.model, layer, lambda hidden, offset: recorded.append(hidden)):
     loaded.model.model(**forced, use_cache=False)  # the base model: no logits over the vocabulary
   hidden = recorded[0]

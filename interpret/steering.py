@@ -331,14 +331,20 @@ def steering_for(loaded: llava.LoadedModel, sae: TopKSAE, layer: int, edits: Seq
 
 
 @torch.no_grad()
-def generate_texts(loaded: llava.LoadedModel, images: list | None, texts: list[str],
-                   max_new_tokens: int) -> list[str]:
-  """Greedy continuations of a batch of prompts (left-padded, so every row ends at the same
-  position and decoding appends to all rows at once), decoded without special tokens."""
+def generate_ids(loaded: llava.LoadedModel, images: list | None, texts: list[str],
+                 max_new_tokens: int) -> tuple[dict, torch.Tensor]:
+  """(model inputs, prompt + greedy continuation ids) of a batch of prompts, left-padded, so every
+  row ends at the same position and decoding appends to all rows at once."""
   encoded = llava.encode_batch(loaded.processor, images, texts, padding_side="left")
   inputs = llava.to_model_inputs(loaded, encoded)
   pad = loaded.processor.tokenizer.pad_token_id
-  out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=pad)
+  return inputs, loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=pad)
+
+
+def generate_texts(loaded: llava.LoadedModel, images: list | None, texts: list[str],
+                   max_new_tokens: int) -> list[str]:
+  """Greedy continuations of a batch of prompts, decoded without special tokens."""
+  inputs, out = generate_ids(loaded, images, texts, max_new_tokens)
   return loaded.processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:],
                                                  skip_special_tokens=True)
