@@ -3,11 +3,14 @@ accuracy: the pieces of `python -m eval.hallucination_latents` that need no flag
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from eval import stats
 from harvest import llava
+from harvest.hooks import StopForward
 from interpret import steering
 
 
@@ -60,8 +63,12 @@ def answer_and_record(loaded: llava.LoadedModel, sae, layer: int, texts: list[st
   forced = {**inputs, "input_ids": out[:, :length + 1],
             "attention_mask": torch.cat([mask, torch.ones_like(mask[:, :1])], 1)}
   recorded = []
-  # The edit only records the block's output (append returns None: the output is kept).
-  with steering.BlockEdit(loaded.model, layer, lambda hidden, offset: recorded.append(hidden)):
+
+  def record(hidden: torch.Tensor, offset: int) -> None:
+    recorded.append(hidden)
+    raise StopForward()  # the layers above the hookpoint are not needed
+
+  with steering.BlockEdit(loaded.model, layer, record), contextlib.suppress(StopForward):
     loaded.model.model(**forced, use_cache=False)  # the base model: no logits over the vocabulary
   hidden = recorded[0]
   batch = len(texts)
