@@ -115,4 +115,5 @@ def compare(plain: dict[str, np.ndarray], steered: dict[str, np.ndarray], resamp
 
 
 def hallucinated_labels(task_name: str, records: list[dict]) -> np.ndarray:
+  """1 where the answer is wrong (POPE) or not judged correct (HallusionBench)."""
   return ~per_item(task_name, records)["correct"]
