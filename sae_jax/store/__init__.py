@@ -75,9 +75,14 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
   return digest.hexdigest()
 
 
+def _tmp_name(path: Path) -> Path:
+  # One temp name per process: several harvest workers may commit the same file at once.
+  return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
   """Writes `data` to `path` so that readers see the old file or the whole new one, never a part."""
-  tmp = path.with_name(f".{path.name}.tmp")
+  tmp = _tmp_name(path)
   with open(tmp, "wb") as f:
     f.write(data)
     f.flush()
@@ -108,7 +113,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
+  tmp = _tmp_name(path)
   with open(tmp, "wb") as f:
     np.save(f, array, allow_pickle=False)
     f.flush()
@@ -218,12 +223,17 @@ class StoreWriter:
     self._write_manifest()
 
   def _write_manifest(self) -> None:
-    atomic_write_json(self.path / MANIFEST, {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, **self.header,
-        "rows": self.rows, "images": self.images_done, "complete": self.complete,
-        "bad_images": [b for s in self.shards for b in s.bad_images],
-        "shards": [s.to_json() for s in self.shards],
-    })
+    atomic_write_json(self.path / MANIFEST, manifest_json(self.header, self.shards, self.complete))
+
+
+def manifest_json(header: dict, shards: Sequence[ShardInfo], complete: bool) -> dict:
+  return {
+      "format": FORMAT_NAME, "version": FORMAT_VERSION, **header,
+      "rows": sum(s.rows for s in shards),
+      "images": sum(s.num_inputs - len(s.bad_images) for s in shards), "complete": complete,
+      "bad_images": [b for s in shards for b in s.bad_images],
+      "shards": [s.to_json() for s in shards],
+  }
 
 
 class Store:
@@ -233,6 +243,10 @@ class Store:
     self.path = Path(path)
     manifest_path = self.path / MANIFEST
     if not manifest_path.exists():
+      if (self.path / "parts").is_dir():
+        from sae_jax.store import parts  # imports this module
+        raise StoreError(f"{self.path} is a multi-worker store not committed yet: "
+                         f"{parts.status(self.path)}")
       raise StoreError(f"{self.path} is not an activation store: {manifest_path} is missing")
     try:
       self.manifest = json.loads(manifest_path.read_text())
