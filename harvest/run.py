@@ -23,6 +23,7 @@ import tqdm
 
 from harvest import hooks, images, llava, pipeline, tokens
 from harvest.shards import BatchRows, ShardAssembler, ShardEnd
+from sae_jax.prefetch import prefetch
 from sae_jax.store import StoreWriter, atomic_write_json, parts
 
 FLAGS_FILE = "harvest_flags.json"
@@ -129,7 +130,8 @@ def encoded_batches(config: HarvestConfig, inputs, loaded: llava.LoadedModel, st
         yield encode_pending()
     if pending:
       yield encode_pending()
-    yield ShardEnd(index=(shard_start - first_input) // config.shard_images, num_inputs=shard_stop - shard_start,
+    yield ShardEnd(index=(shard_start - first_input) // config.shard_images,
+                   num_inputs=shard_stop - shard_start,
                    bad_images=bad)
 
 
@@ -220,10 +222,11 @@ def _harvest(config: HarvestConfig, progress: bool) -> dict:
   streamed = time.perf_counter()
   with tqdm.tqdm(total=hi - lo, initial=start - lo, unit="img", disable=not progress,
                  dynamic_ncols=True) as bar:
-    rows = record(config, loaded, pipeline.prefetch(
+    rows = record(config, loaded, prefetch(
         encoded_batches(config, inputs, loaded, start, hi, first_image_id, lo), PREFETCH_DEPTH),
         writers, bar)
-  if behind.images_done == 0 and config.num_workers == 1:  # nothing to train on: fail, and leave the stores incomplete
+  # Nothing to train on: fail, and leave the stores incomplete (workers: the commit refuses).
+  if behind.images_done == 0 and config.num_workers == 1:
     bad = next((b for s in behind.shards for b in s.bad_images), None)
     first = f"; input {bad['input']} ({bad['source']}): {bad['error']}" if bad else ""
     raise HarvestError(f"none of the {stop} inputs of --images={config.images} could be read"

@@ -1,4 +1,5 @@
-"""Which worker of a multi-worker harvest this process is: from the flags, else the launcher's env."""
+"""Which worker of a multi-worker harvest this process is: from the flags, else from the
+launcher's environment."""
 
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ def test_local_multiprocess_script_trains(tmp_path):
   result = subprocess.run(
       ["bash", "launch/local_multiprocess_cpu.sh", "2", f"--store={tmp_path / 'store'}",
        f"--workdir={tmp_path / 'run'}", "--num_latents=32", "--k=4", "--batch_size=64",
-       "--steps=6", "--log_every=3"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+       "--steps=6", "--log_every=3", "--read_chunk_kb=4"],  # 4 chunks: 2 per process
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "process 1 of 2" in result.stderr
   assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [3, 6]

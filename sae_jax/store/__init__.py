@@ -272,7 +272,6 @@ class Store:
       self.verify()
 
   def __repr__(self) -> str:
-    # Stable across runs and machines: grain keys its checkpoints on the data source's repr.
     return f"Store(rows={self.rows}, d_model={self.d_model}, dtype={self.dtype})"
 
   def __len__(self) -> int:
@@ -318,7 +317,7 @@ class Store:
     return shard, row - (int(self._ends[shard - 1]) if shard else 0)
 
   def __getitem__(self, row: int) -> np.ndarray:
-    """One row as float32, copied out of the memmap (safe to hand to grain workers)."""
+    """One row as float32, copied out of the memmap."""
     shard, local = self.locate(int(row))
     return np.asarray(self.shard_acts(shard)[local], dtype=np.float32)
 

@@ -73,7 +73,8 @@ def commit(path: Path, count: int) -> bool:
   manifests = part_manifests(path, count)
   if not all(m is not None and m.get("complete") for m in manifests):
     return False
-  headers = [{k: m[k] for k in ("model", "hookpoint", "layer", "d_model", "dtype")} for m in manifests]
+  keys = ("model", "hookpoint", "layer", "d_model", "dtype")
+  headers = [{k: m[k] for k in keys} for m in manifests]
   settings = [{k: v for k, v in m["settings"].items() if k != WORKER_KEY} for m in manifests]
   if any(h != headers[0] for h in headers) or any(s != settings[0] for s in settings):
     raise StoreError(f"the parts in {path / PARTS_DIR} were harvested with different settings")
