@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -24,7 +23,7 @@ import tqdm
 from harvest import hooks, images, llava, pipeline, tokens
 from harvest.shards import BatchRows, ShardAssembler, ShardEnd
 from sae_jax.prefetch import prefetch
-from sae_jax.store import StoreWriter, atomic_write_json, parts
+from sae_jax.store import StoreWriter, join, json_bytes, open_location, parts
 
 FLAGS_FILE = "harvest_flags.json"
 # Batches prepared ahead / waiting to be written: enough to hide either stage, little memory.
@@ -135,8 +134,9 @@ def encoded_batches(config: HarvestConfig, inputs, loaded: llava.LoadedModel, st
                    bad_images=bad)
 
 
-def store_path(config: HarvestConfig, layer: int) -> Path:
-  return Path(config.out) / f"layer_{layer}"
+def store_path(config: HarvestConfig, layer: int):
+  """OUT/layer_<L>: a Path, or a gs:// or s3:// URL."""
+  return join(config.out, f"layer_{layer}")
 
 
 def open_stores(config: HarvestConfig, loaded: llava.LoadedModel, settings: dict
@@ -144,9 +144,9 @@ def open_stores(config: HarvestConfig, loaded: llava.LoadedModel, settings: dict
   """One store writer per layer, OUT/layer_<L> (this worker's part of it with several workers);
   resolves the hookpoints (unknown layer: error)."""
   hookpoints = hooks.resolve_layers(loaded.model, config.layers)
-  part = (Path(parts.PARTS_DIR) / parts.part_name(config.worker_index, config.num_workers)
-          if config.num_workers > 1 else Path())
-  return {layer: StoreWriter(store_path(config, layer) / part, {
+  part = ((parts.PARTS_DIR, parts.part_name(config.worker_index, config.num_workers))
+          if config.num_workers > 1 else ())
+  return {layer: StoreWriter(join(store_path(config, layer), *part), {
       "model": config.model, "hookpoint": hookpoints[layer], "layer": layer,
       "d_model": loaded.d_model, "dtype": config.store_dtype, "settings": settings})
       for layer in config.layers}
@@ -206,10 +206,10 @@ def _harvest(config: HarvestConfig, progress: bool) -> dict:
   writers = open_stores(config, loaded, settings)
   flags_file = (FLAGS_FILE if config.num_workers == 1 else
                 f"harvest_flags.worker{config.worker_index}.json")
-  atomic_write_json(Path(config.out) / flags_file, {
+  open_location(config.out).write(flags_file, json_bytes({
       **dataclasses.asdict(config), "model_type": loaded.model_type,
       "hookpoints": {layer: w.header["hookpoint"] for layer, w in writers.items()},
-      "resolved_device": str(loaded.device), "torch_threads": torch.get_num_threads()})
+      "resolved_device": str(loaded.device), "torch_threads": torch.get_num_threads()}))
 
   # Layers of one run commit shard k one after the other; a kill between them leaves some layers a
   # shard ahead, so restart at the least advanced one (the others skip what they hold).

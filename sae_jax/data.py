@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from concurrent import futures
 import functools
+import io
 import itertools
-import os
 import threading
 from typing import Iterator, Sequence
 
@@ -22,23 +22,12 @@ import numpy as np
 
 from sae_jax.order import ChunkOrder
 from sae_jax.prefetch import prefetch
-from sae_jax.store import KIND_NAMES, Store, StoreError, disk_dtype, from_disk, sha256_file
+from sae_jax.store import KIND_NAMES, Store, StoreError, disk_dtype, from_disk
 
 # Windows held at once with read-ahead: the one being served, one ready, one being read.
 WINDOWS_IN_FLIGHT = 3
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
                 (2, 0): np.lib.format.read_array_header_2_0}
-
-
-def check_file(store: Store, shard: int, kind: str) -> None:
-  """Raises StoreError naming the file if one shard file differs from the manifest's sha256."""
-  info = store.shards[shard]
-  rel = info.files[kind]
-  if not (store.path / rel).exists():
-    raise StoreError(f"shard {shard} of {store.path}: file {rel} is missing")
-  if sha256_file(store.path / rel) != info.sha256[kind]:
-    raise StoreError(f"shard {shard} of {store.path}: {rel} is corrupted (sha256 does not match "
-                     "the manifest); harvest this store again")
 
 
 class DataError(ValueError):
@@ -54,7 +43,7 @@ def select_mask(store: Store, token_kinds: Sequence[str] | None) -> np.ndarray |
   if unknown:
     raise DataError(f"--token_kinds: unknown kind(s) {unknown}; expected some of {sorted(names)}")
   for shard in range(len(store.shards)):  # the selection reads every shard's metadata
-    check_file(store, shard, "meta")
+    store.check_file(shard, "meta")
   mask = np.isin(store.meta()["kind"], [names[t] for t in token_kinds])
   if not mask.any():
     raise StoreError(f"{store.path} has no rows of token kinds {list(token_kinds)}")
@@ -121,19 +110,22 @@ class ChunkReader:
     shard = int(self.shard[chunk])
     rel = self.store.shards[shard].files["acts"]
     offset = self._offset(shard) + int(self.start[chunk]) * self.row_bytes
-    view = memoryview(out).cast("B")
-    with open(self.store.path / rel, "rb", buffering=0) as f:
-      while view:
-        got = os.preadv(f.fileno(), [view], offset)
-        if not got:
-          raise StoreError(f"shard {shard} of {self.store.path}: {rel} ends before its rows do")
-        view, offset = view[got:], offset + got
+    try:
+      self.store.location.read_into(rel, offset, memoryview(out).cast("B"))
+    except StoreError as e:
+      raise StoreError(f"shard {shard}: {e}") from e
 
   def _offset(self, shard: int) -> int:
     """Where the rows of a shard's .npy file begin, after checking its header."""
     if shard not in self._data_offset:
       info = self.store.shards[shard]
-      with open(self.store.path / info.files["acts"], "rb") as f:
+      head = bytearray(12)  # magic, version and header length (2 bytes in v1, 4 in v2)
+      self.store.location.read_into(info.files["acts"], 0, memoryview(head))
+      size = (10 + int.from_bytes(head[8:10], "little") if head[6] == 1 else
+              12 + int.from_bytes(head[8:12], "little"))
+      head = bytearray(size)
+      self.store.location.read_into(info.files["acts"], 0, memoryview(head))
+      with io.BytesIO(bytes(head)) as f:
         read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
         if read_header is None:
           raise StoreError(f"shard {shard} of {self.store.path}: {info.files['acts']} is not a "
@@ -151,7 +143,7 @@ class ChunkReader:
     releases the GIL); raises StoreError naming the first corrupted file."""
     with self._lock:
       todo = [s for s in shards if s not in self._checked]
-      check = functools.partial(check_file, self.store, kind="acts")
+      check = functools.partial(self.store.check_file, kind="acts")
       for shard, _ in zip(todo, self._pool.map(check, todo)):
         self._checked.add(shard)
 

@@ -38,7 +38,7 @@ from sae_jax.kernel_plan import KernelPlan
 from sae_jax.metrics import MetricWriter
 from sae_jax.model import SAEConfig, geometric_median
 from sae_jax.step import create_state, default_learning_rate, make_optimizer, train_step
-from sae_jax.store import Store, StoreError, atomic_write_json
+from sae_jax.store import Store, StoreError, absolute, atomic_write_json
 
 # Data.
 _STORE = flags.DEFINE_string("store", None, "Activation store to train on.", required=True)
@@ -165,7 +165,7 @@ def resolved_flags() -> dict:
   values = {h.name: h.value for h in globals().values() if isinstance(h, flags.FlagHolder)}
   for name in ("store", "init_from"):
     if values[name]:
-      values[name] = str(Path(values[name]).absolute())
+      values[name] = absolute(values[name])
   return json.loads(json.dumps(values))
 
 
@@ -385,7 +385,7 @@ def main() -> None:
       state = jax.jit(init_state, out_shardings=state_sharding)()
       if jax.process_index() == 0:
         checkpoint.write_run(workdir, cfg=cfg, input_scale=input_scale, source={
-            "store": str(Path(_STORE.value).absolute()), "model": store.manifest["model"],
+            "store": absolute(_STORE.value), "model": store.manifest["model"],
             "hookpoint": store.manifest["hookpoint"], "layer": store.manifest["layer"],
             "token_kinds": token_kinds, "init_from": _INIT_FROM.value})
 

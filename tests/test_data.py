@@ -84,7 +84,7 @@ def test_a_truncated_shard_is_refused_naming_it(store, tmp_path):
   path.write_bytes(path.read_bytes()[:-64])
   rows = data.ChunkReader(Store(bad))
   rows._checked.add(1)  # past the checksum: the read itself must notice
-  with pytest.raises(StoreError, match=r"shard 1 of .*00001\.acts\.npy ends before its rows"):
+  with pytest.raises(StoreError, match=r"shard 1: .*00001\.acts\.npy ends at byte \d+: it is truncated"):
     rows.read(np.array([1]))
 
 

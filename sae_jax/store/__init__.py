@@ -7,9 +7,10 @@ Layout (the contract between `harvest`, `sae_jax` and `interpret`; see docs/form
   STORE/shards/00000.meta.npy      [rows] structured: image_id, position, kind, patch
   STORE/shards/00000.images.jsonl  one record per image of the shard: id, source, prompt, grid
 
-Shards are written to a temporary name and renamed, and the manifest is rewritten (also atomically)
-only after a shard's files are in place, so a store killed at any moment is a valid prefix of the
-finished one. A writer reopened with the same settings continues after the last committed shard.
+A STORE is a local folder or a gs:// or s3:// URL (sae_jax.store.location). Shards are written to a
+temporary name and renamed (in a bucket: one PUT each), and the manifest is rewritten (also
+atomically) only after a shard's files are in place, so a store killed at any moment is a valid
+prefix of the finished one. A writer reopened with the same settings continues after the last committed shard.
 
 Run `python -m sae_jax.store --store=PATH` to verify every checksum and print a JSON summary.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -47,6 +49,10 @@ _DISK_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat1
 
 class StoreError(ValueError):
   """A store that is missing, corrupted, or does not match what the caller asked for."""
+
+
+from sae_jax.store import location  # noqa: E402 (it imports StoreError)
+from sae_jax.store.location import absolute, is_remote, join, open_location  # noqa: E402
 
 
 def disk_dtype(dtype: str) -> np.dtype:
@@ -108,8 +114,18 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
   os.replace(tmp, path)
 
 
+def json_bytes(obj: Any) -> bytes:
+  return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, array, allow_pickle=False)
+  return buffer.getvalue()
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+  atomic_write_bytes(path, json_bytes(obj))
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -156,15 +172,16 @@ class StoreWriter:
   """
 
   def __init__(self, path: str | os.PathLike, header: dict):
-    self.path = Path(path)
+    self.path = path if is_remote(path) else Path(path)
+    self.location = open_location(path)
     for key in ("model", "hookpoint", "layer", "d_model", "dtype", "settings"):
       if key not in header:
         raise StoreError(f"store header lacks {key!r}")
     disk_dtype(header["dtype"])
     self.header = json.loads(json.dumps(header))  # normalise (tuples -> lists) for comparison
-    manifest_path = self.path / MANIFEST
-    if manifest_path.exists():
-      manifest = json.loads(manifest_path.read_text())
+    existing = self.location.read(MANIFEST)
+    if existing is not None:
+      manifest = json.loads(existing)
       old = {k: manifest.get(k) for k in self.header}
       if old != self.header:
         diff = {k: (old[k], self.header[k]) for k in self.header if old[k] != self.header[k]}
@@ -174,7 +191,6 @@ class StoreWriter:
       self.shards = [ShardInfo.from_json(s) for s in manifest["shards"]]
       self.complete = manifest.get("complete", False)
     else:
-      (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
       self.shards = []
       self.complete = False
       self._write_manifest()
@@ -205,14 +221,15 @@ class StoreWriter:
       raise StoreError(f"shard metadata must be [{acts.shape[0]}] of {META_DTYPE}")
     index = len(self.shards)
     files = _shard_files(index)
-    atomic_save_npy(self.path / files["acts"], to_disk(acts, self.header["dtype"]))
-    atomic_save_npy(self.path / files["meta"], meta)
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in images)
-    atomic_write_bytes(self.path / files["images"], lines.encode())
+    contents = {"acts": npy_bytes(to_disk(acts, self.header["dtype"])), "meta": npy_bytes(meta),
+                "images": lines.encode()}
+    for kind, data in contents.items():
+      self.location.write(files[kind], data)
     info = ShardInfo(
         index=index, rows=int(acts.shape[0]), first_row=self.rows, first_image=self.inputs_done,
         num_inputs=int(num_inputs), files=files,
-        sha256={k: sha256_file(self.path / f) for k, f in files.items()},
+        sha256={k: hashlib.sha256(data).hexdigest() for k, data in contents.items()},
         bad_images=tuple(bad_images))
     self.shards.append(info)
     self._write_manifest()
@@ -223,7 +240,8 @@ class StoreWriter:
     self._write_manifest()
 
   def _write_manifest(self) -> None:
-    atomic_write_json(self.path / MANIFEST, manifest_json(self.header, self.shards, self.complete))
+    self.location.write(MANIFEST, json_bytes(manifest_json(self.header, self.shards,
+                                                           self.complete)))
 
 
 def manifest_json(header: dict, shards: Sequence[ShardInfo], complete: bool) -> dict:
@@ -240,16 +258,18 @@ class Store:
   """Read side: memory-mapped shards, global row indexing, the image table, verification."""
 
   def __init__(self, path: str | os.PathLike, *, verify: bool = False, allow_incomplete: bool = False):
-    self.path = Path(path)
-    manifest_path = self.path / MANIFEST
-    if not manifest_path.exists():
-      if (self.path / "parts").is_dir():
-        from sae_jax.store import parts  # imports this module
+    self.path = path if is_remote(path) else Path(path)
+    self.location = open_location(path)
+    manifest_path = join(self.path, MANIFEST)
+    text = self.location.read(MANIFEST)
+    if text is None:
+      from sae_jax.store import parts  # imports this module
+      if self.location.subfolders(parts.PARTS_DIR):
         raise StoreError(f"{self.path} is a multi-worker store not committed yet: "
                          f"{parts.status(self.path)}")
       raise StoreError(f"{self.path} is not an activation store: {manifest_path} is missing")
     try:
-      self.manifest = json.loads(manifest_path.read_text())
+      self.manifest = json.loads(text)
     except json.JSONDecodeError as e:
       raise StoreError(f"{manifest_path} is not valid JSON: {e}") from e
     if self.manifest.get("format") != FORMAT_NAME:
@@ -280,21 +300,30 @@ class Store:
   def verify(self) -> None:
     """Checks every shard file's sha256 and shape; raises StoreError naming the first bad one."""
     for s in self.shards:
-      for kind, rel in s.files.items():
-        f = self.path / rel
-        if not f.exists():
-          raise StoreError(f"shard {s.index} of {self.path}: file {rel} is missing")
-        if sha256_file(f) != s.sha256[kind]:
-          raise StoreError(f"shard {s.index} of {self.path}: {rel} is corrupted "
-                           "(sha256 does not match the manifest)")
+      for kind in s.files:
+        self.check_file(s.index, kind)
       acts, meta = self.shard_acts(s.index), self.shard_meta(s.index)
       if acts.shape != (s.rows, self.d_model) or meta.shape != (s.rows,):
         raise StoreError(f"shard {s.index} of {self.path}: shapes {acts.shape} / {meta.shape} "
                          f"do not match the manifest's {s.rows} rows x {self.d_model}")
 
+  def check_file(self, shard: int, kind: str) -> None:
+    """Raises StoreError naming the file if one shard file differs from the manifest's sha256."""
+    info = self.shards[shard]
+    rel = info.files[kind]
+    digest = location.sha256(self.location, rel)
+    if digest is None:
+      raise StoreError(f"shard {shard} of {self.path}: file {rel} is missing")
+    if digest != info.sha256[kind]:
+      raise StoreError(f"shard {shard} of {self.path}: {rel} is corrupted (sha256 does not match "
+                       "the manifest); harvest this store again")
+
   def _load(self, rel: str, index: int) -> np.ndarray:
+    """A shard file as an array: memory-mapped from a folder, read whole from a bucket."""
     try:
-      return np.load(self.path / rel, mmap_mode="r", allow_pickle=False)
+      return self.location.mmap_npy(rel)
+    except StoreError:
+      raise
     except (OSError, ValueError) as e:
       raise StoreError(f"shard {index} of {self.path}: cannot read {rel}: {e}") from e
 
@@ -335,8 +364,10 @@ class Store:
     """The image table: one record per image id, in id order."""
     table = []
     for s in self.shards:
-      with open(self.path / s.files["images"]) as f:
-        table.extend(json.loads(line) for line in f if line.strip())
+      text = self.location.read(s.files["images"])
+      if text is None:
+        raise StoreError(f"shard {s.index} of {self.path}: file {s.files['images']} is missing")
+      table.extend(json.loads(line) for line in text.decode().splitlines() if line.strip())
     return table
 
   def summary(self) -> dict:
