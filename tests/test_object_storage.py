@@ -3,10 +3,12 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+import emulators
 import synthetic
 from harvest.run import HarvestConfig, harvest
 from sae_jax import data, dictionary
@@ -70,24 +72,64 @@ def test_a_bucket_store_verifies_copies_and_reads_like_the_local_one(bucket, loc
   np.testing.assert_array_equal(remote.read(chunks), local.read(chunks))
 
 
+def harvest_flags(model, images, out, index) -> list[str]:
+  return [f"--model={model}", "--layers=0", f"--images={images}", f"--out={out}", "--tokens=all",
+          "--batch_size=2", "--shard_images=4", "--max_images=24", "--num_workers=2",
+          f"--worker_index={index}"]
+
+
+def two_processes(store, workdir) -> None:
+  port = emulators.free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}", *TRAIN,
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+
+
 def test_harvest_by_two_workers_to_a_bucket_trains_like_its_local_copy(
     bucket, tiny_model, synthetic_images, tmp_path):
   if bucket.scheme == "s3":
     pytest.skip("one bucket kind is enough for the whole pipeline (the store test covers s3)")
   out = bucket.url(f"{tmp_path.name}/harvest")
+  model = tiny_model("llava")
+  # Worker 1 killed (-9) while it uploads: readers never see a partial shard, and the rerun
+  # finishes its part.
+  part = f"{out}/layer_0/parts/00001-of-00002"
+  process = subprocess.Popen([sys.executable, "-m", "harvest",
+                              *harvest_flags(model, synthetic_images, out, 1)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 120
+  while time.monotonic() < deadline and process.poll() is None:
+    text = open_location(part).read("manifest.json")
+    if text and json.loads(text)["shards"]:
+      break
+    time.sleep(0.01)
+  process.kill()
+  process.wait()
+  killed = Store(part, allow_incomplete=True)
+  assert 1 <= len(killed.shards) < 3 and not killed.manifest["complete"]
+  killed.verify()  # every shard it lists is whole
   for index in (1, 0):
-    summary = harvest(HarvestConfig(
-        model=str(tiny_model("llava")), layers=(0,), images=str(synthetic_images), out=out,
-        tokens="all", batch_size=2, shard_images=4, max_images=24, num_workers=2,
-        worker_index=index), progress=False)
-  assert summary["committed"]
+    run("harvest", *harvest_flags(model, synthetic_images, out, index))
   url = f"{out}/layer_0"
+  reference = tmp_path / "one_worker"
+  harvest(HarvestConfig(model=str(model), layers=(0,), images=str(synthetic_images),
+                        out=str(reference), tokens="all", batch_size=2, shard_images=4,
+                        max_images=24), progress=False)
+  assert ([s.sha256 for s in Store(url, verify=True).shards] ==
+          [s.sha256 for s in Store(reference / "layer_0").shards])
+
   run("sae_jax.store", f"--store={url}", f"--copy_to={tmp_path / 'copy'}")
   run("sae_jax.train", f"--store={url}", f"--workdir={tmp_path / 'remote'}", *TRAIN)
   run("sae_jax.train", f"--store={tmp_path / 'copy'}", f"--workdir={tmp_path / 'local'}", *TRAIN)
-  remote, local = (trained(tmp_path / n, tmp_path, f"e_{n}") for n in ("remote", "local"))
-  for name in dictionary.PARAM_NAMES:
-    np.testing.assert_array_equal(remote[name], local[name], err_msg=name)
+  two_processes(url, tmp_path / "remote2")
+  two_processes(tmp_path / "copy", tmp_path / "local2")
+  for a, b in (("remote", "local"), ("remote2", "local2")):
+    first, second = (trained(tmp_path / n, tmp_path, f"e_{n}") for n in (a, b))
+    for name in dictionary.PARAM_NAMES:
+      np.testing.assert_array_equal(first[name], second[name], err_msg=f"{a} {name}")
 
 
 def test_bucket_errors_are_one_line_naming_the_path(bucket, local_store, tmp_path, monkeypatch):
