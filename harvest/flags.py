@@ -32,8 +32,9 @@ TOKENS = flags.DEFINE_enum(
     "Which token rows to store: base_patches (the base image grid, the paper's 576), image (every "
     "image token, anyres tiles and newlines included), text, or all. BOS and padding never.")
 STORE_DTYPE = flags.DEFINE_enum(
-    "store_dtype", "bfloat16", ["float32", "bfloat16", "float16"],
-    "dtype of the stored activations (bfloat16 never overflows on residual outliers).")
+    "store_dtype", "bfloat16", ["float32", "bfloat16", "float16", "float8_e4m3fn"],
+    "dtype of the stored activations (bfloat16 never overflows on residual outliers; "
+    "float8_e4m3fn, a quarter of float32's bytes, is scaled per row).")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1)
 SHARD_IMAGES = flags.DEFINE_integer(
     "shard_images", 128, "Input images per store shard; a multiple of --batch_size so that a "

@@ -392,8 +392,8 @@ def main() -> None:
     ############################################################################################
     # The update step: jitted once, state donated so it is updated in place.                   #
     ############################################################################################
-    def scaled_step(state, x):  # x in the store's dtype: 16-bit rows cross to the device as such
-      return train_step(graphdef, state, x.astype(jnp.float32) * input_scale)
+    def scaled_step(state, x):  # x as stored: 16-bit or fp8 rows cross to the device as such
+      return train_step(graphdef, state, data.device_rows(x, store.dtype) * input_scale)
 
     update = jax.jit(scaled_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                      out_shardings=(state_sharding, None), donate_argnums=0)
@@ -437,7 +437,7 @@ def main() -> None:
         with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
           x = sharding.global_batch(next(batches), mesh)
           if step == start_step + 1:
-            floor_ms = measure_floor_ms(cfg, plan, state, x)
+            floor_ms = measure_floor_ms(cfg, plan, state, data.device_rows(x, store.dtype))
           state, step_metrics = update(state, x)
         if pending is not None:
           summary = log_metrics(writer, progress, schedule, floor_ms, *pending, tick_time,

@@ -4,6 +4,7 @@ checked against the manifest before their rows are used."""
 import shutil
 import time
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -65,6 +66,22 @@ def test_16_bit_rows_are_served_as_stored(tmp_path):
   stored = Store(tmp_path).shard_acts(0)
   np.testing.assert_array_equal(np.sort(batch.view(np.uint16), 0),
                                 np.sort(stored.view(np.uint16), 0))
+
+
+def test_fp8_rows_go_to_the_device_packed_and_decode_as_the_store_does(tmp_path):
+  rng = np.random.default_rng(0)
+  writer = StoreWriter(tmp_path, {"model": "m", "hookpoint": "h", "layer": 0, "d_model": 8,
+                                  "dtype": "float8_e4m3fn", "settings": {}})
+  writer.write_shard(rng.normal(size=(64, 8)) * 30, np.zeros(64, META_DTYPE), [{"id": 0}],
+                     num_inputs=1)
+  writer.finish()
+  rows = data.ChunkReader(Store(tmp_path), chunk_bytes=48)
+  batch = next(data.batches(rows, [ChunkOrder(rows.counts, window_chunks=16, seed=0)],
+                            batch_rows=64))
+  assert batch.dtype == np.uint8 and batch.shape == (64, 8 + 4)
+  on_device = np.asarray(jax.jit(data.device_rows, static_argnums=1)(batch, "float8_e4m3fn"))
+  expected = Store(tmp_path).shard_acts(0)
+  np.testing.assert_array_equal(np.sort(on_device, 0), np.sort(expected, 0))
 
 
 def test_a_corrupted_shard_is_refused_before_its_rows_are_read(store, tmp_path):

@@ -53,6 +53,26 @@ def test_round_trip_reads_back_with_numpy_alone(tmp_path, dtype):
   np.testing.assert_array_equal(raw.astype(np.float32), rows[5:])
 
 
+def test_fp8_rows_keep_each_value_within_its_rounding_and_read_with_numpy_alone(tmp_path):
+  rng = np.random.default_rng(0)
+  acts = rng.normal(size=(9, 6)).astype(np.float32) * np.logspace(-3, 3, 9)[:, None]
+  acts[4] = 0  # a zero row keeps scale 1
+  meta = shard(rng, 9)[1]
+  writer = StoreWriter(tmp_path, header("float8_e4m3fn"))
+  writer.write_shard(acts, meta, [{"id": 0}], num_inputs=1)
+  writer.finish()
+  rows = Store(tmp_path, verify=True).shard_acts(0)
+  scale = np.abs(acts).max(1, keepdims=True) / 448
+  # e4m3: 3 mantissa bits (half a step: 1/16 of the value), subnormals below 2^-6 in steps of 2^-9.
+  assert (np.abs(rows - acts) <= np.abs(acts) / 16 + scale * 2.0 ** -10).all()
+  assert (rows[4] == 0).all() and (np.abs(rows).max(1)[[0, 8]] > 0).all()
+  # The documented numpy-only reading path (docs/formats.md).
+  raw = np.load(tmp_path / "shards" / "00000.acts.npy", allow_pickle=False)
+  decoded = (raw[:, :6].view(ml_dtypes.float8_e4m3fn).astype(np.float32) *
+             raw[:, 6:].copy().view("<f4"))
+  np.testing.assert_array_equal(decoded, rows)
+
+
 def test_reopening_resumes_and_other_settings_are_refused(tmp_path):
   rng = np.random.default_rng(1)
   writer = StoreWriter(tmp_path, header())

@@ -13,7 +13,7 @@ import reference
 import synthetic
 
 from sae_jax import data, dictionary
-from sae_jax.store import Store
+from sae_jax.store import META_DTYPE, Store, StoreWriter
 
 D_MODEL = 16
 
@@ -309,3 +309,26 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(store, tmp_
   got = dictionary.read(export(tmp_path / "stopped", tmp_path / "e2", "sparsify")["export"])[0]
   for name in dictionary.PARAM_NAMES:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_an_fp8_store_trains_as_its_decoded_float32_copy(store, tmp_path):
+  """fp8 rows go to the device packed and are decoded there: the same run as on the rows
+  decoded on the host and stored as float32."""
+  rows = np.concatenate([a for _, a, _ in Store(store).iter_shards()])
+  fp8 = tmp_path / "fp8"
+  writer = StoreWriter(fp8, {**{k: Store(store).manifest[k] for k in
+                                ("model", "hookpoint", "layer", "d_model", "settings")},
+                             "dtype": "float8_e4m3fn"})
+  for i, part in enumerate(np.split(rows, 4)):
+    writer.write_shard(part, np.zeros(len(part), META_DTYPE), [{"id": i}], num_inputs=1)
+  writer.finish()
+  decoded = synthetic.write_store(tmp_path / "decoded", np.concatenate(
+      [a for _, a, _ in Store(fp8).iter_shards()]), num_shards=4)
+  assert np.abs(np.asarray(Store(decoded).shard_acts(0)) - rows[:256]).max() > 0  # it rounds
+  params = []
+  for name, path in (("fp8", fp8), ("decoded", decoded)):
+    train(path, tmp_path / f"run_{name}", "--steps=6")
+    folder = export(tmp_path / f"run_{name}", tmp_path / f"export_{name}", "sparsify")["export"]
+    params.append(dictionary.read(folder)[0])
+  for name in dictionary.PARAM_NAMES:
+    np.testing.assert_array_equal(params[0][name], params[1][name], err_msg=name)
