@@ -34,7 +34,7 @@ _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
 
 
 class DataError(ValueError):
-  """Flags the input pipeline cannot serve (an unknown token kind, an indivisible batch)."""
+  """Flags the input pipeline cannot serve (an unknown token kind)."""
 
 
 def select_mask(store: Store, token_kinds: Sequence[str] | None) -> np.ndarray | None:
