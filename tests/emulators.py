@@ -4,6 +4,7 @@ moto in server mode (S3), both from the dev extra, each started once per session
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +19,12 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def _binary(name: str) -> str:
+  """A console script of the dev extra: beside this Python (a venv), else on PATH."""
+  beside = Path(sys.executable).parent / name
+  return str(beside) if beside.exists() else shutil.which(name) or name
 
 
 def _start(command: list[str], port: int) -> subprocess.Popen:
@@ -51,8 +58,7 @@ class Server:
 
 def start_gcs() -> Server:
   port = free_port()
-  binary = Path(sys.executable).parent / "gcp-storage-emulator"
-  process = _start([str(binary), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+  process = _start([_binary("gcp-storage-emulator"), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
                    port)
   _request(f"http://127.0.0.1:{port}/storage/v1/b?project=test", "POST", {"name": BUCKET})
   return Server("gs", process, {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
@@ -61,8 +67,7 @@ def start_gcs() -> Server:
 
 def start_s3() -> Server:
   port = free_port()
-  binary = Path(sys.executable).parent / "moto_server"
-  process = _start([str(binary), "-H", "127.0.0.1", "-p", str(port)], port)
+  process = _start([_binary("moto_server"), "-H", "127.0.0.1", "-p", str(port)], port)
   _request(f"http://127.0.0.1:{port}/{BUCKET}", "PUT")
   # Test keys, and no instance-metadata lookup: only localhost is ever contacted.
   return Server("s3", process, {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",

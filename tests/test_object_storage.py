@@ -143,6 +143,12 @@ def test_bucket_errors_are_one_line_naming_the_path(bucket, local_store, tmp_pat
   location.write(rel, location.read(rel)[:-100])
   error = error_of(run("sae_jax.store", f"--store={url}", check=False))
   assert error.startswith(f"shard 1 of {url}: {rel} is corrupted")
+  error = error_of(run("sae_jax.store", f"--store={url}", f"--copy_to={tmp_path / 'copy'}",
+                       check=False))
+  assert error.startswith(f"shard 1 of {url}: {rel} is corrupted")
+  # Nothing half-written: no manifest (so no store), no partial file.
+  assert sorted(p.name for p in (tmp_path / "copy").rglob("*")) == [
+      "00000.acts.npy", "00000.images.jsonl", "00000.meta.npy", "shards"]
   error = error_of(run("sae_jax.train", f"--store={url}", f"--workdir={tmp_path / 'run'}",
                        "--b_dec_init=zeros", "--nonormalize_inputs", *TRAIN[:3], check=False))
   assert error.startswith(f"shard 1 of {url}: {rel} is corrupted")
