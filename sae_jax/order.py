@@ -38,13 +38,14 @@ class ChunkOrder:
     self.seed = seed
     self.lane = lane
     self.lanes = lanes
+    # Per order, not shared by the class: a process's lanes each keep their current epoch.
+    self.windows = functools.lru_cache(maxsize=2)(self._windows)
     num_windows = -(-len(self.counts) // window_chunks)
     if num_windows < lanes:
       raise ValueError(f"{len(self.counts)} chunks make {num_windows} windows, fewer than the "
                        f"{lanes} data lanes; use a smaller --read_chunk_kb")
 
-  @functools.lru_cache(maxsize=4)
-  def windows(self, epoch: int) -> tuple[np.ndarray, ...]:
+  def _windows(self, epoch: int) -> tuple[np.ndarray, ...]:
     """The chunk ids of each of this lane's windows in `epoch`, in reading order."""
     perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
     starts = range(self.lane * self.window_chunks, len(perm), self.lanes * self.window_chunks)

@@ -3,7 +3,8 @@
 Layout (the contract between `harvest`, `sae_jax` and `interpret`; see docs/formats.md):
 
   STORE/manifest.json              format, model, hookpoint, d_model, dtype, rows, settings, shards
-  STORE/shards/00000.acts.npy      [rows, d_model] float16 | float32 | uint16 (= bfloat16 bits)
+  STORE/shards/00000.acts.npy      [rows, d_model] float16 | float32 | uint16 (= bfloat16 bits),
+                                   or uint8 [rows, d_model + 4] (fp8 bytes, then a float32 scale)
   STORE/shards/00000.meta.npy      [rows] structured: image_id, position, kind, patch
   STORE/shards/00000.images.jsonl  one record per image of the shard: id, source, prompt, grid
 
