@@ -3,7 +3,7 @@
   python benchmarks/synthetic_store.py --out=/tmp/store --d_model=512 --images=200 --grid=24
 
 Each image gets grid*grid base-patch rows (kind image_base), as `harvest --tokens=base_patches`
-writes them; values are Gaussian plus a shared offset, float16.
+writes them; values are Gaussian plus a shared offset, in --dtype (float16 by default).
 """
 
 import argparse
@@ -20,11 +20,12 @@ def main():
   parser.add_argument("--images", type=int, default=200)
   parser.add_argument("--grid", type=int, default=24)
   parser.add_argument("--images_per_shard", type=int, default=50)
+  parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   patches = args.grid * args.grid
   writer = StoreWriter(args.out, {"model": "synthetic", "hookpoint": "synthetic", "layer": 0,
-                                  "d_model": args.d_model, "dtype": "float16",
+                                  "d_model": args.d_model, "dtype": args.dtype,
                                   "settings": {"images": args.images, "grid": args.grid}})
   for first in range(writer.images_done, args.images, args.images_per_shard):
     ids = np.arange(first, min(first + args.images_per_shard, args.images))

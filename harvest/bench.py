@@ -23,7 +23,8 @@ import time
 import torch
 import tqdm
 
-from harvest import images, llava, pipeline, run
+from harvest import images, llava, run
+from sae_jax.prefetch import prefetch
 
 
 def _timed(fn):
@@ -64,7 +65,7 @@ def bench(config: run.HarvestConfig, repeats: int) -> dict:
       "bare_forward": bare_forward,
       "record_full": record(lambda: items, False),
       "record_stop": record(lambda: items, True),
-      "harvest": record(lambda: pipeline.prefetch(encode(), run.PREFETCH_DEPTH),
+      "harvest": record(lambda: prefetch(encode(), run.PREFETCH_DEPTH),
                         config.stop_after_last_layer),
   }
   bare_forward()  # warm-up: first-call allocations and kernel selection

@@ -1,11 +1,12 @@
 """Command-line flags of `python -m harvest` (every one also accepted from `--flagfile`)."""
 
 import dataclasses
+import os
 
 import torch
 from absl import flags
 
-from harvest import llava
+from harvest import llava, workers
 from harvest.images import DEFAULT_MAX_PIXELS
 from harvest.run import HarvestConfig, HarvestError
 from harvest.tokens import TOKEN_MODES
@@ -31,8 +32,9 @@ TOKENS = flags.DEFINE_enum(
     "Which token rows to store: base_patches (the base image grid, the paper's 576), image (every "
     "image token, anyres tiles and newlines included), text, or all. BOS and padding never.")
 STORE_DTYPE = flags.DEFINE_enum(
-    "store_dtype", "bfloat16", ["float32", "bfloat16", "float16"],
-    "dtype of the stored activations (bfloat16 never overflows on residual outliers).")
+    "store_dtype", "bfloat16", ["float32", "bfloat16", "float16", "float8_e4m3fn"],
+    "dtype of the stored activations (bfloat16 never overflows on residual outliers; "
+    "float8_e4m3fn, a quarter of float32's bytes, is scaled per row).")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1)
 SHARD_IMAGES = flags.DEFINE_integer(
     "shard_images", 128, "Input images per store shard; a multiple of --batch_size so that a "
@@ -54,6 +56,14 @@ STOP_AFTER_LAST_LAYER = flags.DEFINE_bool(
     "stop_after_last_layer", True,
     "End each forward pass after the last requested layer (skips the later layers and the LM head).")
 
+NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers", 0, "Harvest workers writing one store; each takes a contiguous slice of the "
+    "shards, writes OUT/layer_<L>/parts/, and the last to finish commits the store. 0: from "
+    "SLURM_ARRAY_TASK_COUNT, torchrun's WORLD_SIZE or SLURM_NTASKS, else 1.", lower_bound=0)
+WORKER_INDEX = flags.DEFINE_integer(
+    "worker_index", -1, "This worker's index in [0, --num_workers). -1: from SLURM_ARRAY_TASK_ID "
+    "(less SLURM_ARRAY_TASK_MIN), torchrun's RANK or SLURM_PROCID, else 0.", lower_bound=-1)
+
 
 def apply_torch_threads() -> None:
   """Process-wide, so set by the command lines rather than by `harvest()`."""
@@ -63,7 +73,14 @@ def apply_torch_threads() -> None:
 
 def config_from_flags() -> HarvestConfig:
   values = {}
+  try:
+    values["worker_index"], values["num_workers"] = workers.resolve(
+        NUM_WORKERS.value, WORKER_INDEX.value, os.environ)
+  except workers.WorkerError as e:
+    raise HarvestError(str(e)) from e
   for field in dataclasses.fields(HarvestConfig):
+    if field.name in values:
+      continue
     flag = flags.FLAGS[field.name]
     if field.name in ("model", "layers", "images", "out") and not flag.value:
       raise HarvestError(f"--{field.name} is required")

@@ -1,4 +1,5 @@
-"""Two threads around the forward pass: one prepares the next batches, one writes the last ones.
+"""The thread that writes the last batches while the next forward runs (sae_jax.prefetch is the
+one that prepares the next ones).
 
 Both hand work over through bounded queues, so memory holds a few batches whatever the input size,
 and an exception in either thread is raised again in the main thread.
@@ -8,44 +9,11 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterable, Iterator
+from typing import Callable
+
+
 
 _DONE = object()
-
-
-def prefetch(items: Iterable, depth: int) -> Iterator:
-  """Yields `items`, produced up to `depth` ahead in a background thread."""
-  q: queue.Queue = queue.Queue(maxsize=depth)
-  stop = threading.Event()
-
-  def put(item) -> bool:
-    while not stop.is_set():
-      try:
-        q.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def produce():
-    try:
-      for item in items:
-        if not put(item):
-          return
-      put(_DONE)
-    except BaseException as e:  # handed to the consumer, which raises it
-      put(e)
-
-  thread = threading.Thread(target=produce, name="harvest-prefetch", daemon=True)
-  thread.start()
-  try:
-    while (item := q.get()) is not _DONE:
-      if isinstance(item, BaseException):
-        raise item
-      yield item
-  finally:
-    stop.set()  # the consumer stopped (done or failed): let the producer end
-    thread.join()
 
 
 class BackgroundWorker:

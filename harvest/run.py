@@ -5,13 +5,15 @@ the forward pass, and a writer thread checks the rows and commits shards. Output
 
   OUT/layer_<L>/          an activation store (sae_jax.store) for decoder layer L
   OUT/harvest_flags.json  the resolved settings of the last run
+
+With --num_workers=N each worker harvests its slice of the inputs into OUT/layer_<L>/parts/ and
+the last one to finish commits the parts as one store (sae_jax.store.parts).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -20,7 +22,8 @@ import tqdm
 
 from harvest import hooks, images, llava, pipeline, tokens
 from harvest.shards import BatchRows, ShardAssembler, ShardEnd
-from sae_jax.store import StoreWriter, atomic_write_json
+from sae_jax.prefetch import prefetch
+from sae_jax.store import StoreWriter, join, json_bytes, open_location, parts
 
 FLAGS_FILE = "harvest_flags.json"
 # Batches prepared ahead / waiting to be written: enough to hide either stage, little memory.
@@ -53,6 +56,8 @@ class HarvestConfig:
   on_bad_image: str = "skip"
   max_image_pixels: int = images.DEFAULT_MAX_PIXELS
   stop_after_last_layer: bool = True
+  num_workers: int = 1
+  worker_index: int = 0
 
   def validate(self) -> None:
     if not self.layers:
@@ -64,12 +69,15 @@ class HarvestConfig:
                          f"--batch_size={self.batch_size}; shards must end on batch boundaries")
     if self.tokens not in tokens.TOKEN_MODES:
       raise HarvestError(f"--tokens={self.tokens} is not one of {sorted(tokens.TOKEN_MODES)}")
+    if not 0 <= self.worker_index < self.num_workers:
+      raise HarvestError(f"--worker_index={self.worker_index} is not in [0, --num_workers="
+                         f"{self.num_workers})")
     if self.max_image_pixels < 1:
       raise HarvestError(f"--max_image_pixels={self.max_image_pixels} is not positive")
 
   def content_settings(self) -> dict:
     """The settings that decide what a store holds (device and threading do not)."""
-    skip = {"layers", "out", "device", "stop_after_last_layer"}
+    skip = {"layers", "out", "device", "stop_after_last_layer", "num_workers", "worker_index"}
     return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -82,8 +90,10 @@ class EncodedBatch:
 
 
 def encoded_batches(config: HarvestConfig, inputs, loaded: llava.LoadedModel, start: int,
-                    stop: int, first_image_id: int) -> Iterator[EncodedBatch | ShardEnd]:
-  """Encoded batches of good images, and a ShardEnd after each `shard_images` inputs."""
+                    stop: int, first_image_id: int, first_input: int = 0
+                    ) -> Iterator[EncodedBatch | ShardEnd]:
+  """Encoded batches of good images, and a ShardEnd after each `shard_images` inputs (shards
+  numbered from `first_input`, where this worker's slice begins)."""
   image_id = first_image_id
   for shard_start in range(start, stop, config.shard_images):
     shard_stop = min(shard_start + config.shard_images, stop)
@@ -119,15 +129,24 @@ def encoded_batches(config: HarvestConfig, inputs, loaded: llava.LoadedModel, st
         yield encode_pending()
     if pending:
       yield encode_pending()
-    yield ShardEnd(index=shard_start // config.shard_images, num_inputs=shard_stop - shard_start,
+    yield ShardEnd(index=(shard_start - first_input) // config.shard_images,
+                   num_inputs=shard_stop - shard_start,
                    bad_images=bad)
+
+
+def store_path(config: HarvestConfig, layer: int):
+  """OUT/layer_<L>: a Path, or a gs:// or s3:// URL."""
+  return join(config.out, f"layer_{layer}")
 
 
 def open_stores(config: HarvestConfig, loaded: llava.LoadedModel, settings: dict
                 ) -> dict[int, StoreWriter]:
-  """One store writer per layer, OUT/layer_<L>; resolves the hookpoints (unknown layer: error)."""
+  """One store writer per layer, OUT/layer_<L> (this worker's part of it with several workers);
+  resolves the hookpoints (unknown layer: error)."""
   hookpoints = hooks.resolve_layers(loaded.model, config.layers)
-  return {layer: StoreWriter(Path(config.out) / f"layer_{layer}", {
+  part = ((parts.PARTS_DIR, parts.part_name(config.worker_index, config.num_workers))
+          if config.num_workers > 1 else ())
+  return {layer: StoreWriter(join(store_path(config, layer), *part), {
       "model": config.model, "hookpoint": hookpoints[layer], "layer": layer,
       "d_model": loaded.d_model, "dtype": config.store_dtype, "settings": settings})
       for layer in config.layers}
@@ -180,27 +199,34 @@ def _harvest(config: HarvestConfig, progress: bool) -> dict:
   loaded = llava.load_llava(config.model, config.dtype, config.device)
   settings = {**config.content_settings(), "model_type": loaded.model_type, "num_inputs": stop,
               "inputs_sha256": images.inputs_fingerprint(inputs)}
+  lo, hi = parts.worker_slice(stop, config.shard_images, config.worker_index, config.num_workers)
+  if config.num_workers > 1:
+    settings[parts.WORKER_KEY] = {"index": config.worker_index, "count": config.num_workers,
+                                  "first_input": lo, "stop_input": hi}
   writers = open_stores(config, loaded, settings)
-  atomic_write_json(Path(config.out) / FLAGS_FILE, {
+  flags_file = (FLAGS_FILE if config.num_workers == 1 else
+                f"harvest_flags.worker{config.worker_index}.json")
+  open_location(config.out).write(flags_file, json_bytes({
       **dataclasses.asdict(config), "model_type": loaded.model_type,
       "hookpoints": {layer: w.header["hookpoint"] for layer, w in writers.items()},
-      "resolved_device": str(loaded.device), "torch_threads": torch.get_num_threads()})
+      "resolved_device": str(loaded.device), "torch_threads": torch.get_num_threads()}))
 
   # Layers of one run commit shard k one after the other; a kill between them leaves some layers a
   # shard ahead, so restart at the least advanced one (the others skip what they hold).
   behind = min(writers.values(), key=lambda w: w.inputs_done)
-  start = behind.inputs_done
-  if start % config.shard_images and start != stop:
+  start = lo + behind.inputs_done
+  if (start - lo) % config.shard_images and start != hi:
     raise HarvestError(f"{behind.path} ends mid-shard at input {start}; it was not written by this "
                        f"--shard_images={config.shard_images}")
   first_image_id = behind.images_done
   streamed = time.perf_counter()
-  with tqdm.tqdm(total=stop, initial=start, unit="img", disable=not progress,
+  with tqdm.tqdm(total=hi - lo, initial=start - lo, unit="img", disable=not progress,
                  dynamic_ncols=True) as bar:
-    rows = record(config, loaded, pipeline.prefetch(
-        encoded_batches(config, inputs, loaded, start, stop, first_image_id), PREFETCH_DEPTH),
+    rows = record(config, loaded, prefetch(
+        encoded_batches(config, inputs, loaded, start, hi, first_image_id, lo), PREFETCH_DEPTH),
         writers, bar)
-  if behind.images_done == 0:  # nothing to train on: fail, and leave the stores incomplete
+  # Nothing to train on: fail, and leave the stores incomplete (workers: the commit refuses).
+  if behind.images_done == 0 and config.num_workers == 1:
     bad = next((b for s in behind.shards for b in s.bad_images), None)
     first = f"; input {bad['input']} ({bad['source']}): {bad['error']}" if bad else ""
     raise HarvestError(f"none of the {stop} inputs of --images={config.images} could be read"
@@ -208,14 +234,19 @@ def _harvest(config: HarvestConfig, progress: bool) -> dict:
   for w in writers.values():
     if not w.complete:
       w.finish()
+  # Every worker tries the commit once its part is done; the last one to finish makes it.
+  committed = config.num_workers == 1 or all(
+      parts.commit(store_path(config, layer), config.num_workers) for layer in config.layers)
   finished = time.perf_counter()
   images_done = behind.images_done - first_image_id
   return {
       "ok": True, "out": config.out, "layers": list(config.layers), "inputs": stop,
+      "worker_index": config.worker_index, "num_workers": config.num_workers,
+      "worker_inputs": [lo, hi], "committed": committed,
       "images": behind.images_done, "resumed_from_input": start,
       "bad_images": sum(len(s.bad_images) for s in behind.shards),
       "rows_per_layer": behind.rows, "shards": len(behind.shards),
-      "stores": {str(layer): str(w.path) for layer, w in writers.items()},
+      "stores": {str(layer): str(store_path(config, layer)) for layer in config.layers},
       "seconds": round(finished - began, 3), "stream_seconds": round(finished - streamed, 3),
       "images_per_s": round(images_done / (finished - streamed), 2),
       "rows_per_s": round(rows / (finished - streamed), 1)}

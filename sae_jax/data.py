@@ -1,152 +1,234 @@
-"""grain input pipeline over an activation store: shuffled row batches, sharded per process.
+"""The trainer's input: contiguous chunks of a store, many read at once, served as shuffled batches.
 
-The pipeline works on row *indices* (grain's index shuffle needs O(1) memory, whatever the store
-size) and gathers a whole batch of rows at once with numpy fancy indexing per shard, so the cost
-per step is one vectorised read rather than one Python call per row.
-
-Resume is stateless: the batch for step s is `dataset[s]`, so slicing at the restored step
-reproduces the uninterrupted stream exactly, whatever the worker count.
+A chunk is a run of contiguous rows of one shard (`--read_chunk_kb` of them, 1 MB by default): one
+read request, whatever the storage. `sae_jax.order` decides which chunks form each window (the
+shuffle buffer) and in which order their rows are served. Batches keep the store's dtype, so 16-bit
+rows travel to the device as 16 bits and become float32 there.
 
 Every shard file is checked against the manifest's sha256 before its first row is used (once per
-reading process), so a corrupted store stops the run instead of training on its rows.
+reading process), so a corrupted store stops the run, naming the file, instead of training on it.
 """
 
 from __future__ import annotations
 
 from concurrent import futures
 import functools
-import os
+import io
+import itertools
 import threading
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
-import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from sae_jax.store import KIND_NAMES, Store, StoreError, sha256_file
+from sae_jax.order import ChunkOrder
+from sae_jax.prefetch import prefetch
+from sae_jax.store import (FP8, KIND_NAMES, SCALE_BYTES, Store, StoreError, disk_dtype,
+                           disk_width, from_disk)
 
-
-def check_file(store: Store, shard: int, kind: str) -> None:
-  """Raises StoreError naming the file if one shard file differs from the manifest's sha256."""
-  info = store.shards[shard]
-  rel = info.files[kind]
-  if not (store.path / rel).exists():
-    raise StoreError(f"shard {shard} of {store.path}: file {rel} is missing")
-  if sha256_file(store.path / rel) != info.sha256[kind]:
-    raise StoreError(f"shard {shard} of {store.path}: {rel} is corrupted (sha256 does not match "
-                     "the manifest); harvest this store again")
+# Windows held at once with read-ahead: the one being served, one ready, one being read.
+WINDOWS_IN_FLIGHT = 3
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
 
 
 class DataError(ValueError):
-  """Flags the input pipeline cannot serve (an unknown token kind, an indivisible batch)."""
+  """Flags the input pipeline cannot serve (an unknown token kind)."""
 
 
-def select_rows(store: Store, token_kinds: Sequence[str] | None) -> np.ndarray | None:
-  """Global row indices whose token kind is in `token_kinds`; None means every row."""
+def select_mask(store: Store, token_kinds: Sequence[str] | None) -> np.ndarray | None:
+  """Per row, whether its token kind is in `token_kinds`; None means every row."""
   if not token_kinds:
     return None
   names = {v: k for k, v in KIND_NAMES.items()}
   unknown = [t for t in token_kinds if t not in names]
   if unknown:
     raise DataError(f"--token_kinds: unknown kind(s) {unknown}; expected some of {sorted(names)}")
-  wanted = np.array([names[t] for t in token_kinds])
   for shard in range(len(store.shards)):  # the selection reads every shard's metadata
-    check_file(store, shard, "meta")
-  rows = np.flatnonzero(np.isin(store.meta()["kind"], wanted))
-  if rows.size == 0:
+    store.check_file(shard, "meta")
+  mask = np.isin(store.meta()["kind"], [names[t] for t in token_kinds])
+  if not mask.any():
     raise StoreError(f"{store.path} has no rows of token kinds {list(token_kinds)}")
-  return None if rows.size == store.rows else rows
+  return None if mask.all() else mask
 
 
-class RowGather:
-  """The rows of a store selected by token kind; maps a batch of positions among them to a
-  float32 [batch, d] array. Build it once: selecting reads every shard's metadata.
+class ChunkReader:
+  """Reads chunks of a store's (selected) rows, `read_threads` requests in flight."""
 
-  Pickles (for grain's worker processes) as the store's path and the shards already checked, never
-  the memory maps it has opened: those would pickle as copies of whole shards."""
-
-  def __init__(self, store: Store, token_kinds: Sequence[str] | None = None):
+  def __init__(self, store: Store, token_kinds: Sequence[str] | None = None, *,
+               chunk_bytes: int = 1 << 20, read_threads: int = 16):
     self.store = store
-    self.rows = select_rows(store, token_kinds)
-    self._ends = np.cumsum([s.rows for s in store.shards])
+    self.mask = select_mask(store, token_kinds)
+    self.dtype = disk_dtype(store.dtype)
+    self.width = disk_width(store.dtype, store.d_model)
+    self.row_bytes = self.width * self.dtype.itemsize
+    self.chunk_rows = max(1, chunk_bytes // self.row_bytes)
+    shard, start, stop = [], [], []
+    for s in store.shards:
+      starts = np.arange(0, s.rows, self.chunk_rows)
+      shard.append(np.full(len(starts), s.index))
+      start.append(starts)
+      stop.append(np.minimum(starts + self.chunk_rows, s.rows))
+    self.shard, self.start, self.stop = (np.concatenate(a) if a else np.zeros(0, np.int64)
+                                         for a in (shard, start, stop))
+    first_rows = np.array([s.first_row for s in store.shards], np.int64)
+    self.first_row = first_rows[self.shard] + self.start
+    counts = self.stop - self.start
+    if self.mask is not None:
+      counts = (np.add.reduceat(self.mask, self.first_row, dtype=np.int64) if len(counts)
+                else counts)
+      keep = counts > 0  # chunks without a selected row are never read
+      self.shard, self.start, self.stop, self.first_row = (
+          a[keep] for a in (self.shard, self.start, self.stop, self.first_row))
+      counts = counts[keep]
+    self.counts = counts.astype(np.int64)
+    self.num_rows = int(self.counts.sum())
+    self._pool = futures.ThreadPoolExecutor(read_threads, thread_name_prefix="store-read")
+    self._lock = threading.Lock()
     self._checked: set[int] = set()
-    self._lock = threading.Lock()  # grain's reader threads share one gather
+    self._data_offset: dict[int, int] = {}
 
-  def __getstate__(self) -> dict:
-    state = dict(self.__dict__, store=self.store.path)
-    del state["_lock"]
-    return state
+  def window_chunks(self, buffer_bytes: int, windows_in_flight: int) -> int:
+    """Chunks per window so that `windows_in_flight` windows fit in `buffer_bytes`."""
+    return max(1, buffer_bytes // windows_in_flight // (self.chunk_rows * self.row_bytes))
 
-  def __setstate__(self, state: dict) -> None:
-    self.__dict__.update(state, store=Store(state["store"]), _lock=threading.Lock())
-
-  def __repr__(self) -> str:
-    # grain checkpoints are keyed on reprs: keep this free of object ids and paths.
-    return f"RowGather({self.store!r}, selected={self.num_rows})"
-
-  @property
-  def num_rows(self) -> int:
-    return self.store.rows if self.rows is None else int(self.rows.size)
-
-  def __call__(self, positions: np.ndarray) -> np.ndarray:
-    positions = np.sort(np.asarray(positions, dtype=np.int64))  # sorted reads are sequential-ish
-    global_rows = positions if self.rows is None else self.rows[positions]
-    shard_ids = np.searchsorted(self._ends, global_rows, side="right")
-    out = np.empty((len(global_rows), self.store.d_model), np.float32)
-    shards = np.unique(shard_ids)
-    self.check_shards(shards.tolist())
-    for shard in shards:
-      sel = shard_ids == shard
-      start = self._ends[shard - 1] if shard else 0
-      out[sel] = self.store.shard_acts(int(shard))[global_rows[sel] - start]
+  def read(self, chunks: np.ndarray, buffer: np.ndarray | None = None) -> np.ndarray:
+    """The selected rows of `chunks`, concatenated in that order, [rows, d] in the store's disk
+    dtype (bfloat16 as uint16), read into `buffer` if given (rows of at least the chunks' size)."""
+    self._check_shards(np.unique(self.shard[chunks]).tolist())
+    sizes = self.stop[chunks] - self.start[chunks]
+    ends = np.cumsum(sizes)
+    rows = int(ends[-1]) if len(ends) else 0
+    out = (np.empty((rows, self.width), self.dtype) if buffer is None else buffer[:rows])
+    jobs = [self._pool.submit(self._read_chunk, int(c), out[e - n:e])
+            for c, n, e in zip(chunks, sizes, ends)]
+    for job in jobs:
+      job.result()
+    if self.mask is not None:
+      out = out[np.concatenate([self.mask[self.first_row[c]:self.first_row[c] + n]
+                                for c, n in zip(chunks, sizes)])]
     return out
 
-  def check_shards(self, shards: Iterable[int]) -> None:
+  def _read_chunk(self, chunk: int, out: np.ndarray) -> None:
+    shard = int(self.shard[chunk])
+    rel = self.store.shards[shard].files["acts"]
+    offset = self._offset(shard) + int(self.start[chunk]) * self.row_bytes
+    try:
+      self.store.location.read_into(rel, offset, memoryview(out).cast("B"))
+    except StoreError as e:
+      raise StoreError(f"shard {shard}: {e}") from e
+
+  def _offset(self, shard: int) -> int:
+    """Where the rows of a shard's .npy file begin, after checking its header."""
+    if shard not in self._data_offset:
+      info = self.store.shards[shard]
+      head = bytearray(12)  # magic, version and header length (2 bytes in v1, 4 in v2)
+      self.store.location.read_into(info.files["acts"], 0, memoryview(head))
+      size = (10 + int.from_bytes(head[8:10], "little") if head[6] == 1 else
+              12 + int.from_bytes(head[8:12], "little"))
+      head = bytearray(size)
+      self.store.location.read_into(info.files["acts"], 0, memoryview(head))
+      with io.BytesIO(bytes(head)) as f:
+        read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+        if read_header is None:
+          raise StoreError(f"shard {shard} of {self.store.path}: {info.files['acts']} is not a "
+                           ".npy file of version 1 or 2")
+        shape, fortran, dtype = read_header(f)
+        if shape != (info.rows, self.width) or fortran or dtype != self.dtype:
+          raise StoreError(f"shard {shard} of {self.store.path}: {info.files['acts']} holds "
+                           f"{shape} {dtype}, not the manifest's {info.rows} x "
+                           f"{self.width} {self.dtype}")
+        self._data_offset[shard] = f.tell()
+    return self._data_offset[shard]
+
+  def _check_shards(self, shards: list[int]) -> None:
     """Checks the activations of the shards not checked yet, several files at a time (hashlib
     releases the GIL); raises StoreError naming the first corrupted file."""
     with self._lock:
       todo = [s for s in shards if s not in self._checked]
-      if not todo:
-        return
-      check = functools.partial(check_file, self.store, kind="acts")
-      with futures.ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as pool:
-        for shard, _ in zip(todo, pool.map(check, todo)):
-          self._checked.add(shard)
+      check = functools.partial(self.store.check_file, kind="acts")
+      for shard, _ in zip(todo, self._pool.map(check, todo)):
+        self._checked.add(shard)
 
 
-def make_dataset(gather: RowGather, *, batch_size: int, seed: int, num_epochs: int | None,
-                 start_step: int = 0, process_index: int = 0,
-                 process_count: int = 1) -> grain.MapDataset:
-  """Per-process batches of `batch_size // process_count` rows; item i is the batch of step i.
+def lane_orders(reader: ChunkReader, *, lanes: int, buffer_bytes: int, seed: int,
+                process_index: int, process_count: int) -> list[ChunkOrder]:
+  """The orders of this process's lanes: the global batch is `lanes` equal parts, part l from lane
+  l's own windows (sae_jax.order), and process p serves lanes [p * lanes / P, (p + 1) * lanes / P).
+  The batches depend on `lanes`, not on the number of processes reading them; the buffer is shared
+  by the process's lanes."""
+  if lanes % process_count:
+    raise ValueError(f"{lanes} data lanes cannot be split among {process_count} processes")
+  mine = lanes // process_count
+  window_chunks = min(reader.window_chunks(buffer_bytes // mine, WINDOWS_IN_FLIGHT),
+                      max(1, len(reader.counts) // lanes))  # every lane gets a window an epoch
+  return [ChunkOrder(reader.counts, window_chunks=window_chunks, seed=seed, lane=lane, lanes=lanes)
+          for lane in range(process_index * mine, (process_index + 1) * mine)]
 
-  Rows are shuffled with a fresh permutation each epoch (`shuffle` before `repeat`), each process
-  takes every `process_count`-th row of the global order, and a trailing partial batch is dropped.
+
+def batches(reader: ChunkReader, orders: Sequence[ChunkOrder], *, batch_rows: int,
+            start_step: int = 0, prefetch_batches: int = 0) -> Iterator[np.ndarray]:
+  """This process's batches from step `start_step` on, [batch_rows, d] in the store's dtype: the
+  parts of its lanes (`orders`), concatenated.
+
+  With `prefetch_batches` > 0 a thread per lane reads its next window while another assembles up
+  to that many batches ahead of the consumer; with 0 everything happens when a batch is due.
   """
-  if batch_size % process_count:
-    raise DataError(f"--batch_size={batch_size} must be divisible by the number of processes "
-                    f"({process_count})")
-  if gather.num_rows < batch_size:
-    raise StoreError(f"{gather.store.path} has {gather.num_rows} selected rows, fewer than one "
-                     f"batch (--batch_size={batch_size})")
-  ds = grain.MapDataset.range(gather.num_rows).shuffle(seed=seed).repeat(num_epochs)
-  ds = ds[process_index::process_count]
-  ds = ds.batch(batch_size // process_count, drop_remainder=True, batch_fn=np.asarray)
-  return ds[start_step:].map(gather)
+  if batch_rows % len(orders):
+    raise ValueError(f"a batch of {batch_rows} rows cannot be split among {len(orders)} lanes")
+  lanes = [_lane(reader, order, batch_rows // len(orders), start_step, bool(prefetch_batches))
+           for order in orders]
+  parts = (np.concatenate([next(lane) for lane in lanes]) if len(lanes) > 1 else next(lanes[0])
+           for _ in itertools.count())
+  return prefetch(parts, prefetch_batches, "store-batches") if prefetch_batches else parts
 
 
-def make_batches(dataset: grain.MapDataset, *, prefetch: int, workers: int) -> Iterator:
-  """Iterates `dataset` reading at most `prefetch` batches ahead of the consumer per reading
-  process (grain's default, 500 elements, is 500 whole batches here), in `workers` processes if
-  > 0 (each holding up to `prefetch` + 1 batches), else in `prefetch` threads of this one."""
-  batches = dataset.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
-                                                      prefetch_buffer_size=prefetch))
-  if workers:
-    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                               per_worker_buffer_size=1))
-  return iter(batches)
+def _lane(reader: ChunkReader, order: ChunkOrder, part_rows: int, start_step: int,
+          read_ahead: bool) -> Iterator[np.ndarray]:
+  start = order.locate(start_step * part_rows)
+  # Windows are read into these buffers in turn: written once, they cost no page faults again, and
+  # the buffer of window j is reused for window j + WINDOWS_IN_FLIGHT, once j has been served.
+  buffers = [np.empty((order.window_chunks * reader.chunk_rows, reader.width), reader.dtype)
+             for _ in range(WINDOWS_IN_FLIGHT if read_ahead else 1)]
+
+  def windows():
+    epoch, first, n = start.epoch, start.window, 0
+    while True:
+      chunk_lists = order.windows(epoch)
+      for w in range(first, len(chunk_lists)):
+        yield (reader.read(chunk_lists[w], buffers[n % len(buffers)]),
+               order.row_order(epoch, w))
+        n += 1
+      epoch, first = epoch + 1, 0
+
+  skip, pending, have = start.offset, [], 0
+  for rows, row_order in prefetch(windows(), 1, "store-windows") if read_ahead else windows():
+    row_order, skip = row_order[skip:], 0
+    while len(row_order):
+      take = row_order[:part_rows - have]
+      row_order = row_order[len(take):]
+      pending.append(rows[take])
+      have += len(take)
+      if have == part_rows:
+        batch = pending[0] if len(pending) == 1 else np.concatenate(pending)
+        # Gathered as uint16: 4x faster than as bfloat16. fp8 rows go to the device packed.
+        yield batch if reader.store.dtype == FP8 else from_disk(batch, reader.store.dtype)
+        pending, have = [], 0
 
 
-def sample_rows(gather: RowGather, num: int, *, seed: int) -> np.ndarray:
-  """A deterministic random sample of rows (float32 [num, d]): for b_dec init and input scaling."""
-  num = min(num, gather.num_rows)
-  rng = np.random.default_rng(seed)
-  return gather(rng.choice(gather.num_rows, size=num, replace=False))
+def device_rows(x: jax.Array, store_dtype: str) -> jax.Array:
+  """A batch as `batches` serves it, as float32 on the device (inside the jitted step): the
+  exact values `Store` decodes on the host."""
+  if store_dtype != FP8:
+    return x.astype(jnp.float32)
+  q = jax.lax.bitcast_convert_type(x[:, :-SCALE_BYTES], jnp.float8_e4m3fn).astype(jnp.float32)
+  return q * jax.lax.bitcast_convert_type(x[:, -SCALE_BYTES:], jnp.float32)[:, None]
+
+
+def sample_rows(reader: ChunkReader, num: int, *, seed: int) -> np.ndarray:
+  """A deterministic sample of about `num` rows (float32): the rows of random chunks, the same in
+  every process; for the b_dec init and the input scale."""
+  chunks = np.random.default_rng(seed).permutation(len(reader.counts))
+  enough = int(np.searchsorted(np.cumsum(reader.counts[chunks]), num)) + 1
+  return np.asarray(from_disk(reader.read(chunks[:enough])[:num], reader.store.dtype), np.float32)

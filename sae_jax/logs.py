@@ -1,5 +1,5 @@
-"""Keeps the libraries' chatter out of our commands' logs: orbax's and grain's INFO lines (orbax
-logs every file it closes), and, off a TPU host, libtpu's start-up warnings and lockfile."""
+"""Keeps the libraries' chatter out of our commands' logs: orbax's INFO lines (it logs every
+file it closes), and, off a TPU host, libtpu's start-up warnings and lockfile."""
 
 import glob
 import logging as py_logging
@@ -9,7 +9,7 @@ from absl import logging
 
 # Python modules whose INFO lines are dropped; xla_bridge says at INFO that a backend (the TPU's,
 # where libtpu is installed but no TPU is attached) could not start.
-_CHATTY = ("orbax", "grain", "xla_bridge.py")
+_CHATTY = ("orbax", "xla_bridge.py")
 
 
 def quiet_libraries() -> None:

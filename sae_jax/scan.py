@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from sae_jax import checkpoint, dictionary, logs, topacts
 from sae_jax.model import SAEConfig, TopKSAE
-from sae_jax.store import KIND_IMAGE_BASE, Store, StoreError, atomic_write_with
+from sae_jax.store import KIND_IMAGE_BASE, Store, StoreError, absolute, atomic_write_with
 
 STATE = "scan_state.npz"
 
@@ -139,7 +139,7 @@ def scan(sae: str, store: str, out: str, *, top_n: int = 5, score: str = "mean",
 
   header = {"format": topacts.FORMAT_NAME, "version": topacts.FORMAT_VERSION, "num_latents": n,
             "top_n": top_n, "score": score, "grid": list(grid),
-            "store": str(Path(store).absolute()), "sae": str(Path(sae).absolute()),
+            "store": absolute(store), "sae": str(Path(sae).absolute()),
             "k": sae_info["k"], "hist_edges": edges.tolist()}
   resumed = resume_or_init(out_path, header, n, top_n, len(edges) - 1, grid_size)
   if resumed is None:  # finished by an earlier run

@@ -38,7 +38,7 @@ from sae_jax.kernel_plan import KernelPlan
 from sae_jax.metrics import MetricWriter
 from sae_jax.model import SAEConfig, geometric_median
 from sae_jax.step import create_state, default_learning_rate, make_optimizer, train_step
-from sae_jax.store import Store, StoreError, atomic_write_json
+from sae_jax.store import Store, StoreError, absolute, atomic_write_json
 
 # Data.
 _STORE = flags.DEFINE_string("store", None, "Activation store to train on.", required=True)
@@ -121,11 +121,21 @@ _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 1000, "Save every t
 _KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.", lower_bound=1)
 _LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Write metrics every this many steps.",
                                   lower_bound=1)
-_DATA_WORKERS = flags.DEFINE_integer("data_workers", 0, "grain worker processes reading the "
-                                     "store (0: read in background threads).", lower_bound=0)
+_READ_CHUNK_KB = flags.DEFINE_integer(
+    "read_chunk_kb", 1024, "Bytes of contiguous rows per read request, in KiB (object storage "
+    "wants >= 1 MiB).", lower_bound=1)
+_SHUFFLE_BUFFER_MB = flags.DEFINE_integer(
+    "shuffle_buffer_mb", 1024, "Memory, in MiB, of the rows read and not yet served: three windows "
+    "of chunks (serving, ready, being read), each shuffled; larger mixes the rows better.",
+    lower_bound=1)
+_DATA_LANES = flags.DEFINE_integer(
+    "data_lanes", 0, "Independent streams of windows the global batch is drawn from, in equal "
+    "parts; each process reads its own lanes, so it must divide among them. The data order "
+    "depends on this, not on the process count. 0: the number of processes.", lower_bound=0)
+_READ_THREADS = flags.DEFINE_integer("read_threads", 16, "Read requests in flight.", lower_bound=1)
 _PREFETCH_BATCHES = flags.DEFINE_integer(
-    "prefetch_batches", 4, "Batches read ahead of the step per reading process, each batch_size x "
-    "d_in float32 (0: read each batch when it is due).", lower_bound=0)
+    "prefetch_batches", 4, "Batches assembled ahead of the step, each batch_size / processes x "
+    "d_in in the store's dtype (0: read and assemble each batch when it is due).", lower_bound=0)
 _DEBUG_SIGNAL_AT_STEP = flags.DEFINE_integer(
     "debug_signal_at_step", 0, "Fault injection for tests: send --debug_signal to this process "
     "when this step is reached (after the checkpoints due before it are on disk).", lower_bound=0)
@@ -136,7 +146,7 @@ _DEBUG_SIGNAL = flags.DEFINE_enum("debug_signal", "SIGKILL", ["SIGKILL", "SIGTER
 # Changing --steps/--epochs is also refused when the learning-rate schedule depends on the total.
 RESUMABLE_FLAGS = frozenset({
     "workdir", "steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every",
-    "data_workers", "prefetch_batches", "mesh", "distributed", "coordinator_address",
+    "read_threads", "prefetch_batches", "mesh", "distributed", "coordinator_address",
     "num_processes", "process_id", "debug_signal_at_step", "debug_signal"})
 
 
@@ -155,7 +165,7 @@ def resolved_flags() -> dict:
   values = {h.name: h.value for h in globals().values() if isinstance(h, flags.FlagHolder)}
   for name in ("store", "init_from"):
     if values[name]:
-      values[name] = str(Path(values[name]).absolute())
+      values[name] = absolute(values[name])
   return json.loads(json.dumps(values))
 
 
@@ -258,7 +268,17 @@ def main() -> None:
   store = Store(_STORE.value)
   d_in = store.d_model
   token_kinds = _TOKEN_KINDS.value or None
-  rows = data.RowGather(store, token_kinds)
+  rows = data.ChunkReader(store, token_kinds, chunk_bytes=_READ_CHUNK_KB.value << 10,
+                          read_threads=_READ_THREADS.value)
+  if rows.num_rows < _BATCH_SIZE.value:
+    raise StoreError(f"{store.path} has {rows.num_rows} selected rows, fewer than one batch "
+                     f"(--batch_size={_BATCH_SIZE.value})")
+  # Fixed at the first start (flags.json), so that a resume may use another number of processes.
+  data_lanes = (old_flags["resolved"]["data_lanes"] if old_flags is not None else
+                _DATA_LANES.value or jax.process_count())
+  if _BATCH_SIZE.value % data_lanes or data_lanes % jax.process_count():
+    raise TrainError(f"--batch_size={_BATCH_SIZE.value} must be divisible by the data lanes "
+                     f"({data_lanes}), and they by the number of processes ({jax.process_count()})")
   per_epoch = rows.num_rows // _BATCH_SIZE.value
   total_steps = _STEPS.value or int(_EPOCHS.value * per_epoch)
   if total_steps <= 0:
@@ -323,7 +343,8 @@ def main() -> None:
     atomic_write_json(workdir / checkpoint.FLAGS_FILE, {
         **new_flags, "resolved": {"num_latents": num_latents, "lr": peak_lr,
                                  "total_steps": total_steps, "steps_per_epoch": per_epoch,
-                                 "input_scale": input_scale, "kernel_plan": plan.to_json()}})
+                                 "input_scale": input_scale, "kernel_plan": plan.to_json(),
+                                 "data_lanes": data_lanes}})
   write_note(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
              f"devices, {jax.process_count()} process(es); {total_steps} steps of "
              f"{_BATCH_SIZE.value} tokens; kernels {plan}")
@@ -364,15 +385,15 @@ def main() -> None:
       state = jax.jit(init_state, out_shardings=state_sharding)()
       if jax.process_index() == 0:
         checkpoint.write_run(workdir, cfg=cfg, input_scale=input_scale, source={
-            "store": str(Path(_STORE.value).absolute()), "model": store.manifest["model"],
+            "store": absolute(_STORE.value), "model": store.manifest["model"],
             "hookpoint": store.manifest["hookpoint"], "layer": store.manifest["layer"],
             "token_kinds": token_kinds, "init_from": _INIT_FROM.value})
 
     ############################################################################################
     # The update step: jitted once, state donated so it is updated in place.                   #
     ############################################################################################
-    def scaled_step(state, x):
-      return train_step(graphdef, state, x * input_scale)
+    def scaled_step(state, x):  # x as stored: 16-bit or fp8 rows cross to the device as such
+      return train_step(graphdef, state, data.device_rows(x, store.dtype) * input_scale)
 
     update = jax.jit(scaled_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                      out_shardings=(state_sharding, None), donate_argnums=0)
@@ -380,12 +401,15 @@ def main() -> None:
     ############################################################################################
     # Data, starting at the restored step.                                                      #
     ############################################################################################
-    dataset = data.make_dataset(
-        rows, batch_size=_BATCH_SIZE.value, seed=_SEED.value, num_epochs=None,
-        start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    batches = data.make_batches(dataset, prefetch=_PREFETCH_BATCHES.value,
-                                workers=_DATA_WORKERS.value)
+    try:
+      orders = data.lane_orders(
+          rows, lanes=data_lanes, buffer_bytes=_SHUFFLE_BUFFER_MB.value << 20, seed=_SEED.value,
+          process_index=jax.process_index(), process_count=jax.process_count())
+    except ValueError as e:
+      raise TrainError(f"--store={_STORE.value}, --read_chunk_kb={_READ_CHUNK_KB.value}, "
+                       f"--data_lanes={data_lanes}: {e}") from e
+    batches = data.batches(rows, orders, batch_rows=_BATCH_SIZE.value // jax.process_count(),
+                           start_step=start_step, prefetch_batches=_PREFETCH_BATCHES.value)
 
     ############################################################################################
     # The loop.                                                                                 #
@@ -413,7 +437,7 @@ def main() -> None:
         with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
           x = sharding.global_batch(next(batches), mesh)
           if step == start_step + 1:
-            floor_ms = measure_floor_ms(cfg, plan, state, x)
+            floor_ms = measure_floor_ms(cfg, plan, state, data.device_rows(x, store.dtype))
           state, step_metrics = update(state, x)
         if pending is not None:
           summary = log_metrics(writer, progress, schedule, floor_ms, *pending, tick_time,

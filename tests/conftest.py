@@ -20,3 +20,23 @@ def synthetic_images(tmp_path_factory) -> Path:
   out = tmp_path_factory.mktemp("synthetic_images")
   images.write_synthetic_images(out, 96)
   return out
+
+
+@pytest.fixture(scope="session", params=["gs", "s3"])
+def bucket(request):
+  """An object storage emulator on localhost (GCS, then S3), its variables set for this process
+  and the commands it starts."""
+  import os
+
+  import emulators
+  server = emulators.start_gcs() if request.param == "gs" else emulators.start_s3()
+  saved = {k: os.environ.get(k) for k in server.env}
+  os.environ.update(server.env)
+  yield server
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  server.process.kill()
+  server.process.wait()

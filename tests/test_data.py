@@ -1,17 +1,19 @@
-"""The trainer's input pipeline: bounded read-ahead, workers that get no copy of the store, and
-shards checked against the manifest before their rows are used."""
+"""The trainer's input pipeline: bounded read-ahead, 16-bit rows served as stored, and shards
+checked against the manifest before their rows are used."""
 
-import pickle
 import shutil
 import time
 
+import jax
+import ml_dtypes
 import numpy as np
 import pytest
 
 import synthetic
 
 from sae_jax import data
-from sae_jax.store import Store, StoreError
+from sae_jax.order import ChunkOrder
+from sae_jax.store import META_DTYPE, Store, StoreError, StoreWriter
 
 
 @pytest.fixture(scope="module")
@@ -35,43 +37,76 @@ def settled_count(produced: list, at_least: int, deadline_s: float = 10.0) -> in
   return len(produced)
 
 
-def test_the_reader_stays_prefetch_batches_ahead_of_a_slow_consumer(store):
-  produced = []
-
-  def count(batch):
-    produced.append(len(batch))
-    return batch
-
-  dataset = data.make_dataset(data.RowGather(Store(store)), batch_size=64, seed=0,
-                              num_epochs=None).map(count)
-  batches = data.make_batches(dataset, prefetch=3, workers=0)
+def test_the_reader_stays_a_bounded_distance_ahead_of_a_slow_consumer(store, monkeypatch):
+  rows = data.ChunkReader(Store(store), chunk_bytes=16 * 16 * 4)  # 16 rows a chunk: 64 chunks
+  read = []
+  original = rows.read
+  monkeypatch.setattr(rows, "read",
+                      lambda chunks, buffer: read.append(1) or original(chunks, buffer))
+  order = ChunkOrder(rows.counts, window_chunks=2, seed=0)  # a window is one batch of 32 rows
+  batches = data.batches(rows, [order], batch_rows=32, prefetch_batches=3)
   for consumed in range(1, 4):
-    next(batches)  # then the consumer dawdles: the reader must stop 3 batches ahead
-    assert settled_count(produced, consumed + 3) == consumed + 3
+    next(batches)  # then the consumer dawdles: the reader stops
+    # ahead: 3 batches queued, 1 assembled and waiting to be queued, 1 window queued and 1 read
+    # and waiting to be queued.
+    assert settled_count(read, consumed + 6) == consumed + 6
 
 
-def test_a_gather_pickles_without_the_rows_it_has_read(store):
-  gather = data.RowGather(Store(store))
-  positions = np.arange(0, gather.num_rows, 3)
-  rows = gather(positions)  # opens every shard's memory map
-  pickled = pickle.dumps(gather)
-  assert len(pickled) < Store(store).shard_acts(0).nbytes / 4
-  np.testing.assert_array_equal(pickle.loads(pickled)(positions), rows)
+def test_16_bit_rows_are_served_as_stored(tmp_path):
+  rng = np.random.default_rng(0)
+  acts = rng.normal(size=(64, 8)).astype(np.float32)
+  writer = StoreWriter(tmp_path, {"model": "m", "hookpoint": "h", "layer": 0, "d_model": 8,
+                                  "dtype": "bfloat16", "settings": {}})
+  writer.write_shard(acts, np.zeros(64, META_DTYPE), [{"id": 0}], num_inputs=1)
+  writer.finish()
+  rows = data.ChunkReader(Store(tmp_path), chunk_bytes=64)
+  batch = next(data.batches(rows, [ChunkOrder(rows.counts, window_chunks=16, seed=0)],
+                            batch_rows=64))
+  assert batch.dtype == ml_dtypes.bfloat16
+  stored = Store(tmp_path).shard_acts(0)
+  np.testing.assert_array_equal(np.sort(batch.view(np.uint16), 0),
+                                np.sort(stored.view(np.uint16), 0))
+
+
+def test_fp8_rows_go_to_the_device_packed_and_decode_as_the_store_does(tmp_path):
+  rng = np.random.default_rng(0)
+  writer = StoreWriter(tmp_path, {"model": "m", "hookpoint": "h", "layer": 0, "d_model": 8,
+                                  "dtype": "float8_e4m3fn", "settings": {}})
+  writer.write_shard(rng.normal(size=(64, 8)) * 30, np.zeros(64, META_DTYPE), [{"id": 0}],
+                     num_inputs=1)
+  writer.finish()
+  rows = data.ChunkReader(Store(tmp_path), chunk_bytes=48)
+  batch = next(data.batches(rows, [ChunkOrder(rows.counts, window_chunks=16, seed=0)],
+                            batch_rows=64))
+  assert batch.dtype == np.uint8 and batch.shape == (64, 8 + 4)
+  on_device = np.asarray(jax.jit(data.device_rows, static_argnums=1)(batch, "float8_e4m3fn"))
+  expected = Store(tmp_path).shard_acts(0)
+  np.testing.assert_array_equal(np.sort(on_device, 0), np.sort(expected, 0))
 
 
 def test_a_corrupted_shard_is_refused_before_its_rows_are_read(store, tmp_path):
   bad = shutil.copytree(store, tmp_path / "bad")
   flip_last_byte(bad / "shards" / "00002.acts.npy")
-  gather = data.RowGather(Store(bad))
+  rows = data.ChunkReader(Store(bad))  # one chunk per shard
   good = Store(store)
-  np.testing.assert_array_equal(gather(np.arange(512)), np.concatenate(
+  np.testing.assert_array_equal(rows.read(np.array([0, 1])), np.concatenate(
       [good.shard_acts(0), good.shard_acts(1)]))  # shards 0 and 1 are intact
   with pytest.raises(StoreError, match=r"shard 2 of .*shards/00002\.acts\.npy is corrupted"):
-    gather(np.array([0, 600]))
+    rows.read(np.array([0, 2]))
+
+
+def test_a_truncated_shard_is_refused_naming_it(store, tmp_path):
+  bad = shutil.copytree(store, tmp_path / "bad")
+  path = bad / "shards" / "00001.acts.npy"
+  path.write_bytes(path.read_bytes()[:-64])
+  rows = data.ChunkReader(Store(bad))
+  rows._checked.add(1)  # past the checksum: the read itself must notice
+  with pytest.raises(StoreError, match=r"shard 1: .*00001\.acts\.npy ends at byte \d+: it is truncated"):
+    rows.read(np.array([1]))
 
 
 def test_a_corrupted_metadata_file_is_refused_when_selecting_token_kinds(store, tmp_path):
   bad = shutil.copytree(store, tmp_path / "bad")
   flip_last_byte(bad / "shards" / "00001.meta.npy")
   with pytest.raises(StoreError, match=r"shards/00001\.meta\.npy is corrupted"):
-    data.RowGather(Store(bad), ["image_base"])
+    data.ChunkReader(Store(bad), ["image_base"])

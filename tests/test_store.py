@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sae_jax import data
+from sae_jax.order import ChunkOrder
 from sae_jax.store import (KIND_IMAGE_BASE, KIND_TEXT, META_DTYPE, Store, StoreError, StoreWriter)
 
 
@@ -52,6 +53,26 @@ def test_round_trip_reads_back_with_numpy_alone(tmp_path, dtype):
   np.testing.assert_array_equal(raw.astype(np.float32), rows[5:])
 
 
+def test_fp8_rows_keep_each_value_within_its_rounding_and_read_with_numpy_alone(tmp_path):
+  rng = np.random.default_rng(0)
+  acts = rng.normal(size=(9, 6)).astype(np.float32) * np.logspace(-3, 3, 9)[:, None]
+  acts[4] = 0  # a zero row keeps scale 1
+  meta = shard(rng, 9)[1]
+  writer = StoreWriter(tmp_path, header("float8_e4m3fn"))
+  writer.write_shard(acts, meta, [{"id": 0}], num_inputs=1)
+  writer.finish()
+  rows = Store(tmp_path, verify=True).shard_acts(0)
+  scale = np.abs(acts).max(1, keepdims=True) / 448
+  # e4m3: 3 mantissa bits (half a step: 1/16 of the value), subnormals below 2^-6 in steps of 2^-9.
+  assert (np.abs(rows - acts) <= np.abs(acts) / 16 + scale * 2.0 ** -10).all()
+  assert (rows[4] == 0).all() and (np.abs(rows).max(1)[[0, 8]] > 0).all()
+  # The documented numpy-only reading path (docs/formats.md).
+  raw = np.load(tmp_path / "shards" / "00000.acts.npy", allow_pickle=False)
+  decoded = (raw[:, :6].view(ml_dtypes.float8_e4m3fn).astype(np.float32) *
+             raw[:, 6:].copy().view("<f4"))
+  np.testing.assert_array_equal(decoded, rows)
+
+
 def test_reopening_resumes_and_other_settings_are_refused(tmp_path):
   rng = np.random.default_rng(1)
   writer = StoreWriter(tmp_path, header())
@@ -87,27 +108,39 @@ def test_corrupted_shard_is_named_by_the_cli(tmp_path):
   assert "shard 1" in error and "00001.acts.npy" in error
 
 
-def test_batches_cover_every_selected_row_once_per_epoch_and_resume_by_slicing(tmp_path):
+def test_batches_cover_every_selected_row_once_per_epoch_and_resume_exactly(tmp_path):
   rng = np.random.default_rng(3)
   writer = StoreWriter(tmp_path, header())
   for i in range(3):
-    acts, meta = shard(rng, 10)
-    acts[:, 0] = np.arange(10) + 10 * i  # row id in column 0
+    acts, meta = shard(rng, 40)
+    acts[:, 0] = np.arange(40) + 40 * i  # row id in column 0
     writer.write_shard(acts, meta, [{"id": i}], num_inputs=1)
   writer.finish()
   store = Store(tmp_path)
   text_rows = np.flatnonzero(store.meta()["kind"] == KIND_TEXT)
-  rows = data.RowGather(store, ["text"])
-  assert rows.num_rows == len(text_rows)
-  ds = data.make_dataset(rows, batch_size=4, seed=7, num_epochs=None)
-  per_epoch = len(text_rows) // 4
-  seen = np.concatenate([ds[i][:, 0] for i in range(per_epoch)]).astype(int)
-  assert len(set(seen)) == len(seen) and set(seen) <= set(text_rows)
-  resumed = data.make_dataset(rows, batch_size=4, seed=7, num_epochs=None, start_step=2)
-  np.testing.assert_array_equal(resumed[0], ds[2])
-  # Two processes with half the batch each see, together, the single-process batch.
-  halves = [data.make_dataset(rows, batch_size=4, seed=7, num_epochs=None, process_index=p,
-                              process_count=2)[1] for p in range(2)]
-  np.testing.assert_array_equal(np.sort(np.concatenate(halves)[:, 0]), np.sort(ds[1][:, 0]))
+  reader = data.ChunkReader(store, ["text"], chunk_bytes=5 * 6 * 4)  # 5 rows: 24 chunks
+  assert reader.num_rows == len(text_rows) == 42
+
+  def stream(start_step=0, lane=0, lanes=1, prefetch_batches=0):
+    order = ChunkOrder(reader.counts, window_chunks=3, seed=7, lane=lane, lanes=lanes)
+    return data.batches(reader, [order], batch_rows=2, start_step=start_step,
+                        prefetch_batches=prefetch_batches)
+
+  one = stream()
+  first_epoch = np.concatenate([next(one)[:, 0] for _ in range(21)]).astype(int)
+  np.testing.assert_array_equal(np.sort(first_epoch), text_rows)  # each once, shuffled
+  assert not np.array_equal(first_epoch, text_rows)
+  later = [next(one) for _ in range(30)]  # into the next epochs, in another order
+  resumed = stream(start_step=25, prefetch_batches=2)
+  for expected in later[4:]:
+    np.testing.assert_array_equal(next(resumed), expected)
+  # Two lanes read disjoint windows; together, in an epoch, every row once.
+  halves = [stream(lane=p, lanes=2) for p in range(2)]
+  counts = [sum(reader.counts[w].sum() for w in ChunkOrder(
+      reader.counts, window_chunks=3, seed=7, lane=p, lanes=2).windows(0))
+      for p in range(2)]
+  seen = np.concatenate([np.concatenate([next(h)[:, 0] for _ in range(c // 2)])
+                         for h, c in zip(halves, counts)]).astype(int)
+  np.testing.assert_array_equal(np.sort(seen), text_rows)
   with pytest.raises(ValueError, match="--token_kinds"):
-    data.RowGather(store, ["pixels"])
+    data.ChunkReader(store, ["pixels"])

@@ -13,7 +13,7 @@ import reference
 import synthetic
 
 from sae_jax import data, dictionary
-from sae_jax.store import Store
+from sae_jax.store import META_DTYPE, Store, StoreWriter
 
 D_MODEL = 16
 
@@ -29,7 +29,8 @@ def train(store, workdir, *extra, check=True):
   """Runs the trainer (a flag in `extra` overrides the same flag before it)."""
   cmd = [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}",
          "--num_latents=64", "--k=4", "--batch_size=64", "--steps=20", "--checkpoint_every=5",
-         "--log_every=5", "--lr_warmup_steps=2", "--dead_tokens=256", "--normalize_inputs", *extra]
+         "--log_every=5", "--lr_warmup_steps=2", "--dead_tokens=256", "--normalize_inputs",
+         "--data_lanes=2", *extra]
   result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   if check and result.returncode != 0:
     raise AssertionError(result.stdout[-1000:] + result.stderr[-3000:])
@@ -154,8 +155,12 @@ def rows_of_step(store, step, *, batch_size, tmp_path):
   rows = Store(store).rows
   marked = synthetic.write_store(tmp_path / "marked", np.arange(rows)[:, None].repeat(2, 1),
                                  num_shards=len(Store(store).shards))
-  batch = data.make_dataset(data.RowGather(Store(marked)), batch_size=batch_size, seed=0,
-                            num_epochs=None)[step - 1]
+  rows = data.ChunkReader(Store(store))  # the trainer's defaults: 1 MiB chunks, 1 GiB buffer
+  orders = data.lane_orders(rows, lanes=2, buffer_bytes=1 << 30, seed=0, process_index=0,
+                            process_count=1)
+  marked_rows = data.ChunkReader(Store(marked))
+  assert np.array_equal(marked_rows.counts, rows.counts)  # the same chunks
+  batch = next(data.batches(marked_rows, orders, batch_rows=batch_size, start_step=step - 1))
   return batch[:, 0].astype(int)
 
 
@@ -195,8 +200,8 @@ def test_init_from_with_another_d_model_is_refused(store, tmp_path):
   assert "d_in=8" in error and "d_model=16" in error
 
 
-@pytest.mark.parametrize("extra", [[], ["--data_workers=1"]],
-                         ids=["reader_thread", "worker_process"])
+@pytest.mark.parametrize("extra", [[], ["--prefetch_batches=0"]],
+                         ids=["reader_thread", "no_read_ahead"])
 def test_a_corrupted_shard_stops_the_run_before_its_rows_are_used(store, tmp_path, extra):
   bad = shutil.copytree(store, tmp_path / "bad")
   raw = bytearray((bad / "shards" / "00002.acts.npy").read_bytes())
@@ -260,8 +265,9 @@ def train_two_processes(store, workdir, *extra, only_process_1=()):
       [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}",
        "--num_latents=64", "--k=4", "--batch_size=64", "--steps=20", "--checkpoint_every=5",
        "--log_every=5", "--lr_warmup_steps=2", "--dead_tokens=256", "--normalize_inputs",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-       *extra, *(only_process_1 if i == 1 else ())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+       "--data_lanes=2", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}", *extra, *(only_process_1 if i == 1 else ())],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in procs]
   return [p.returncode for p in procs], outputs
 
@@ -303,3 +309,26 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(store, tmp_
   got = dictionary.read(export(tmp_path / "stopped", tmp_path / "e2", "sparsify")["export"])[0]
   for name in dictionary.PARAM_NAMES:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_an_fp8_store_trains_as_its_decoded_float32_copy(store, tmp_path):
+  """fp8 rows go to the device packed and are decoded there: the same run as on the rows
+  decoded on the host and stored as float32."""
+  rows = np.concatenate([a for _, a, _ in Store(store).iter_shards()])
+  fp8 = tmp_path / "fp8"
+  writer = StoreWriter(fp8, {**{k: Store(store).manifest[k] for k in
+                                ("model", "hookpoint", "layer", "d_model", "settings")},
+                             "dtype": "float8_e4m3fn"})
+  for i, part in enumerate(np.split(rows, 4)):
+    writer.write_shard(part, np.zeros(len(part), META_DTYPE), [{"id": i}], num_inputs=1)
+  writer.finish()
+  decoded = synthetic.write_store(tmp_path / "decoded", np.concatenate(
+      [a for _, a, _ in Store(fp8).iter_shards()]), num_shards=4)
+  assert np.abs(np.asarray(Store(decoded).shard_acts(0)) - rows[:256]).max() > 0  # it rounds
+  params = []
+  for name, path in (("fp8", fp8), ("decoded", decoded)):
+    train(path, tmp_path / f"run_{name}", "--steps=6")
+    folder = export(tmp_path / f"run_{name}", tmp_path / f"export_{name}", "sparsify")["export"]
+    params.append(dictionary.read(folder)[0])
+  for name in dictionary.PARAM_NAMES:
+    np.testing.assert_array_equal(params[0][name], params[1][name], err_msg=name)

@@ -3,13 +3,15 @@
 Layout (the contract between `harvest`, `sae_jax` and `interpret`; see docs/formats.md):
 
   STORE/manifest.json              format, model, hookpoint, d_model, dtype, rows, settings, shards
-  STORE/shards/00000.acts.npy      [rows, d_model] float16 | float32 | uint16 (= bfloat16 bits)
+  STORE/shards/00000.acts.npy      [rows, d_model] float16 | float32 | uint16 (= bfloat16 bits),
+                                   or uint8 [rows, d_model + 4] (fp8 bytes, then a float32 scale)
   STORE/shards/00000.meta.npy      [rows] structured: image_id, position, kind, patch
   STORE/shards/00000.images.jsonl  one record per image of the shard: id, source, prompt, grid
 
-Shards are written to a temporary name and renamed, and the manifest is rewritten (also atomically)
-only after a shard's files are in place, so a store killed at any moment is a valid prefix of the
-finished one. A writer reopened with the same settings continues after the last committed shard.
+A STORE is a local folder or a gs:// or s3:// URL (sae_jax.store.location). Shards are written to a
+temporary name and renamed (in a bucket: one PUT each), and the manifest is rewritten (also
+atomically) only after a shard's files are in place, so a store killed at any moment is a valid
+prefix of the finished one. A writer reopened with the same settings continues after the last committed shard.
 
 Run `python -m sae_jax.store --store=PATH` to verify every checksum and print a JSON summary.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -41,12 +44,21 @@ META_DTYPE = np.dtype(
     [("image_id", "<i8"), ("position", "<i4"), ("kind", "u1"), ("patch", "<i4")]
 )
 
-# What each stored dtype name is on disk: bfloat16 has no numpy dtype, so its bits go as uint16.
-_DISK_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
+# What each stored dtype name is on disk: bfloat16 has no numpy dtype, so its bits go as uint16;
+# an fp8 row is d_model float8_e4m3fn bytes then its float32 scale's 4 bytes, as uint8.
+FP8 = "float8_e4m3fn"
+_DISK_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"),
+                FP8: np.dtype("u1")}
+_FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+SCALE_BYTES = 4
 
 
 class StoreError(ValueError):
   """A store that is missing, corrupted, or does not match what the caller asked for."""
+
+
+from sae_jax.store import location  # noqa: E402 (it imports StoreError)
+from sae_jax.store.location import absolute, is_remote, join, open_location  # noqa: E402
 
 
 def disk_dtype(dtype: str) -> np.dtype:
@@ -55,15 +67,29 @@ def disk_dtype(dtype: str) -> np.dtype:
   return _DISK_DTYPES[dtype]
 
 
+def disk_width(dtype: str, d_model: int) -> int:
+  """Columns of a stored row: d_model, plus the scale's bytes for fp8."""
+  return d_model + SCALE_BYTES if dtype == FP8 else d_model
+
+
 def to_disk(acts: np.ndarray, dtype: str) -> np.ndarray:
-  """Casts activations to the stored representation (bfloat16 -> its uint16 bits)."""
+  """Casts activations to the stored representation (bfloat16 -> its uint16 bits; fp8 -> each
+  row divided by max|row| / 448, so that its largest value is fp8's largest, then the scale)."""
+  if dtype == FP8:
+    scale = np.abs(acts).max(axis=1, keepdims=True).astype(np.float32) / np.float32(_FP8_MAX)
+    scale[scale == 0] = 1
+    q = (acts.astype(np.float32) / scale).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    return np.ascontiguousarray(np.concatenate([q, scale.astype("<f4").view(np.uint8)], axis=1))
   if dtype == "bfloat16":
     return np.ascontiguousarray(acts.astype(ml_dtypes.bfloat16)).view(np.uint16)
   return np.ascontiguousarray(acts.astype(disk_dtype(dtype)))
 
 
 def from_disk(raw: np.ndarray, dtype: str) -> np.ndarray:
-  """The inverse view of `to_disk`, without copying."""
+  """The inverse of `to_disk`: a view without copying, but fp8 rows decoded to float32."""
+  if dtype == FP8:
+    q = raw[:, :-SCALE_BYTES].view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    return q * np.ascontiguousarray(raw[:, -SCALE_BYTES:]).view("<f4")
   return raw.view(ml_dtypes.bfloat16) if dtype == "bfloat16" else raw
 
 
@@ -75,9 +101,14 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
   return digest.hexdigest()
 
 
+def _tmp_name(path: Path) -> Path:
+  # One temp name per process: several harvest workers may commit the same file at once.
+  return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
   """Writes `data` to `path` so that readers see the old file or the whole new one, never a part."""
-  tmp = path.with_name(f".{path.name}.tmp")
+  tmp = _tmp_name(path)
   with open(tmp, "wb") as f:
     f.write(data)
     f.flush()
@@ -103,12 +134,22 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
   os.replace(tmp, path)
 
 
+def json_bytes(obj: Any) -> bytes:
+  return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, array, allow_pickle=False)
+  return buffer.getvalue()
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+  atomic_write_bytes(path, json_bytes(obj))
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
+  tmp = _tmp_name(path)
   with open(tmp, "wb") as f:
     np.save(f, array, allow_pickle=False)
     f.flush()
@@ -151,15 +192,16 @@ class StoreWriter:
   """
 
   def __init__(self, path: str | os.PathLike, header: dict):
-    self.path = Path(path)
+    self.path = path if is_remote(path) else Path(path)
+    self.location = open_location(path)
     for key in ("model", "hookpoint", "layer", "d_model", "dtype", "settings"):
       if key not in header:
         raise StoreError(f"store header lacks {key!r}")
     disk_dtype(header["dtype"])
     self.header = json.loads(json.dumps(header))  # normalise (tuples -> lists) for comparison
-    manifest_path = self.path / MANIFEST
-    if manifest_path.exists():
-      manifest = json.loads(manifest_path.read_text())
+    existing = self.location.read(MANIFEST)
+    if existing is not None:
+      manifest = json.loads(existing)
       old = {k: manifest.get(k) for k in self.header}
       if old != self.header:
         diff = {k: (old[k], self.header[k]) for k in self.header if old[k] != self.header[k]}
@@ -169,7 +211,6 @@ class StoreWriter:
       self.shards = [ShardInfo.from_json(s) for s in manifest["shards"]]
       self.complete = manifest.get("complete", False)
     else:
-      (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
       self.shards = []
       self.complete = False
       self._write_manifest()
@@ -200,14 +241,15 @@ class StoreWriter:
       raise StoreError(f"shard metadata must be [{acts.shape[0]}] of {META_DTYPE}")
     index = len(self.shards)
     files = _shard_files(index)
-    atomic_save_npy(self.path / files["acts"], to_disk(acts, self.header["dtype"]))
-    atomic_save_npy(self.path / files["meta"], meta)
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in images)
-    atomic_write_bytes(self.path / files["images"], lines.encode())
+    contents = {"acts": npy_bytes(to_disk(acts, self.header["dtype"])), "meta": npy_bytes(meta),
+                "images": lines.encode()}
+    for kind, data in contents.items():
+      self.location.write(files[kind], data)
     info = ShardInfo(
         index=index, rows=int(acts.shape[0]), first_row=self.rows, first_image=self.inputs_done,
         num_inputs=int(num_inputs), files=files,
-        sha256={k: sha256_file(self.path / f) for k, f in files.items()},
+        sha256={k: hashlib.sha256(data).hexdigest() for k, data in contents.items()},
         bad_images=tuple(bad_images))
     self.shards.append(info)
     self._write_manifest()
@@ -218,24 +260,36 @@ class StoreWriter:
     self._write_manifest()
 
   def _write_manifest(self) -> None:
-    atomic_write_json(self.path / MANIFEST, {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, **self.header,
-        "rows": self.rows, "images": self.images_done, "complete": self.complete,
-        "bad_images": [b for s in self.shards for b in s.bad_images],
-        "shards": [s.to_json() for s in self.shards],
-    })
+    self.location.write(MANIFEST, json_bytes(manifest_json(self.header, self.shards,
+                                                           self.complete)))
+
+
+def manifest_json(header: dict, shards: Sequence[ShardInfo], complete: bool) -> dict:
+  return {
+      "format": FORMAT_NAME, "version": FORMAT_VERSION, **header,
+      "rows": sum(s.rows for s in shards),
+      "images": sum(s.num_inputs - len(s.bad_images) for s in shards), "complete": complete,
+      "bad_images": [b for s in shards for b in s.bad_images],
+      "shards": [s.to_json() for s in shards],
+  }
 
 
 class Store:
   """Read side: memory-mapped shards, global row indexing, the image table, verification."""
 
   def __init__(self, path: str | os.PathLike, *, verify: bool = False, allow_incomplete: bool = False):
-    self.path = Path(path)
-    manifest_path = self.path / MANIFEST
-    if not manifest_path.exists():
+    self.path = path if is_remote(path) else Path(path)
+    self.location = open_location(path)
+    manifest_path = join(self.path, MANIFEST)
+    text = self.location.read(MANIFEST)
+    if text is None:
+      from sae_jax.store import parts  # imports this module
+      if self.location.subfolders(parts.PARTS_DIR):
+        raise StoreError(f"{self.path} is a multi-worker store not committed yet: "
+                         f"{parts.status(self.path)}")
       raise StoreError(f"{self.path} is not an activation store: {manifest_path} is missing")
     try:
-      self.manifest = json.loads(manifest_path.read_text())
+      self.manifest = json.loads(text)
     except json.JSONDecodeError as e:
       raise StoreError(f"{manifest_path} is not valid JSON: {e}") from e
     if self.manifest.get("format") != FORMAT_NAME:
@@ -258,7 +312,6 @@ class Store:
       self.verify()
 
   def __repr__(self) -> str:
-    # Stable across runs and machines: grain keys its checkpoints on the data source's repr.
     return f"Store(rows={self.rows}, d_model={self.d_model}, dtype={self.dtype})"
 
   def __len__(self) -> int:
@@ -267,21 +320,30 @@ class Store:
   def verify(self) -> None:
     """Checks every shard file's sha256 and shape; raises StoreError naming the first bad one."""
     for s in self.shards:
-      for kind, rel in s.files.items():
-        f = self.path / rel
-        if not f.exists():
-          raise StoreError(f"shard {s.index} of {self.path}: file {rel} is missing")
-        if sha256_file(f) != s.sha256[kind]:
-          raise StoreError(f"shard {s.index} of {self.path}: {rel} is corrupted "
-                           "(sha256 does not match the manifest)")
+      for kind in s.files:
+        self.check_file(s.index, kind)
       acts, meta = self.shard_acts(s.index), self.shard_meta(s.index)
       if acts.shape != (s.rows, self.d_model) or meta.shape != (s.rows,):
         raise StoreError(f"shard {s.index} of {self.path}: shapes {acts.shape} / {meta.shape} "
                          f"do not match the manifest's {s.rows} rows x {self.d_model}")
 
+  def check_file(self, shard: int, kind: str) -> None:
+    """Raises StoreError naming the file if one shard file differs from the manifest's sha256."""
+    info = self.shards[shard]
+    rel = info.files[kind]
+    digest = location.sha256(self.location, rel)
+    if digest is None:
+      raise StoreError(f"shard {shard} of {self.path}: file {rel} is missing")
+    if digest != info.sha256[kind]:
+      raise StoreError(f"shard {shard} of {self.path}: {rel} is corrupted (sha256 does not match "
+                       "the manifest); harvest this store again")
+
   def _load(self, rel: str, index: int) -> np.ndarray:
+    """A shard file as an array: memory-mapped from a folder, read whole from a bucket."""
     try:
-      return np.load(self.path / rel, mmap_mode="r", allow_pickle=False)
+      return self.location.mmap_npy(rel)
+    except StoreError:
+      raise
     except (OSError, ValueError) as e:
       raise StoreError(f"shard {index} of {self.path}: cannot read {rel}: {e}") from e
 
@@ -304,7 +366,7 @@ class Store:
     return shard, row - (int(self._ends[shard - 1]) if shard else 0)
 
   def __getitem__(self, row: int) -> np.ndarray:
-    """One row as float32, copied out of the memmap (safe to hand to grain workers)."""
+    """One row as float32, copied out of the memmap."""
     shard, local = self.locate(int(row))
     return np.asarray(self.shard_acts(shard)[local], dtype=np.float32)
 
@@ -322,8 +384,10 @@ class Store:
     """The image table: one record per image id, in id order."""
     table = []
     for s in self.shards:
-      with open(self.path / s.files["images"]) as f:
-        table.extend(json.loads(line) for line in f if line.strip())
+      text = self.location.read(s.files["images"])
+      if text is None:
+        raise StoreError(f"shard {s.index} of {self.path}: file {s.files['images']} is missing")
+      table.extend(json.loads(line) for line in text.decode().splitlines() if line.strip())
     return table
 
   def summary(self) -> dict:

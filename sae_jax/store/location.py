@@ -1,0 +1,208 @@
+"""Where a store lives: a local folder, or a prefix of a gs:// or s3:// bucket.
+
+Buckets go through tensorstore's kvstore (installed with orbax-checkpoint already; GCS, S3 and
+local drivers, asynchronous: a read is a future, so many are in flight without a thread each).
+An object is written by one PUT, so it appears whole or not at all: no temporary names needed. The
+usual emulator variables are honoured: STORAGE_EMULATOR_HOST for gs://, AWS_ENDPOINT_URL (or
+AWS_ENDPOINT_URL_S3) for s3://.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from sae_jax.store import StoreError
+
+REMOTE_SCHEMES = ("gs://", "s3://")
+_BLOCK = 1 << 26  # bytes per read when a whole file is hashed or copied
+
+
+def sha256(location: "Local | Bucket", rel: str) -> str | None:
+  """The sha256 of a file of `location`, or None if it is missing."""
+  blocks = location.blocks(rel)
+  if blocks is None:
+    return None
+  digest = hashlib.sha256()
+  for block in blocks:
+    digest.update(block)
+  return digest.hexdigest()
+
+
+class LocationError(StoreError):
+  """A store location that cannot be read or written; the message names the path."""
+
+
+def is_remote(path) -> bool:
+  return str(path).startswith(REMOTE_SCHEMES)
+
+
+def join(path, *parts: str):
+  """`path / parts` for a local path or a bucket URL."""
+  if is_remote(path):
+    return "/".join([str(path).rstrip("/"), *parts])
+  return Path(path).joinpath(*parts)
+
+
+def absolute(path) -> str:
+  """A local path made absolute, a URL as it is: what run records name a store by."""
+  return str(path) if is_remote(path) else str(Path(path).absolute())
+
+
+def open_location(path) -> "Local | Bucket":
+  return Bucket(str(path)) if is_remote(path) else Local(Path(path))
+
+
+class Local:
+  """A folder: files written to a temporary name and renamed."""
+
+  def __init__(self, root: Path):
+    self.root = root
+
+  def url(self, rel: str) -> str:
+    return str(self.root / rel)
+
+  def read(self, rel: str) -> bytes | None:
+    try:
+      return (self.root / rel).read_bytes()
+    except FileNotFoundError:
+      return None
+
+  def read_into(self, rel: str, offset: int, out: memoryview) -> None:
+    with open(self.root / rel, "rb", buffering=0) as f:
+      while out:
+        got = os.preadv(f.fileno(), [out], offset)
+        if not got:
+          raise LocationError(f"{self.url(rel)} ends at byte {offset}: it is truncated")
+        out, offset = out[got:], offset + got
+
+  def blocks(self, rel: str) -> Iterator[bytes] | None:
+    """The file in consecutive blocks, or None if it is missing."""
+    try:
+      f = open(self.root / rel, "rb")
+    except FileNotFoundError:
+      return None
+
+    def read():
+      with f:
+        while block := f.read(_BLOCK):
+          yield block
+    return read()
+
+  def write(self, rel: str, data: bytes) -> None:
+    from sae_jax.store import atomic_write_bytes  # defined after the import of this module
+    (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(self.root / rel, data)
+
+  def subfolders(self, rel: str) -> list[str]:
+    folder = self.root / rel
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+  def mmap_npy(self, rel: str) -> np.ndarray:
+    return np.load(self.root / rel, mmap_mode="r", allow_pickle=False)
+
+
+class Bucket:
+  """A prefix of a GCS or S3 bucket, through tensorstore."""
+
+  def __init__(self, url: str):
+    import tensorstore as ts  # only stores in buckets need it
+    self._ts = ts
+    self.root = url.rstrip("/")
+    scheme, _, rest = self.root.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+      raise LocationError(f"{url}: no bucket name")
+    spec = {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket,
+            "path": prefix + "/" if prefix else ""}
+    if scheme == "gs" and os.environ.get("STORAGE_EMULATOR_HOST"):
+      host = os.environ["STORAGE_EMULATOR_HOST"]
+      os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL",
+                            host if "://" in host else f"http://{host}")
+      os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # it checks no token
+    if scheme == "s3":
+      endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+      if endpoint:
+        spec["endpoint"] = endpoint
+      spec["aws_region"] = (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                            or "us-east-1")
+    try:
+      self.kv = ts.KvStore.open(spec).result()
+    except Exception as e:
+      raise self._error(url, e) from e
+
+  def url(self, rel: str) -> str:
+    return f"{self.root}/{rel}"
+
+  def _error(self, url: str, e: Exception) -> LocationError:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return LocationError(f"{url}: {reason}")
+
+  def _read(self, rel: str, byte_range: slice | None = None, *, to_end: bool = False):
+    """A read; a range past the object's end is cut at the end if `to_end`, else refused."""
+    try:
+      return self.kv.read(rel, byte_range=byte_range).result()
+    except Exception as e:
+      if "OUT_OF_RANGE" not in str(e):
+        raise self._error(self.url(rel), e) from e
+      if not to_end:
+        raise LocationError(f"{self.url(rel)} ends before byte {byte_range.stop}: it is "
+                            "truncated") from e
+      return self._read(rel, slice(byte_range.start, None))
+
+  def read(self, rel: str) -> bytes | None:
+    result = self._read(rel)
+    return bytes(result.value) if result.state == "value" else None
+
+  def read_into(self, rel: str, offset: int, out: memoryview) -> None:
+    result = self._read(rel, slice(offset, offset + len(out)))
+    if result.state != "value":
+      raise LocationError(f"{self.url(rel)} is missing")
+    if len(result.value) != len(out):
+      raise LocationError(f"{self.url(rel)} ends before byte {offset + len(out)}: it is truncated")
+    out[:] = result.value
+
+  def blocks(self, rel: str) -> Iterator[bytes] | None:
+    """The object in consecutive ranged reads, or None if it is missing."""
+    first = self._read(rel, slice(0, _BLOCK), to_end=True)
+    if first.state != "value":
+      return None
+
+    def read():
+      block, offset = bytes(first.value), 0
+      while True:
+        yield block
+        if len(block) < _BLOCK:
+          return
+        offset += _BLOCK
+        block = bytes(self._read(rel, slice(offset, offset + _BLOCK), to_end=True).value)
+    return read()
+
+  def write(self, rel: str, data: bytes) -> None:
+    try:
+      self.kv.write(rel, data).result()
+    except Exception as e:
+      raise self._error(self.url(rel), e) from e
+
+  def subfolders(self, rel: str) -> list[str]:
+    prefix = rel.rstrip("/") + "/"
+    try:
+      keys = self.kv.list(self._ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")).result()
+    except Exception as e:
+      reason = str(self._error("", e))[2:]
+      raise LocationError(f"{self.root}: cannot list it ({reason}); does the bucket exist, and "
+                          "may these credentials read it?") from e
+    return sorted({k.decode()[len(prefix):].split("/")[0] for k in keys
+                   if "/" in k.decode()[len(prefix):]})
+
+  def mmap_npy(self, rel: str) -> np.ndarray:
+    """Not a memory map: the whole object, read once."""
+    import io
+    data = self.read(rel)
+    if data is None:
+      raise LocationError(f"{self.url(rel)} is missing")
+    return np.load(io.BytesIO(data), allow_pickle=False)
