@@ -12,6 +12,13 @@ histogram of activation values. Memory is bounded by latents x N, never by rows 
 - on the host, only the (latent, image) pairs that entered a top-N get their patch map, built from
   the chunk's sparse codes.
 
+Then one more pass over the rows that are not base-grid patches (other image tokens, text
+tokens) gives each latent its modality profile and its top-N text rows (docs/formats.md, "Modality
+profile"): activation mass per token kind, summed in float64 on the host, and the N text rows with
+the largest activation, merged chunk by chunk from the sparse codes (memory latents x N + chunk x k).
+The text rows are recorded by store row, image id and position only: sae_jax has no tokenizer,
+and `interpret` decodes their context from the store's token ids.
+
 Every --save_every chunks the whole state goes to one file, TOPACTS/scan_state.npz, replaced
 atomically, and a rerun resumes from it: a kill at any moment leaves the state of one chunk
 boundary, never parts of two. The output (sae_jax.topacts, docs/formats.md) is written at the end,
@@ -32,7 +39,8 @@ from tqdm import tqdm
 
 from sae_jax import checkpoint, dictionary, logs, topacts
 from sae_jax.model import SAEConfig, TopKSAE
-from sae_jax.store import KIND_IMAGE_BASE, Store, StoreError, absolute, atomic_write_with
+from sae_jax.store import (KIND_IMAGE_BASE, KIND_IMAGE_OTHER, KIND_TEXT, Store, StoreError,
+                           absolute, atomic_write_with)
 
 STATE = "scan_state.npz"
 
@@ -146,7 +154,7 @@ def scan(sae: str, store: str, out: str, *, top_n: int = 5, score: str = "mean",
     (out_path / STATE).unlink(missing_ok=True)
     done = topacts.TopActs(out_path)
     return summary(out_path, done.density, len(images), done.header["rows_scanned"], 0.0, 0)
-  state, maps, done_images, rows_scanned = resumed
+  state, maps, mass, done_images, rows_scanned = resumed
   params, chunk_step = make_chunk_step(model, top_n, chunk_images, score, jnp.asarray(edges),
                                        grid_size)
   device_state = jax.tree.map(jnp.asarray, state)
@@ -163,25 +171,93 @@ def scan(sae: str, store: str, out: str, *, top_n: int = 5, score: str = "mean",
     old_images = np.asarray(device_state["images"])
     device_state, values, indices = chunk_step(params, device_state, x, image_p, valid,
                                                np.int32(first))
-    update_maps(maps, old_images, np.asarray(device_state["images"]), first,
-                np.asarray(values)[:rows], np.asarray(indices)[:rows], image, patch)
+    values, indices = np.asarray(values)[:rows], np.asarray(indices)[:rows]
+    update_maps(maps, old_images, np.asarray(device_state["images"]), first, values, indices,
+                image, patch)
+    np.add.at(mass[:, KIND_IMAGE_BASE], indices.ravel(), values.ravel().astype(np.float64))
     rows_scanned += rows
     done_images = first + int(image[-1]) + 1  # a chunk ends early at a shard boundary
     bar.update(done_images - bar.n)
     bar.set_postfix(rows=rows_scanned, refresh=False)
     chunks_since_save += 1
     if chunks_since_save == save_every:
-      save_state(out_path, header, device_state, maps, done_images, rows_scanned)
+      save_state(out_path, header, device_state, maps, mass, done_images, rows_scanned)
       chunks_since_save = 0
   bar.close()
   host = jax.device_get(device_state)
   density = host["fires"] / max(rows_scanned, 1)
-  topacts.write(out_path, {**header, "rows_scanned": rows_scanned, "images_scanned": len(images)},
+  text = text_pass(model, data, top_n, mass)
+  topacts.write(out_path, {**header, "rows_scanned": rows_scanned, "images_scanned": len(images),
+                           "rows_by_kind": text.pop("rows_by_kind")},
                 {"top_images": host["images"], "top_scores": host["scores"], "top_maps": maps,
-                 "density": density, "histogram": host["hist"]}, images)
+                 "density": density, "histogram": host["hist"], "modality_mass": mass, **text},
+                images)
   (out_path / STATE).unlink(missing_ok=True)
   return summary(out_path, density, len(images), rows_scanned,
                  time.perf_counter() - start_time, rows_scanned - start_rows)
+
+
+def text_pass(model: TopKSAE, data: Store, top_n: int, mass: np.ndarray,
+              chunk_rows: int = 1024) -> dict:
+  """Encodes every row that is not a base-grid patch: adds its activation to `mass` (by kind) and
+  keeps each latent's top-N text rows. Returns the text arrays and the store's rows per kind."""
+  n = model.cfg.num_latents
+  graphdef, params = nnx.split(model)
+  encode = jax.jit(lambda params, x: nnx.merge(graphdef, params).encode(x))
+  best_values = np.zeros((n, top_n), np.float32)
+  best_rows = np.full((n, top_n), -1, np.int64)
+  rows_by_kind = {name: 0 for name in ("image_base", "image_other", "text")}
+  where = {}  # store row -> (image id, position) of the rows in a top-N
+  for shard, acts, meta in data.iter_shards():
+    for kind, name in ((KIND_IMAGE_BASE, "image_base"), (KIND_IMAGE_OTHER, "image_other"),
+                       (KIND_TEXT, "text")):
+      rows_by_kind[name] += int(np.sum(meta["kind"] == kind))
+    sel_all = np.flatnonzero(meta["kind"] != KIND_IMAGE_BASE)
+    for lo in range(0, sel_all.size, chunk_rows):
+      sel = sel_all[lo:lo + chunk_rows]
+      x = np.asarray(acts[sel], np.float32)
+      x = np.pad(x, ((0, -len(sel) % 64), (0, 0)))
+      values, indices = (np.asarray(a)[:len(sel)] for a in encode(params, x))
+      kinds = meta["kind"][sel]
+      for kind in (KIND_IMAGE_OTHER, KIND_TEXT):
+        mine = kinds == kind
+        np.add.at(mass[:, kind], indices[mine].ravel(), values[mine].ravel().astype(np.float64))
+      text = np.flatnonzero(kinds == KIND_TEXT)
+      if text.size == 0:
+        continue
+      v, i = values[text], indices[text]
+      fired = v > 0
+      rows = np.broadcast_to((shard.first_row + sel[text])[:, None], v.shape)[fired]
+      best_values, best_rows = merge_top(best_values, best_rows, i[fired], v[fired], rows)
+      for r in np.unique(rows):
+        local = r - shard.first_row
+        where[int(r)] = (int(meta["image_id"][local]), int(meta["position"][local]))
+  image = np.full(best_rows.shape, -1, np.int64)
+  position = np.full(best_rows.shape, -1, np.int32)
+  for (l, s) in zip(*np.nonzero(best_rows >= 0)):
+    image[l, s], position[l, s] = where[int(best_rows[l, s])]
+  return {"top_text_rows": best_rows, "top_text_values": best_values,
+          "top_text_images": image, "top_text_positions": position, "rows_by_kind": rows_by_kind}
+
+
+def merge_top(best_values, best_rows, latents, values, rows):
+  """The running top-N (value, row) per latent merged with new (latent, value, row) triples.
+
+  Ties keep the lower store row, so the result does not depend on how rows were chunked."""
+  n, top_n = best_values.shape
+  held = best_rows >= 0
+  lat = np.concatenate([np.nonzero(held)[0], latents])
+  val = np.concatenate([best_values[held], values]).astype(np.float32)
+  row = np.concatenate([best_rows[held], rows]).astype(np.int64)
+  order = np.lexsort((row, -val, lat))
+  lat, val, row = lat[order], val[order], row[order]
+  rank = np.arange(lat.size) - np.searchsorted(lat, lat)  # rank within the latent
+  keep = rank < top_n
+  new_values = np.zeros((n, top_n), np.float32)
+  new_rows = np.full((n, top_n), -1, np.int64)
+  new_values[lat[keep], rank[keep]] = val[keep]
+  new_rows[lat[keep], rank[keep]] = row[keep]
+  return new_values, new_rows
 
 
 def summary(out: Path, density: np.ndarray, images: int, rows: int, seconds: float,
@@ -231,19 +307,23 @@ def resume_or_init(out: Path, header: dict, n: int, top_n: int, bins: int, grid_
     state = {"scores": np.zeros((n, top_n), np.float32),
              "images": np.full((n, top_n), -1, np.int32),
              "fires": np.zeros((n,), np.int32), "hist": np.zeros((n, bins), np.int32)}
-    return state, np.zeros((n, top_n, grid_size), np.float32), 0, 0
+    return state, np.zeros((n, top_n, grid_size), np.float32), np.zeros((n, 3)), 0, 0
   with np.load(out / STATE, allow_pickle=False) as saved:
     if json.loads(str(saved["header"])) != header:
       raise ScanError(f"--out={out} holds a scan with other settings; use another --out")
+    if "mass" not in saved.files:
+      raise ScanError(f"--out={out} holds the state of an older sae_jax.scan (no modality mass); "
+                      "delete it or use another --out")
     state = {name: saved[name] for name in ("scores", "images", "fires", "hist")}
     images_scanned, rows_scanned = (int(v) for v in saved["progress"])
-    return state, saved["maps"].astype(np.float32), images_scanned, rows_scanned
+    return (state, saved["maps"].astype(np.float32), saved["mass"].astype(np.float64),
+            images_scanned, rows_scanned)
 
 
-def save_state(out: Path, header: dict, state, maps, images_scanned: int,
+def save_state(out: Path, header: dict, state, maps, mass, images_scanned: int,
                rows_scanned: int) -> None:
   """The whole resume point in one file, replaced atomically."""
-  arrays = {**jax.device_get(state), "maps": maps.astype(np.float16),
+  arrays = {**jax.device_get(state), "maps": maps.astype(np.float16), "mass": mass,
             "header": np.array(json.dumps(header)),
             "progress": np.array([images_scanned, rows_scanned], np.int64)}
 

@@ -1,0 +1,121 @@
+"""Cross-modal features: the scan's modality profile and top text rows against float64 numpy,
+their text contexts, the dashboard's escaped highlight and the report's counts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import reference
+
+from sae_jax import dictionary, scan as scan_lib, topacts as topacts_lib
+from sae_jax.store import (KIND_IMAGE_BASE, KIND_IMAGE_OTHER, KIND_TEXT, META_DTYPE, Store,
+                           StoreWriter)
+from sae_jax.topacts import TopActs
+
+D, N_LATENTS, K, GRID, TOP_N = 8, 16, 3, (2, 2), 3
+TEXT_LATENT, IMAGE_LATENT = 0, 1  # planted: one fires on text rows only, one on image rows only
+TEXT_AT = (2, 3, 4, 6)  # positions of the text tokens of every prompt; 0, 1 and 5 are image tokens
+REPO = Path(__file__).resolve().parents[1]
+
+
+def planted_params(rng):
+  w_enc = rng.normal(size=(N_LATENTS, D)) * 0.3
+  w_enc[TEXT_LATENT] = np.eye(D)[0] * 3  # reads dimension 0, which only text rows carry
+  w_enc[IMAGE_LATENT] = np.eye(D)[1] * 3  # reads dimension 1, which only image rows carry
+  params = {"W_enc": w_enc, "b_enc": np.full(N_LATENTS, -0.2), "W_dec": rng.normal(size=(N_LATENTS, D)),
+            "b_dec": np.zeros(D)}
+  params["W_dec"] /= np.linalg.norm(params["W_dec"], axis=1, keepdims=True)
+  return params
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+  root = tmp_path_factory.mktemp("modality")
+  rng = np.random.default_rng(1)
+  params = planted_params(rng)
+  export = dictionary.write(root / "export", "model.layers.0", params, k=K, layout="sparsify")
+  writer = StoreWriter(root / "store", {"model": "synthetic", "hookpoint": "model.layers.0",
+                                        "layer": 0, "d_model": D, "dtype": "float32",
+                                        "settings": {"tokens": "all"}})
+  grid = GRID[0] * GRID[1]
+  image_id = 0
+  for _ in range(2):  # 2 shards of 5 inputs: base patches, one other image token, 4 text tokens
+    acts, metas, records = [], [], []
+    for _ in range(5):
+      kinds = [KIND_IMAGE_BASE] * grid + [KIND_IMAGE_OTHER] + [KIND_TEXT] * len(TEXT_AT)
+      x = rng.normal(size=(len(kinds), D)).astype(np.float32) * 0.5
+      x[:, :2] = 0
+      x[:grid + 1, 1] = rng.uniform(0.5, 2, grid + 1)  # image rows carry dimension 1
+      x[grid + 1:, 0] = rng.uniform(0.5, 2, len(TEXT_AT))  # text rows carry dimension 0
+      meta = np.zeros(len(kinds), META_DTYPE)
+      meta["image_id"], meta["kind"] = image_id, kinds
+      meta["patch"] = [*range(grid), -1, *[-1] * len(TEXT_AT)]
+      meta["position"] = [*range(7, 7 + grid), 5, *TEXT_AT]  # the order rows have need not matter
+      acts.append(x), metas.append(meta)
+      records.append({"id": image_id, "source": f"{image_id}.png", "grid": list(GRID),
+                      "text_tokens": [[p, 100 + 10 * image_id + p] for p in TEXT_AT]})
+      image_id += 1
+    writer.write_shard(np.concatenate(acts), np.concatenate(metas), records, num_inputs=5)
+  writer.finish()
+  out = root / "topacts"
+  scan_lib.scan(str(export), str(root / "store"), str(out), top_n=TOP_N, chunk_images=3,
+                progress=False)
+  return root, params, out
+
+
+def reference_codes(root, params):
+  store = Store(root / "store")
+  meta = store.meta()
+  x = np.stack([store[i] for i in range(len(meta))])
+  values, indices = reference.encode_numpy(params, x, K)
+  codes = np.zeros((len(meta), N_LATENTS))
+  np.put_along_axis(codes, indices, values, 1)
+  return meta, codes
+
+
+def test_modality_mass_and_top_text_rows_match_numpy(planted):
+  root, params, out = planted
+  meta, codes = reference_codes(root, params)
+  acts = TopActs(out)
+  mass = np.stack([codes[meta["kind"] == k].sum(0)
+                   for k in (KIND_IMAGE_BASE, KIND_IMAGE_OTHER, KIND_TEXT)], axis=1)
+  np.testing.assert_allclose(acts.text["modality_mass"], mass, rtol=1e-5, atol=1e-5)
+  assert acts.header["rows_by_kind"] == {"image_base": 40, "image_other": 10, "text": 40}
+  text = np.flatnonzero(meta["kind"] == KIND_TEXT)
+  for latent in range(N_LATENTS):  # brute force: sort every text row by its activation
+    order = sorted((r for r in text if codes[r, latent] > 0), key=lambda r: (-codes[r, latent], r))
+    got = acts.text_rows(latent)
+    assert [t.row for t in got] == order[:TOP_N]
+    np.testing.assert_allclose([t.value for t in got], codes[order[:TOP_N], latent], rtol=1e-5)
+    assert [(t.image_id, t.position) for t in got] == [
+        (int(meta["image_id"][r]), int(meta["position"][r])) for r in order[:TOP_N]]
+
+
+def test_modality_profile_names_the_planted_latents(planted):
+  root, params, out = planted
+  meta, codes = reference_codes(root, params)
+  profile = TopActs(out).modality()
+  image = codes[meta["kind"] != KIND_TEXT].sum(0)
+  text = codes[meta["kind"] == KIND_TEXT].sum(0)
+  total = image + text
+  with np.errstate(invalid="ignore", divide="ignore"):
+    share = np.where(total > 0, text / total, 0.0)
+    both = np.where(total > 0, np.minimum(image, text) / np.maximum(image, text), 0.0)
+  np.testing.assert_allclose(profile["text_share"], share, atol=1e-5)
+  np.testing.assert_allclose(profile["both"], both, atol=1e-5)
+  assert profile["modality"][TEXT_LATENT] == "text"
+  assert profile["modality"][IMAGE_LATENT] == "image"
+  expected = np.where(total <= 0, "dead", np.where(both >= 0.1, "both",
+                                                   np.where(text > image, "text", "image")))
+  assert list(profile["modality"]) == list(expected)
+
+
+def test_an_older_topacts_has_no_modality(tmp_path):
+  import fakes
+  fakes.write_topacts(tmp_path / "old")
+  acts = TopActs(tmp_path / "old")
+  assert acts.modality() is None and acts.text_rows(0) == [] and not acts.has_text()
