@@ -109,9 +109,11 @@ def encoded_batches(config: HarvestConfig, inputs, loaded: llava.LoadedModel, st
       batch_index, meta = tokens.select_tokens(
           encoded["input_ids"].numpy(), encoded["attention_mask"].numpy(), ids, loaded.layout,
           config.tokens)
+      prompt_tokens = tokens.text_tokens(encoded["input_ids"].numpy(),
+                                         encoded["attention_mask"].numpy(), loaded.layout)
       records = [{"id": int(i), "source": inputs.source(n), "prompt": text,
-                  "grid": list(loaded.layout.grid)}
-                 for i, (n, _, _), text in zip(ids, pending, texts)]
+                  "grid": list(loaded.layout.grid), "text_tokens": pairs}
+                 for i, (n, _, _), text, pairs in zip(ids, pending, texts, prompt_tokens)]
       pending.clear()
       return EncodedBatch(encoded, batch_index, meta, records)
 

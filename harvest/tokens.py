@@ -68,3 +68,16 @@ def select_tokens(input_ids: np.ndarray, attention_mask: np.ndarray, image_ids: 
     batch_index.append(np.full(len(meta), b, np.int64))
     metas.append(meta)
   return np.concatenate(batch_index), np.concatenate(metas)
+
+
+def text_tokens(input_ids: np.ndarray, attention_mask: np.ndarray,
+                layout: ImageLayout) -> list[list[list[int]]]:
+  """Per input of a [batch, seq] batch, [position, token id] of every text token (not padding,
+  BOS or an image token), for the image record: `interpret` decodes a text row's context from it
+  with the model's tokenizer, since sae_jax has none. A few dozen pairs per prompt."""
+  out = []
+  for ids, mask in zip(input_ids, attention_mask):
+    at = np.flatnonzero(mask.astype(bool) & (ids != layout.bos_token_id)
+                        & (ids != layout.image_token_id))
+    out.append([[int(p), int(ids[p])] for p in at])
+  return out

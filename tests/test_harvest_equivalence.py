@@ -76,6 +76,9 @@ def test_batched_rows_equal_unbatched_hidden_states(kind, tiny_model, synthetic_
     np.testing.assert_array_equal(rows["position"], np.arange(1, len(ids)))
     is_image = ids[rows["position"]] == model.config.image_token_id
     assert np.all((rows["kind"] == KIND_TEXT) == ~is_image)
+    # The record's text tokens are the text rows' positions and ids (what interpret decodes).
+    text = rows["position"][rows["kind"] == KIND_TEXT]
+    assert record["text_tokens"] == [[int(p), int(ids[p])] for p in text]
     positions = rows["position"].astype(np.int64)
     base = rows[rows["kind"] == KIND_IMAGE_BASE]
     np.testing.assert_array_equal(base["patch"], np.arange(grid * grid))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from harvest.tokens import ImageLayout, TokenError, select_tokens
+from harvest.tokens import ImageLayout, TokenError, select_tokens, text_tokens
 from sae_jax.store import KIND_IMAGE_BASE, KIND_IMAGE_OTHER, KIND_TEXT
 
 BOS, PAD, IMG, TXT = 1, 0, 9, 5
@@ -51,3 +51,9 @@ def test_too_few_image_tokens_is_an_error():
   ids, mask = _batch([[BOS, IMG, IMG]])
   with pytest.raises(TokenError, match="input 3 has 2 image tokens, fewer than the 4"):
     select_tokens(ids, mask, np.array([3]), layout, "all")
+
+
+def test_text_tokens_skip_bos_padding_and_image_tokens():
+  layout = ImageLayout(image_token_id=IMG, bos_token_id=BOS, grid=(1, 1), base_first=True)
+  ids, mask = _batch([[BOS, TXT, IMG, IMG, 6], [BOS, IMG, 7]])
+  assert text_tokens(ids, mask, layout) == [[[1, TXT], [4, 6]], [[2, 7]]]
