@@ -12,6 +12,12 @@ no server: open index.html in a browser, or copy the folder anywhere.
 concept is shown beside its explanation, and its IoU and random baseline join the scores
 (`concept_iou`, `concept_random_iou`).
 
+A TOPACTS with a modality profile (docs/formats.md) adds each latent's modality, image and text
+shares and both-score to its page (text_share and modality_both are sortable in the index), and its
+top text contexts: --text_window tokens either side of the firing token (highlighted), decoded with
+--tokenizer (default: the scanned store's model). Stores without text rows, or harvested before
+records carried text tokens, get a note instead.
+
 --scores is a JSON object {"<latent>": {"<score name>": number, ...}} (or {"<latent>": number},
 read as the score "score"), or JSONL lines {"latent": i, "<score name>": number, ...}.
 """
@@ -26,7 +32,7 @@ from absl import flags
 from tqdm import tqdm
 
 from harvest.images import BadImage
-from interpret import jobs, site, sources, visual
+from interpret import jobs, site, sources, textctx, visual
 from interpret import topacts as topacts_lib
 from sae_jax import cli
 from sae_jax.store import StoreError, atomic_write_bytes
@@ -46,6 +52,12 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Side of the PNGs written.
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Top images per latent (default: all).",
                                    lower_bound=1)
 _TITLE = flags.DEFINE_string("title", "SAE features", "Title of the site.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer (path or hub id) that decodes the "
+                                 "top text contexts (default: the scanned store's model).")
+_NUM_TEXTS = flags.DEFINE_integer("num_texts", None, "Top text contexts per latent (default: "
+                                  "all the scan kept).", lower_bound=1)
+_TEXT_WINDOW = flags.DEFINE_integer("text_window", 8, "Tokens shown either side of a firing text "
+                                    "token.", lower_bound=0)
 _WORKERS = flags.DEFINE_integer("workers", 4, "Threads rendering pages and images.", lower_bound=1)
 topacts_lib.define_selection_flags(flags)
 
@@ -126,9 +138,35 @@ def _render_latent(index, acts, table, record, scores, concept, neighbours, out:
       atomic_write_bytes(folder / f"top{rank}_{kind}.png", visual.png_bytes(picture))
       entry["files"][kind] = f"{index}/top{rank}_{kind}.png"
     images.append(entry)
+  text_html = ""
+  if settings.get("text_note"):
+    text_html = site.text_contexts_html(None, settings["text_note"])
+  elif settings.get("tokenizer") is not None:
+    found = textctx.contexts(acts, index, settings["records_by_id"], settings["tokenizer"],
+                             settings.get("text_window", 8), settings.get("num_texts"))
+    text_html = site.text_contexts_html(found, None if found is not None else textctx.NO_TOKENS_NOTE)
+  profile = settings.get("modality")
+  modality = ({name: profile[name][index] for name in profile} if profile else None)
   page = site.latent_page(latent, record, scores, images, acts.hist_edges, neighbours,
-                          settings["title"], concept)
+                          settings["title"], concept, modality, text_html)
   atomic_write_bytes(out / "latents" / f"{index}.html", page.encode())
+
+
+def text_settings(acts, settings: dict) -> dict:
+  """The modality profile, and the tokenizer (settings["tokenizer"]: an object with decode, or a
+  path to load) or a note saying why there are no text contexts."""
+  if acts.text is None:
+    return {"modality": None, "text_note": None, "tokenizer": None}
+  out = {"modality": acts.modality(), "text_note": None,
+         "records_by_id": {r["id"]: r for r in acts.images()}}
+  if not acts.has_text():
+    out["text_note"] = "The scanned store holds no text rows (harvested with --tokens=base_patches " \
+                       "or image): no text contexts."
+    out["tokenizer"] = None
+  else:
+    tokenizer = settings.get("tokenizer")
+    out["tokenizer"] = textctx.load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+  return out
 
 
 def build_site(acts, table, latents: list[int], records: dict[int, dict],
@@ -136,6 +174,13 @@ def build_site(acts, table, latents: list[int], records: dict[int, dict],
                concepts: dict[int, dict] | None = None) -> dict:
   concepts = concepts or {}
   scores = with_concepts(scores, concepts)
+  settings = {**settings, **text_settings(acts, settings)}
+  if settings["modality"]:  # sortable in the index like any score
+    scores = {i: dict(v) for i, v in scores.items()}
+    for i in latents:
+      scores.setdefault(i, {}).update(
+          text_share=float(settings["modality"]["text_share"][i]),
+          modality_both=float(settings["modality"]["both"][i]))
   (out / "latents").mkdir(parents=True, exist_ok=True)
   atomic_write_bytes(out / "style.css", site.STYLE.encode())
   neighbours = {i: (latents[n - 1] if n else None, latents[n + 1] if n + 1 < len(latents) else None)
@@ -167,10 +212,14 @@ def main():
   table = sources.open_table(acts, _STORE.value, _IMAGE_ROOT.value)
   summary = build_site(acts, table, latents, records, scores, out, {
       "image_size": _IMAGE_SIZE.value, "num_images": _NUM_IMAGES.value, "title": _TITLE.value,
-      "workers": _WORKERS.value}, concepts)
+      "workers": _WORKERS.value, "num_texts": _NUM_TEXTS.value,
+      "text_window": _TEXT_WINDOW.value,
+      "tokenizer": textctx.tokenizer_path(acts, _TOKENIZER.value) if acts.has_text() else None},
+      concepts)
   print(json.dumps({"ok": True, "skipped_no_images": skipped, **summary,
                     "index": str(out / "index.html")}))
 
 
 if __name__ == "__main__":
-  cli.run(main, (topacts_lib.TopActsError, StoreError, jobs.ResultsError, ScoresError, OSError))
+  cli.run(main, (topacts_lib.TopActsError, StoreError, jobs.ResultsError, ScoresError, OSError,
+                 textctx.TextContextError))

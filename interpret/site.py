@@ -27,6 +27,8 @@ pre { white-space: pre-wrap; background: #f7f7f7; padding: 0.5em; max-width: 60e
 input, select { font-size: 1em; padding: 0.2em; margin-right: 1em; }
 svg { max-width: 100%; height: auto; }
 .bar { fill: #7b2cbf; } .bar:hover { fill: #f0a500; }
+mark.firing { background: #f0a500; font-weight: bold; }
+.context { font-family: ui-monospace, monospace; white-space: pre-wrap; }
 """
 
 INDEX_SCRIPT = """
@@ -154,13 +156,34 @@ def histogram_svg(counts: np.ndarray, edges: np.ndarray, width: int = 480, heigh
           f"{edges[end]:.4g}</text></svg>")
 
 
+def text_contexts_html(contexts: list | None, note: str | None = None) -> str:
+  """The latent's top text tokens, each with its decoded window and the firing token marked.
+  Every decoded piece is escaped: a prompt can hold any text."""
+  e = html.escape
+  if note:
+    return f"<h2>Top text contexts</h2><p>{e(note)}</p>"
+  if contexts is None:
+    return ""
+  if not contexts:
+    return "<h2>Top text contexts</h2><p>This latent fired on no text token of the store.</p>"
+  rows = "".join(
+      f"<tr><td>{_number(c.value, '.4g')}</td><td>{c.image_id}:{c.position}</td>"
+      f"<td class=\"context\">{e(c.before)} <mark class=\"firing\">{e(c.token)}</mark> "
+      f"{e(c.after)}</td></tr>" for c in contexts)
+  return ("<h2>Top text contexts</h2><table><tr><th>activation</th><th>input:position</th>"
+          f"<th>context</th></tr>{rows}</table>")
+
+
 def latent_page(latent, record: dict | None, scores: dict, images: list[dict], edges: np.ndarray,
                 neighbours: tuple[int | None, int | None], title: str,
-                concept: dict | None = None) -> str:
+                concept: dict | None = None, modality: dict | None = None,
+                text_html: str = "") -> str:
   """One latent: explanation, the planted concept it matches (`concept`: {concept, iou,
   random_iou} from eval.concepts), statistics, histogram and its top images.
 
   `images`: {id, score, source, files: {original, mask, heatmap} | None, error} per top image.
+  `modality`: {modality, image_share, text_share, both} of the latent (sae_jax.topacts);
+  `text_html`: its top text contexts, from `text_contexts_html`.
   """
   e = html.escape
   status = record["status"] if record else "not explained"
@@ -171,6 +194,10 @@ def latent_page(latent, record: dict | None, scores: dict, images: list[dict], e
   stats = [("status", f"<span class=\"status-{e(status)}\">{e(status)}</span>"),
            ("density", _number(latent.density, ".6g")),
            ("explainer", e(str((record or {}).get("model", "")))),
+           *([("modality", f"{e(modality['modality'])} (image share "
+                           f"{_number(modality['image_share'], '.3f')}, text share "
+                           f"{_number(modality['text_share'], '.3f')}, both "
+                           f"{_number(modality['both'], '.3f')})")] if modality else []),
            *[(e(name), _number(value, ".4f")) for name, value in sorted(scores.items())]]
   stat_rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in stats)
   cells = []
@@ -200,5 +227,6 @@ def latent_page(latent, record: dict | None, scores: dict, images: list[dict], e
 <p>Each column: the image, the paper's visual prompt (inactive regions darkened), and a heatmap
 scaled by this latent's largest patch activation over these images.</p>
 <div class="images">{''.join(cells)}</div>
+{text_html}
 {f"<h2>Explainer's answer</h2><pre>{e(raw)}</pre>" if raw else ""}"""
   return _page(f"{title}: latent {latent.index}", body, "../style.css")

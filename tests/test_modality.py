@@ -119,3 +119,51 @@ def test_an_older_topacts_has_no_modality(tmp_path):
   fakes.write_topacts(tmp_path / "old")
   acts = TopActs(tmp_path / "old")
   assert acts.modality() is None and acts.text_rows(0) == [] and not acts.has_text()
+
+
+class FakeTokenizer:
+  """Decodes id i to the word '<w i>' (markup, so the test sees it escaped)."""
+
+  def decode(self, ids):
+    return " ".join(f"<w{i}>" for i in ids)
+
+
+def test_text_contexts_decode_a_window_around_the_firing_token(planted):
+  from interpret import textctx
+  root, params, out = planted
+  acts = TopActs(out)
+  records = {r["id"]: r for r in acts.images()}
+  found = textctx.contexts(acts, TEXT_LATENT, records, FakeTokenizer(), window=2)
+  rows = acts.text_rows(TEXT_LATENT)
+  assert len(found) == len(rows) == TOP_N
+  for c, row in zip(found, rows):
+    assert c.token == f"<w{100 + 10 * row.image_id + row.position}>"
+  # Every position, by hand: window 2 around TEXT_AT = (2, 3, 4, 6); 5 is an image token.
+  class One:
+    text_rows = lambda self, latent: [topacts_lib.TextRow(0, 0, p, 1.0) for p in TEXT_AT]
+  m = textctx.IMAGE_MARK
+  got = [(c.before, c.token, c.after) for c in textctx.contexts(One(), 0, records, FakeTokenizer(),
+                                                                  window=2)]
+  # (an image token shows between two text tokens of the window, not at its edge)
+  assert got == [("", "<w102>", "<w103> <w104>"), ("<w102>", "<w103>", "<w104>"),
+                 ("<w102> <w103>", "<w104>", m + " <w106>"), ("<w104> " + m, "<w106>", "")]
+  old = {i: {k: v for k, v in r.items() if k != "text_tokens"} for i, r in records.items()}
+  assert textctx.contexts(acts, TEXT_LATENT, old, FakeTokenizer()) is None
+
+
+def test_dashboard_escapes_and_highlights_the_firing_token(planted, tmp_path):
+  from interpret import dashboard, sources
+  root, params, out = planted
+  acts = TopActs(out)
+  table = sources.open_table(acts, str(root / "store"), None)
+  summary = dashboard.build_site(acts, table, [TEXT_LATENT, IMAGE_LATENT], {}, {}, tmp_path, {
+      "image_size": 32, "num_images": None, "title": "t", "workers": 1,
+      "tokenizer": FakeTokenizer(), "text_window": 2, "num_texts": None})
+  assert {"text_share", "modality_both"} <= set(summary["score_names"])
+  page = (tmp_path / "latents" / f"{TEXT_LATENT}.html").read_text()
+  assert "<w1" not in page  # every decoded word escaped
+  best = acts.text_rows(TEXT_LATENT)[0]
+  firing = f"&lt;w{100 + 10 * best.image_id + best.position}&gt;"
+  assert f'<mark class="firing">{firing}</mark>' in page
+  assert "modality</th><td>text" in page
+  assert "modality</th><td>image" in (tmp_path / "latents" / f"{IMAGE_LATENT}.html").read_text()
