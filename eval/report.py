@@ -1,10 +1,11 @@
 """`python -m eval.report`: one page (markdown and HTML) with a run's training, quality and scores.
 
   python -m eval.report --workdir=WORKDIR --clip_scores=SCORES [--sae_quality=QUALITY.json] \
-      [--grounded_iou=GROUNDED] [--concepts=CONCEPTS] --out=REPORT
+      [--grounded_iou=GROUNDED] [--concepts=CONCEPTS] [--topacts=TOPACTS] --out=REPORT
 
 Any subset of the inputs works (--grounded_iou: eval.grounded_iou, shown beside the CLIP score;
---concepts: eval.concepts's planted-concept IoU). Writes REPORT/report.md, REPORT/report.html (open
+--concepts: eval.concepts's planted-concept IoU; --topacts: how many latents fire on images only, text only or both, from sae_jax.scan's
+modality profile). Writes REPORT/report.md, REPORT/report.html (open
 it in a browser; it needs nothing else than the PNGs next to it), REPORT/training_curves.png (every
 scalar of WORKDIR/metrics.jsonl against the step) and REPORT/score_distributions.png. --sae_quality
 is the JSON summary of eval.sae_quality: every scalar in it is shown, nested keys joined with dots.
@@ -19,6 +20,7 @@ import json
 from pathlib import Path
 
 from absl import flags
+import numpy as np
 
 from eval import plots, scoring
 from sae_jax import cli
@@ -40,6 +42,8 @@ _CONCEPTS = flags.DEFINE_string("concepts", None, "Output folder of eval.concept
                                 "concepts.json).")
 _GROUNDED_IOU = flags.DEFINE_string("grounded_iou", None, "Output folder of eval.grounded_iou (or "
                                     "its grounded_iou.json).")
+_TOPACTS = flags.DEFINE_string("topacts", None, "TOPACTS folder of sae_jax.scan: the latents' "
+                               "modality counts (image only, text only, both).")
 _OUT = flags.DEFINE_string("out", None, "Folder to write the report to.", required=True)
 _TITLE = flags.DEFINE_string("title", "SAE run report", "Title of the report.")
 
@@ -245,6 +249,32 @@ def concepts_section(path: Path) -> Section:
   return Section("Planted concepts (IoU)", blocks)
 
 
+def modality_section(path: Path) -> Section:
+  from sae_jax import topacts as topacts_lib
+  try:
+    acts = topacts_lib.TopActs(path)
+  except topacts_lib.TopActsError as e:
+    raise ReportError(f"--topacts={path}: {e}") from e
+  profile = acts.modality()
+  if profile is None:
+    return Section("Modality", [f"{path} was written by a scan without the modality profile: "
+                                "rerun sae_jax.scan to count image, text and cross-modal latents."])
+  blocks = [f"From {path}. Rows scanned per token kind: "
+            + ", ".join(f"{k} {v}" for k, v in acts.header.get("rows_by_kind", {}).items()) + "."]
+  if not acts.has_text():
+    blocks.append("The scanned store holds no text rows (harvested with --tokens=base_patches or "
+                  "image): every latent that fires is counted image-only; text is not measured.")
+  counts = {name: int(np.sum(profile["modality"] == name)) for name in topacts_lib.MODALITIES}
+  blocks.append(Table(["modality", "latents", "fraction"], [
+      [label, counts[name], _fmt(counts[name] / max(len(acts), 1))] for name, label in
+      (("image", "image only"), ("text", "text only"), ("both", "both"), ("dead", "never fired"))]))
+  blocks.append(f"A latent fires on both when min(image share, text share) / max(image share, text "
+                f"share) >= {topacts_lib.BOTH_THRESHOLD}, where a share is the fraction of the "
+                "latent's total activation (summed over every scanned token) on image or text "
+                "tokens; otherwise it counts for the modality with the larger share.")
+  return Section("Modality", blocks)
+
+
 def _mean_ci(metric: dict | None) -> str:
   if not metric or metric.get("mean") is None:
     return ""
@@ -339,9 +369,9 @@ def to_html(title: str, sections: list[Section]) -> str:
 
 def main():
   if not (_WORKDIR.value or _CLIP_SCORES.value or _SAE_QUALITY.value or _CONCEPTS.value
-          or _GROUNDED_IOU.value):
+          or _GROUNDED_IOU.value or _TOPACTS.value):
     raise ReportError("nothing to report: pass --workdir, --clip_scores, --sae_quality, "
-                      "--concepts and/or --grounded_iou")
+                      "--concepts, --grounded_iou and/or --topacts")
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   sections = []
@@ -356,6 +386,8 @@ def main():
                                      Path(_CLIP_SCORES.value) if _CLIP_SCORES.value else None))
   if _CONCEPTS.value:
     sections.append(concepts_section(Path(_CONCEPTS.value)))
+  if _TOPACTS.value:
+    sections.append(modality_section(Path(_TOPACTS.value)))
   atomic_write_bytes(out / "report.md", to_markdown(_TITLE.value, sections).encode())
   atomic_write_bytes(out / "report.html", to_html(_TITLE.value, sections).encode())
   print(json.dumps({"ok": True, "sections": [s.title for s in sections],

@@ -1,7 +1,7 @@
 """Cross-modal features: the scan's modality profile and top text rows against float64 numpy,
 their text contexts, the dashboard's escaped highlight and the report's counts."""
 
-import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +119,8 @@ def test_an_older_topacts_has_no_modality(tmp_path):
   fakes.write_topacts(tmp_path / "old")
   acts = TopActs(tmp_path / "old")
   assert acts.modality() is None and acts.text_rows(0) == [] and not acts.has_text()
+  from eval import report
+  assert "without the modality profile" in report.modality_section(tmp_path / "old").blocks[0]
 
 
 class FakeTokenizer:
@@ -167,3 +169,23 @@ def test_dashboard_escapes_and_highlights_the_firing_token(planted, tmp_path):
   assert f'<mark class="firing">{firing}</mark>' in page
   assert "modality</th><td>text" in page
   assert "modality</th><td>image" in (tmp_path / "latents" / f"{IMAGE_LATENT}.html").read_text()
+
+
+def test_report_counts_image_text_and_both(planted, tmp_path):
+  root, params, out = planted
+  meta, codes = reference_codes(root, params)
+  image = codes[meta["kind"] != KIND_TEXT].sum(0)
+  text = codes[meta["kind"] == KIND_TEXT].sum(0)
+  ratio = np.minimum(image, text) / np.maximum(np.maximum(image, text), 1e-300)
+  expected = {"image only": int(np.sum((image + text > 0) & (ratio < 0.1) & (image >= text))),
+              "text only": int(np.sum((image + text > 0) & (ratio < 0.1) & (text > image))),
+              "both": int(np.sum((image + text > 0) & (ratio >= 0.1))),
+              "never fired": int(np.sum(image + text <= 0))}
+  assert expected["text only"] >= 1 and expected["image only"] >= 1
+  result = subprocess.run([sys.executable, "-m", "eval.report", f"--topacts={out}",
+                           f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert result.returncode == 0, result.stderr[-2000:]
+  markdown = (tmp_path / "report.md").read_text()
+  for label, count in expected.items():
+    assert f"| {label} | {count} |" in markdown, markdown
