@@ -119,8 +119,11 @@ def test_an_older_topacts_has_no_modality(tmp_path):
   fakes.write_topacts(tmp_path / "old")
   acts = TopActs(tmp_path / "old")
   assert acts.modality() is None and acts.text_rows(0) == [] and not acts.has_text()
-  from eval import report
-  assert "without the modality profile" in report.modality_section(tmp_path / "old").blocks[0]
+  result = subprocess.run([sys.executable, "-m", "eval.report", f"--topacts={tmp_path / 'old'}",
+                           f"--out={tmp_path / 'report'}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "without the modality profile" in (tmp_path / "report" / "report.md").read_text()
 
 
 class FakeTokenizer:
