@@ -208,7 +208,8 @@ def main():
   scores = load_scores(_SCORES.value) if _SCORES.value else {}
   concepts = load_concepts(_CONCEPTS.value) if _CONCEPTS.value else {}
   latents, skipped = topacts_lib.selection_from_flags(
-      acts, flags.FLAGS, restrict_to=set(records) if _EXPLANATIONS.value else None)
+      acts, flags.FLAGS, restrict_to=set(records) if _EXPLANATIONS.value else None,
+      with_text=acts.has_text())
   table = sources.open_table(acts, _STORE.value, _IMAGE_ROOT.value)
   summary = build_site(acts, table, latents, records, scores, out, {
       "image_size": _IMAGE_SIZE.value, "num_images": _NUM_IMAGES.value, "title": _TITLE.value,

@@ -6,7 +6,10 @@
 
 Each latent's top `--num_images` images are shown with the regions where it is inactive darkened
 (the paper's visual prompt). Kill it at any time and rerun the same command: finished latents are
-never asked again (see interpret/jobs.py for the files written to --out). Exit status: 0 when every
+never asked again (see interpret/jobs.py for the files written to --out). With --text_contexts,
+latents whose scan modality profile is text-dominant (text share >= image share) also get their top
+text contexts in the prompt (firing token in [[brackets]], decoded with --tokenizer, default the
+store's model), and text-only latents, which have no top image, are explained from them alone. Exit status: 0 when every
 selected latent is finished, 2 when some failed (rerun to retry them), 1 on bad input.
 """
 
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from absl import flags
 
-from interpret import explainers, jobs, prompts, sources
+from interpret import explainers, jobs, prompts, sources, textctx
 from interpret import topacts as topacts_lib
 from sae_jax import cli
 from sae_jax.store import StoreError, atomic_write_json
@@ -65,6 +68,15 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: 
 _MULTI_IMAGES = flags.DEFINE_boolean("multi_images", False, "SGLang: tag each image part "
                                      "'modalities: multi-images' (one base view per image on "
                                      "LLaVA-OneVision, as the paper's code).")
+_TEXT_CONTEXTS = flags.DEFINE_boolean(
+    "text_contexts", False, "Also show text-dominant latents' top text contexts (modality profile "
+    "of the scan: text share >= image share), and explain text-only latents from them alone.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer decoding the text contexts "
+                                 "(default: the scanned store's model).")
+_NUM_TEXTS = flags.DEFINE_integer("num_texts", 5, "Top text contexts shown per latent.",
+                                  lower_bound=1)
+_TEXT_WINDOW = flags.DEFINE_integer("text_window", 8, "Tokens shown either side of a firing text "
+                                    "token.", lower_bound=0)
 _HF_DEVICE = flags.DEFINE_string("hf_device", "cpu", "Device of an hf: explainer (cpu, cuda, ...).")
 _HF_DTYPE = flags.DEFINE_enum("hf_dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
                               "Dtype of an hf: explainer.")
@@ -79,7 +91,8 @@ def main():
   # Resolved flags, for the record. The key itself is never a flag: only the variable's name is here.
   atomic_write_json(out / "flags.json", {name: flags.FLAGS[name].value for name in _OURS})
   topacts = topacts_lib.TopActs(_TOPACTS.value)
-  latents, skipped = topacts_lib.selection_from_flags(topacts, flags.FLAGS)
+  with_text = _TEXT_CONTEXTS.value and topacts.has_text()
+  latents, skipped = topacts_lib.selection_from_flags(topacts, flags.FLAGS, with_text=with_text)
   table = sources.open_table(topacts, _STORE.value, _IMAGE_ROOT.value)
   template = prompts.load_template(_PROMPT_TEMPLATE.value)
   if _ANSWER_PREFIX.value is not None:
@@ -90,7 +103,11 @@ def main():
       multi_images=_MULTI_IMAGES.value, device=_HF_DEVICE.value, dtype=_HF_DTYPE.value)
   settings = jobs.JobSettings(concurrency=_CONCURRENCY.value, max_retries=_MAX_RETRIES.value,
                               backoff_s=_BACKOFF_S.value, num_images=_NUM_IMAGES.value,
-                              image_size=_IMAGE_SIZE.value, grid=_GRID.value)
+                              image_size=_IMAGE_SIZE.value, grid=_GRID.value,
+                              text_contexts=textctx.prompt_lines_for(
+                                  topacts, textctx.load_tokenizer(textctx.tokenizer_path(
+                                      topacts, _TOKENIZER.value)), _TEXT_WINDOW.value,
+                                  _NUM_TEXTS.value) if with_text else None)
   summary = jobs.run(topacts, table, latents, template, explainer, out, settings)
   # Failed latents (retries exhausted, unreadable images) are retried by the next run: say so in
   # the exit status, so that scripts notice.
@@ -102,4 +119,4 @@ def main():
 
 if __name__ == "__main__":
   cli.run(main, (topacts_lib.TopActsError, StoreError, prompts.TemplateError, jobs.ResultsError,
-                 explainers.ExplainerError))
+                 explainers.ExplainerError, textctx.TextContextError))

@@ -165,6 +165,8 @@ class JobSettings:
   num_images: int = 5
   image_size: int = visual.PROMPT_SIZE
   grid: bool = False  # one collage instead of separate images: fewer image tokens per request
+  # latent -> text context lines for the prompt, or None (interpret.explain --text_contexts)
+  text_contexts: object = None
 
 
 class Counters:
@@ -237,7 +239,11 @@ def _explain_one(latent_index, topacts, table, template, explainer, cache, setti
     masked = [visual.dim_mask(table.load(int(i)), m, topacts.grid, settings.image_size)
               for i, m in zip(ids, maps)]
     shown = [visual.image_grid(masked)] if settings.grid else masked
-    prompt = template.render([visual.png_bytes(image) for image in shown], num_images=len(masked))
+    texts = settings.text_contexts(latent_index) if settings.text_contexts else None
+    if texts:
+      record["text_contexts"] = texts
+    prompt = template.render([visual.png_bytes(image) for image in shown], num_images=len(masked),
+                             text_contexts=texts)
     key = ResponseCache.key(explainer.identity, prompt)
     raw = cache.get(key)
     if raw is None:

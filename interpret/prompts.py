@@ -18,6 +18,15 @@ _EXPLANATION = re.compile(r"\[EXPLANATION\]\**\s*:\s*\**\s*(.*)")
 _UNABLE = re.compile(r"^\W*unable\b", re.IGNORECASE)
 
 OK, UNABLE, PARSE_ERROR, FAILED = "ok", "unable", "parse_error", "failed"
+TEXT_INTRO = ("The neuron also fires on text. Its strongest text tokens, each shown in the words "
+              "around it with the firing token in [[double brackets]] (<image> marks image "
+              "tokens):")
+
+
+def format_contexts(contexts) -> list[str]:
+  """One line per interpret.textctx.TextContext: the window with the firing token bracketed."""
+  return [" ".join(part for part in (c.before, f"[[{c.token}]]", c.after) if part)
+          for c in contexts]
 
 
 class TemplateError(ValueError):
@@ -30,11 +39,24 @@ class Template:
   user: str
   assistant: str = ""
 
-  def render(self, images: list[bytes], num_images: int | None = None) -> "Prompt":
-    """`num_images`: how many top images `images` show (more than len(images) when tiled)."""
+  def render(self, images: list[bytes], num_images: int | None = None,
+             text_contexts: list[str] | None = None) -> "Prompt":
+    """`num_images`: how many top images `images` show (more than len(images) when tiled).
+
+    `text_contexts` (lines from `format_contexts`) replace {text_contexts} in the user text, or
+    follow it under TEXT_INTRO when the template has no such placeholder."""
     count = len(images) if num_images is None else num_images
     fill = lambda text: text.replace("{num_images}", str(count))
-    return Prompt(fill(self.system), fill(self.user), tuple(images), fill(self.assistant))
+    listed = ""
+    if text_contexts:
+      listed = TEXT_INTRO + "\n" + "\n".join(f"{n}. {line}" for n, line in
+                                              enumerate(text_contexts, 1))
+    user = fill(self.user)
+    if "{text_contexts}" in user:
+      user = user.replace("{text_contexts}", listed)
+    elif listed:
+      user = f"{user}\n\n{listed}"
+    return Prompt(fill(self.system), user, tuple(images), fill(self.assistant))
 
 
 @dataclasses.dataclass(frozen=True)

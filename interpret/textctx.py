@@ -90,3 +90,20 @@ def contexts(topacts, latent: int, records: dict[int, dict], tokenizer,
         _decode(tokenizer, firing) if firing else "?",
         _decode(tokenizer, [p for p in near if p[0] > row.position], last=row.position)))
   return out
+
+
+def prompt_lines_for(topacts, tokenizer, window: int = 8, limit: int = 5):
+  """For the explainer: latent -> the prompt lines of its top text contexts when it is
+  text-dominant (text share >= image share in the scan's modality profile), else None."""
+  from interpret import prompts
+  profile = topacts.modality()
+  records = {r["id"]: r for r in topacts.images()}
+
+  def lines(latent: int):
+    if profile is None or profile["text_share"][latent] < profile["image_share"][latent]:
+      return None
+    found = contexts(topacts, latent, records, tokenizer, window, limit)
+    if found is None:
+      raise TextContextError(f"--text_contexts: {NO_TOKENS_NOTE}")
+    return prompts.format_contexts(found) or None
+  return lines

@@ -28,8 +28,10 @@ def parse_latent_spec(spec: str) -> list[int]:
 
 def select_latents(topacts: TopActs, spec: str | None = None, min_density: float = 0.0,
                    max_density: float = 1.0, max_latents: int | None = None,
-                   restrict_to: set[int] | None = None) -> tuple[list[int], int]:
-  """The latents to work on and how many of them were dropped for having no top image.
+                   restrict_to: set[int] | None = None,
+                   with_text: bool = False) -> tuple[list[int], int]:
+  """The latents to work on and how many of them were dropped for having no top image (nor, with
+  `with_text`, a top text row: text-only latents are kept then).
 
   `spec` ('1,5,10-20', None = all) is filtered by density (inclusive bounds), by `restrict_to`
   (e.g. the latents that have an explanation), then cut to the first `max_latents`.
@@ -43,6 +45,8 @@ def select_latents(topacts: TopActs, spec: str | None = None, min_density: float
   else:
     chosen = range(len(topacts))
   density, has_images = topacts.density, topacts.has_images()
+  if with_text:
+    has_images = has_images | topacts.has_text_rows()
   chosen = [i for i in chosen if min_density <= density[i] <= max_density
             and (restrict_to is None or i in restrict_to)]
   with_images = [i for i in chosen if has_images[i]]
@@ -60,6 +64,7 @@ def define_selection_flags(flags) -> None:
   flags.DEFINE_integer("max_latents", None, "Use at most this many latents (after the filters).")
 
 
-def selection_from_flags(topacts: TopActs, flag_values, restrict_to: set[int] | None = None):
+def selection_from_flags(topacts: TopActs, flag_values, restrict_to: set[int] | None = None,
+                         with_text: bool = False):
   return select_latents(topacts, flag_values.latents, flag_values.min_density,
-                        flag_values.max_density, flag_values.max_latents, restrict_to)
+                        flag_values.max_density, flag_values.max_latents, restrict_to, with_text)

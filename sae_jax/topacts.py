@@ -195,6 +195,12 @@ class TopActs:
         t["top_text_rows"], t["top_text_images"], t["top_text_positions"], t["top_text_values"])
         if r >= 0]
 
+  def has_text_rows(self) -> np.ndarray:
+    """[num_latents] bool: the latent has at least one top text row."""
+    if self.text is None:
+      return np.zeros(self.num_latents, bool)
+    return np.asarray(self.text["top_text_rows"][:, 0]) >= 0
+
   def has_images(self) -> np.ndarray:
     """[num_latents] bool: the latent has at least one top image."""
     return np.asarray(self.top_images[:, 0]) >= 0

@@ -1,6 +1,7 @@
 """Cross-modal features: the scan's modality profile and top text rows against float64 numpy,
 their text contexts, the dashboard's escaped highlight and the report's counts."""
 
+import json
 import os
 import subprocess
 import sys
@@ -192,3 +193,36 @@ def test_report_counts_image_text_and_both(planted, tmp_path):
   markdown = (tmp_path / "report.md").read_text()
   for label, count in expected.items():
     assert f"| {label} | {count} |" in markdown, markdown
+
+
+class RecordingExplainer:
+  name, identity = "recorder", {"name": "recorder"}
+
+  def __init__(self):
+    self.prompts = []
+
+  def complete(self, prompt):
+    self.prompts.append(prompt)
+    return "[EXPLANATION]: words"
+
+
+def test_explainer_gets_text_contexts_for_text_dominant_latents(planted, tmp_path):
+  from interpret import jobs, prompts, sources, textctx, topacts as selection
+  root, params, out = planted
+  acts = TopActs(out)
+  chosen, _ = selection.select_latents(acts, f"{TEXT_LATENT}", with_text=True)
+  assert chosen == [TEXT_LATENT] and not acts.has_images()[TEXT_LATENT]  # text only: kept
+  assert selection.select_latents(acts, f"{TEXT_LATENT}")[0] == []  # images only by default
+  explainer = RecordingExplainer()
+  lines = textctx.prompt_lines_for(acts, FakeTokenizer(), window=1, limit=2)
+  assert lines(IMAGE_LATENT) is None  # image-dominant: no text shown
+  settings = jobs.JobSettings(concurrency=1, num_images=2, image_size=32, text_contexts=lines)
+  jobs.run(acts, sources.open_table(acts, None, None), chosen, prompts.load_template(),
+           explainer, tmp_path / "out", settings)
+  (prompt,) = explainer.prompts
+  best = acts.text_rows(TEXT_LATENT)[0]
+  assert prompts.TEXT_INTRO in prompt.user and not prompt.images
+  assert f"1. {textctx.contexts(acts, TEXT_LATENT, {r['id']: r for r in acts.images()}, FakeTokenizer(), 1)[0].before}" in prompt.user
+  assert f"[[<w{100 + 10 * best.image_id + best.position}>]]" in prompt.user
+  (record,) = [json.loads(l) for l in (tmp_path / "out" / "explanations.jsonl").read_text().splitlines()]
+  assert record["status"] == "ok" and len(record["text_contexts"]) == 2
