@@ -207,7 +207,6 @@ def text_pass(model: TopKSAE, data: Store, top_n: int, mass: np.ndarray,
   best_values = np.zeros((n, top_n), np.float32)
   best_rows = np.full((n, top_n), -1, np.int64)
   rows_by_kind = {name: 0 for name in ("image_base", "image_other", "text")}
-  where = {}  # store row -> (image id, position) of the rows in a top-N
   for shard, acts, meta in data.iter_shards():
     for kind, name in ((KIND_IMAGE_BASE, "image_base"), (KIND_IMAGE_OTHER, "image_other"),
                        (KIND_TEXT, "text")):
@@ -228,36 +227,44 @@ def text_pass(model: TopKSAE, data: Store, top_n: int, mass: np.ndarray,
       v, i = values[text], indices[text]
       fired = v > 0
       rows = np.broadcast_to((shard.first_row + sel[text])[:, None], v.shape)[fired]
-      best_values, best_rows = merge_top(best_values, best_rows, i[fired], v[fired], rows)
-      for r in np.unique(rows):
-        local = r - shard.first_row
-        where[int(r)] = (int(meta["image_id"][local]), int(meta["position"][local]))
+      merge_top(best_values, best_rows, i[fired], v[fired], rows)
   image = np.full(best_rows.shape, -1, np.int64)
   position = np.full(best_rows.shape, -1, np.int32)
-  for (l, s) in zip(*np.nonzero(best_rows >= 0)):
-    image[l, s], position[l, s] = where[int(best_rows[l, s])]
+  held = best_rows >= 0
+  if held.any():  # the metadata of the rows that made a top-N, shard by shard
+    firsts = np.array([s.first_row for s in data.shards], np.int64)
+    shard_of = np.searchsorted(firsts, best_rows[held], side="right") - 1
+    found_image, found_position = np.zeros(shard_of.size, np.int64), np.zeros(shard_of.size, np.int32)
+    for index in np.unique(shard_of):
+      mine = shard_of == index
+      meta = data.shard_meta(int(index))[best_rows[held][mine] - firsts[index]]
+      found_image[mine], found_position[mine] = meta["image_id"], meta["position"]
+    image[held], position[held] = found_image, found_position
   return {"top_text_rows": best_rows, "top_text_values": best_values,
           "top_text_images": image, "top_text_positions": position, "rows_by_kind": rows_by_kind}
 
 
-def merge_top(best_values, best_rows, latents, values, rows):
-  """The running top-N (value, row) per latent merged with new (latent, value, row) triples.
+def merge_top(best_values, best_rows, latents, values, rows) -> None:
+  """Merges new (latent, value, row) triples into the running top-N (value, row) per latent, in
+  place. Only the latents among `latents` are touched, so a chunk costs its own size, not n x N.
 
   Ties keep the lower store row, so the result does not depend on how rows were chunked."""
-  n, top_n = best_values.shape
-  held = best_rows >= 0
-  lat = np.concatenate([np.nonzero(held)[0], latents])
-  val = np.concatenate([best_values[held], values]).astype(np.float32)
-  row = np.concatenate([best_rows[held], rows]).astype(np.int64)
+  top_n = best_values.shape[1]
+  touched = np.unique(latents)
+  if touched.size == 0:
+    return
+  old_rows = best_rows[touched]
+  held = old_rows >= 0
+  lat = np.concatenate([np.broadcast_to(touched[:, None], held.shape)[held], latents])
+  val = np.concatenate([best_values[touched][held], values]).astype(np.float32)
+  row = np.concatenate([old_rows[held], rows]).astype(np.int64)
   order = np.lexsort((row, -val, lat))
   lat, val, row = lat[order], val[order], row[order]
   rank = np.arange(lat.size) - np.searchsorted(lat, lat)  # rank within the latent
   keep = rank < top_n
-  new_values = np.zeros((n, top_n), np.float32)
-  new_rows = np.full((n, top_n), -1, np.int64)
-  new_values[lat[keep], rank[keep]] = val[keep]
-  new_rows[lat[keep], rank[keep]] = row[keep]
-  return new_values, new_rows
+  best_values[touched], best_rows[touched] = 0.0, -1
+  best_values[lat[keep], rank[keep]] = val[keep]
+  best_rows[lat[keep], rank[keep]] = row[keep]
 
 
 def summary(out: Path, density: np.ndarray, images: int, rows: int, seconds: float,

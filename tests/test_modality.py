@@ -226,3 +226,18 @@ def test_explainer_gets_text_contexts_for_text_dominant_latents(planted, tmp_pat
   assert f"[[<w{100 + 10 * best.image_id + best.position}>]]" in prompt.user
   (record,) = [json.loads(l) for l in (tmp_path / "out" / "explanations.jsonl").read_text().splitlines()]
   assert record["status"] == "ok" and len(record["text_contexts"]) == 2
+
+
+def test_top_text_rows_do_not_depend_on_the_chunking(planted):
+  root, params, out = planted
+  model, _ = scan_lib.load_sae(str(root / "export"), "float32")
+  store = Store(root / "store")
+  whole = scan_lib.text_pass(model, store, TOP_N, np.zeros((N_LATENTS, 3)))
+  mass = np.zeros((N_LATENTS, 3))
+  chunked = scan_lib.text_pass(model, store, TOP_N, mass, chunk_rows=3)
+  for name, array in TopActs(out).text.items():
+    if name == "top_text_values":  # encoded in other batch shapes: equal up to rounding
+      np.testing.assert_allclose(chunked[name], array, rtol=1e-6)
+    elif name != "modality_mass":
+      np.testing.assert_array_equal(chunked[name], array)
+      np.testing.assert_array_equal(whole[name], array)
