@@ -10,8 +10,6 @@ carried text tokens give no contexts (`contexts` returns None), and the callers 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 IMAGE_MARK = "<image>"
 NO_TOKENS_NOTE = ("the store's image records have no text_tokens (harvested before they were "
@@ -36,12 +34,13 @@ def tokenizer_path(topacts, override: str | None = None) -> str:
   """--tokenizer if given, else the `model` of the store that was scanned (its manifest)."""
   if override:
     return override
-  manifest = Path(topacts.header.get("store", "")) / "manifest.json"
+  from sae_jax.store import Store  # reads local and object-storage stores alike
+  store = topacts.header.get("store", "")
   try:
-    return json.loads(manifest.read_text())["model"]
-  except (OSError, ValueError, KeyError) as e:
-    raise TextContextError(f"cannot find the model's tokenizer from {manifest} ({e}); pass "
-                     "--tokenizer=PATH_OR_HUB_ID") from e
+    return Store(store, allow_incomplete=True).manifest["model"]
+  except (OSError, ValueError, KeyError) as e:  # StoreError is a ValueError
+    raise TextContextError(f"cannot find the model's tokenizer from the store {store} ({e}); "
+                           "pass --tokenizer=PATH_OR_HUB_ID") from e
 
 
 def load_tokenizer(path: str):

@@ -241,3 +241,15 @@ def test_top_text_rows_do_not_depend_on_the_chunking(planted):
     elif name != "modality_mass":
       np.testing.assert_array_equal(chunked[name], array)
       np.testing.assert_array_equal(whole[name], array)
+
+
+def test_tokenizer_comes_from_the_store_or_the_flag(planted, tmp_path):
+  from interpret import textctx
+  root, params, out = planted
+  acts = TopActs(out)
+  assert textctx.tokenizer_path(acts) == "synthetic"  # the store manifest's model
+  assert textctx.tokenizer_path(acts, "/models/x") == "/models/x"
+  class Moved:
+    header = {"store": str(tmp_path / "gone")}
+  with pytest.raises(textctx.TextContextError, match="--tokenizer"):
+    textctx.tokenizer_path(Moved())
