@@ -139,7 +139,9 @@ def in_process_scan(root, export, out):
 
 
 def assert_same_scan(expected, got):
-  for name in ("top_images", "top_scores", "top_maps", "density", "histogram"):
+  for name in ("top_images", "top_scores", "top_maps", "density", "histogram",
+               "modality_mass", "top_text_rows", "top_text_values", "top_text_images",
+               "top_text_positions"):
     np.testing.assert_array_equal(np.load(expected / f"{name}.npy"), np.load(got / f"{name}.npy"),
                                   err_msg=name)
   for name in ("images.jsonl", "topacts.json"):
