@@ -22,6 +22,15 @@ TEXT_INTRO = ("The neuron also fires on text. Its strongest text tokens, each sh
               "around it with the firing token in [[double brackets]] (<image> marks image "
               "tokens):")
 
+# The user text for a latent with text contexts and no image, unless the template places
+# {text_contexts} itself.
+TEXT_ONLY_USER = (
+    "This neuron fires on text tokens, not on images: no image is shown. Find what the firing "
+    "tokens (in [[double brackets]]) have in common, in their context. Give a short, literal "
+    "description. End your answer with a final line that starts with \"[EXPLANATION]:\" followed "
+    "by the description; if they share nothing you can describe, the final line must be "
+    "\"[EXPLANATION]: Unable to produce descriptions\".")
+
 
 def format_contexts(contexts) -> list[str]:
   """One line per interpret.textctx.TextContext: the window with the firing token bracketed."""
@@ -54,6 +63,8 @@ class Template:
     user = fill(self.user)
     if "{text_contexts}" in user:
       user = user.replace("{text_contexts}", listed)
+    elif listed and not images:  # a text-only latent: the image instructions do not apply
+      user = f"{TEXT_ONLY_USER}\n\n{listed}"
     elif listed:
       user = f"{user}\n\n{listed}"
     return Prompt(fill(self.system), user, tuple(images), fill(self.assistant))

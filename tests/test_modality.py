@@ -222,6 +222,10 @@ def test_explainer_gets_text_contexts_for_text_dominant_latents(planted, tmp_pat
   (prompt,) = explainer.prompts
   best = acts.text_rows(TEXT_LATENT)[0]
   assert prompts.TEXT_INTRO in prompt.user and not prompt.images
+  assert prompt.user.startswith(prompts.TEXT_ONLY_USER)  # not the template's image instructions
+  with_images = prompts.load_template().render([b"png"], text_contexts=["a [[b]] c"])
+  assert with_images.user.startswith("You will be shown 1 images")
+  assert with_images.user.endswith(prompts.TEXT_INTRO + "\n1. a [[b]] c")
   assert f"1. {textctx.contexts(acts, TEXT_LATENT, {r['id']: r for r in acts.images()}, FakeTokenizer(), 1)[0].before}" in prompt.user
   assert f"[[<w{100 + 10 * best.image_id + best.position}>]]" in prompt.user
   (record,) = [json.loads(l) for l in (tmp_path / "out" / "explanations.jsonl").read_text().splitlines()]
