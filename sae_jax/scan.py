@@ -17,7 +17,8 @@ tokens) gives each latent its modality profile and its top-N text rows (docs/for
 profile"): activation mass per token kind, summed in float64 on the host, and the N text rows with
 the largest activation, merged chunk by chunk from the sparse codes (memory latents x N + chunk x k).
 The text rows are recorded by store row, image id and position only: sae_jax has no tokenizer,
-and `interpret` decodes their context from the store's token ids.
+and `interpret` decodes their context from the `text_tokens` of the store's image records. This
+pass is not checkpointed: a scan killed during it repeats it when rerun.
 
 Every --save_every chunks the whole state goes to one file, TOPACTS/scan_state.npz, replaced
 atomically, and a rerun resumes from it: a kill at any moment leaves the state of one chunk
@@ -186,7 +187,7 @@ def scan(sae: str, store: str, out: str, *, top_n: int = 5, score: str = "mean",
   bar.close()
   host = jax.device_get(device_state)
   density = host["fires"] / max(rows_scanned, 1)
-  text = text_pass(model, data, top_n, mass)
+  text = text_pass(model, data, top_n, mass, progress=progress)
   topacts.write(out_path, {**header, "rows_scanned": rows_scanned, "images_scanned": len(images),
                            "rows_by_kind": text.pop("rows_by_kind")},
                 {"top_images": host["images"], "top_scores": host["scores"], "top_maps": maps,
@@ -198,7 +199,7 @@ def scan(sae: str, store: str, out: str, *, top_n: int = 5, score: str = "mean",
 
 
 def text_pass(model: TopKSAE, data: Store, top_n: int, mass: np.ndarray,
-              chunk_rows: int = 1024) -> dict:
+              chunk_rows: int = 1024, progress: bool = False) -> dict:
   """Encodes every row that is not a base-grid patch: adds its activation to `mass` (by kind) and
   keeps each latent's top-N text rows. Returns the text arrays and the store's rows per kind."""
   n = model.cfg.num_latents
@@ -207,7 +208,10 @@ def text_pass(model: TopKSAE, data: Store, top_n: int, mass: np.ndarray,
   best_values = np.zeros((n, top_n), np.float32)
   best_rows = np.full((n, top_n), -1, np.int64)
   rows_by_kind = {name: 0 for name in ("image_base", "image_other", "text")}
+  bar = tqdm(total=len(data.shards), unit="shard", desc="text and other image rows",
+             dynamic_ncols=True, disable=not progress)
   for shard, acts, meta in data.iter_shards():
+    bar.update(1)
     for kind, name in ((KIND_IMAGE_BASE, "image_base"), (KIND_IMAGE_OTHER, "image_other"),
                        (KIND_TEXT, "text")):
       rows_by_kind[name] += int(np.sum(meta["kind"] == kind))
@@ -228,6 +232,7 @@ def text_pass(model: TopKSAE, data: Store, top_n: int, mass: np.ndarray,
       fired = v > 0
       rows = np.broadcast_to((shard.first_row + sel[text])[:, None], v.shape)[fired]
       merge_top(best_values, best_rows, i[fired], v[fired], rows)
+  bar.close()
   image = np.full(best_rows.shape, -1, np.int64)
   position = np.full(best_rows.shape, -1, np.int32)
   held = best_rows >= 0
