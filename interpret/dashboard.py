@@ -159,10 +159,12 @@ def text_settings(acts, settings: dict) -> dict:
     return {"modality": None, "text_note": None, "tokenizer": None}
   out = {"modality": acts.modality(), "text_note": None,
          "records_by_id": {r["id"]: r for r in acts.images()}}
+  out["tokenizer"] = None
   if not acts.has_text():
     out["text_note"] = "The scanned store holds no text rows (harvested with --tokens=base_patches " \
                        "or image): no text contexts."
-    out["tokenizer"] = None
+  elif not any("text_tokens" in r for r in out["records_by_id"].values()):
+    out["text_note"] = textctx.NO_TOKENS_NOTE[0].upper() + textctx.NO_TOKENS_NOTE[1:] + "."
   else:
     tokenizer = settings.get("tokenizer")
     out["tokenizer"] = textctx.load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer

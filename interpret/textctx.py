@@ -45,7 +45,11 @@ def tokenizer_path(topacts, override: str | None = None) -> str:
 
 def load_tokenizer(path: str):
   import transformers  # the torch side only
-  return transformers.AutoTokenizer.from_pretrained(path)
+  try:
+    return transformers.AutoTokenizer.from_pretrained(path)
+  except (OSError, ValueError) as e:
+    raise TextContextError(f"cannot load the tokenizer {path!r} for the text contexts ({e}); "
+                           "pass --tokenizer=PATH_OR_HUB_ID") from e
 
 
 def _decode(tokenizer, pairs: list[list[int]], last: int | None = None,

@@ -257,3 +257,23 @@ def test_tokenizer_comes_from_the_store_or_the_flag(planted, tmp_path):
     header = {"store": str(tmp_path / "gone")}
   with pytest.raises(textctx.TextContextError, match="--tokenizer"):
     textctx.tokenizer_path(Moved())
+
+
+def test_dashboard_notes_a_store_without_text_tokens(planted, tmp_path):
+  from interpret import dashboard, sources, textctx
+  root, params, out = planted
+  acts = TopActs(out)
+  old = [{k: v for k, v in r.items() if k != "text_tokens"} for r in acts.images()]
+  (out / "images.jsonl").rename(tmp_path / "images.jsonl")
+  try:
+    (out / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    acts = TopActs(out)
+    dashboard.build_site(acts, sources.open_table(acts, None, None), [TEXT_LATENT], {}, {},
+                         tmp_path / "site", {"image_size": 32, "num_images": None, "title": "t",
+                                             "workers": 1, "tokenizer": "/no/such/tokenizer"})
+  finally:
+    (tmp_path / "images.jsonl").replace(out / "images.jsonl")
+  page = (tmp_path / "site" / "latents" / f"{TEXT_LATENT}.html").read_text()
+  assert "no text_tokens" in page and "reharvest" in page
+  with pytest.raises(textctx.TextContextError, match="--tokenizer"):
+    textctx.load_tokenizer(str(tmp_path / "no_tokenizer_here"))
