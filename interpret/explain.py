@@ -112,6 +112,9 @@ def main():
   # Failed latents (retries exhausted, unreadable images) are retried by the next run: say so in
   # the exit status, so that scripts notice.
   failed = summary["by_status"].get(prompts.FAILED, 0)
+  if _TEXT_CONTEXTS.value and not with_text:
+    summary["text_contexts"] = ("not used: the scan recorded no text rows (an older scan, or a "
+                                "store without text tokens)")
   print(json.dumps({"ok": not failed, "model": explainer.name, "skipped_no_images": skipped,
                     **summary, "out": str(out)}))
   sys.exit(2 if failed else 0)
