@@ -29,6 +29,10 @@ from sae_jax.store import atomic_write_bytes
 # The paper's CLIP scores (ViT-B/32 openai, LLaVA-NeXT-8B, 131k latents, top-5 images).
 PAPER_CLIP_SCORES = (("layer 25 (model.layers.24, the released SAE)", 24.92),
                      ("layer 32", 26.55), ("random images", 18.2))
+# The paper's IoU (GroundingDINO + SAM on refined labels vs the binarised activation maps, top-5
+# images; its cross-layer table), and its random-images baseline.
+PAPER_IOU = (("layer 25 (model.layers.24, the released SAE)", 0.31), ("layer 32", 0.40),
+             ("random images", 0.005))
 # Training metrics drawn first (when logged); every other scalar follows.
 PREFERRED_CURVES = ("fvu", "loss", "dead_fraction", "tokens_per_s", "auxk_loss", "mse")
 MAX_CURVES = 9
@@ -303,13 +307,13 @@ def grounded_section(path: Path, clip_path: Path | None) -> Section:
   if clip_path is not None:
     clip_folder = clip_path.parent if clip_path.is_file() else clip_path
     clip = _read_json(clip_folder / "clip_scores.json", "clip_scores").get("metrics", {})
-  paper = dict(PAPER_CLIP_SCORES)
+  paper, paper_iou = dict(PAPER_CLIP_SCORES), dict(PAPER_IOU)
   blocks += ["CLIP and IoU side by side (mean over latents [95% CI]):", Table(
       ["metric", "this run", "random baseline", "the paper", "the paper's random"],
       [["CLIP score", _mean_ci(clip.get("clip_score")), _mean_ci(clip.get("random_baseline")),
         paper["layer 25 (model.layers.24, the released SAE)"], paper["random images"]],
        ["IoU", _mean_ci(metrics.get("iou")), _mean_ci(metrics.get("random_iou")),
-        "not recorded here", "not recorded here"]])]
+        paper_iou["layer 25 (model.layers.24, the released SAE)"], paper_iou["random images"]]])]
   return Section("IoU (GroundingDINO + SAM)", blocks)
 
 

@@ -155,7 +155,8 @@ def test_report_shows_clip_and_grounded_iou_side_by_side(inputs, tmp_path):
   assert summary["sections"] == ["CLIP score", "IoU (GroundingDINO + SAM)"]
   page = (out / "report.html").read_text()
   assert "7 boxed, 3 no box" in page and "binarised at activation &gt; 1e-05" in page
-  # This run's means with their intervals, next to the paper's CLIP scores.
+  # This run's means with their intervals, next to the paper's CLIP scores and IoU.
   assert ("<tr><td>CLIP score</td><td>25.5 [24.5, 26.5]</td><td>18.25 [17.25, 19.25]</td>"
           "<td>24.92</td><td>18.2</td></tr>") in page
-  assert "<tr><td>IoU</td><td>0.375 [0.25, 0.5]</td><td>0.125</td>" in page
+  assert ("<tr><td>IoU</td><td>0.375 [0.25, 0.5]</td><td>0.125</td><td>0.31</td>"
+          "<td>0.005</td></tr>") in page
