@@ -1,8 +1,8 @@
 """Which kernels a compiled program uses, chosen once from the devices it is compiled for.
 
 A step compiled ahead of time for a TPU topology on a CPU host must take the TPU's kernels, and a
-real run on that TPU the same ones; so the process's default backend is never consulted. The plan is a static
-attribute of the model (part of its graphdef) and reaches every kernel from there.
+real run on that TPU the same ones; so the process's default backend is never consulted. The plan
+is a static attribute of the model (part of its graphdef) and reaches every kernel from there.
 """
 
 from __future__ import annotations
