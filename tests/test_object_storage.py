@@ -88,10 +88,10 @@ def two_processes(store, workdir) -> None:
   assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
 
 
+# One bucket kind is enough for the whole pipeline (the store tests cover s3 too).
+@pytest.mark.parametrize("bucket", ["gs"], indirect=True)
 def test_harvest_by_two_workers_to_a_bucket_trains_like_its_local_copy(
     bucket, tiny_model, synthetic_images, tmp_path):
-  if bucket.scheme == "s3":
-    pytest.skip("one bucket kind is enough for the whole pipeline (the store test covers s3)")
   out = bucket.url(f"{tmp_path.name}/harvest")
   model = tiny_model("llava")
   # Worker 1 killed (-9) while it uploads: readers never see a partial shard, and the rerun
