@@ -14,8 +14,6 @@ Model-generated text (explanations, labels) is escaped in both pages.
 
 from __future__ import annotations
 
-import dataclasses
-import html
 import json
 from pathlib import Path
 
@@ -23,6 +21,8 @@ from absl import flags
 import numpy as np
 
 from eval import plots, scoring
+from eval.page import (Picture, ReportError, Section, Table, fmt, read_json, read_jsonl,
+                        to_html, to_markdown)
 from sae_jax import cli
 from sae_jax.store import atomic_write_bytes
 
@@ -52,58 +52,6 @@ _OUT = flags.DEFINE_string("out", None, "Folder to write the report to.", requir
 _TITLE = flags.DEFINE_string("title", "SAE run report", "Title of the report.")
 
 
-class ReportError(ValueError):
-  """An input that is missing or unreadable."""
-
-
-@dataclasses.dataclass
-class Table:
-  headers: list[str]
-  rows: list[list]
-
-
-@dataclasses.dataclass
-class Picture:
-  file: str  # relative to the report
-  alt: str
-
-
-@dataclasses.dataclass
-class Section:
-  title: str
-  blocks: list  # str (a paragraph), Table or Picture
-
-
-def _read_json(path: Path, flag: str):
-  try:
-    return json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise ReportError(f"--{flag}: cannot read {path} ({e})") from e
-
-
-def _read_jsonl(path: Path, flag: str) -> list[dict]:
-  """The records of a JSONL file; a last line without newline (a killed writer's) is dropped."""
-  try:
-    text = path.read_text()
-  except OSError as e:
-    raise ReportError(f"--{flag}: cannot read {path} ({e})") from e
-  lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
-  rows = []
-  for number, line in enumerate(lines, 1):
-    if line.strip():
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ReportError(f"--{flag}: {path}:{number} is not JSON ({e})") from e
-  return rows
-
-
-def _fmt(value) -> str:
-  if isinstance(value, float):
-    return f"{value:.4g}"  # CLIP scores read 24.92, AUROCs 0.6234, small losses 0.0001402
-  return "" if value is None else str(value)
-
-
 def scalars(obj, prefix: str = "") -> list[tuple[str, object]]:
   """(dotted key, value) of every number, string or bool in nested dicts."""
   out = []
@@ -120,20 +68,20 @@ def training_section(workdir: Path, out: Path) -> Section:
   metrics_path = workdir / "metrics.jsonl"
   if not metrics_path.exists():
     raise ReportError(f"--workdir={workdir}: no metrics.jsonl (not a sae_jax.train workdir?)")
-  rows = _read_jsonl(metrics_path, "workdir")
+  rows = read_jsonl(metrics_path, "workdir")
   blocks: list = [f"Workdir: {workdir}"]
   run_path = workdir / "run.json"
   if run_path.exists():
-    run = _read_json(run_path, "workdir")
+    run = read_json(run_path, "workdir")
     blocks.append(Table(["setting", "value"],
-                        [[k, _fmt(v)] for k, v in scalars({"sae": run.get("sae", {}),
-                                                           "source": run.get("source", {})})]))
+                        [[k, fmt(v)] for k, v in scalars({"sae": run.get("sae", {}),
+                                                          "source": run.get("source", {})})]))
   if not rows:
     return Section("Training", blocks + ["metrics.jsonl is empty: no step was logged."])
   last = rows[-1]
   blocks.append(f"Last logged step: {last['step']}.")
   blocks.append(Table(["metric", "value at the last step"],
-                      [[k, _fmt(v)] for k, v in last.items() if k != "step"]))
+                      [[k, fmt(v)] for k, v in last.items() if k != "step"]))
   logged = [k for k in last if k != "step" and isinstance(last[k], (int, float))]
   keys = ([k for k in PREFERRED_CURVES if k in logged]
           + [k for k in logged if k not in PREFERRED_CURVES])[:MAX_CURVES]
@@ -144,10 +92,10 @@ def training_section(workdir: Path, out: Path) -> Section:
 
 
 def quality_section(path: Path) -> Section:
-  quality = _read_json(path, "sae_quality")
+  quality = read_json(path, "sae_quality")
   if not isinstance(quality, dict):
     raise ReportError(f"--sae_quality={path}: expected a JSON object")
-  table = Table(["metric", "value"], [[k, _fmt(v)] for k, v in scalars(quality)])
+  table = Table(["metric", "value"], [[k, fmt(v)] for k, v in scalars(quality)])
   blocks = [f"From {path}.", table]
   if isinstance(quality.get("loss_recovered"), (int, float)):
     blocks.append(loss_recovered_note(quality))
@@ -162,15 +110,15 @@ def loss_recovered_note(quality: dict) -> str:
           "the hookpoint.")
   targets = quality.get("text_targets")
   kl = (quality.get("kl") or {}).get("sae")
-  moved = f" KL(clean || sae) = {_fmt(kl)} says how far the predictions moved." if kl else ""
+  moved = f" KL(clean || sae) = {fmt(kl)} says how far the predictions moved." if kl else ""
   if value > 1:
-    note += (f" Here it is {_fmt(value)}, above 1: the model predicted the text slightly better "
+    note += (f" Here it is {fmt(value)}, above 1: the model predicted the text slightly better "
              "with the reconstruction than with its own activations. That is no error: L_sae may "
              "fall below L_clean when the reconstruction drops directions the next-token loss does "
              "not use, and over few tokens" + (f" ({targets} text targets here)" if targets else "")
              + " the gap between the two is noise." + moved)
   elif value < 0:
-    note += (f" Here it is {_fmt(value)}, below 0: the reconstruction hurt the model more than "
+    note += (f" Here it is {fmt(value)}, below 0: the reconstruction hurt the model more than "
              "zeroing the hookpoint, so the dictionary misses what later layers read." + moved)
   return note
 
@@ -184,8 +132,8 @@ def _clip_name(settings: dict) -> str:
 
 def clip_section(path: Path, out: Path) -> Section:
   folder = path.parent if path.is_file() else path
-  summary = _read_json(folder / "clip_scores.json", "clip_scores")
-  rows = _read_jsonl(folder / "per_latent.jsonl", "clip_scores")
+  summary = read_json(folder / "clip_scores.json", "clip_scores")
+  rows = read_jsonl(folder / "per_latent.jsonl", "clip_scores")
   settings, latents = summary.get("settings", {}), summary.get("latents", {})
   excluded = ", ".join(f"{n} {why}" for why, n in latents.get("excluded", {}).items()) or "none"
   blocks: list = [
@@ -206,8 +154,8 @@ def clip_section(path: Path, out: Path) -> Section:
                           (f"Worst {EXAMPLES} latents", ranked[-EXAMPLES:][::-1])):
       blocks += [title + ":", Table(
           ["latent", "CLIP score", "random", "shuffled", "held-out AUROC", "explanation", "label"],
-          [[r["latent"], _fmt(r["clip_score"]), _fmt(r.get("random_baseline")),
-            _fmt(r.get("shuffled_baseline")), _fmt(r.get("heldout_auroc")),
+          [[r["latent"], fmt(r["clip_score"]), fmt(r.get("random_baseline")),
+            fmt(r.get("shuffled_baseline")), fmt(r.get("heldout_auroc")),
             r.get("explanation") or "", r.get("label") or ""] for r in chosen])]
   return Section("CLIP score", blocks)
 
@@ -215,16 +163,16 @@ def clip_section(path: Path, out: Path) -> Section:
 def _metrics_table(metrics: list[tuple[str, dict]]) -> Table:
   """One row per aggregate of eval.stats.summarize."""
   return Table(["metric", "latents", "mean", "median", "95% CI of the mean"],
-               [[name, m["n"], _fmt(m["mean"]), _fmt(m["median"]),
-                 "" if not m["ci95"] else f"[{_fmt(m['ci95'][0])}, {_fmt(m['ci95'][1])}]"]
+               [[name, m["n"], fmt(m["mean"]), fmt(m["median"]),
+                 "" if not m["ci95"] else f"[{fmt(m['ci95'][0])}, {fmt(m['ci95'][1])}]"]
                 for name, m in metrics])
 
 
 def concepts_section(path: Path) -> Section:
   """eval.concepts: the planted concepts the latents find, with the explanations beside them."""
   folder = path.parent if path.is_file() else path
-  summary = _read_json(folder / "concepts.json", "concepts")
-  rows = _read_jsonl(folder / "per_latent.jsonl", "concepts")
+  summary = read_json(folder / "concepts.json", "concepts")
+  rows = read_jsonl(folder / "per_latent.jsonl", "concepts")
   settings, concepts = summary.get("settings", {}), summary.get("concepts", {})
   match_iou = settings.get("match_iou")
   blocks: list = [
@@ -240,7 +188,7 @@ def concepts_section(path: Path) -> Section:
       f"{summary.get('matched_random')}). Latents scored: {summary.get('latents', {}).get('scored')}.",
       _metrics_table(list(summary.get("metrics", {}).items())),
       Table(["planted concept", "best latent", "IoU", "random", f"matched (>= {match_iou})"],
-            [[name, c.get("latent"), _fmt(c.get("iou")), _fmt(c.get("random_iou")),
+            [[name, c.get("latent"), fmt(c.get("iou")), fmt(c.get("random_iou")),
               "yes" if c.get("matched") else "no"] for name, c in sorted(concepts.items())])]
   # Ranked by the gain over chance: a latent active everywhere matches a background as well at random.
   ranked = sorted((r for r in rows if r.get("iou") is not None),
@@ -248,7 +196,7 @@ def concepts_section(path: Path) -> Section:
   if ranked:
     blocks += [f"Best {EXAMPLES} latents (by IoU minus the random placement's):", Table(
         ["latent", "planted concept", "IoU", "random", "explanation"],
-        [[r["latent"], r.get("concept") or "", _fmt(r["iou"]), _fmt(r.get("random_iou")),
+        [[r["latent"], r.get("concept") or "", fmt(r["iou"]), fmt(r.get("random_iou")),
           r.get("explanation") or ""] for r in ranked[:EXAMPLES]])]
   return Section("Planted concepts (IoU)", blocks)
 
@@ -270,7 +218,7 @@ def modality_section(path: Path) -> Section:
                   "image): every latent that fires is counted image-only; text is not measured.")
   counts = {name: int(np.sum(profile["modality"] == name)) for name in topacts_lib.MODALITIES}
   blocks.append(Table(["modality", "latents", "fraction"], [
-      [label, counts[name], _fmt(counts[name] / max(len(acts), 1))] for name, label in
+      [label, counts[name], fmt(counts[name] / max(len(acts), 1))] for name, label in
       (("image", "image only"), ("text", "text only"), ("both", "both"), ("dead", "never fired"))]))
   blocks.append(f"A latent fires on both when min(image share, text share) / max(image share, text "
                 f"share) >= {topacts_lib.BOTH_THRESHOLD}, where a share is the fraction of the "
@@ -283,13 +231,13 @@ def _mean_ci(metric: dict | None) -> str:
   if not metric or metric.get("mean") is None:
     return ""
   ci = metric.get("ci95")
-  return _fmt(metric["mean"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+  return fmt(metric["mean"]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
 
 
 def grounded_section(path: Path, clip_path: Path | None) -> Section:
   """eval.grounded_iou, and next to it the CLIP score of the same run when there is one."""
   folder = path.parent if path.is_file() else path
-  summary = _read_json(folder / "grounded_iou.json", "grounded_iou")
+  summary = read_json(folder / "grounded_iou.json", "grounded_iou")
   settings, metrics = summary.get("settings", {}), summary.get("metrics", {})
   blocks: list = [
       f"GroundingDINO ({settings.get('grounding_dino')}, box threshold "
@@ -306,7 +254,7 @@ def grounded_section(path: Path, clip_path: Path | None) -> Section:
   clip = {}
   if clip_path is not None:
     clip_folder = clip_path.parent if clip_path.is_file() else clip_path
-    clip = _read_json(clip_folder / "clip_scores.json", "clip_scores").get("metrics", {})
+    clip = read_json(clip_folder / "clip_scores.json", "clip_scores").get("metrics", {})
   paper, paper_iou = dict(PAPER_CLIP_SCORES), dict(PAPER_IOU)
   blocks += ["CLIP and IoU side by side (mean over latents [95% CI]):", Table(
       ["metric", "this run", "random baseline", "the paper", "the paper's random"],
@@ -321,54 +269,6 @@ def _in_order(metrics: dict) -> list[tuple[str, dict]]:
   """The metrics in scoring.METRIC_NAMES order (JSON files keep them sorted by name)."""
   known = [(name, metrics[name]) for name in scoring.METRIC_NAMES if name in metrics]
   return known + [(name, m) for name, m in metrics.items() if name not in scoring.METRIC_NAMES]
-
-
-def _md_text(text) -> str:
-  """Model text as literal markdown: no HTML, links, emphasis or table breaks."""
-  text = html.escape(" ".join(str(text).split()), quote=False)
-  return "".join("\\" + c if c in "\\`*_[]|#" else c for c in text)
-
-
-def to_markdown(title: str, sections: list[Section]) -> str:
-  lines = [f"# {_md_text(title)}", ""]
-  for section in sections:
-    lines += [f"## {_md_text(section.title)}", ""]
-    for block in section.blocks:
-      if isinstance(block, Table):
-        lines.append("| " + " | ".join(_md_text(h) for h in block.headers) + " |")
-        lines.append("|" + "---|" * len(block.headers))
-        lines += ["| " + " | ".join(_md_text(c) for c in row) + " |" for row in block.rows]
-      elif isinstance(block, Picture):
-        lines.append(f"![{_md_text(block.alt)}]({block.file})")
-      else:
-        lines.append(_md_text(block))
-      lines.append("")
-  return "\n".join(lines)
-
-
-_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
-          "color:#222}table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border:1px solid "
-          "#ccc;padding:.25em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}"
-          "img{max-width:100%}")
-
-
-def to_html(title: str, sections: list[Section]) -> str:
-  e = lambda value: html.escape(str(value), quote=True)
-  parts = ["<!doctype html>", '<html><head><meta charset="utf-8">',
-           f"<title>{e(title)}</title><style>{_STYLE}</style></head><body>", f"<h1>{e(title)}</h1>"]
-  for section in sections:
-    parts.append(f"<h2>{e(section.title)}</h2>")
-    for block in section.blocks:
-      if isinstance(block, Table):
-        parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in block.headers) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in block.rows]
-        parts.append("</table>")
-      elif isinstance(block, Picture):
-        parts.append(f'<p><img src="{e(block.file)}" alt="{e(block.alt)}"></p>')
-      else:
-        parts.append(f"<p>{e(block)}</p>")
-  parts.append("</body></html>")
-  return "\n".join(parts) + "\n"
 
 
 def main():
