@@ -65,7 +65,7 @@ def fmt(value) -> str:
 def _md_text(text) -> str:
   """Model text as literal markdown: no HTML, links, emphasis or table breaks."""
   text = html.escape(" ".join(str(text).split()), quote=False)
-  return "".join("\\" + c if c in "\\`*_[]|#" else c for c in text)
+  return "".join("\\" + c if c in "\\`*_[]|#$" else c for c in text)  # $: math on GitHub
 
 
 def to_markdown(title: str, sections: list[Section]) -> str:

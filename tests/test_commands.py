@@ -36,6 +36,7 @@ COMMANDS = {
     "eval.grounded_iou": ["topacts", "explanations", "grounding_dino", "sam", "out", "threshold",
                           "box_threshold"],
     "eval.report": ["workdir", "out", "concepts", "grounded_iou"],
+    "eval.sweep_report": ["sweep", "workdirs", "out", "title"],
     "eval.coco_objects": ["instances", "captions", "vocabulary", "num_images", "out"],
 }
 
