@@ -124,8 +124,8 @@ def main():
   members += sweep.read_workdirs(_WORKDIRS.value)
   names = [m.name for m in members]
   if len(set(names)) != len(names):
-    raise ReportError(f"--sweep and --workdirs both have members named "
-                      f"{sorted({n for n in names if names.count(n) > 1})}")
+    raise ReportError(f"--sweep, --workdirs: members named "
+                      f"{sorted({n for n in names if names.count(n) > 1})} more than once")
   plotted = _plotted(members)
   on = dict(zip([m.name for m in plotted],
                 sweep.pareto([(m.final.l0, m.final.fvu) for m in plotted])))
