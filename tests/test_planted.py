@@ -1,51 +1,45 @@
-"""End to end: training recovers a planted dictionary from synthetic sparse data."""
+"""End to end: each architecture recovers a planted dictionary whose features fire at power-law
+frequencies, the rare ones included (benchmarks/planted_architectures.py measures the same data
+over several seeds)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+import pytest
+
+import planted
 
 from sae_jax import step as step_lib
-from sae_jax.model import SAEConfig, geometric_median
+from sae_jax.model import SAEConfig
 
 D, M, N, K = 32, 64, 128, 4  # input dim, planted directions, latents, k
-ACTIVE, NOISE = 3, 0.01  # planted directions per sample, noise std
-BATCH, STEPS = 256, 3000
+ACTIVE, NOISE, ROWS, STEPS = 3, 0.01, 256, 2000  # per row: 3 features; batches of 256 rows
 
 
-def planted_batch(key, directions):
-  """Each row: ACTIVE distinct planted directions with coefficients in [0.5, 1.5], plus noise."""
-  pick_key, coef_key, noise_key = jax.random.split(key, 3)
-  scores = jax.random.uniform(pick_key, (BATCH, M))
-  _, picks = jax.lax.top_k(scores, ACTIVE)  # ACTIVE distinct directions per row
-  coefs = jax.random.uniform(coef_key, (BATCH, ACTIVE), minval=0.5, maxval=1.5)
-  x = jnp.einsum("bj,bjd->bd", coefs, directions[picks])
-  return x + NOISE * jax.random.normal(noise_key, x.shape)
-
-
-def test_training_recovers_planted_directions():
-  rng = np.random.default_rng(0)
-  directions = rng.normal(size=(M, D))
-  directions = jnp.asarray(directions / np.linalg.norm(directions, axis=1, keepdims=True),
-                           jnp.float32)
-  cfg = SAEConfig(d_in=D, num_latents=N, k=K, dead_tokens=50 * BATCH)
-  tx = step_lib.make_optimizer(3e-3)
-  sample = planted_batch(jax.random.PRNGKey(0), directions)
-  graphdef, state = step_lib.create_state(cfg, tx, seed=0, b_dec=geometric_median(sample))
-
-  @jax.jit
-  def train(state):
-    def body(i, carry):
-      state, _ = carry
-      x = planted_batch(jax.random.PRNGKey(i + 1), directions)
-      return step_lib.train_step(graphdef, state, x)
-    metrics = jax.eval_shape(lambda s: step_lib.train_step(graphdef, s, sample)[1], state)
-    init = (state, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics))
-    return jax.lax.fori_loop(0, STEPS, body, init)
-
-  state, metrics = train(state)
-  model, _ = nnx.merge(graphdef, state)
-  cosines = np.asarray(directions @ model.W_dec[...].T)  # [M, N], decoder rows are unit norm
-  recovered = (cosines.max(axis=1) > 0.9).mean()
-  assert recovered >= 0.9, (recovered, {k: float(v) for k, v in metrics.items()})
-  assert float(metrics["fvu"]) < 0.1
+# Per architecture: the least share of the 32 most frequent and of the 16 rarest features that must
+# be recovered (BatchTopK spends its spare budget on splitting loud features: docs/benchmarks.md).
+@pytest.mark.parametrize("extra, frequent, rare", [
+    (dict(), 0.9, 0.8),
+    (dict(architecture="batchtopk"), 0.8, 0.5),
+    (dict(matryoshka_prefixes=(16, 64)), 0.75, 0.8),
+    (dict(architecture="batchtopk", matryoshka_prefixes=(16, 64)), 0.7, 0.35),
+], ids=["topk", "batchtopk", "matryoshka-topk", "matryoshka-batchtopk"])
+def test_training_recovers_frequent_and_rare_planted_features(extra, frequent, rare):
+  directions = planted.directions(M, D)
+  freq = planted.frequencies(M, 1.0)  # the rarest fires 64x less often than the most frequent
+  cfg = SAEConfig(d_in=D, num_latents=N, k=K, dead_tokens=50 * ROWS,
+                  threshold_start_step=STEPS // 4, **extra)
+  graphdef, state, metrics = planted.train(cfg, directions, freq, steps=STEPS, rows=ROWS,
+                                           active=ACTIVE, noise=NOISE, lr=3e-3)
+  found = planted.recovery(graphdef, state, directions)
+  summary = (found[:M // 2].mean(), found[-M // 4:].mean(),
+             {k: float(v) for k, v in metrics.items()})
+  assert found[:M // 2].mean() >= frequent and found[-M // 4:].mean() >= rare, summary
+  # As a user encodes (BatchTopK: the JumpReLU at the learned threshold), on held-out rows. With
+  # the threshold never learned, BatchTopK's L0 here was 13.5 (all 16 candidates that are > 0).
+  x = planted.batch(jax.random.PRNGKey(10**7), directions, np.log(freq), 4096, ACTIVE, NOISE)
+  evaluated = step_lib.eval_metrics(graphdef, state, x)
+  assert float(evaluated["fvu"]) < 0.06, summary
+  assert 0.8 * K <= float(evaluated["l0"]) <= 1.2 * K, (float(evaluated["l0"]), summary)
+  if cfg.matryoshka_prefixes:  # the most frequent features live in the first prefix
+    best = planted.best_latent(graphdef, state, directions)
+    assert np.median(best[:16]) < 16, best
