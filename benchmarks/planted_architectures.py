@@ -1,4 +1,4 @@
-"""TopK, BatchTopK and their Matryoshka versions on one planted dictionary, at the same token budget.
+"""TopK, BatchTopK and their Matryoshka versions on one planted dictionary, at one token budget.
 
   python benchmarks/planted_architectures.py --steps=3000 --seeds=0,1,2
 
