@@ -85,7 +85,7 @@ def dense_loss(p, x, mask, aux_mask, cfg, num_dead):
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
 def test_matryoshka_loss_and_gradients_match_a_dense_float64_formulation(architecture):
   cfg = SAEConfig(d_in=D, num_latents=N, k=K, architecture=architecture, batchtopk_max_k=5,
-                  matryoshka_prefixes=(6, 20), auxk_alpha=0.25, k_aux=4, dead_tokens=10)
+                  matryoshka_prefixes=(9, 21), auxk_alpha=0.25, k_aux=4, dead_tokens=10)
   model, optimizer, x = model_and_batch(cfg, seed=1)
   dead = np.zeros(N, bool)
   dead[np.random.default_rng(2).permutation(N)[:8]] = True
@@ -107,6 +107,8 @@ def test_matryoshka_loss_and_gradients_match_a_dense_float64_formulation(archite
   else:
     mask = np.zeros((B, N), bool)
     np.put_along_axis(mask, np.argsort(-pre, axis=1, kind="stable")[:, :K], True, 1)
+  # Latents 9 and 21 are picked: each is the first latent of a level's outer group.
+  assert mask[:, list(cfg.matryoshka_prefixes)].any(0).all()
   aux_mask = np.zeros((B, N), bool)
   aux_idx = np.argsort(-np.where(dead, pre, -1.0), axis=1, kind="stable")[:, :cfg.num_aux]
   np.put_along_axis(aux_mask, aux_idx, True, 1)
