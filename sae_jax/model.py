@@ -23,6 +23,7 @@ from sae_jax.kernel_plan import KernelPlan
 from sae_jax.select import TOPK_METHODS
 
 INT32_MAX = np.iinfo(np.int32).max
+ARCHITECTURES = ("topk", "batchtopk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +50,24 @@ class SAEConfig:
   # "matmul" multiplies a dense [B, n] matrix of the picks (in compute_dtype), "auto" takes the
   # matmul on GPU/TPU when n/k (per shard) <= topk.MAX_ROWS_PER_PICK, else the scatter.
   weight_grads: str = "auto"
+  # "topk": each token keeps its k largest pre-activations. "batchtopk" (Bussmann et al. 2024):
+  # the batch keeps its B*k largest, from each token's top `batchtopk_max_k` (0: min(4k, n));
+  # inference is a JumpReLU at the learned `threshold` (an EMA of the smallest kept value, from
+  # optimizer step `threshold_start_step` on, weight `threshold_beta` on the old value).
+  architecture: str = "topk"
+  batchtopk_max_k: int = 0
+  threshold_beta: float = 0.999
+  threshold_start_step: int = 1000
+  # Matryoshka (Bussmann et al. 2025): the inner widths; latents [0, w) alone must also
+  # reconstruct the input. The loss is the mean FVU over these levels and the full dictionary.
+  matryoshka_prefixes: tuple[int, ...] = ()
 
   def __post_init__(self):
+    # run.json gives a list; a trailing num_latents is the full level, always there.
+    prefixes = tuple(int(w) for w in self.matryoshka_prefixes)
+    if prefixes and prefixes[-1] == self.num_latents:
+      prefixes = prefixes[:-1]
+    object.__setattr__(self, "matryoshka_prefixes", prefixes)
     if not 0 < self.k <= self.num_latents:
       raise ValueError(f"k={self.k} must be in [1, num_latents={self.num_latents}]")
     if self.multi_topk and 4 * self.k > self.num_latents:
@@ -68,6 +85,22 @@ class SAEConfig:
       raise ValueError(f"shard_capacity={self.shard_capacity} must be 0 (exact) or >= 1")
     if self.auxk_alpha < 0 or self.dead_tokens < 0:
       raise ValueError("auxk_alpha and dead_tokens must be >= 0")
+    if self.architecture not in ARCHITECTURES:
+      raise ValueError(f"architecture={self.architecture!r}; expected one of {ARCHITECTURES}")
+    if any(b <= a for a, b in zip(prefixes, prefixes[1:])) or not all(
+        0 < w < self.num_latents for w in prefixes):
+      raise ValueError(f"matryoshka_prefixes={list(prefixes)} must increase strictly, each in "
+                       f"[1, num_latents={self.num_latents})")
+    if self.multi_topk and (self.architecture != "topk" or prefixes):
+      raise ValueError("multi_topk works with architecture=topk without matryoshka_prefixes only")
+    if not 0 <= self.batchtopk_max_k <= self.num_latents:
+      raise ValueError(f"batchtopk_max_k={self.batchtopk_max_k} must be in [0, num_latents="
+                       f"{self.num_latents}]")
+    if self.architecture == "batchtopk" and self.candidates < self.k:
+      raise ValueError(f"batchtopk_max_k={self.batchtopk_max_k} must be 0 or >= k={self.k}")
+    if not 0 <= self.threshold_beta < 1 or self.threshold_start_step < 0:
+      raise ValueError(f"threshold_beta={self.threshold_beta} must be in [0, 1) and "
+                       f"threshold_start_step={self.threshold_start_step} >= 0")
 
   @property
   def num_aux(self) -> int:
@@ -78,8 +111,16 @@ class SAEConfig:
     return min(k_aux, self.num_latents)
 
   @property
+  def candidates(self) -> int:
+    """BatchTopK's candidates per token: batchtopk_max_k, or min(4k, num_latents)."""
+    return self.batchtopk_max_k or min(4 * self.k, self.num_latents)
+
+  @property
   def num_selected(self) -> int:
-    """Width of the main selection: 4k with Multi-TopK (its first k columns are the top-k)."""
+    """Width of the main selection: 4k with Multi-TopK (its first k columns are the top-k),
+    BatchTopK's candidates per token."""
+    if self.architecture == "batchtopk":
+      return self.candidates
     return 4 * self.k if self.multi_topk else self.k
 
 
@@ -96,6 +137,11 @@ def row_kernels():
 
 class DeadCounter(nnx.Variable):
   """Per-latent bookkeeping updated by the train step, not by the optimizer."""
+
+
+class Threshold(nnx.Variable):
+  """BatchTopK's inference threshold (a scalar, replicated): an EMA the train step updates, not
+  the optimizer. -1 until the first update."""
 
 
 # Sharding metadata of the per-latent variables (their Adam moments inherit it): the latent axis
@@ -119,6 +165,8 @@ class TopKSAE(nnx.Module):
     self.W_dec = nnx.Param(normalize_rows(self.plan, W_enc), **LATENT_ROWS)
     self.b_dec = nnx.Param(jnp.zeros((d,), jnp.float32))
     self.tokens_since_fired = DeadCounter(jnp.zeros((n,), jnp.int32), **LATENTS)
+    if cfg.architecture == "batchtopk":  # the TopK state has no such variable
+      self.threshold = Threshold(jnp.float32(-1))
 
   def _sparse_encoder(self, k: int, k_aux: int):
     cfg = self.cfg
@@ -139,10 +187,15 @@ class TopKSAE(nnx.Module):
     return encode(x, self.b_dec[...], self.W_enc[...], self.b_enc[...], dead)
 
   def encode(self, x) -> tuple[jax.Array, jax.Array]:
-    """Top-k values [B, k] (float32, >= 0) and latent indices [B, k] int32, largest first."""
-    encode = self._sparse_encoder(self.cfg.k, 0)
+    """Top-k values [B, k] (float32, >= 0) and latent indices [B, k] int32, largest first.
+    BatchTopK: the top `candidates` [B, c], values not above the threshold set to 0 (JumpReLU)."""
+    cfg = self.cfg
+    width = cfg.candidates if cfg.architecture == "batchtopk" else cfg.k
+    encode = self._sparse_encoder(width, 0)
     values, indices, _, _ = encode(x, self.b_dec[...], self.W_enc[...], self.b_enc[...],
-                                   jnp.zeros((self.cfg.num_latents,), bool))
+                                   jnp.zeros((cfg.num_latents,), bool))
+    if cfg.architecture == "batchtopk":
+      values = jnp.where(values > self.threshold[...], values, 0.0)
     return values, indices
 
   def decode(self, values, indices) -> jax.Array:
