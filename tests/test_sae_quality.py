@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import steer_fixtures
 from eval import sae_quality
 from harvest import hooks, images, llava
-from interpret.sae import TopKSAE
+from interpret.sae import SAE
 
 LAYER = 0
 
@@ -34,7 +34,7 @@ def direct_logits(loaded, inputs, substitute=None):
 @torch.no_grad()
 def test_metrics_match_a_direct_computation(kind, tiny_model, synthetic_images, tmp_path):
   loaded = llava.load_llava(str(tiny_model(kind)), "float32", "cpu")
-  sae = TopKSAE.from_export(steer_fixtures.write_export(
+  sae = SAE.from_export(steer_fixtures.write_export(
       tmp_path, steer_fixtures.random_params(loaded.d_model, n=48, bias=0.02), k=4))
   inputs = images.open_inputs(str(synthetic_images))
   prompt = "Write a short caption for this image."

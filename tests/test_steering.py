@@ -9,7 +9,7 @@ import torch
 
 import steer_fixtures
 from harvest import hooks, images, llava
-from interpret.sae import TopKSAE
+from interpret.sae import SAE
 from interpret.steering import (Edit, Steering, SteeringError, edit_configs,
                                 layer_of_hookpoint, load_sae, steering_for)
 from sae_jax import dictionary
@@ -24,7 +24,7 @@ def setup(request, tiny_model, tmp_path_factory):
   loaded = llava.load_llava(str(tiny_model(request.param)), "float32", "cpu")
   folder = steer_fixtures.write_export(tmp_path_factory.mktemp("sae"), steer_fixtures.random_params(
       loaded.d_model, always_on=ALWAYS_ON))
-  return loaded, TopKSAE.from_export(folder)
+  return loaded, SAE.from_export(folder)
 
 
 def batch(loaded, prompts=PROMPTS, seeds=(0, 5)):
@@ -56,7 +56,7 @@ def test_clamp_to_current_value_and_ablating_a_silent_latent_change_nothing(setu
   clean = logits(loaded, inputs)
   params = steer_fixtures.random_params(loaded.d_model, always_on=ALWAYS_ON)
   params["W_enc"][ALWAYS_ON] = 0  # its activation is b_enc = 20 at every position
-  constant = TopKSAE(params, k=sae.k)
+  constant = SAE(params, k=sae.k)
   with steering(loaded, constant, [Edit(ALWAYS_ON, 20.0)], positions="all"):
     torch.testing.assert_close(logits(loaded, inputs), clean, rtol=1e-5, atol=1e-5)
   silent = int(sae.b_enc.argmin())  # rarely in the top k: ablating it changes (almost) nothing
@@ -139,7 +139,7 @@ def test_adding_an_unembedding_direction_makes_that_token_generated(setup, tmp_p
   params = steer_fixtures.random_params(loaded.d_model)
   direction = loaded.model.get_output_embeddings().weight[token].numpy()
   params["W_dec"][0] = direction / (direction ** 2).sum() ** 0.5
-  sae = TopKSAE.from_export(steer_fixtures.write_export(tmp_path, params))
+  sae = SAE.from_export(steer_fixtures.write_export(tmp_path, params))
   inputs = batch(loaded)
   plain = loaded.model.generate(**inputs, max_new_tokens=4, do_sample=False)
   new = slice(inputs["input_ids"].shape[1], None)
@@ -196,7 +196,7 @@ def test_leaving_the_context_restores_the_model_bit_for_bit(setup):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_model(dtype, tiny_model, tmp_path):
   loaded = llava.load_llava(str(tiny_model("llava_next")), dtype, "cpu")
-  sae = TopKSAE.from_export(steer_fixtures.write_export(tmp_path, steer_fixtures.random_params(
+  sae = SAE.from_export(steer_fixtures.write_export(tmp_path, steer_fixtures.random_params(
       loaded.d_model, always_on=ALWAYS_ON)))
   inputs = llava.to_model_inputs(loaded, batch(loaded))
   clean = logits(loaded, inputs)
