@@ -28,3 +28,15 @@ def saelens_rescaled_numpy(params: dict[str, np.ndarray], x: np.ndarray, k: int)
   z = np.zeros_like(pre)
   np.put_along_axis(z, idx, np.maximum(np.take_along_axis(pre, idx, 1), 0), 1)
   return z, (z / norms) @ p["W_dec"] + p["b_dec"]
+
+
+def jumprelu_numpy(params: dict[str, np.ndarray], x: np.ndarray, apply_b_dec_to_input=True):
+  """Reference JumpReLU in float64: (dense z [B,n], x_hat [B,d]), z = pre * (pre > threshold).
+
+  apply_b_dec_to_input=False is Gemma Scope's (and SAELens's) form: pre = ReLU(W_enc x + b_enc).
+  """
+  p = {name: v.astype(np.float64) for name, v in params.items()}
+  x = x.astype(np.float64) - (p["b_dec"] if apply_b_dec_to_input else 0.0)
+  pre = np.maximum(x @ p["W_enc"].T + p["b_enc"], 0.0)
+  z = np.where(pre > p["threshold"], pre, 0.0)
+  return z, z @ p["W_dec"] + p["b_dec"]

@@ -87,3 +87,30 @@ def test_foreign_options_it_cannot_compute_are_refused_by_name(tmp_path):
   (folder / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "layer_norm"}))
   with pytest.raises(dictionary.DictionaryError, match="normalize_activations='layer_norm'"):
     SAE.from_export(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_jumprelu_matches_numpy_reference(tmp_path, dtype):
+  """encode holds every latent above threshold: its width is the largest count over the rows,
+  shorter rows padded with zeros; decode gives the reference reconstruction."""
+  params = {**random_params(), "threshold": np.random.default_rng(5).uniform(
+      0.5, 5.0, N).astype(np.float32)}
+  dictionary.write(tmp_path, "model.layers.1", params, k=None, layout="saelens")
+  sae = SAE.from_export(tmp_path, dtype=dtype)
+  assert sae.jumprelu and sae.k is None
+  x = np.random.default_rng(6).normal(size=(4, 10, D)).astype(np.float32)
+
+  z_ref, x_hat_ref = reference.jumprelu_numpy(params, x.reshape(-1, D))
+  counts = (z_ref > 0).sum(1)
+  assert counts.min() < counts.max()  # rows of different widths
+  values, indices = sae.encode(torch.from_numpy(x))
+  width = counts.max()
+  assert values.shape == indices.shape == (4, 10, width)
+  values, indices = values.reshape(-1, width).double().numpy(), indices.reshape(-1, width).numpy()
+  z = np.zeros_like(z_ref)
+  np.put_along_axis(z, indices, values, 1)
+  np.testing.assert_array_equal(z > 0, z_ref > 0)
+  np.testing.assert_allclose(z, z_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal((values > 0).sum(1), counts)
+  np.testing.assert_allclose(sae(torch.from_numpy(x)).reshape(-1, D).double().numpy(), x_hat_ref,
+                             rtol=1e-5, atol=1e-5)

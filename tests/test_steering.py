@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+import reference
 import steer_fixtures
 from harvest import hooks, images, llava
 from interpret.sae import SAE
@@ -85,6 +87,33 @@ def test_clamp_sets_the_latent_and_keeps_everything_else(setup):
   cross = (2.5 - current[other][:, 0]) * (sae.W_dec[other] @ sae.W_dec[ALWAYS_ON])
   torch.testing.assert_close(sae.pre_activations(edited[image])[:, ALWAYS_ON], 5.0 + cross,
                              rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_clamp_and_replace_with_a_jumprelu_sae_match_the_float64_reference(setup):
+  """A JumpReLU (BatchTopK export) whose threshold cuts about half of the firing latents."""
+  loaded, _ = setup
+  inputs = batch(loaded)
+  x = residual(loaded, inputs)
+  real = inputs["attention_mask"].bool()
+  params = steer_fixtures.random_params(loaded.d_model, always_on=ALWAYS_ON)
+  pre = np.maximum(x[real].double().numpy() @ params["W_enc"].T.astype(np.float64)
+                   + params["b_enc"], 0)
+  params["threshold"] = np.full(len(params["b_enc"]), np.median(pre[pre > 0]), np.float32)
+  sae = SAE(params, k=None)
+  z, x_hat = reference.jumprelu_numpy(params, x[real].double().numpy())
+  assert 0 < (z > 0).sum() < (pre > 0).sum()
+
+  with steering(loaded, sae, [], mode="replace", positions="prompt"):
+    replaced = residual(loaded, inputs)
+  np.testing.assert_allclose(replaced[real].double().numpy(), x_hat, rtol=1e-5, atol=1e-5)
+  other = 7
+  with steering(loaded, sae, [Edit(ALWAYS_ON, 5.0), Edit(other, 2.5)], positions="prompt"):
+    clamped = residual(loaded, inputs)
+  expected = x[real].double().numpy() + (
+      (5.0 - z[:, [ALWAYS_ON]]) * params["W_dec"][ALWAYS_ON] + (2.5 - z[:, [other]])
+      * params["W_dec"][other])
+  np.testing.assert_allclose(clamped[real].double().numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
