@@ -92,7 +92,7 @@ class SAEConfig:
       raise ValueError(f"matryoshka_prefixes={list(prefixes)} must increase strictly, each in "
                        f"[1, num_latents={self.num_latents})")
     if self.multi_topk and (self.architecture != "topk" or prefixes):
-      raise ValueError("multi_topk works with architecture=topk without matryoshka_prefixes only")
+      raise ValueError("multi_topk needs architecture=topk and no matryoshka_prefixes")
     if not 0 <= self.batchtopk_max_k <= self.num_latents:
       raise ValueError(f"batchtopk_max_k={self.batchtopk_max_k} must be in [0, num_latents="
                        f"{self.num_latents}]")

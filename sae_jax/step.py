@@ -7,6 +7,7 @@ that the trainer jits with `donate_argnums=1` and any shardings it likes.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sae_jax import sharded
+from sae_jax import batchtopk, sharded
 from sae_jax.kernel_plan import KernelPlan
 from sae_jax.model import SAEConfig, TopKSAE, kernels, row_dots
 
@@ -54,19 +55,41 @@ def losses(model: TopKSAE, x: jax.Array, dead: jax.Array):
   total_variance = jnp.sum(jnp.square(x - x.mean(0)))
 
   top_values, top_indices = values[:, :cfg.k], indices[:, :cfg.k]
+  extra = {}
+  if cfg.architecture == "batchtopk":
+    top_values, extra["capped_fraction"] = batchtopk.select(values, cfg.k)
+    top_indices = indices
+  # Matryoshka: group g holds the picks of latents in [width g-1, width g), each group is decoded
+  # once, and level i reconstructs with the running sum of groups 0..i. Without prefixes there is
+  # one group, all picks.
+  widths = cfg.matryoshka_prefixes
+  group = sum((top_indices >= w).astype(jnp.int32) for w in widths)
+
+  def picks(g):
+    return jnp.where(group == g, top_values, 0.0) if widths else top_values
+
   num_dead = jnp.sum(dead)
   if cfg.num_aux:
     # AuxK's decode (and its backward) runs only while some latent is dead; e_hat is 0 otherwise.
     if sharded.active():
       decoding["auxk_select"] = cfg.auxk_select
-    decoded, e_hat = kernels().decode_with_aux(model.plan, top_values, top_indices, aux_values,
-                                               aux_indices, num_dead > 0, W_dec, **decoding)
+    decoded, e_hat = kernels().decode_with_aux(model.plan, picks(len(widths)), top_indices,
+                                               aux_values, aux_indices, num_dead > 0, W_dec,
+                                               **decoding)
   else:
-    decoded = sparse_decode(top_values, top_indices, W_dec)
-  x_hat = decoded + b_dec
+    decoded = sparse_decode(picks(len(widths)), top_indices, W_dec)
+  inner = list(itertools.accumulate(sparse_decode(picks(g), top_indices, W_dec)
+                                    for g in range(len(widths))))
+  x_hat = (inner[-1] + decoded if inner else decoded) + b_dec
   metrics = _reconstruction_metrics(x, x_hat, top_values, total_variance)
   metrics["dead_fraction"] = jnp.mean(dead.astype(jnp.float32))
   loss = metrics["fvu"]
+  for width, partial in zip(widths, inner):
+    name = f"fvu_prefix_{width}"
+    metrics[name] = jnp.sum(jnp.square(x - partial - b_dec)) / total_variance
+    loss = loss + metrics[name]
+  loss = loss / (len(widths) + 1) if widths else loss
+  metrics.update(extra)
 
   multi_topk_fvu = jnp.float32(0)
   if cfg.multi_topk:
@@ -114,6 +137,10 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array
     # XLA:CPU otherwise wrote each gradient's square out as one more [n, d] array for Adam's
     # second moment (the step: 768 against 781 ms, 696 against 710, in two interleaved A/Bs).
     grads = jax.tree.map(jax.lax.optimization_barrier, grads)
+  if model.cfg.architecture == "batchtopk":  # from the picks of the weights before the update
+    model.threshold[...] = batchtopk.updated_threshold(model.cfg, model.threshold[...],
+                                                       top_values, optimizer.step[...])
+    metrics["threshold"] = model.threshold[...]
   optimizer.update(model, grads)
   model.normalize_decoder()
   model.record_firing(top_indices, top_values, x.shape[0])
@@ -130,7 +157,8 @@ def global_norm(plan: KernelPlan, grads) -> jax.Array:
 
 
 def eval_metrics(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> dict[str, jax.Array]:
-  """fvu, mse and l0 of the top-k reconstruction, without touching the state."""
+  """fvu, mse and l0 of the top-k reconstruction (BatchTopK: the JumpReLU at the learned
+  threshold), without touching the state."""
   model, _ = nnx.merge(graphdef, state)
   x = x.astype(jnp.float32)
   values, indices = model.encode(x)

@@ -36,8 +36,9 @@ from sae_jax import checkpoint, cli, data, dictionary, distributed, logs, perf, 
 from sae_jax.dictionary import DictionaryError
 from sae_jax.kernel_plan import KernelPlan
 from sae_jax.metrics import MetricWriter
-from sae_jax.model import SAEConfig, geometric_median
-from sae_jax.step import create_state, default_learning_rate, make_optimizer, train_step
+from sae_jax.model import ARCHITECTURES, SAEConfig, geometric_median
+from sae_jax.step import (create_state, default_learning_rate, eval_metrics, make_optimizer,
+                          train_step)
 from sae_jax.store import Store, StoreError, absolute, atomic_write_json
 
 # Data.
@@ -73,6 +74,21 @@ _AUXK_SELECT = flags.DEFINE_enum(
     "per_shard = AuxK reconstructs with each shard's own top ceil(k_aux / m) dead latents, no "
     "candidates cross chips; exact = the global top k_aux dead latents, an all-gather of "
     "[batch, m * k_aux] candidates every step. One device: exact either way.")
+_ARCHITECTURE = flags.DEFINE_enum(
+    "architecture", "topk", list(ARCHITECTURES), "topk: each token keeps its k largest latents. "
+    "batchtopk: the batch keeps its batch_size * k largest (each token's top --batchtopk_max_k "
+    "candidates); inference thresholds at a learned value (a JumpReLU).")
+_BATCHTOPK_MAX_K = flags.DEFINE_integer(
+    "batchtopk_max_k", 0, "BatchTopK: candidates per token (0: min(4k, num_latents)); the "
+    "capped_fraction metric says how often a token might have had more.", lower_bound=0)
+_THRESHOLD_BETA = flags.DEFINE_float("threshold_beta", 0.999, "BatchTopK: EMA weight of the old "
+                                     "inference threshold.", lower_bound=0, upper_bound=1)
+_THRESHOLD_START_STEP = flags.DEFINE_integer(
+    "threshold_start_step", 1000, "BatchTopK: the step from which the inference threshold is "
+    "learned.", lower_bound=0)
+_MATRYOSHKA_PREFIXES = flags.DEFINE_list(
+    "matryoshka_prefixes", [], "Matryoshka: increasing inner dictionary widths; the latents "
+    "[0, w) alone must also reconstruct (the loss is the mean FVU over them and the full width).")
 _B_DEC_INIT = flags.DEFINE_enum("b_dec_init", "median", ["median", "mean", "zeros"],
                                 "Initial b_dec: geometric median or mean of a sample, or zeros.")
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Start from an exported dictionary (ours, or "
@@ -310,11 +326,21 @@ def main() -> None:
                  _NUM_LATENTS.value or _EXPANSION_FACTOR.value * d_in)
   if _K.value > num_latents:
     raise TrainError(f"--k={_K.value} exceeds the number of latents ({num_latents})")
-  cfg = SAEConfig(d_in=d_in, num_latents=num_latents, k=_K.value, multi_topk=_MULTI_TOPK.value,
-                  auxk_alpha=_AUXK_ALPHA.value, dead_tokens=_DEAD_TOKENS.value,
-                  k_aux=_K_AUX.value or None, shard_capacity=_SHARD_CAPACITY.value,
-                  auxk_select=_AUXK_SELECT.value, compute_dtype=_COMPUTE_DTYPE.value, topk=_TOPK.value,
-                  topk_recall=_TOPK_RECALL.value, weight_grads=_WEIGHT_GRADS.value)
+  if not all(w.isdigit() for w in _MATRYOSHKA_PREFIXES.value):
+    raise TrainError(f"--matryoshka_prefixes={','.join(_MATRYOSHKA_PREFIXES.value)}: expected "
+                     "comma-separated latent counts")
+  try:
+    cfg = SAEConfig(d_in=d_in, num_latents=num_latents, k=_K.value, multi_topk=_MULTI_TOPK.value,
+                    auxk_alpha=_AUXK_ALPHA.value, dead_tokens=_DEAD_TOKENS.value,
+                    k_aux=_K_AUX.value or None, shard_capacity=_SHARD_CAPACITY.value,
+                    auxk_select=_AUXK_SELECT.value, compute_dtype=_COMPUTE_DTYPE.value,
+                    topk=_TOPK.value, topk_recall=_TOPK_RECALL.value,
+                    weight_grads=_WEIGHT_GRADS.value, architecture=_ARCHITECTURE.value,
+                    batchtopk_max_k=_BATCHTOPK_MAX_K.value, threshold_beta=_THRESHOLD_BETA.value,
+                    threshold_start_step=_THRESHOLD_START_STEP.value,
+                    matryoshka_prefixes=tuple(map(int, _MATRYOSHKA_PREFIXES.value)))
+  except ValueError as e:  # each message starts with the flag's name
+    raise TrainError(f"--{e}") from e
   if run is not None and SAEConfig(**run["sae"]) != cfg:
     raise TrainError(f"{workdir} holds a run with another SAE config ({run['sae']}); "
                      "use a new --workdir")
@@ -397,6 +423,12 @@ def main() -> None:
 
     update = jax.jit(scaled_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                      out_shardings=(state_sharding, None), donate_argnums=0)
+    inference = None
+    if cfg.architecture == "batchtopk":  # the JumpReLU at the learned threshold, at log steps
+      inference = jax.jit(
+          lambda state, x: eval_metrics(graphdef, state, data.device_rows(x, store.dtype) *
+                                        input_scale),
+          in_shardings=(state_sharding, sharding.batch_sharding(mesh)))
 
     ############################################################################################
     # Data, starting at the restored step.                                                      #
@@ -445,6 +477,10 @@ def main() -> None:
           tick_time, tick_step = time.perf_counter(), pending[0]
           pending = None
         if step % _LOG_EVERY.value == 0 or step == total_steps:
+          if inference is not None:  # dispatched before the next step takes the state
+            evaluated = inference(state, x)
+            step_metrics = {**step_metrics, "inference_fvu": evaluated["fvu"],
+                            "inference_l0": evaluated["l0"]}
           pending = (step, step_metrics)
         progress.update(1)
         preempted = mngr.reached_preemption(step) or bool(sigterm)

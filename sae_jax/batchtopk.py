@@ -1,0 +1,54 @@
+"""BatchTopK (Bussmann et al. 2024): the batch keeps its B*k largest pre-activations, not each token
+its k; inference uses a learned threshold instead (a JumpReLU).
+
+The candidates are each token's top `SAEConfig.candidates`, from the same sparse encoder as TopK
+(per latent shard on a mesh). The batch's cut is the (B*k)-th largest candidate, found exactly by
+bisection on the float32 bit patterns: 31 rounds of a count over [B, c] and a scalar sum, which
+XLA turns into an all-reduce when the batch is split over "data". A sort or a top_k over the
+flattened batch would gather all B*c candidates on every device.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax.model import SAEConfig
+
+
+def kth_largest(values: jax.Array, count: int) -> jax.Array:
+  """The `count`-th largest entry of `values` (float32, all >= 0, any shape), exactly."""
+  # Non-negative floats order as their bit patterns do; -0.0 (negative as int32) becomes +0.0.
+  bits = jnp.maximum(jax.lax.bitcast_convert_type(jax.lax.stop_gradient(values), jnp.int32), 0)
+
+  def halve(_, bounds):
+    lo, hi = bounds  # invariant: at least `count` entries are >= lo, fewer are >= hi
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(bits >= mid) >= count
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, 31, halve, (jnp.int32(0), jnp.int32(np.iinfo(np.int32).max)))
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def select(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """(values [B, c] with all but the batch's B*k largest set to 0, capped_fraction).
+
+  Ties at the cut are all kept. The selection is that of the whole flattened [B, n] batch unless
+  some token has more than c of the batch's B*k largest: capped_fraction, the fraction of tokens
+  whose last candidate is kept, says how often that may have happened."""
+  cut = kth_largest(values, values.shape[0] * k)
+  kept = jnp.where(values >= cut, values, 0.0)
+  return kept, jnp.mean((kept[:, -1] > 0).astype(jnp.float32))
+
+
+def updated_threshold(cfg: SAEConfig, threshold: jax.Array, kept: jax.Array,
+                      step: jax.Array) -> jax.Array:
+  """The inference threshold after a step at optimizer step `step` (counted from 0) that kept
+  `kept`: from threshold_start_step on, an EMA of the batch's smallest positive kept value, started
+  at the first such value (as dictionary_learning's BatchTopK trainer does)."""
+  smallest = jnp.min(jnp.where(kept > 0, kept, jnp.inf))
+  beta = cfg.threshold_beta
+  ema = jnp.where(threshold < 0, smallest, beta * threshold + (1 - beta) * smallest)
+  return jnp.where((step >= cfg.threshold_start_step) & jnp.isfinite(smallest), ema, threshold)
