@@ -40,3 +40,23 @@ def jumprelu_numpy(params: dict[str, np.ndarray], x: np.ndarray, apply_b_dec_to_
   pre = np.maximum(x @ p["W_enc"].T + p["b_enc"], 0.0)
   z = np.where(pre > p["threshold"], pre, 0.0)
   return z, z @ p["W_dec"] + p["b_dec"]
+
+
+def pre_numpy(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+  """Dense ReLU(W_enc (x - b_dec) + b_enc) in float64, [B, n]."""
+  p = {name: np.asarray(v, np.float64) for name, v in params.items()}
+  return np.maximum((np.asarray(x, np.float64) - p["b_dec"]) @ p["W_enc"].T + p["b_enc"], 0.0)
+
+
+def batchtopk_mask_numpy(pre: np.ndarray, k: int, cap: int):
+  """BatchTopK's picks as a dense [B, n] bool mask: each token's top `cap`, then the B*k largest
+  of all those candidates (flattened). Also the cut (the (B*k)-th largest candidate) and the
+  fraction of tokens whose cap-th candidate is kept (and positive)."""
+  rows = np.arange(len(pre))[:, None]
+  idx = np.argsort(-pre, axis=1, kind="stable")[:, :cap]
+  candidates = np.full_like(pre, -np.inf)
+  candidates[rows, idx] = pre[rows, idx]
+  cut = np.sort(pre[rows, idx].ravel())[-len(pre) * k]
+  mask = candidates >= cut
+  last = idx[:, -1]
+  return mask, cut, (mask & (pre > 0))[rows[:, 0], last].mean()
