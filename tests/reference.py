@@ -35,9 +35,8 @@ def jumprelu_numpy(params: dict[str, np.ndarray], x: np.ndarray, apply_b_dec_to_
 
   apply_b_dec_to_input=False is Gemma Scope's (and SAELens's) form: pre = ReLU(W_enc x + b_enc).
   """
-  p = {name: v.astype(np.float64) for name, v in params.items()}
-  x = x.astype(np.float64) - (p["b_dec"] if apply_b_dec_to_input else 0.0)
-  pre = np.maximum(x @ p["W_enc"].T + p["b_enc"], 0.0)
+  p = {name: np.asarray(v, np.float64) for name, v in params.items()}
+  pre = pre_numpy({**p, "b_dec": p["b_dec"] * apply_b_dec_to_input}, x)
   z = np.where(pre > p["threshold"], pre, 0.0)
   return z, z @ p["W_dec"] + p["b_dec"]
 
