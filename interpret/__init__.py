@@ -4,5 +4,6 @@ clients and batch explanation jobs (`python -m interpret.explain`), and the stat
 
 Modules: sae (SAE: TopK or JumpReLU), topacts (TOPACTS reader, latent selection), sources (image
 table -> images), visual (masks, heatmaps, grids), prompts (template, answer parsing), explainers
-(OpenAI-compatible and transformers clients), jobs (concurrency, retries, cache, resume), site (HTML).
+(OpenAI-compatible and transformers clients), jobs (concurrency, retries, cache, resume), site
+(HTML).
 """

@@ -224,7 +224,7 @@ def test_an_unlearned_threshold_is_refused():
 
 
 def test_apply_b_dec_to_input_false_is_folded_into_b_enc(tmp_path):
-  """Gemma Scope's form, pre = W_enc x + b_enc, with per-latent thresholds; and the same for TopK."""
+  """Gemma Scope's form, pre = W_enc x + b_enc, with per-latent thresholds; the same for TopK."""
   params = with_threshold(random_params())
   folder = dictionary.write(tmp_path / "jumprelu", "hp", params, k=None, layout="saelens")
   cfg = json.loads((folder / "cfg.json").read_text())
