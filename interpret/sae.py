@@ -57,7 +57,7 @@ class SAE(nn.Module):
     x = x.to(self.W_enc.dtype)
     return torch.relu(nn.functional.linear(x - self.b_dec, self.W_enc, self.b_enc))
 
-  def sparsify(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+  def activate(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The sparse code of pre-activations [..., n]: (values, indices) [..., w], largest first.
 
     TopK: w = k. JumpReLU: w = the largest number of latents above threshold in any row (at least
@@ -71,8 +71,8 @@ class SAE(nn.Module):
     return torch.topk(kept, width, dim=-1, sorted=True)
 
   def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [..., w], indices [..., w]) of the active latents, largest first (see sparsify)."""
-    return self.sparsify(self.pre_activations(x))
+    """(values [..., w], indices [..., w]) of the active latents, largest first (see activate)."""
+    return self.activate(self.pre_activations(x))
 
   def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """W_dec^T z + b_dec from the sparse code, without ever building the dense [..., n] z."""

@@ -300,7 +300,7 @@ class Steering:
     pre = self.sae.pre_activations(rows)
     if len(self._latents):
       pre[:, self._latents] = torch.where(clamp_here[:, None], self._values, pre[:, self._latents])
-    return self.sae.decode(*self.sae.sparsify(pre))
+    return self.sae.decode(*self.sae.activate(pre))
 
 
 def load_sae(loaded: llava.LoadedModel, path: str, layer: int) -> tuple[SAE, int]:
