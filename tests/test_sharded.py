@@ -70,12 +70,16 @@ def grads_and_eval(cfg, x):
 
 batches = [jnp.asarray(np.random.default_rng(i).normal(0.2, 1.0, (32, 16)), jnp.float32)
            for i in range(4)]
-for multi_topk, specs in ((False, ["data:8,model:1", "data:2,model:4"]),
-                          (True, ["data:4,model:2", "data:1,model:8"])):
+# BatchTopK's cut over the batch split over "data" (its threshold learned from the second step),
+# with Matryoshka prefixes that cut through the model shards.
+batchtopk = dict(architecture="batchtopk", matryoshka_prefixes=(6, 24), threshold_start_step=1)
+for extra, specs in ((dict(), ["data:8,model:1", "data:2,model:4"]),
+                     (dict(multi_topk=True), ["data:4,model:2", "data:1,model:8"]),
+                     (batchtopk, ["data:4,model:2", "data:2,model:4"])):
   # 8 latents per shard on model:8, fewer than the 4k = 16 Multi-TopK picks.
   # AuxK's exact selection, as on one device (per_shard: tests/test_auxk_select.py).
-  cfg = SAEConfig(d_in=16, num_latents=64, k=4, multi_topk=multi_topk, auxk_alpha=0.5, k_aux=6,
-                  dead_tokens=40, auxk_select="exact")
+  cfg = SAEConfig(d_in=16, num_latents=64, k=4, auxk_alpha=0.5, k_aux=6, dead_tokens=40,
+                  auxk_select="exact", **extra)
   want_losses, want = run(cfg, sharding.make_mesh("data:1,model:1", jax.devices()[:1]), batches)
   want_grads = grads_and_eval(cfg, batches[0])
   for spec in specs:
@@ -104,9 +108,10 @@ PLANS = {"cpu": "PLAN = None\n",
 def test_train_steps_on_every_mesh_shape_match_one_device(rules):
   """8x1, 4x2, 2x4 and 1x8 meshes: gradients (no factor of the model-axis size), eval metrics, and
   losses, parameters, Adam moments and dead counters after 4 steps (AuxK active from the third,
-  Multi-TopK in two of them) equal the one-device run's."""
+  Multi-TopK in two of them, BatchTopK with Matryoshka and its threshold in a third) equal the
+  one-device run's."""
   script = PLANS[rules] + STEPS_SCRIPT
-  assert run_with_devices(["-c", script]).count("ok") == 2
+  assert run_with_devices(["-c", script]).count("ok") == 3
 
 
 HLO_SCRIPT = """
