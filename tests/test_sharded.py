@@ -119,35 +119,48 @@ import re
 import jax, numpy as np
 from sae_jax import sharding, step as step_lib
 from sae_jax.model import SAEConfig
-B, N, K, K_AUX = 32, 256, 4, 6
-cfg = SAEConfig(d_in=16, num_latents=N, k=K, k_aux=K_AUX)
+B, N, K, K_AUX, CAP = 32, 256, 4, 6, 12
 tx = step_lib.make_optimizer(1e-3)
-graphdef, _ = step_lib.create_state(cfg, tx, seed=0, b_dec=None)
 mesh = sharding.make_mesh("data:2,model:4")
-with jax.set_mesh(mesh):
-  abstract = jax.eval_shape(lambda: step_lib.create_state(cfg, tx, seed=0, b_dec=None)[1])
-  shardings = sharding.state_shardings(abstract, mesh)
-  batch = jax.ShapeDtypeStruct((B, 16), np.float32, sharding=sharding.batch_sharding(mesh))
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, shardings)
-  hlo = jax.jit(lambda s, x: step_lib.train_step(graphdef, s, x),
-                in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                out_shardings=(shardings, None)).lower(state, batch).compile().as_text()
-# "%name = f32[16,16]{1,0} all-gather(...)": the shapes of each all-gather's result.
-gathered = [tuple(map(int, shape.split(",")))
-            for result in re.findall(r"= ([^=]*?) all-gather(?:-start)?\\(", hlo)
-            for shape in re.findall(r"\\[([\\d,]+)\\]", result)]
+
+def compiled(cfg):
+  graphdef, _ = step_lib.create_state(cfg, tx, seed=0, b_dec=None)
+  with jax.set_mesh(mesh):
+    abstract = jax.eval_shape(lambda: step_lib.create_state(cfg, tx, seed=0, b_dec=None)[1])
+    shardings = sharding.state_shardings(abstract, mesh)
+    batch = jax.ShapeDtypeStruct((B, 16), np.float32, sharding=sharding.batch_sharding(mesh))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract, shardings)
+    return jax.jit(lambda s, x: step_lib.train_step(graphdef, s, x),
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, None)).lower(state, batch).compile().as_text()
+
+def results(hlo, op):
+  # "%name = f32[16,16]{1,0} all-gather(...)": the shapes of each such collective's result.
+  return [tuple(map(int, shape.split(","))) if shape else ()
+          for result in re.findall(r"= ([^=]*?) " + op + r"(?:-start)?\\(", hlo)
+          for shape in re.findall(r"\\[([\\d,]*)\\]", result)]
+
+gathered = results(compiled(SAEConfig(d_in=16, num_latents=N, k=K, k_aux=K_AUX)), "all-gather")
 print(sorted(set(gathered)))
 assert not [s for s in gathered if len(s) == 2 and s[0] in (B // 2, B) and s[1] == N], gathered
 assert (B // 2, 4 * K) in gathered, gathered
 assert (B // 2, 4 * K_AUX) not in gathered, gathered  # AuxK per shard: no candidates gathered
+# BatchTopK: each data shard's [B/2, CAP] candidates are gathered over "model" only, as TopK's
+# k are; the batch's cut takes scalar all-reduces over "data", no [B, CAP] gather.
+hlo = compiled(SAEConfig(d_in=16, num_latents=N, k=K, k_aux=K_AUX, architecture="batchtopk",
+                         batchtopk_max_k=CAP))
+gathered = results(hlo, "all-gather")
+print(sorted(set(gathered)))
+assert set(gathered) == {(B // 2, 4 * CAP)}, gathered
+assert () in results(hlo, "all-reduce")
 print("ok")
 """
 
 
 def test_compiled_step_gathers_candidates_not_pre_activations():
   """On a 2x4 mesh the step all-gathers [B/2, 4k] candidates, never a [B/2 or B, n] matrix, and,
-  with AuxK per shard, no AuxK candidates."""
+  with AuxK per shard, no AuxK candidates. BatchTopK gathers no [B, candidates] either."""
   assert run_with_devices(["-c", HLO_SCRIPT]).strip().endswith("ok")
 
 
