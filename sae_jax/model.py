@@ -89,8 +89,8 @@ class SAEConfig:
       raise ValueError(f"architecture={self.architecture!r}; expected one of {ARCHITECTURES}")
     if any(b <= a for a, b in zip(prefixes, prefixes[1:])) or not all(
         0 < w < self.num_latents for w in prefixes):
-      raise ValueError(f"matryoshka_prefixes={list(prefixes)} must increase strictly, each in "
-                       f"[1, num_latents={self.num_latents})")
+      raise ValueError(f"matryoshka_prefixes={','.join(map(str, prefixes))} must increase "
+                       f"strictly, each in [1, num_latents={self.num_latents})")
     if self.multi_topk and (self.architecture != "topk" or prefixes):
       raise ValueError("multi_topk needs architecture=topk and no matryoshka_prefixes")
     if not 0 <= self.batchtopk_max_k <= self.num_latents:

@@ -166,7 +166,7 @@ def test_config_normalises_and_refuses():
   assert cfg.matryoshka_prefixes == (8, 16)
   assert SAEConfig(d_in=D, num_latents=N, k=K, architecture="batchtopk").candidates == 4 * K
   for bad, message in [
-      (dict(matryoshka_prefixes=(16, 8)), "matryoshka_prefixes=[16, 8] must increase"),
+      (dict(matryoshka_prefixes=(16, 8)), "matryoshka_prefixes=16,8 must increase"),
       (dict(matryoshka_prefixes=(0, 8)), "each in [1, num_latents=48)"),
       (dict(matryoshka_prefixes=(8, 2 * N)), "each in [1, num_latents=48)"),
       (dict(architecture="batchtopk", multi_topk=True), "multi_topk needs architecture=topk"),

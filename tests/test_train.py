@@ -186,6 +186,9 @@ def test_a_non_finite_loss_stops_the_run_at_the_next_log_step(store, tmp_path):
     ("--token_kinds=text", "no rows of token kinds"),
     ("--token_kinds=patches", "--token_kinds: unknown kind(s) ['patches']"),
     ("--mesh=data:3", "needs 3 devices"),
+    ("--matryoshka_prefixes=32,8", "--matryoshka_prefixes=32,8 must increase strictly, each in "
+     "[1, num_latents=64)"),
+    ("--matryoshka_prefixes=8,x", "--matryoshka_prefixes=8,x: expected comma-separated"),
 ])
 def test_bad_flags_get_clear_errors(store, tmp_path, flag, message):
   assert message in error_of(train(store, tmp_path / "bad", flag, check=False))
@@ -332,3 +335,68 @@ def test_an_fp8_store_trains_as_its_decoded_float32_copy(store, tmp_path):
     params.append(dictionary.read(folder)[0])
   for name in dictionary.PARAM_NAMES:
     np.testing.assert_array_equal(params[0][name], params[1][name], err_msg=name)
+
+
+BATCHTOPK = ("--architecture=batchtopk", "--matryoshka_prefixes=8,32", "--threshold_start_step=3",
+             "--threshold_beta=0.9")
+
+
+def model_state(workdir):
+  """The trained model's variables by name (parameters, dead counters, threshold), its run record
+  and its step."""
+  import jax
+  from flax import nnx
+
+  from sae_jax import checkpoint
+  model, run, step = checkpoint.load_model(workdir)
+  state = {jax.tree_util.keystr(path): np.asarray(value)
+           for path, value in jax.tree.leaves_with_path(nnx.state(model))}
+  return state, run, step
+
+
+@pytest.fixture(scope="module")
+def batchtopk_straight(store, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("batchtopk")
+  train(store, workdir, *BATCHTOPK)
+  return workdir
+
+
+def test_batchtopk_matryoshka_resumes_bit_identical_and_logs_its_inference(store,
+                                                                          batchtopk_straight,
+                                                                          tmp_path):
+  killed = train(store, tmp_path / "resumed", *BATCHTOPK, "--debug_signal_at_step=13",
+                 check=False)
+  assert killed.returncode == -9
+  train(store, tmp_path / "resumed", *BATCHTOPK)
+  want, run, _ = model_state(batchtopk_straight)
+  got, _, step = model_state(tmp_path / "resumed")
+  assert step == 20 and run["sae"]["architecture"] == "batchtopk"
+  assert set(got) == set(want) and float(want["['threshold'].value"]) > 0
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=str(name))
+  rows = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert {"fvu_prefix_8", "fvu_prefix_32", "capped_fraction", "threshold", "inference_fvu",
+          "inference_l0"} <= set(rows[-1])
+  assert rows[-1]["threshold"] == float(want["['threshold'].value"])
+  assert rows[-1]["l0"] == 4 and rows[-1]["inference_l0"] > 0
+
+
+def test_batchtopk_on_two_processes_matches_one(store, batchtopk_straight, tmp_path):
+  """The batch's cut counts over both processes' rows: the same run as on one process."""
+  codes, outputs = train_two_processes(store, tmp_path / "multi", *BATCHTOPK)
+  assert codes == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  want, _, _ = model_state(batchtopk_straight)
+  got, _, _ = model_state(tmp_path / "multi")
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=str(name))
+
+
+def test_run_json_without_the_architecture_fields_still_loads(straight):
+  """run.json files written before --architecture existed restore as TopK runs."""
+  from sae_jax.model import SAEConfig
+  run = json.loads((straight / "run.json").read_text())
+  old = {k: v for k, v in run["sae"].items() if k not in (
+      "architecture", "matryoshka_prefixes", "batchtopk_max_k", "threshold_beta",
+      "threshold_start_step")}
+  assert SAEConfig(**old) == SAEConfig(**run["sae"])
+  assert SAEConfig(**old).architecture == "topk"
