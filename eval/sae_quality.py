@@ -6,7 +6,8 @@
 On the raw activations of the selected tokens (`--tokens`, as in harvest: base_patches, image, text,
 all; BOS and padding never):
   fvu            sum |x - x_hat|^2 / sum |x - mean(x)|^2 over all selected tokens
-  l0             mean number of non-zero latents per token (k, unless pre-activations are 0)
+  l0             mean number of non-zero latents per token (TopK: k, unless pre-activations are 0;
+                 JumpReLU: those above the threshold)
   dead_fraction  latents that never fired; dense_fraction: fired on more than --dense_threshold
 Splicing at the hookpoint (the block output replaced at the selected tokens; all later layers see
 it), the next-token loss on the prompt's text tokens (targets that are neither image, BOS nor
@@ -36,7 +37,7 @@ from harvest import images as images_lib
 from harvest import llava, tokens
 from harvest.hooks import HookError
 from interpret import steering
-from interpret.sae import TopKSAE
+from interpret.sae import SAE
 from sae_jax import cli
 from sae_jax.store import atomic_write_json
 
@@ -64,7 +65,7 @@ class Totals:
   def __post_init__(self):
     self.fired = np.zeros(self.num_latents, np.int64)
 
-  def add_activations(self, sae: TopKSAE, x: torch.Tensor) -> None:
+  def add_activations(self, sae: SAE, x: torch.Tensor) -> None:
     """x [rows, d] float32 raw activations of the selected tokens."""
     for rows in x.split(steering.CHUNK_ROWS):
       values, indices = sae.encode(rows)
@@ -74,7 +75,7 @@ class Totals:
       sums = x64.sum(0).cpu().numpy()
       self.sum_x = sums if self.sum_x is None else self.sum_x + sums
       self.sum_squared_norm += float((x64 ** 2).sum())
-      on = values > 0  # TopK may keep zeros when fewer than k pre-activations are positive
+      on = values > 0  # TopK keeps zeros when fewer than k are positive, JumpReLU pads with them
       self.active += int(on.sum())
       self.fired += np.bincount(indices[on].cpu().numpy(), minlength=self.num_latents)
       self.tokens += len(rows)
@@ -98,7 +99,7 @@ class Totals:
     return out
 
 
-def splice(sae: TopKSAE, variant: str, mask: torch.Tensor) -> Callable:
+def splice(sae: SAE, variant: str, mask: torch.Tensor) -> Callable:
   """BlockEdit function replacing the block output at `mask` [B, T] by the variant's vector."""
   def edit(hidden: torch.Tensor, offset: int) -> torch.Tensor:
     del offset  # one forward pass over the whole prompt, no cache
@@ -158,7 +159,7 @@ def selected_tokens(encoded: dict, layout: tokens.ImageLayout, mode: str) -> tor
 
 
 @torch.no_grad()
-def evaluate_batch(loaded: llava.LoadedModel, sae: TopKSAE, layer: int, encoded: dict,
+def evaluate_batch(loaded: llava.LoadedModel, sae: SAE, layer: int, encoded: dict,
                    token_mode: str, totals: Totals) -> None:
   inputs = llava.to_model_inputs(loaded, encoded)
   mask = selected_tokens(encoded, loaded.layout, token_mode).to(loaded.device)
@@ -177,7 +178,7 @@ def evaluate_batch(loaded: llava.LoadedModel, sae: TopKSAE, layer: int, encoded:
     totals.kl[variant] += float((clean.exp() * (clean - spliced)).sum())
 
 
-def evaluate(loaded: llava.LoadedModel, sae: TopKSAE, layer: int, inputs, *, prompt_mode: str,
+def evaluate(loaded: llava.LoadedModel, sae: SAE, layer: int, inputs, *, prompt_mode: str,
              prompt: str, token_mode: str, batch_size: int, max_images: int,
              dense_threshold: float) -> dict:
   """The metrics over the first `max_images` (0: all) of a harvest.images reader."""

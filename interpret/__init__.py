@@ -2,7 +2,8 @@
 clients and batch explanation jobs (`python -m interpret.explain`), and the static feature dashboard
 (`python -m interpret.dashboard`).
 
-Modules: sae (TopKSAE), topacts (TOPACTS reader, latent selection), sources (image table -> images),
-visual (masks, heatmaps, grids), prompts (template, answer parsing), explainers (OpenAI-compatible
-and transformers clients), jobs (concurrency, retries, cache, resume), site (HTML).
+Modules: sae (SAE: TopK or JumpReLU), topacts (TOPACTS reader, latent selection), sources (image
+table -> images), visual (masks, heatmaps, grids), prompts (template, answer parsing), explainers
+(OpenAI-compatible and transformers clients), jobs (concurrency, retries, cache, resume), site
+(HTML).
 """

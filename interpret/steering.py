@@ -1,7 +1,7 @@
 """Steering: edit the residual stream at a hookpoint with an exported SAE, inside any forward pass.
 
-With a = TopK activations of the dictionary at x (a_f = 0 when latent f is not among the k winners)
-and d_f = W_dec[f], the modes are
+With a = the activations of the dictionary at x (TopK: a_f = 0 when latent f is not among the k
+winners; JumpReLU: when its pre-activation is at most its threshold), d_f = W_dec[f], the modes are
   clamp       x + sum_f (c_f - a_f(x)) d_f     latent f set to c_f, the SAE error kept: for a linear
               decoder this is decode(a with a_f := c_f) + (x - decode(a))
   ablate      clamp with every c_f = 0
@@ -42,7 +42,7 @@ from transformers.cache_utils import Cache
 
 from harvest import llava
 from harvest.hooks import HookError, find_decoder_layers
-from interpret.sae import TopKSAE
+from interpret.sae import SAE
 from sae_jax import dictionary
 
 MODES = ("clamp", "add", "add_scaled", "ablate", "replace")
@@ -198,7 +198,7 @@ class Steering:
         model.generate(**inputs)
   """
 
-  def __init__(self, model: nn.Module, sae: TopKSAE, layer: int, edits: Sequence[Edit], *,
+  def __init__(self, model: nn.Module, sae: SAE, layer: int, edits: Sequence[Edit], *,
                mode: str, positions: str, image_token_id: int, bos_token_id: int | None):
     if mode not in MODES:
       raise SteeringError(f"--mode={mode}: expected one of {MODES}")
@@ -288,26 +288,26 @@ class Steering:
     return out
 
   def _clamp(self, rows: torch.Tensor) -> torch.Tensor:
-    """rows + sum_f (c_f - a_f) d_f, with a_f the TopK activation (0 outside the top k)."""
+    """rows + sum_f (c_f - a_f) d_f, with a_f the SAE's activation (0 where inactive)."""
     values, indices = self.sae.encode(rows)
     hits = indices.unsqueeze(-1) == self._latents  # [rows, k, edits]
     current = (values.unsqueeze(-1) * hits).sum(1)  # [rows, edits]
     return rows + (self._values - current) @ self.sae.W_dec[self._latents]
 
   def _reconstruct(self, rows: torch.Tensor, clamp_here: torch.Tensor) -> torch.Tensor:
-    """The paper's hook: pre-activations clamped (where asked), TopK, decode; no error term."""
+    """The paper's hook: pre-activations clamped (where asked), TopK (or JumpReLU), decode; no
+    error term."""
     pre = self.sae.pre_activations(rows)
     if len(self._latents):
       pre[:, self._latents] = torch.where(clamp_here[:, None], self._values, pre[:, self._latents])
-    values, indices = torch.topk(pre, self.sae.k, dim=-1)
-    return self.sae.decode(values, indices)
+    return self.sae.decode(*self.sae.activate(pre))
 
 
-def load_sae(loaded: llava.LoadedModel, path: str, layer: int) -> tuple[TopKSAE, int]:
+def load_sae(loaded: llava.LoadedModel, path: str, layer: int) -> tuple[SAE, int]:
   """The SAE at `path` in float32 on the model's device, and its decoder layer: the layer of the
   hookpoint its metadata records (dictionary.read); `layer` >= 0 must agree with it."""
   try:
-    sae = TopKSAE.from_export(path, dtype=torch.float32, device=loaded.device)
+    sae = SAE.from_export(path, dtype=torch.float32, device=loaded.device)
   except (dictionary.DictionaryError, OSError) as e:
     raise SteeringError(f"--sae={path}: {e}") from e
   if sae.d_in != loaded.d_model:
@@ -323,7 +323,7 @@ def load_sae(loaded: llava.LoadedModel, path: str, layer: int) -> tuple[TopKSAE,
   return sae, layer
 
 
-def steering_for(loaded: llava.LoadedModel, sae: TopKSAE, layer: int, edits: Sequence[Edit],
+def steering_for(loaded: llava.LoadedModel, sae: SAE, layer: int, edits: Sequence[Edit],
                  mode: str, positions: str) -> Steering:
   return Steering(loaded.model, sae, layer, edits, mode=mode, positions=positions,
                   image_token_id=loaded.layout.image_token_id,

@@ -1,19 +1,23 @@
 """Exported dictionaries: write and read the sparsify and SAELens layouts (numpy + safetensors only).
 
 Our parameters are latent-major: W_enc [n, d], b_enc [n], W_dec [n, d] (unit rows), b_dec [d], and
-    z = TopK_k(ReLU(W_enc (x - b_dec) + b_enc)),   x_hat = W_dec^T z + b_dec.
+    pre = ReLU(W_enc (x - b_dec) + b_enc),   z = TopK_k(pre),   x_hat = W_dec^T z + b_dec.
+A JumpReLU dictionary (a BatchTopK SAE at inference) adds threshold [n] and has no k:
+    z = pre * (pre > threshold).
 
 Layouts (docs/formats.md has the details):
   sparsify: DIR/<hookpoint>/cfg.json  {expansion_factor, normalize_decoder, num_latents, k, multi_topk, d_in}
             DIR/<hookpoint>/sae.safetensors  encoder.weight [n,d], encoder.bias [n], W_dec [n,d], b_dec [d]
-  saelens:  DIR/<hookpoint>/cfg.json  (architecture "topk", d_in, d_sae, k, apply_b_dec_to_input, ...)
+  saelens:  DIR/<hookpoint>/cfg.json  (architecture "topk" with k, or "jumprelu"; d_in, d_sae, ...)
             DIR/<hookpoint>/sae_weights.safetensors  W_enc [d,n], W_dec [n,d], b_enc [n], b_dec [d]
+            (+ threshold [n] for jumprelu)
   ours:     DIR/<hookpoint>/sae_jax.json  provenance, input scale, training metrics (a sidecar the
             consumers' loaders never read, because the paper's loader rejects unknown cfg keys).
 
 One format per folder: `write` refuses a folder that holds the other layout. `read` also takes
 dictionaries trained by those libraries; an option of theirs that changes the latents is folded in
-exactly (SAELens's rescale_acts_by_decoder_norm) or refused by name, never ignored.
+exactly (SAELens's rescale_acts_by_decoder_norm and apply_b_dec_to_input=false) or refused by name,
+never ignored. The sparsify layout has no threshold: a JumpReLU dictionary is refused there.
 
 This module is shared by `sae_jax.export`, `sae_jax.train --init_from`, `sae_jax.scan` and the torch
 side (`interpret`), so it must stay free of jax and torch.
@@ -40,6 +44,7 @@ TENSORS = {"sparsify": {"encoder.weight", "encoder.bias", "W_dec", "b_dec"},
 SAELENS_CFG_VERSION = "6.0.0"
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+THRESHOLD = "threshold"  # the extra parameter of a JumpReLU dictionary
 
 
 class DictionaryError(ValueError):
@@ -53,26 +58,68 @@ def fold_input_scale(params: dict[str, np.ndarray], scale: float) -> dict[str, n
   TopK is unchanged by the positive factor, so with b_enc/scale and b_dec/scale the raw-space SAE
   picks the same latents with values z/scale (in raw-activation units), and
   x_hat_raw = (W_dec^T z + b_dec)/scale = W_dec^T (z/scale) + b_dec/scale keeps W_dec unit-norm.
+  A JumpReLU keeps latent i where pre_i(scale*x) = scale * pre_i(x) > threshold_i, i.e. where the
+  raw-space pre-activation exceeds threshold_i/scale.
   """
-  return {"W_enc": params["W_enc"], "b_enc": params["b_enc"] / scale,
-          "W_dec": params["W_dec"], "b_dec": params["b_dec"] / scale}
+  folded = {"W_enc": params["W_enc"], "b_enc": params["b_enc"] / scale,
+            "W_dec": params["W_dec"], "b_dec": params["b_dec"] / scale}
+  if THRESHOLD in params:
+    folded[THRESHOLD] = params[THRESHOLD] / scale
+  return folded
+
+
+def from_training(variables: dict[str, np.ndarray], run: dict, step: int) -> dict[str, np.ndarray]:
+  """The exported parameters (acting on raw activations) of a trained model's variables.
+
+  `variables` holds PARAM_NAMES and, for a BatchTopK run, its scalar learned threshold, which
+  becomes the JumpReLU threshold of every latent (Bussmann et al.'s inference rule).
+  """
+  params = {name: np.asarray(variables[name], np.float32) for name in PARAM_NAMES}
+  if run["sae"].get("architecture", "topk") == "batchtopk":
+    threshold = float(np.asarray(variables[THRESHOLD]))
+    if threshold < 0:
+      raise DictionaryError(
+          f"step {step} has no learned BatchTopK threshold yet (it is estimated from "
+          f"--threshold_start_step={run['sae']['threshold_start_step']} on); export a later "
+          "--step or train past it")
+    params[THRESHOLD] = np.full(params["b_enc"].shape, threshold, np.float32)
+  return fold_input_scale(params, run["input_scale"])
+
+
+def model_variables(run: dict) -> tuple[str, ...]:
+  """The model variables `from_training` needs for the run recorded in `run`."""
+  batchtopk = run["sae"].get("architecture", "topk") == "batchtopk"
+  return PARAM_NAMES + ((THRESHOLD,) if batchtopk else ())
 
 
 def _check_shapes(params: dict[str, np.ndarray]) -> tuple[int, int]:
   n, d = params["W_enc"].shape
   expected = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+  if THRESHOLD in params:
+    expected[THRESHOLD] = (n,)
   for name, shape in expected.items():
     if tuple(params[name].shape) != shape:
       raise DictionaryError(f"{name} has shape {tuple(params[name].shape)}, expected {shape}")
   return n, d
 
 
-def write(out: str | Path, hookpoint: str, params: dict[str, np.ndarray], *, k: int,
+def write(out: str | Path, hookpoint: str, params: dict[str, np.ndarray], *, k: int | None,
           layout: str, dtype: str = "float32", multi_topk: bool = False,
           sidecar: dict | None = None) -> Path:
-  """Writes one dictionary in `layout` ("sparsify" | "saelens") to out/<hookpoint>/."""
+  """Writes one dictionary in `layout` ("sparsify" | "saelens") to out/<hookpoint>/.
+
+  A TopK dictionary needs its `k`; a JumpReLU one (params with a threshold) has none (k=None) and
+  only the SAELens layout can hold it.
+  """
   if layout not in WEIGHTS:
     raise DictionaryError(f"unknown layout {layout!r}; expected 'sparsify' or 'saelens'")
+  jumprelu = THRESHOLD in params
+  if jumprelu and layout == "sparsify":
+    raise DictionaryError("a JumpReLU dictionary (BatchTopK at inference) cannot be written as "
+                          "--format=sparsify, which has no threshold; use --format=saelens")
+  if jumprelu != (k is None):
+    raise DictionaryError(f"k={k!r}: a TopK dictionary needs k, a JumpReLU one (with a "
+                          "threshold) takes none")
   n, d = _check_shapes(params)
   cast = {name: np.ascontiguousarray(np.asarray(v, np.float32).astype(DTYPES[dtype]))
           for name, v in params.items()}
@@ -90,15 +137,20 @@ def write(out: str | Path, hookpoint: str, params: dict[str, np.ndarray], *, k: 
                "W_dec": cast["W_dec"], "b_dec": cast["b_dec"]}
   else:
     meta = (sidecar or {}).get("source", {})
-    cfg = {"architecture": "topk", "d_in": d, "d_sae": n, "k": k, "dtype": dtype,
-           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-           "rescale_acts_by_decoder_norm": False, "reshape_activations": "none",
+    # SAELens's JumpReLUSAEConfig has the base fields only (no k, no decoder-norm rescaling).
+    arch = ({"architecture": "jumprelu"} if jumprelu else
+            {"architecture": "topk", "k": k, "rescale_acts_by_decoder_norm": False})
+    cfg = {**arch, "d_in": d, "d_sae": n, "dtype": dtype, "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "reshape_activations": "none",
            "metadata": {"sae_lens_version": SAELENS_CFG_VERSION, "model_name": meta.get("model"),
                         "hook_name": hookpoint, "model_class_name": meta.get("model_class"),
                         "prepend_bos": True, "dataset_path": meta.get("store"),
                         "context_size": None}}
     tensors = {"W_enc": np.ascontiguousarray(cast["W_enc"].T), "W_dec": cast["W_dec"],
                "b_enc": cast["b_enc"], "b_dec": cast["b_dec"]}
+    if jumprelu:
+      tensors[THRESHOLD] = cast[THRESHOLD]
   atomic_write_with(folder / WEIGHTS[layout], lambda tmp: save_file(tensors, str(tmp)))
   atomic_write_json(folder / "cfg.json", cfg)
   if sidecar is not None:
@@ -183,11 +235,9 @@ def _check_sparsify_cfg(folder: Path, cfg: dict) -> None:
 
 
 def _check_saelens_cfg(folder: Path, cfg: dict) -> None:
-  if cfg.get("architecture") != "topk":
+  if cfg.get("architecture") not in ("topk", "jumprelu"):
     raise DictionaryError(f"{folder}/cfg.json: architecture {cfg.get('architecture')!r} is not "
-                          "'topk'")
-  if not cfg.get("apply_b_dec_to_input", True):
-    raise DictionaryError(f"{folder}/cfg.json: apply_b_dec_to_input=false is not supported")
+                          "'topk' or 'jumprelu'")
   norm = cfg.get("normalize_activations", "none")
   if norm not in ("none", None, False):  # SAELens < 6 wrote a bool: True = expected_average_only_in
     why = _SAELENS_NORMALIZATION.get("expected_average_only_in" if norm is True else norm,
@@ -218,11 +268,20 @@ def fold_decoder_norms(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {name: v.astype(np.float32) for name, v in folded.items()}
 
 
+def fold_input_bias(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """SAELens's apply_b_dec_to_input=false (Gemma Scope: pre = W_enc x + b_enc) in our form:
+  W_enc x + b_enc = W_enc (x - b_dec) + (b_enc + W_enc b_dec), the sum taken in float64."""
+  b_enc = params["b_enc"].astype(np.float64) + params["W_enc"].astype(np.float64) @ params["b_dec"]
+  return {**params, "b_enc": b_enc.astype(np.float32)}
+
+
 def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
   """Reads a sparsify- or SAELens-layout dictionary into our float32 latent-major parameters.
 
   Options of those libraries that change the latents are folded in exactly or refused by name.
-  Returns (params, info) where info has k, d_in, num_latents, layout, hookpoint, and the sidecar.
+  Returns (params, info) where info has architecture ("topk" | "jumprelu"), k (None for a
+  JumpReLU), d_in, num_latents, layout, hookpoint, folder and the sidecar. A JumpReLU's params
+  also hold its threshold [n].
   """
   folder = find_dictionary(path)
   cfg = json.loads((folder / "cfg.json").read_text())
@@ -230,6 +289,7 @@ def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
   if layout is None:
     raise DictionaryError(f"{folder} has cfg.json but neither sae.safetensors (sparsify) nor "
                           "sae_weights.safetensors (SAELens)")
+  architecture = "topk"
   if layout == "sparsify":
     _check_sparsify_cfg(folder, cfg)
     t = _load_tensors(folder / WEIGHTS[layout], TENSORS[layout])
@@ -237,20 +297,27 @@ def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
               "b_dec": t["b_dec"]}
   else:
     _check_saelens_cfg(folder, cfg)
-    t = _load_tensors(folder / WEIGHTS[layout], TENSORS[layout])
-    params = {"W_enc": t["W_enc"].T, "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
-  k = cfg.get("k")
-  if not isinstance(k, int) or k <= 0:
+    architecture = cfg["architecture"]
+    extra = {THRESHOLD} if architecture == "jumprelu" else set()
+    t = _load_tensors(folder / WEIGHTS[layout], TENSORS[layout] | extra)
+    params = {"W_enc": t["W_enc"].T, "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"],
+              **{name: t[name] for name in extra}}
+  k = cfg.get("k") if architecture == "topk" else None
+  if architecture == "topk" and (not isinstance(k, int) or k <= 0):
     raise DictionaryError(f"{folder}/cfg.json: k must be a positive integer, got {k!r}")
   params = {name: np.ascontiguousarray(np.asarray(v).astype(np.float32))
             for name, v in params.items()}
   n, d = _check_shapes(params)
-  if layout == "saelens" and cfg.get("rescale_acts_by_decoder_norm"):
+  if layout == "saelens" and not cfg.get("apply_b_dec_to_input", True):
+    params = fold_input_bias(params)
+  # SAELens's JumpReLU has no decoder-norm rescaling (its config drops the key): only TopK's.
+  if architecture == "topk" and layout == "saelens" and cfg.get("rescale_acts_by_decoder_norm"):
     params = fold_decoder_norms(params)
   sidecar_path = folder / SIDECAR
   sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else {}
   recorded = recorded_hookpoint(cfg, sidecar)
   check_hookpoint(folder, recorded)
   # Without metadata (a foreign sparsify export) the folder name is the hookpoint, as in sparsify.
-  return params, {"k": k, "d_in": d, "num_latents": n, "layout": layout,
-                  "hookpoint": recorded or folder.name, "folder": str(folder), "sidecar": sidecar}
+  return params, {"architecture": architecture, "k": k, "d_in": d, "num_latents": n,
+                  "layout": layout, "hookpoint": recorded or folder.name, "folder": str(folder),
+                  "sidecar": sidecar}

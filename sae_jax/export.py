@@ -5,9 +5,11 @@ r"""Exports a trained dictionary for PyTorch consumers.
 
 Writes EXPORT/<hookpoint>/ in the chosen layout (docs/formats.md), loadable unchanged by EleutherAI
 sparsify and the paper's code (`Sae.load_from_disk`) or by SAELens (`SAE.load_from_disk`), plus a
-sidecar `sae_jax.json` with provenance and metrics. Any input scaling used in training is folded
-into the weights, so the export acts on raw activations. One format per folder: writing one layout
-over the other is refused (a reader could not tell which weights are meant).
+sidecar `sae_jax.json` with provenance, metrics and the training config. Any input scaling used in
+training is folded into the weights, so the export acts on raw activations. A BatchTopK run exports
+as a JumpReLU with its learned threshold on every latent (SAELens layout only: sparsify has no
+threshold); a Matryoshka TopK run is a plain TopK at inference. One format per folder: writing one
+layout over the other is refused (a reader could not tell which weights are meant).
 """
 
 from __future__ import annotations
@@ -43,19 +45,21 @@ def main():
   logs.quiet_libraries()
   workdir = Path(_WORKDIR.value)
   model, run, step = checkpoint.load_model(workdir, _STEP.value)
-  params = {name: np.asarray(getattr(model, name)[...], np.float32)
-            for name in dictionary.PARAM_NAMES}
-  params = dictionary.fold_input_scale(params, run["input_scale"])
+  params = dictionary.from_training(
+      {name: np.asarray(getattr(model, name)[...]) for name in dictionary.model_variables(run)},
+      run, step)
+  jumprelu = dictionary.THRESHOLD in params
   hookpoint = _HOOKPOINT.value or run["source"]["hookpoint"]
   folder = dictionary.write(
-      _OUT.value, hookpoint, params, k=run["sae"]["k"], layout=_FORMAT.value,
+      _OUT.value, hookpoint, params, k=None if jumprelu else run["sae"]["k"], layout=_FORMAT.value,
       dtype=_DTYPE.value, multi_topk=run["sae"]["multi_topk"],
       sidecar={"format": "sae_jax-export", "version": 1, "layout": _FORMAT.value, "step": step,
                "workdir": str(workdir.absolute()), "input_scale_folded": run["input_scale"],
                "sae": run["sae"], "source": run["source"], "metrics": last_metrics(workdir)})
   print(json.dumps({"export": str(folder), "layout": _FORMAT.value, "step": step,
                     "num_latents": int(params["W_enc"].shape[0]), "d_in": int(params["W_enc"].shape[1]),
-                    "k": run["sae"]["k"], "dtype": _DTYPE.value}))
+                    "architecture": "jumprelu" if jumprelu else "topk", "k": run["sae"]["k"],
+                    "dtype": _DTYPE.value}))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ histogram of activation values. Memory is bounded by latents x N, never by rows 
 - on the host, only the (latent, image) pairs that entered a top-N get their patch map, built from
   the chunk's sparse codes.
 
+A JumpReLU dictionary (a BatchTopK run, or e.g. Gemma Scope) is encoded at a fixed width, its
+--max_active largest latents above threshold per row; the output counts the rows that had more.
+
 Then one more pass over the rows that are not base-grid patches (other image tokens, text
 tokens) gives each latent its modality profile and its top-N text rows (docs/formats.md, "Modality
 profile"): activation mass per token kind, summed in float64 on the host, and the N text rows with
@@ -32,6 +35,7 @@ import json
 import time
 from pathlib import Path
 
+from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -39,6 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sae_jax import checkpoint, dictionary, logs, topacts
+from sae_jax import topk as topk_lib
 from sae_jax.model import SAEConfig, TopKSAE
 from sae_jax.store import (KIND_IMAGE_BASE, KIND_IMAGE_OTHER, KIND_TEXT, Store, StoreError,
                            absolute, atomic_write_with)
@@ -50,22 +55,69 @@ class ScanError(ValueError):
   """Inputs or an --out folder the scan cannot use; the message names the flag."""
 
 
-def load_sae(path: str, compute_dtype: str) -> tuple[TopKSAE, dict]:
-  """A TopKSAE acting on raw activations, from an export folder or a training workdir."""
+class JumpReLU(nnx.Module):
+  """The encoder of a JumpReLU dictionary (a BatchTopK SAE at inference; per-latent thresholds, as
+  in Gemma Scope): pre * (pre > threshold), kept as its `cap` largest values per row (a fixed width
+  for jit), largest first. TopK's zero-padding applies: a row with fewer active latents pads with 0.
+  """
+
+  def __init__(self, params: dict[str, np.ndarray], cap: int, compute_dtype: str):
+    for name in ("W_enc", "b_enc", "b_dec", dictionary.THRESHOLD):
+      setattr(self, name, nnx.Param(jnp.asarray(params[name], jnp.float32)))
+    self.cap, self.compute_dtype = cap, compute_dtype
+
+  def encode(self, x) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(values [B, cap], indices [B, cap], over_cap [B]): over_cap marks the rows with more than
+    `cap` latents above threshold, whose smallest ones were dropped."""
+    pre = topk_lib.encoder_pre(x.astype(jnp.float32) - self.b_dec[...], self.W_enc[...],
+                               self.b_enc[...], jnp.dtype(self.compute_dtype))
+    kept = jnp.where(pre > self.threshold[...], pre, 0.0)
+    width = min(self.cap + 1, kept.shape[1])  # one more than the cap: does any row overflow?
+    values, indices = jax.lax.top_k(kept, width)
+    over_cap = values[:, self.cap] > 0 if width > self.cap else jnp.zeros(len(x), bool)
+    return values[:, :self.cap], indices[:, :self.cap], over_cap
+
+
+def sparse_code(model, x) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(values, indices, over_cap [B]) of either encoder (TopK never drops an active latent)."""
+  if isinstance(model, JumpReLU):
+    return model.encode(x)
+  values, indices = model.encode(x)
+  return values, indices, jnp.zeros(len(x), bool)
+
+
+def load_sae(path: str, compute_dtype: str,
+             max_active: int = 0) -> tuple[TopKSAE | JumpReLU, dict]:
+  """The dictionary's encoder acting on raw activations, from an export folder or a training
+  workdir: a TopKSAE, or a JumpReLU keeping at most `max_active` latents per row (0: the BatchTopK
+  run's candidates per token, recorded in its run or export sidecar)."""
   if checkpoint.read_run(path) is not None:
     model, run, step = checkpoint.load_model(path)
-    params = {n: np.asarray(getattr(model, n)[...]) for n in dictionary.PARAM_NAMES}
-    params = dictionary.fold_input_scale(params, run["input_scale"])
-    k, source = run["sae"]["k"], {"workdir": str(path), "step": step}
+    params = dictionary.from_training(
+        {n: np.asarray(getattr(model, n)[...]) for n in dictionary.model_variables(run)}, run, step)
+    sae_cfg, k, source = run["sae"], run["sae"]["k"], {"workdir": str(path), "step": step}
   else:
     params, info = dictionary.read(path)
-    k, source = info["k"], {"export": info["folder"]}
+    sae_cfg, source = info["sidecar"].get("sae"), {"export": info["folder"]}
+    k = info["k"] or (sae_cfg or {}).get("k")  # a JumpReLU's: the training k, if recorded
   n, d = params["W_enc"].shape
-  cfg = SAEConfig(d_in=d, num_latents=n, k=k, compute_dtype=compute_dtype)
-  model = TopKSAE(cfg, rngs=nnx.Rngs(0))
-  for name, value in params.items():
-    getattr(model, name)[...] = jnp.asarray(value)
-  return model, {"k": k, **source}
+  if dictionary.THRESHOLD not in params:
+    if max_active:
+      raise ScanError(f"--max_active={max_active} applies to JumpReLU dictionaries; --sae={path} "
+                      "is a TopK one")
+    model = TopKSAE(SAEConfig(d_in=d, num_latents=n, k=k, compute_dtype=compute_dtype),
+                    rngs=nnx.Rngs(0))
+    for name, value in params.items():
+      getattr(model, name)[...] = jnp.asarray(value)
+    return model, {"architecture": "topk", "k": k, **source}
+  if not max_active:
+    if sae_cfg is None:
+      raise ScanError(f"--sae={path} is a JumpReLU dictionary without our sidecar: give "
+                      "--max_active, the most latents a row may keep")
+    max_active = SAEConfig(**sae_cfg).candidates
+  max_active = min(max_active, n)
+  return JumpReLU(params, max_active, compute_dtype), {
+      "architecture": "jumprelu", "k": k, "max_active": max_active, **source}
 
 
 def image_chunks(store: Store, chunk_images: int, start_image: int):
@@ -86,14 +138,14 @@ def image_chunks(store: Store, chunk_images: int, start_image: int):
         yield first, np.asarray(acts[sel], np.float32), ids[lo:hi] - first, meta["patch"][sel]
 
 
-def make_chunk_step(model: TopKSAE, top_n: int, chunk_images: int, score: str,
+def make_chunk_step(model: TopKSAE | JumpReLU, top_n: int, chunk_images: int, score: str,
                     edges: jax.Array, grid_size: int):
   graphdef, params = nnx.split(model)
-  n = model.cfg.num_latents
+  n = model.W_enc.shape[0]
 
   @jax.jit
   def step(params, state, x, image, valid, first_image):
-    values, indices = nnx.merge(graphdef, params).encode(x)
+    values, indices, over_cap = sparse_code(nnx.merge(graphdef, params), x)
     values = jnp.where(valid[:, None], values, 0.0)
     rows = jnp.broadcast_to(image[:, None], indices.shape)
     if score == "mean":
@@ -112,6 +164,7 @@ def make_chunk_step(model: TopKSAE, top_n: int, chunk_images: int, score: str,
         "scores": jnp.where(top_images >= 0, top_scores, 0.0), "images": top_images,
         "fires": state["fires"].at[indices].add(fired.astype(jnp.int32)),
         "hist": state["hist"].at[indices, bins].add(fired.astype(jnp.int32)),
+        "over_cap": state["over_cap"] + jnp.sum(over_cap & valid, dtype=jnp.int32),
     }, values, indices
 
   return params, step
@@ -119,19 +172,22 @@ def make_chunk_step(model: TopKSAE, top_n: int, chunk_images: int, score: str,
 
 def scan(sae: str, store: str, out: str, *, top_n: int = 5, score: str = "mean",
          chunk_images: int = 16, hist_edges: tuple[float, float, int] = (-3, 3, 48),
-         save_every: int = 200, compute_dtype: str = "float32", progress: bool = True) -> dict:
+         save_every: int = 200, compute_dtype: str = "float32", max_active: int = 0,
+         progress: bool = True) -> dict:
   """Scans `store` with the dictionary at `sae` into the TOPACTS folder `out` (or resumes, or
   finds it finished); returns the summary the command line prints.
 
   `hist_edges`: log10 of the first and last histogram edge, and the number of bins.
+  `max_active`: a JumpReLU dictionary's width cap (`load_sae`); the summary and the header then
+  count the rows that had more latents above threshold than that (`rows_over_cap`).
   """
   out_path = Path(out)
   out_path.mkdir(parents=True, exist_ok=True)
   data = Store(store)
-  model, sae_info = load_sae(sae, compute_dtype)
-  n = model.cfg.num_latents
-  if model.cfg.d_in != data.d_model:
-    raise ScanError(f"--sae={sae} has d_in={model.cfg.d_in} but --store={store} has "
+  model, sae_info = load_sae(sae, compute_dtype, max_active)
+  n, d_in = model.W_enc.shape
+  if d_in != data.d_model:
+    raise ScanError(f"--sae={sae} has d_in={d_in} but --store={store} has "
                     f"d_model={data.d_model}")
   images = data.images()
   grids = {tuple(r["grid"]) for r in images if "grid" in r}
@@ -150,11 +206,14 @@ def scan(sae: str, store: str, out: str, *, top_n: int = 5, score: str = "mean",
             "top_n": top_n, "score": score, "grid": list(grid),
             "store": absolute(store), "sae": str(Path(sae).absolute()),
             "k": sae_info["k"], "hist_edges": edges.tolist()}
+  if sae_info["architecture"] == "jumprelu":  # a TopK scan's header is as before
+    header.update(architecture="jumprelu", max_active=sae_info["max_active"])
   resumed = resume_or_init(out_path, header, n, top_n, len(edges) - 1, grid_size)
   if resumed is None:  # finished by an earlier run
     (out_path / STATE).unlink(missing_ok=True)
     done = topacts.TopActs(out_path)
-    return summary(out_path, done.density, len(images), done.header["rows_scanned"], 0.0, 0)
+    return {**summary(out_path, done.density, len(images), done.header["rows_scanned"], 0.0, 0),
+            **{key: done.header[key] for key in ("rows_over_cap",) if key in done.header}}
   state, maps, mass, done_images, rows_scanned = resumed
   params, chunk_step = make_chunk_step(model, top_n, chunk_images, score, jnp.asarray(edges),
                                        grid_size)
@@ -188,23 +247,30 @@ def scan(sae: str, store: str, out: str, *, top_n: int = 5, score: str = "mean",
   host = jax.device_get(device_state)
   density = host["fires"] / max(rows_scanned, 1)
   text = text_pass(model, data, top_n, mass, progress=progress)
+  over_cap = int(host["over_cap"]) + text.pop("over_cap")
+  over = {"rows_over_cap": over_cap} if "max_active" in header else {}
+  if over_cap:
+    logging.warning("%d rows had more than --max_active=%d latents above threshold; their "
+                    "smallest were dropped", over_cap, header["max_active"])
   topacts.write(out_path, {**header, "rows_scanned": rows_scanned, "images_scanned": len(images),
-                           "rows_by_kind": text.pop("rows_by_kind")},
+                           "rows_by_kind": text.pop("rows_by_kind"), **over},
                 {"top_images": host["images"], "top_scores": host["scores"], "top_maps": maps,
                  "density": density, "histogram": host["hist"], "modality_mass": mass, **text},
                 images)
   (out_path / STATE).unlink(missing_ok=True)
-  return summary(out_path, density, len(images), rows_scanned,
-                 time.perf_counter() - start_time, rows_scanned - start_rows)
+  return {**summary(out_path, density, len(images), rows_scanned,
+                   time.perf_counter() - start_time, rows_scanned - start_rows), **over}
 
 
-def text_pass(model: TopKSAE, data: Store, top_n: int, mass: np.ndarray,
+def text_pass(model: TopKSAE | JumpReLU, data: Store, top_n: int, mass: np.ndarray,
               chunk_rows: int = 1024, progress: bool = False) -> dict:
   """Encodes every row that is not a base-grid patch: adds its activation to `mass` (by kind) and
-  keeps each latent's top-N text rows. Returns the text arrays and the store's rows per kind."""
-  n = model.cfg.num_latents
+  keeps each latent's top-N text rows. Returns the text arrays, the store's rows per kind and the
+  number of rows over a JumpReLU's cap."""
+  n = model.W_enc.shape[0]
   graphdef, params = nnx.split(model)
-  encode = jax.jit(lambda params, x: nnx.merge(graphdef, params).encode(x))
+  encode = jax.jit(lambda params, x: sparse_code(nnx.merge(graphdef, params), x))
+  over_cap = 0
   best_values = np.zeros((n, top_n), np.float32)
   best_rows = np.full((n, top_n), -1, np.int64)
   rows_by_kind = {name: 0 for name in ("image_base", "image_other", "text")}
@@ -220,7 +286,8 @@ def text_pass(model: TopKSAE, data: Store, top_n: int, mass: np.ndarray,
       sel = sel_all[lo:lo + chunk_rows]
       x = np.asarray(acts[sel], np.float32)
       x = np.pad(x, ((0, -len(sel) % 64), (0, 0)))
-      values, indices = (np.asarray(a)[:len(sel)] for a in encode(params, x))
+      values, indices, over = (np.asarray(a)[:len(sel)] for a in encode(params, x))
+      over_cap += int(over.sum())
       kinds = meta["kind"][sel]
       for kind in (KIND_IMAGE_OTHER, KIND_TEXT):
         mine = kinds == kind
@@ -246,7 +313,8 @@ def text_pass(model: TopKSAE, data: Store, top_n: int, mass: np.ndarray,
       found_image[mine], found_position[mine] = meta["image_id"], meta["position"]
     image[held], position[held] = found_image, found_position
   return {"top_text_rows": best_rows, "top_text_values": best_values,
-          "top_text_images": image, "top_text_positions": position, "rows_by_kind": rows_by_kind}
+          "top_text_images": image, "top_text_positions": position, "rows_by_kind": rows_by_kind,
+          "over_cap": over_cap}
 
 
 def merge_top(best_values, best_rows, latents, values, rows) -> None:
@@ -318,7 +386,8 @@ def resume_or_init(out: Path, header: dict, n: int, top_n: int, bins: int, grid_
   if not (out / STATE).exists():
     state = {"scores": np.zeros((n, top_n), np.float32),
              "images": np.full((n, top_n), -1, np.int32),
-             "fires": np.zeros((n,), np.int32), "hist": np.zeros((n, bins), np.int32)}
+             "fires": np.zeros((n,), np.int32), "hist": np.zeros((n, bins), np.int32),
+             "over_cap": np.int32(0)}
     return state, np.zeros((n, top_n, grid_size), np.float32), np.zeros((n, 3)), 0, 0
   with np.load(out / STATE, allow_pickle=False) as saved:
     if json.loads(str(saved["header"])) != header:
@@ -327,6 +396,8 @@ def resume_or_init(out: Path, header: dict, n: int, top_n: int, bins: int, grid_
       raise ScanError(f"--out={out} holds the state of an older sae_jax.scan (no modality mass); "
                       "delete it or use another --out")
     state = {name: saved[name] for name in ("scores", "images", "fires", "hist")}
+    # A TopK scan's state from before the JumpReLU cap lacks the count: TopK never overflows.
+    state["over_cap"] = saved["over_cap"] if "over_cap" in saved.files else np.int32(0)
     images_scanned, rows_scanned = (int(v) for v in saved["progress"])
     return (state, saved["maps"].astype(np.float32), saved["mass"].astype(np.float64),
             images_scanned, rows_scanned)
@@ -368,12 +439,17 @@ if __name__ == "__main__":
                                      "chunks (resume point).", lower_bound=1)
   _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                                      "Encoder matmul dtype.")
+  _MAX_ACTIVE = flags.DEFINE_integer(
+      "max_active", 0, "A JumpReLU dictionary (BatchTopK): the most latents kept per row, the "
+      "largest (0: the training run's BatchTopK candidates per token, from its sidecar).",
+      lower_bound=0)
 
   def main():
     logs.quiet_libraries()
     print(json.dumps(scan(_SAE.value, _STORE.value, _OUT.value, top_n=_TOP_N.value,
                           score=_SCORE.value, chunk_images=_CHUNK_IMAGES.value,
                           hist_edges=tuple(float(v) for v in _HIST_EDGES.value),
-                          save_every=_SAVE_EVERY.value, compute_dtype=_COMPUTE_DTYPE.value)))
+                          save_every=_SAVE_EVERY.value, compute_dtype=_COMPUTE_DTYPE.value,
+                          max_active=_MAX_ACTIVE.value)))
 
-  cli.run(main, (ScanError, StoreError, topacts.TopActsError))
+  cli.run(main, (ScanError, StoreError, topacts.TopActsError, dictionary.DictionaryError))

@@ -30,6 +30,17 @@ def saelens_rescaled_numpy(params: dict[str, np.ndarray], x: np.ndarray, k: int)
   return z, (z / norms) @ p["W_dec"] + p["b_dec"]
 
 
+def jumprelu_numpy(params: dict[str, np.ndarray], x: np.ndarray, apply_b_dec_to_input=True):
+  """Reference JumpReLU in float64: (dense z [B,n], x_hat [B,d]), z = pre * (pre > threshold).
+
+  apply_b_dec_to_input=False is Gemma Scope's (and SAELens's) form: pre = ReLU(W_enc x + b_enc).
+  """
+  p = {name: np.asarray(v, np.float64) for name, v in params.items()}
+  pre = pre_numpy({**p, "b_dec": p["b_dec"] * apply_b_dec_to_input}, x)
+  z = np.where(pre > p["threshold"], pre, 0.0)
+  return z, z @ p["W_dec"] + p["b_dec"]
+
+
 def pre_numpy(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
   """Dense ReLU(W_enc (x - b_dec) + b_enc) in float64, [B, n]."""
   p = {name: np.asarray(v, np.float64) for name, v in params.items()}

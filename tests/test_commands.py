@@ -20,7 +20,7 @@ COMMANDS = {
     "sae_jax.train": ["store", "workdir", "k", "batch_size", "mesh"],
     "sae_jax.export": ["workdir", "out", "format", "hookpoint"],
     "sae_jax.bench": ["d_in", "num_latents", "k", "aot_devices"],
-    "sae_jax.scan": ["sae", "store", "out", "top_n"],
+    "sae_jax.scan": ["sae", "store", "out", "top_n", "max_active"],
     "interpret.explain": ["topacts", "explainer", "out"],
     "interpret.dashboard": ["topacts", "explanations", "out", "concepts"],
     "interpret.steer": ["model", "dtype", "device", "prompt_mode", "sae", "layer", "latents",

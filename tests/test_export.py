@@ -157,3 +157,90 @@ def test_a_folder_named_for_another_layer_is_refused(tmp_path):
   plain = dictionary.write(tmp_path / "plain", "model.layers.7", random_params(), k=K,
                            layout="sparsify")
   assert dictionary.read(plain)[1]["hookpoint"] == "model.layers.7"
+
+
+def with_threshold(params, seed=7, low=0.5, high=4.0):
+  """A JumpReLU dictionary: per-latent thresholds spread over the pre-activations' range."""
+  rng = np.random.default_rng(seed)
+  return {**params, "threshold": rng.uniform(low, high, N).astype(np.float32)}
+
+
+def test_jumprelu_round_trips_in_the_saelens_layout(tmp_path):
+  params = with_threshold(random_params())
+  folder = dictionary.write(tmp_path, "hp", params, k=None, layout="saelens")
+  cfg = json.loads((folder / "cfg.json").read_text())
+  assert cfg["architecture"] == "jumprelu" and "k" not in cfg and cfg["apply_b_dec_to_input"]
+  loaded, info = dictionary.read(folder)
+  assert info["architecture"] == "jumprelu" and info["k"] is None
+  assert set(loaded) == set(params)
+  for name, value in params.items():
+    np.testing.assert_array_equal(loaded[name], value)
+
+
+def test_jumprelu_is_refused_in_the_sparsify_layout(tmp_path):
+  with pytest.raises(dictionary.DictionaryError) as e:
+    dictionary.write(tmp_path, "hp", with_threshold(random_params()), k=None, layout="sparsify")
+  message = str(e.value)
+  assert "\n" not in message and "--format=sparsify" in message and "--format=saelens" in message
+  assert not (tmp_path / "hp").exists()
+
+
+@pytest.mark.parametrize("threshold,k", [(True, K), (False, None)])
+def test_k_is_for_topk_only(tmp_path, threshold, k):
+  params = with_threshold(random_params()) if threshold else random_params()
+  with pytest.raises(dictionary.DictionaryError, match="a TopK dictionary needs k"):
+    dictionary.write(tmp_path, "hp", params, k=k, layout="saelens")
+
+
+def test_input_scale_folds_the_threshold():
+  """An SAE trained on s*x, folded, computes z/s and x_hat/s on x (float64 reference)."""
+  scale = 3.7
+  params = with_threshold(random_params(), low=1.0, high=10.0)
+  x = np.random.default_rng(8).normal(size=(200, D))
+  z_scaled, x_hat_scaled = reference.jumprelu_numpy(params, scale * x)
+  z, x_hat = reference.jumprelu_numpy(dictionary.fold_input_scale(params, scale), x)
+  assert 0 < (z > 0).sum() < z.size / 2  # some latents are cut by the threshold, some kept
+  np.testing.assert_array_equal(z > 0, z_scaled > 0)
+  np.testing.assert_allclose(z, z_scaled / scale, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(x_hat, x_hat_scaled / scale, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batchtopk_runs_threshold_goes_to_every_latent_folded():
+  params = random_params()
+  run = {"sae": {"architecture": "batchtopk", "threshold_start_step": 5}, "input_scale": 2.0}
+  exported = dictionary.from_training({**params, "threshold": np.float32(3.0)}, run, step=9)
+  np.testing.assert_array_equal(exported["threshold"], np.full(N, 1.5, np.float32))
+  np.testing.assert_array_equal(exported["b_enc"], params["b_enc"] / np.float32(2.0))
+  topk = dictionary.from_training(params, {"sae": {"k": K}, "input_scale": 1.0}, step=9)
+  assert set(topk) == set(dictionary.PARAM_NAMES)
+
+
+def test_an_unlearned_threshold_is_refused():
+  run = {"sae": {"architecture": "batchtopk", "threshold_start_step": 50}, "input_scale": 1.0}
+  with pytest.raises(dictionary.DictionaryError) as e:
+    dictionary.from_training({**random_params(), "threshold": np.float32(-1)}, run, step=20)
+  message = str(e.value)
+  assert "\n" not in message and "step 20" in message and "--threshold_start_step=50" in message
+
+
+def test_apply_b_dec_to_input_false_is_folded_into_b_enc(tmp_path):
+  """Gemma Scope's form, pre = W_enc x + b_enc, with per-latent thresholds; the same for TopK."""
+  params = with_threshold(random_params())
+  folder = dictionary.write(tmp_path / "jumprelu", "hp", params, k=None, layout="saelens")
+  cfg = json.loads((folder / "cfg.json").read_text())
+  (folder / "cfg.json").write_text(json.dumps({**cfg, "apply_b_dec_to_input": False}))
+  loaded, _ = dictionary.read(folder)
+  x = np.random.default_rng(9).normal(size=(200, D))
+  z, x_hat = reference.jumprelu_numpy(params, x, apply_b_dec_to_input=False)
+  ours_z, ours_x_hat = reference.jumprelu_numpy(loaded, x)
+  assert 0 < (z > 0).sum() < z.size / 2
+  np.testing.assert_array_equal(ours_z > 0, z > 0)
+  np.testing.assert_allclose(ours_z, z, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours_x_hat, x_hat, rtol=1e-5, atol=1e-5)
+
+  topk = write_foreign(tmp_path / "topk", "saelens", random_params(), apply_b_dec_to_input=False)
+  loaded, _ = dictionary.read(topk)
+  values, indices = reference.encode_numpy({**random_params(), "b_dec": np.zeros(D)}, x, K)
+  ours_values, ours_indices = reference.encode_numpy(loaded, x, K)
+  np.testing.assert_array_equal(ours_indices, indices)
+  np.testing.assert_allclose(ours_values, values, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ import steer_fixtures
 from eval import latent_separation as sep
 from eval import pope, stats
 from harvest import llava
-from interpret.sae import TopKSAE
+from interpret.sae import SAE
 
 
 def pair_count_auroc(positives, negatives) -> float:
@@ -96,7 +96,7 @@ def test_resampled_metrics_equal_pope_metrics():
 @torch.no_grad()
 def test_recorded_activations_equal_a_forward_pass_of_each_item(tiny_model, synthetic_images):
   loaded = llava.load_llava(str(tiny_model("llava_next")), "float32", "cpu")
-  sae = TopKSAE(steer_fixtures.random_params(loaded.d_model, n=48), k=4)
+  sae = SAE(steer_fixtures.random_params(loaded.d_model, n=48), k=4)
   names = sorted(p.name for p in synthetic_images.iterdir())[:2]
   from PIL import Image
   pictures = [Image.open(synthetic_images / name).convert("RGB") for name in names]

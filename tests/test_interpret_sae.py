@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 import reference
 
-from interpret.sae import TopKSAE
+from interpret.sae import SAE
 from sae_jax import dictionary
 
 N, D, K = 64, 16, 6
@@ -31,7 +31,7 @@ def random_params(seed=0):
 def test_matches_numpy_reference(tmp_path, layout, dtype):
   params = random_params()
   dictionary.write(tmp_path, "model.layers.1", params, k=K, layout=layout)
-  sae = TopKSAE.from_export(tmp_path, dtype=dtype)  # the export root: its one hookpoint is found
+  sae = SAE.from_export(tmp_path, dtype=dtype)  # the export root: its one hookpoint is found
   x = np.random.default_rng(1).normal(size=(3, 5, D)).astype(np.float32)  # any leading shape
 
   values, indices = sae.encode(torch.from_numpy(x))
@@ -50,7 +50,7 @@ def test_matches_numpy_reference(tmp_path, layout, dtype):
 
 def test_bfloat16_export_loads_bit_exact(tmp_path):
   folder = dictionary.write(tmp_path, "hp", random_params(), k=K, layout="sparsify", dtype="bfloat16")
-  sae = TopKSAE.from_export(folder, dtype=torch.bfloat16)
+  sae = SAE.from_export(folder, dtype=torch.bfloat16)
   stored = load_file(str(folder / "sae.safetensors"))["encoder.weight"].view(np.uint16)
   np.testing.assert_array_equal(sae.W_enc.view(torch.int16).numpy().view(np.uint16), stored)
   assert stored.dtype == np.uint16 and sae.W_enc.dtype == torch.bfloat16
@@ -71,7 +71,7 @@ def test_saelens_rescale_acts_by_decoder_norm_matches_the_library_formula(tmp_pa
   folder = dictionary.write(tmp_path, "hp", params, k=K, layout="saelens")
   cfg = json.loads((folder / "cfg.json").read_text())
   (folder / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
-  sae = TopKSAE.from_export(folder, dtype=torch.float64)
+  sae = SAE.from_export(folder, dtype=torch.float64)
   x = np.random.default_rng(4).normal(size=(32, D))
 
   z, x_hat = reference.saelens_rescaled_numpy(params, x, K)
@@ -86,4 +86,31 @@ def test_foreign_options_it_cannot_compute_are_refused_by_name(tmp_path):
   cfg = json.loads((folder / "cfg.json").read_text())
   (folder / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "layer_norm"}))
   with pytest.raises(dictionary.DictionaryError, match="normalize_activations='layer_norm'"):
-    TopKSAE.from_export(folder)
+    SAE.from_export(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_jumprelu_matches_numpy_reference(tmp_path, dtype):
+  """encode holds every latent above threshold: its width is the largest count over the rows,
+  shorter rows padded with zeros; decode gives the reference reconstruction."""
+  params = {**random_params(), "threshold": np.random.default_rng(5).uniform(
+      0.5, 5.0, N).astype(np.float32)}
+  dictionary.write(tmp_path, "model.layers.1", params, k=None, layout="saelens")
+  sae = SAE.from_export(tmp_path, dtype=dtype)
+  assert sae.jumprelu and sae.k is None
+  x = np.random.default_rng(6).normal(size=(4, 10, D)).astype(np.float32)
+
+  z_ref, x_hat_ref = reference.jumprelu_numpy(params, x.reshape(-1, D))
+  counts = (z_ref > 0).sum(1)
+  assert counts.min() < counts.max()  # rows of different widths
+  values, indices = sae.encode(torch.from_numpy(x))
+  width = counts.max()
+  assert values.shape == indices.shape == (4, 10, width)
+  values, indices = values.reshape(-1, width).double().numpy(), indices.reshape(-1, width).numpy()
+  z = np.zeros_like(z_ref)
+  np.put_along_axis(z, indices, values, 1)
+  np.testing.assert_array_equal(z > 0, z_ref > 0)
+  np.testing.assert_allclose(z, z_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal((values > 0).sum(1), counts)
+  np.testing.assert_allclose(sae(torch.from_numpy(x)).reshape(-1, D).double().numpy(), x_hat_ref,
+                             rtol=1e-5, atol=1e-5)

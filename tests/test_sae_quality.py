@@ -4,14 +4,16 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import reference
 import steer_fixtures
 from eval import sae_quality
 from harvest import hooks, images, llava
-from interpret.sae import TopKSAE
+from interpret.sae import SAE
 
 LAYER = 0
 
@@ -34,7 +36,7 @@ def direct_logits(loaded, inputs, substitute=None):
 @torch.no_grad()
 def test_metrics_match_a_direct_computation(kind, tiny_model, synthetic_images, tmp_path):
   loaded = llava.load_llava(str(tiny_model(kind)), "float32", "cpu")
-  sae = TopKSAE.from_export(steer_fixtures.write_export(
+  sae = SAE.from_export(steer_fixtures.write_export(
       tmp_path, steer_fixtures.random_params(loaded.d_model, n=48, bias=0.02), k=4))
   inputs = images.open_inputs(str(synthetic_images))
   prompt = "Write a short caption for this image."
@@ -108,3 +110,24 @@ def test_command_line(tiny_model, synthetic_images, tmp_path):
   assert summary["num_tokens"] == 3 * 16  # the 4x4 base grid of each image
   assert summary["loss"]["sae_with_error"] == summary["loss"]["clean"]
   assert json.loads((tmp_path / "quality.json").read_text())["fvu"] == summary["fvu"]
+
+
+def test_activation_metrics_of_a_jumprelu_match_the_float64_reference():
+  """fvu, l0 and dead/dense fractions of a JumpReLU (BatchTopK export), rows in several chunks."""
+  d, n = 16, 48
+  params = steer_fixtures.random_params(d, n=n, bias=0.02)
+  params["threshold"] = np.random.default_rng(3).uniform(0.2, 1.5, n).astype(np.float32)
+  x = np.random.default_rng(4).normal(size=(2 * 1024 + 300, d)).astype(np.float32)
+  totals = sae_quality.Totals(n)
+  totals.add_activations(SAE(params, k=None), torch.from_numpy(x))
+  result = totals.summary(dense_threshold=0.1)
+
+  z, x_hat = reference.jumprelu_numpy(params, x)
+  x64 = x.astype(np.float64)
+  frequency = (z > 0).mean(0)
+  assert result["fvu"] == pytest.approx(((x64 - x_hat) ** 2).sum()
+                                        / ((x64 - x64.mean(0)) ** 2).sum(), rel=1e-5)
+  assert result["l0"] == pytest.approx((z > 0).sum(1).mean(), rel=1e-6)
+  assert 1 < result["l0"] < n / 2
+  assert result["dead_fraction"] == pytest.approx((frequency == 0).mean())
+  assert result["dense_fraction"] == pytest.approx((frequency > 0.1).mean())

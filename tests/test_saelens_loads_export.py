@@ -75,3 +75,53 @@ def test_rescale_acts_by_decoder_norm_reads_as_saelens_computes_it(tmp_path):
   np.testing.assert_allclose(dense(values, indices), z, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(reference.decode_numpy(ours, values, indices), x_hat, rtol=1e-5,
                              atol=1e-5)
+
+
+def with_threshold(params, seed=4):
+  rng = np.random.default_rng(seed)
+  return {**params, "threshold": rng.uniform(0.5, 5.0, N).astype(np.float32)}
+
+
+def test_saelens_loads_our_jumprelu_export(tmp_path):
+  """A BatchTopK export: SAELens's JumpReLUSAE, whose latents and reconstruction equal the float64
+  reference and our torch SAE's."""
+  from interpret.sae import SAE
+  params = with_threshold(random_params())
+  folder = dictionary.write(tmp_path, HOOKPOINT, params, k=None, layout="saelens")
+  sae = sae_lens.SAE.load_from_disk(folder)
+  assert type(sae).__name__ == "JumpReLUSAE" and sae.cfg.metadata.hook_name == HOOKPOINT
+  np.testing.assert_array_equal(sae.threshold.detach().numpy(), params["threshold"])
+
+  x = np.random.default_rng(5).normal(size=(40, D))
+  z_ref, x_hat_ref = reference.jumprelu_numpy(params, x)
+  ours = SAE.from_export(folder)
+  with torch.no_grad():
+    z = sae.encode(torch.from_numpy(x).float()).double().numpy()
+    x_hat = sae(torch.from_numpy(x).float()).double().numpy()
+    values, indices = ours.encode(torch.from_numpy(x).float())
+  assert 0 < (z_ref > 0).sum() < z_ref.size / 2
+  np.testing.assert_array_equal(z > 0, z_ref > 0)
+  np.testing.assert_allclose(z, z_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(x_hat, x_hat_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dense(values.double().numpy(), indices.numpy()), z, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_a_gemma_scope_style_jumprelu_reads_as_saelens_computes_it(tmp_path):
+  """Per-latent thresholds and apply_b_dec_to_input=false, as SAELens's Gemma Scope loader sets."""
+  params = with_threshold(random_params(6), seed=7)
+  folder = dictionary.write(tmp_path, HOOKPOINT, params, k=None, layout="saelens")
+  cfg = json.loads((folder / "cfg.json").read_text())
+  (folder / "cfg.json").write_text(json.dumps({**cfg, "apply_b_dec_to_input": False}))
+  sae = sae_lens.SAE.load_from_disk(folder, dtype="float64")
+  ours, _ = dictionary.read(folder)
+
+  x = np.random.default_rng(8).normal(size=(40, D))
+  with torch.no_grad():
+    z = sae.encode(torch.from_numpy(x)).numpy()
+    x_hat = sae(torch.from_numpy(x)).numpy()
+  ours_z, ours_x_hat = reference.jumprelu_numpy(ours, x)
+  assert 0 < (z > 0).sum() < z.size / 2
+  np.testing.assert_array_equal(ours_z > 0, z > 0)
+  np.testing.assert_allclose(ours_z, z, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours_x_hat, x_hat, rtol=1e-5, atol=1e-5)

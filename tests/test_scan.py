@@ -56,16 +56,21 @@ def scan(root, export, out, *extra, check=True):
   return result
 
 
-def expected_scores(root, params, score):
-  """Per latent, image scores and maps from float64 numpy over the base-grid rows."""
+def topk_codes(params, x):
+  values, indices = reference.encode_numpy(params, x, K)
+  codes = np.zeros((len(x), N_LATENTS))
+  np.put_along_axis(codes, indices, values, 1)
+  return codes
+
+
+def expected_scores(root, params, score, codes_of=topk_codes):
+  """Per latent, image scores and maps from float64 numpy over the base-grid rows, whose dense
+  codes [rows, n] are `codes_of(params, x)`."""
   from sae_jax.store import Store
   store = Store(root / "store")
   meta = store.meta()
   base = np.flatnonzero(meta["kind"] == KIND_IMAGE_BASE)
-  x = np.stack([store[i] for i in base])
-  values, indices = reference.encode_numpy(params, x, K)
-  codes = np.zeros((len(base), N_LATENTS))
-  np.put_along_axis(codes, indices, values, 1)
+  codes = codes_of(params, np.stack([store[i] for i in base]))
   images = meta["image_id"][base]
   num_images = images.max() + 1
   maps = np.zeros((num_images, GRID[0] * GRID[1], N_LATENTS))
@@ -198,3 +203,48 @@ def test_unfinished_scan_of_an_older_version_is_refused(setup, tmp_path):
     TopActs(tmp_path)
   with pytest.raises(scan_lib.ScanError, match=r"unfinished scan of an older sae_jax.scan"):
     in_process_scan(root, export, tmp_path)
+
+
+def test_jumprelu_scan_matches_numpy_reference_and_counts_rows_over_the_cap(setup, tmp_path):
+  """Per-latent thresholds (Gemma Scope style), at most --max_active latents per row: the largest
+  above threshold; the rows that had more are counted."""
+  from sae_jax.store import Store
+  root, params, _ = setup
+  cap = 5
+  params = {**params, "threshold": np.random.default_rng(1).uniform(1.5, 4.0, N_LATENTS)}
+  export = dictionary.write(tmp_path / "export", "model.layers.0", params, k=None, layout="saelens")
+
+  def capped_jumprelu(params, x):
+    z, _ = reference.jumprelu_numpy(params, x)
+    dropped = np.argsort(-z, axis=1, kind="stable")[:, cap:]
+    np.put_along_axis(z, dropped, 0.0, 1)
+    return z
+
+  with pytest.raises(scan_lib.ScanError, match="without our sidecar: give --max_active"):
+    scan_lib.scan(str(export), str(root / "store"), str(tmp_path / "refused"), progress=False)
+  out = tmp_path / "topacts"
+  summary = scan_lib.scan(str(export), str(root / "store"), str(out), top_n=4, chunk_images=2,
+                          max_active=cap, progress=False)
+  scores, maps, density = expected_scores(root, params, "mean", capped_jumprelu)
+  top_images, top_scores = np.load(out / "top_images.npy"), np.load(out / "top_scores.npy")
+  for latent in range(N_LATENTS):
+    firing = np.flatnonzero(scores[:, latent] > 0)
+    expected = firing[np.argsort(-scores[firing, latent], kind="stable")][:4]
+    got = top_images[latent][top_images[latent] >= 0]
+    np.testing.assert_allclose(top_scores[latent, :len(got)], scores[got, latent], rtol=1e-4)
+    np.testing.assert_allclose(np.sort(scores[got, latent]), np.sort(scores[expected, latent]),
+                               rtol=1e-4)
+  np.testing.assert_allclose(np.load(out / "density.npy"), density, rtol=1e-6)
+
+  store = Store(root / "store")
+  z, _ = reference.jumprelu_numpy(params, np.stack([store[i] for i in range(len(store.meta()))]))
+  over = int(((z > 0).sum(1) > cap).sum())  # base-grid and text rows alike
+  assert 0 < over < len(z) / 2  # the cap cuts some rows, not most
+  header = json.loads((out / "topacts.json").read_text())
+  assert summary["rows_over_cap"] == header["rows_over_cap"] == over
+  assert header["max_active"] == cap and header["architecture"] == "jumprelu"
+
+  topk_export = setup[2]
+  with pytest.raises(scan_lib.ScanError, match="--max_active=5 applies to JumpReLU"):
+    scan_lib.scan(str(topk_export), str(root / "store"), str(tmp_path / "x"), max_active=cap,
+                  progress=False)

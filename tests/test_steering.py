@@ -4,12 +4,14 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+import reference
 import steer_fixtures
 from harvest import hooks, images, llava
-from interpret.sae import TopKSAE
+from interpret.sae import SAE
 from interpret.steering import (Edit, Steering, SteeringError, edit_configs,
                                 layer_of_hookpoint, load_sae, steering_for)
 from sae_jax import dictionary
@@ -24,7 +26,7 @@ def setup(request, tiny_model, tmp_path_factory):
   loaded = llava.load_llava(str(tiny_model(request.param)), "float32", "cpu")
   folder = steer_fixtures.write_export(tmp_path_factory.mktemp("sae"), steer_fixtures.random_params(
       loaded.d_model, always_on=ALWAYS_ON))
-  return loaded, TopKSAE.from_export(folder)
+  return loaded, SAE.from_export(folder)
 
 
 def batch(loaded, prompts=PROMPTS, seeds=(0, 5)):
@@ -56,7 +58,7 @@ def test_clamp_to_current_value_and_ablating_a_silent_latent_change_nothing(setu
   clean = logits(loaded, inputs)
   params = steer_fixtures.random_params(loaded.d_model, always_on=ALWAYS_ON)
   params["W_enc"][ALWAYS_ON] = 0  # its activation is b_enc = 20 at every position
-  constant = TopKSAE(params, k=sae.k)
+  constant = SAE(params, k=sae.k)
   with steering(loaded, constant, [Edit(ALWAYS_ON, 20.0)], positions="all"):
     torch.testing.assert_close(logits(loaded, inputs), clean, rtol=1e-5, atol=1e-5)
   silent = int(sae.b_enc.argmin())  # rarely in the top k: ablating it changes (almost) nothing
@@ -85,6 +87,33 @@ def test_clamp_sets_the_latent_and_keeps_everything_else(setup):
   cross = (2.5 - current[other][:, 0]) * (sae.W_dec[other] @ sae.W_dec[ALWAYS_ON])
   torch.testing.assert_close(sae.pre_activations(edited[image])[:, ALWAYS_ON], 5.0 + cross,
                              rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_clamp_and_replace_with_a_jumprelu_sae_match_the_float64_reference(setup):
+  """A JumpReLU (BatchTopK export) whose threshold cuts about half of the firing latents."""
+  loaded, _ = setup
+  inputs = batch(loaded)
+  x = residual(loaded, inputs)
+  real = inputs["attention_mask"].bool()
+  params = steer_fixtures.random_params(loaded.d_model, always_on=ALWAYS_ON)
+  pre = np.maximum(x[real].double().numpy() @ params["W_enc"].T.astype(np.float64)
+                   + params["b_enc"], 0)
+  params["threshold"] = np.full(len(params["b_enc"]), np.median(pre[pre > 0]), np.float32)
+  sae = SAE(params, k=None)
+  z, x_hat = reference.jumprelu_numpy(params, x[real].double().numpy())
+  assert 0 < (z > 0).sum() < (pre > 0).sum()
+
+  with steering(loaded, sae, [], mode="replace", positions="prompt"):
+    replaced = residual(loaded, inputs)
+  np.testing.assert_allclose(replaced[real].double().numpy(), x_hat, rtol=1e-5, atol=1e-5)
+  other = 7
+  with steering(loaded, sae, [Edit(ALWAYS_ON, 5.0), Edit(other, 2.5)], positions="prompt"):
+    clamped = residual(loaded, inputs)
+  expected = x[real].double().numpy() + (
+      (5.0 - z[:, [ALWAYS_ON]]) * params["W_dec"][ALWAYS_ON] + (2.5 - z[:, [other]])
+      * params["W_dec"][other])
+  np.testing.assert_allclose(clamped[real].double().numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
@@ -139,7 +168,7 @@ def test_adding_an_unembedding_direction_makes_that_token_generated(setup, tmp_p
   params = steer_fixtures.random_params(loaded.d_model)
   direction = loaded.model.get_output_embeddings().weight[token].numpy()
   params["W_dec"][0] = direction / (direction ** 2).sum() ** 0.5
-  sae = TopKSAE.from_export(steer_fixtures.write_export(tmp_path, params))
+  sae = SAE.from_export(steer_fixtures.write_export(tmp_path, params))
   inputs = batch(loaded)
   plain = loaded.model.generate(**inputs, max_new_tokens=4, do_sample=False)
   new = slice(inputs["input_ids"].shape[1], None)
@@ -196,7 +225,7 @@ def test_leaving_the_context_restores_the_model_bit_for_bit(setup):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_model(dtype, tiny_model, tmp_path):
   loaded = llava.load_llava(str(tiny_model("llava_next")), dtype, "cpu")
-  sae = TopKSAE.from_export(steer_fixtures.write_export(tmp_path, steer_fixtures.random_params(
+  sae = SAE.from_export(steer_fixtures.write_export(tmp_path, steer_fixtures.random_params(
       loaded.d_model, always_on=ALWAYS_ON)))
   inputs = llava.to_model_inputs(loaded, batch(loaded))
   clean = logits(loaded, inputs)

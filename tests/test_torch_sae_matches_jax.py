@@ -6,7 +6,7 @@ import pytest
 import torch
 from flax import nnx
 
-from interpret.sae import TopKSAE as TorchSAE
+from interpret.sae import SAE as TorchSAE
 from sae_jax import dictionary
 from sae_jax.model import SAEConfig, TopKSAE
 

@@ -1,0 +1,89 @@
+"""End to end: a tiny BatchTopK training run exports as a JumpReLU (SAELens layout) that the torch
+SAE runs exactly as the JAX model's inference encode; the exports it cannot make are refused."""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import synthetic
+
+from interpret.sae import SAE
+from sae_jax import checkpoint
+from sae_jax.store import Store
+
+START = 6  # the threshold is learned from optimizer step 6: checkpoint 5 has none, 10 has one
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  store = synthetic.write_sparse_store(tmp_path_factory.mktemp("store"), num_shards=2)
+  workdir = tmp_path_factory.mktemp("run")
+  cmd = [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}",
+         "--num_latents=64", "--k=4", "--batch_size=64", "--steps=10", "--checkpoint_every=5",
+         "--log_every=5", "--lr_warmup_steps=2", "--normalize_inputs", "--architecture=batchtopk",
+         f"--threshold_start_step={START}", "--threshold_beta=0.5", "--matryoshka_prefixes=16"]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
+  return workdir, store
+
+
+def export(workdir, out, *flags):
+  return subprocess.run([sys.executable, "-m", "sae_jax.export", f"--workdir={workdir}",
+                         f"--out={out}", *flags], capture_output=True, text=True, timeout=300)
+
+
+def error_of(result) -> str:
+  assert result.returncode == 1, result.stderr[-3000:]
+  [line] = result.stdout.splitlines()
+  return json.loads(line)["error"]
+
+
+def test_the_torch_sae_runs_the_export_as_the_jax_model_encodes(workdir, tmp_path):
+  workdir, store = workdir
+  result = export(workdir, tmp_path, "--format=saelens")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads(result.stdout.splitlines()[-1])
+  assert summary["architecture"] == "jumprelu" and summary["step"] == 10
+  sidecar = json.loads((tmp_path / "model.layers.3" / "sae_jax.json").read_text())
+  assert sidecar["sae"]["architecture"] == "batchtopk" and sidecar["sae"]["k"] == 4
+  assert sidecar["sae"]["matryoshka_prefixes"] == [16] and "batchtopk_max_k" in sidecar["sae"]
+
+  model, run, _ = checkpoint.load_model(workdir)
+  threshold, scale = float(model.threshold[...]), run["input_scale"]
+  assert threshold > 0
+  data = Store(store)
+  x = np.stack([data[i] for i in range(256)]).astype(np.float32)
+  values, indices = (np.asarray(a) for a in model.encode(jnp.asarray(scale * x)))
+  z_jax = np.zeros((len(x), 64))
+  np.put_along_axis(z_jax, indices, values / scale, 1)  # the model sees scale * x
+
+  sae = SAE.from_export(tmp_path)
+  np.testing.assert_array_equal(sae.threshold.numpy(), np.float32(threshold) / np.float32(scale))
+  t_values, t_indices = sae.encode(torch.from_numpy(x))
+  z_torch = np.zeros_like(z_jax)
+  np.put_along_axis(z_torch, t_indices.numpy(), t_values.double().numpy(), 1)
+  active = (z_jax > 0).sum(1)
+  assert 0 < active.mean() < model.cfg.candidates
+  # The JAX encode looks at the top `candidates` only; below that cap nothing was dropped.
+  below_cap = active < model.cfg.candidates
+  assert below_cap.mean() > 0.9
+  np.testing.assert_array_equal(z_torch[below_cap] > 0, z_jax[below_cap] > 0)
+  np.testing.assert_allclose(z_torch[below_cap], z_jax[below_cap], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      sae.decode(t_values, t_indices).numpy()[below_cap],
+      np.asarray(model.decode(jnp.asarray(values), jnp.asarray(indices)))[below_cap] / scale,
+      rtol=1e-4, atol=1e-5)
+
+
+def test_exports_the_run_cannot_make_are_refused(workdir, tmp_path):
+  workdir, _ = workdir
+  early = error_of(export(workdir, tmp_path / "early", "--format=saelens", "--step=5"))
+  assert "step 5" in early and f"--threshold_start_step={START}" in early
+  sparsify = error_of(export(workdir, tmp_path / "sparsify", "--format=sparsify"))
+  assert "--format=sparsify" in sparsify and "--format=saelens" in sparsify
+  assert not (tmp_path / "sparsify").exists() and not (tmp_path / "early").exists()
