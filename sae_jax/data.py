@@ -152,6 +152,20 @@ class ChunkReader:
         self._checked.add(shard)
 
 
+def check_lockstep(a: ChunkReader, b: ChunkReader) -> None:
+  """Refuses to read two stores in one order unless their (selected) rows are laid out alike, as
+  the layer stores of one harvest are: the same chunks then hold the same rows of each."""
+  layouts = [(r.store.d_model, r.store.dtype, [s.rows for s in r.store.shards], r.num_rows,
+              r.counts.tolist(), None if r.mask is None else r.mask.tolist()) for r in (a, b)]
+  names = ["d_model", "dtype", "shard rows", "selected rows", "rows per chunk", "token kinds"]
+  for name, x, y in zip(names, *layouts):
+    if x != y:
+      shown = (x, y) if len(str(x)) + len(str(y)) < 120 else ("...", "...")
+      raise StoreError(f"--store={a.store.path} and --store={b.store.path} cannot be read in "
+                       f"lockstep: their {name} differ ({shown[0]} vs {shown[1]}); a sweep's "
+                       "stores must have the same rows (the layers of one harvest)")
+
+
 def lane_orders(reader: ChunkReader, *, lanes: int, buffer_bytes: int, seed: int,
                 process_index: int, process_count: int) -> list[ChunkOrder]:
   """The orders of this process's lanes: the global batch is `lanes` equal parts, part l from lane

@@ -16,6 +16,7 @@ exits with status 1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from absl import flags, logging
 import jax
@@ -32,7 +34,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from sae_jax import checkpoint, cli, data, dictionary, distributed, logs, perf, sharded, sharding
+from sae_jax import (checkpoint, cli, data, dictionary, distributed, logs, perf, sharded, sharding,
+                     sweep)
 from sae_jax.dictionary import DictionaryError
 from sae_jax.kernel_plan import KernelPlan
 from sae_jax.metrics import MetricWriter
@@ -42,7 +45,8 @@ from sae_jax.step import (create_state, default_learning_rate, eval_metrics, mak
 from sae_jax.store import Store, StoreError, absolute, atomic_write_json
 
 # Data.
-_STORE = flags.DEFINE_string("store", None, "Activation store to train on.", required=True)
+_STORE = flags.DEFINE_string("store", None, "Activation store to train on (required, here or in "
+                             "every --sae/--sweep spec).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and flags go here; rerunning "
                                "with the same workdir resumes.", required=True)
 _TOKEN_KINDS = flags.DEFINE_list("token_kinds", [], "Train only on rows of these token kinds "
@@ -157,6 +161,21 @@ _DEBUG_SIGNAL_AT_STEP = flags.DEFINE_integer(
     "when this step is reached (after the checkpoints due before it are on disk).", lower_bound=0)
 _DEBUG_SIGNAL = flags.DEFINE_enum("debug_signal", "SIGKILL", ["SIGKILL", "SIGTERM"],
                                   "Signal of --debug_signal_at_step.")
+# Sweeps.
+_SAE = flags.DEFINE_multi_string(
+    "sae", [], "One SAE of a sweep, as flags that override the command line's for it, e.g. "
+    "--sae='--k=16 --lr=1e-3 --name=k16'; repeat for more. Only the flags in SWEEP_FLAGS.")
+_SWEEP = flags.DEFINE_string("sweep", None, "A file of --sae specs, one per non-blank, non-# line.")
+
+# What a --sae/--sweep spec may set: what one SAE computes from the batches that every member of
+# the sweep shares (the data order, batch size, steps and seed are the sweep's).
+SWEEP_FLAGS = (
+    "store", "normalize_inputs", "init_sample_rows",
+    "expansion_factor", "num_latents", "k", "multi_topk", "auxk_alpha", "dead_tokens", "k_aux",
+    "shard_capacity", "auxk_select", "b_dec_init", "init_from", "compute_dtype", "topk",
+    "topk_recall", "weight_grads", "architecture", "batchtopk_max_k", "threshold_beta",
+    "threshold_start_step", "matryoshka_prefixes",
+    "lr", "lr_warmup_steps", "lr_decay", "adam_b1", "adam_b2", "adam_eps", "grad_clip")
 
 # What a resumed run may change: how long it runs and how it is carried out, not what it computes.
 # Changing --steps/--epochs is also refused when the learning-rate schedule depends on the total.
@@ -176,13 +195,63 @@ class TrainError(Exception):
   reported as one line."""
 
 
-def resolved_flags() -> dict:
-  """This module's flags as flags.json records them (JSON types, paths absolute)."""
-  values = {h.name: h.value for h in globals().values() if isinstance(h, flags.FlagHolder)}
+@dataclasses.dataclass
+class Member:
+  """One SAE that the run trains: its workdir and flags, then everything it trains with."""
+  name: str | None  # None: a single run (no --sae/--sweep)
+  workdir: Path
+  flags: dict  # resolved, as its flags.json records them
+  run: dict | None = None  # run.json of an earlier start
+  old_flags: dict | None = None  # flags.json of an earlier start
+  input_scale: float = 1.0
+  init_params: dict | None = None
+  cfg: SAEConfig | None = None
+  peak_lr: float = 0.0
+  schedule: optax.Schedule | None = None
+  tx: optax.GradientTransformation | None = None
+  state: Any = None
+  update: Any = None  # the jitted step
+  inference: Any = None  # batchtopk: the jitted JumpReLU metrics at the learned threshold
+  mngr: Any = None
+  writer: MetricWriter | None = None
+  start_step: int = 0
+  last_good: int | None = None
+  floor_ms: float = 0.0
+  tick: tuple[float, int] = (0.0, 0)  # (time, step) that tokens_per_s counts from
+  step_metrics: Any = None
+  pending: tuple | None = None  # (step, device metrics), fetched one step late
+  summary: dict = dataclasses.field(default_factory=dict)
+  failed: str | None = None  # the error of a sweep member stopped by a non-finite loss
+
+  def error(self, message: str) -> TrainError:
+    return TrainError(message if self.name is None else f"sweep member {self.name}: {message}")
+
+
+def resolved_flags(overrides: dict | None = None, workdir: Path | None = None) -> dict:
+  """This module's flags as flags.json records them (JSON types, paths absolute); a sweep
+  member's with its overrides and workdir."""
+  values = {h.name: h.value for h in globals().values()
+            if isinstance(h, flags.FlagHolder) and h.name not in ("sae", "sweep")}
+  values.update(overrides or {})
+  if workdir is not None:
+    values["workdir"] = str(workdir)
   for name in ("store", "init_from"):
     if values[name]:
       values[name] = absolute(values[name])
   return json.loads(json.dumps(values))
+
+
+def sae_config(v: dict, d_in: int, num_latents: int) -> SAEConfig:
+  """The SAE of a member's flags `v`."""
+  return SAEConfig(d_in=d_in, num_latents=num_latents, k=v["k"], multi_topk=v["multi_topk"],
+                   auxk_alpha=v["auxk_alpha"], dead_tokens=v["dead_tokens"],
+                   k_aux=v["k_aux"] or None, shard_capacity=v["shard_capacity"],
+                   auxk_select=v["auxk_select"], compute_dtype=v["compute_dtype"],
+                   topk=v["topk"], topk_recall=v["topk_recall"],
+                   weight_grads=v["weight_grads"], architecture=v["architecture"],
+                   batchtopk_max_k=v["batchtopk_max_k"], threshold_beta=v["threshold_beta"],
+                   threshold_start_step=v["threshold_start_step"],
+                   matryoshka_prefixes=tuple(map(int, v["matryoshka_prefixes"])))
 
 
 def flag_text(value) -> str:
@@ -203,28 +272,63 @@ def check_resumed_flags(workdir: Path, old: dict, new: dict) -> None:
                        f"with {was} to resume it, or use a new --workdir")
 
 
-def check_resumed_total(workdir: Path, old_total: int, new_total: int) -> None:
+def check_resumed_total(m: Member, new_total: int) -> None:
   """Refuses a new total step count where the learning-rate schedule depends on it: a decay, or a
   warmup that the old total cut short."""
-  warmup = _LR_WARMUP_STEPS.value
-  if new_total != old_total and (_LR_DECAY.value != "constant" or
+  old_total = m.old_flags["resolved"]["total_steps"]
+  warmup, decay = m.flags["lr_warmup_steps"], m.flags["lr_decay"]
+  if new_total != old_total and (decay != "constant" or
                                  min(warmup, old_total) != min(warmup, new_total)):
-    raise TrainError(f"--steps/--epochs give {new_total} steps but the run in {workdir} has "
-                     f"{old_total}, and its learning rate (--lr_decay={_LR_DECAY.value}, "
+    raise TrainError(f"--steps/--epochs give {new_total} steps but the run in {m.workdir} has "
+                     f"{old_total}, and its learning rate (--lr_decay={decay}, "
                      f"--lr_warmup_steps={warmup}) depends on the total; use a new --workdir")
 
 
-def check_finite(step: int, metrics: dict, last_good: int | None, workdir: Path) -> None:
+def check_finite(m: Member, step: int, metrics: dict) -> bool:
+  """Whether the loss is finite. If not, the member stops: a single run with an error; a sweep
+  member keeps its last good checkpoint while the others go on, and the sweep ends with the error."""
   loss = float(metrics["loss"])
-  if not math.isfinite(loss):
-    saved = (f"step {last_good} in {workdir / 'checkpoints'}" if last_good else
-             "none (no checkpoint was saved)")
-    raise TrainError(f"loss is {loss} at step {step}; the last good checkpoint is {saved}")
+  if math.isfinite(loss):
+    return True
+  saved = (f"step {m.last_good} in {m.workdir / 'checkpoints'}" if m.last_good else
+           "none (no checkpoint was saved)")
+  error = m.error(f"loss is {loss} at step {step}; the last good checkpoint is {saved}")
+  if m.name is None:
+    raise error
+  m.failed = str(error)
+  write_note(f"{error}; the other members go on")
+  return False
 
 
 def write_note(note: str) -> None:
   if jax.process_index() == 0:
     logging.info("NOTE: %s", note)
+
+
+def sweep_members(workdir: Path) -> tuple[list[sweep.Member], list[Member]]:
+  """What to train: the command line's SAE in WORKDIR, or one per --sae/--sweep spec in
+  WORKDIR/<name>; each with its earlier start, checked against what a resume may change."""
+  try:
+    specs = sweep.read_specs(_SAE.value, _SWEEP.value, SWEEP_FLAGS, flags.FLAGS)
+    if specs:
+      sweep.check_resumed(workdir, specs)
+  except sweep.SweepError as e:
+    raise TrainError(str(e)) from e
+  if not specs and (workdir / sweep.SWEEP_FILE).exists():
+    raise TrainError(f"{workdir} holds a sweep ({sweep.SWEEP_FILE}); rerun it with its "
+                     "--sae/--sweep specs, or use a new --workdir")
+  if specs and checkpoint.read_run(workdir) is not None:
+    raise TrainError(f"{workdir} holds a single run; a sweep needs a new --workdir")
+  members = ([Member(s.name, workdir / s.name, resolved_flags(s.overrides, workdir / s.name))
+              for s in specs] or [Member(None, workdir, resolved_flags())])
+  for m in members:
+    if not m.flags["store"]:
+      raise m.error("--store is required (on the command line, or in every --sae/--sweep spec)")
+    m.run = checkpoint.read_run(m.workdir)
+    m.old_flags = checkpoint.read_flags(m.workdir) if m.run is not None else None
+    if m.old_flags is not None:
+      check_resumed_flags(m.workdir, m.old_flags, m.flags)
+  return specs, members
 
 
 def lr_schedule(peak: float, warmup: int, total: int, decay: str) -> optax.Schedule:
@@ -239,21 +343,65 @@ def lr_schedule(peak: float, warmup: int, total: int, decay: str) -> optax.Sched
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def log_metrics(writer: MetricWriter, progress: tqdm, schedule: optax.Schedule, floor_ms: float,
-                step: int, device_metrics: dict, since_time: float, since_step: int, *,
-                last_good: int | None, workdir: Path) -> dict:
-  """Fetches a step's metrics (already computed: this runs one step late), stops the run if the
+def state_initializer(cfg: SAEConfig, tx: optax.GradientTransformation, plan: KernelPlan, *,
+                      b_dec, init_params: dict | None):
+  """A traceable () -> state (jitted with out_shardings, the state is born sharded), and a list
+  that receives the state's graphdef when it is traced."""
+  graphdef_box = []
+
+  def init_state():
+    graphdef, state = create_state(cfg, tx, seed=_SEED.value, b_dec=b_dec, plan=plan)
+    if init_params is not None:
+      model, optimizer = nnx.merge(graphdef, state)
+      for name, value in init_params.items():
+        getattr(model, name)[...] = jnp.asarray(value)
+      graphdef, state = nnx.split((model, optimizer))
+    graphdef_box.append(graphdef)
+    return state
+
+  return init_state, graphdef_box
+
+
+def jit_update(graphdef: nnx.GraphDef, input_scale: float, store_dtype: str, state_sharding,
+               mesh: jax.sharding.Mesh):
+  """The update step: jitted once, state donated so it is updated in place."""
+  def scaled_step(state, x):  # x as stored: 16-bit or fp8 rows cross to the device as such
+    return train_step(graphdef, state, data.device_rows(x, store_dtype) * input_scale)
+
+  return jax.jit(scaled_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, None), donate_argnums=0)
+
+
+def jit_inference(graphdef: nnx.GraphDef, input_scale: float, store_dtype: str, state_sharding,
+                  mesh: jax.sharding.Mesh):
+  return jax.jit(lambda state, x: eval_metrics(graphdef, state,
+                                               data.device_rows(x, store_dtype) * input_scale),
+                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)))
+
+
+def log_metrics(m: Member, step: int, device_metrics: dict) -> dict:
+  """Fetches a step's metrics (already computed: this runs one step late), stops the member if the
   loss is not finite, and writes them."""
   scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-  check_finite(step, scalars, last_good, workdir)
-  scalars["lr"] = float(schedule(step - 1))  # the rate that step's update used
+  if not check_finite(m, step, scalars):
+    return m.summary
+  scalars["lr"] = float(m.schedule(step - 1))  # the rate that step's update used
+  since_time, since_step = m.tick
   elapsed = time.perf_counter() - since_time
   scalars["tokens_per_s"] = (step - since_step) * _BATCH_SIZE.value / max(elapsed, 1e-9)
-  scalars["floor_fraction"] = floor_ms * 1e-3 * (step - since_step) / max(elapsed, 1e-9)
-  writer.write(step, scalars)
-  progress.set_postfix(fvu=f"{scalars['fvu']:.4f}", dead=f"{scalars['dead_fraction']:.3f}",
-                       tok_s=f"{scalars['tokens_per_s']:.3g}", refresh=False)
+  scalars["floor_fraction"] = m.floor_ms * 1e-3 * (step - since_step) / max(elapsed, 1e-9)
+  m.writer.write(step, scalars)
+  m.tick = (time.perf_counter(), step)
   return scalars
+
+
+def show(progress: tqdm, members: list[Member], scalars: dict) -> None:
+  """The progress bar's postfix: a single run's metrics, or a sweep's size and tokens/s per SAE."""
+  if members[0].name is None:
+    progress.set_postfix(fvu=f"{scalars['fvu']:.4f}", dead=f"{scalars['dead_fraction']:.3f}",
+                         tok_s=f"{scalars['tokens_per_s']:.3g}", refresh=False)
+  elif "tokens_per_s" in scalars:
+    progress.set_postfix(saes=len(members), tok_s=f"{scalars['tokens_per_s']:.3g}", refresh=False)
 
 
 def measure_floor_ms(cfg: SAEConfig, plan: KernelPlan, state, x) -> float:
@@ -271,25 +419,33 @@ def main() -> None:
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)
   workdir = Path(_WORKDIR.value)
-  run = checkpoint.read_run(workdir)
-  new_flags = resolved_flags()
-  old_flags = checkpoint.read_flags(workdir) if run is not None else None
-  if old_flags is not None:
-    check_resumed_flags(workdir, old_flags, new_flags)
-  workdir.mkdir(parents=True, exist_ok=True)
+  specs, members = sweep_members(workdir)
+  is_sweep = bool(specs)
+  for m in members:
+    m.workdir.mkdir(parents=True, exist_ok=True)
 
   ##############################################################################################
-  # Input: the store, the number of steps, the input scale.                                    #
+  # Input: the stores, the number of steps, the input scales.                                  #
   ##############################################################################################
-  store = Store(_STORE.value)
-  d_in = store.d_model
+  # One reader per distinct store; they have the same rows and are read in the same order, in
+  # lockstep, each batch once for all the members that train on it.
   token_kinds = _TOKEN_KINDS.value or None
-  rows = data.ChunkReader(store, token_kinds, chunk_bytes=_READ_CHUNK_KB.value << 10,
-                          read_threads=_READ_THREADS.value)
+  readers = {}
+  for m in members:
+    if m.flags["store"] not in readers:
+      readers[m.flags["store"]] = data.ChunkReader(
+          Store(m.flags["store"]), token_kinds, chunk_bytes=_READ_CHUNK_KB.value << 10,
+          read_threads=_READ_THREADS.value)
+  rows, *others = readers.values()
+  for other in others:
+    data.check_lockstep(rows, other)
+  store = rows.store
+  d_in = store.d_model
   if rows.num_rows < _BATCH_SIZE.value:
     raise StoreError(f"{store.path} has {rows.num_rows} selected rows, fewer than one batch "
                      f"(--batch_size={_BATCH_SIZE.value})")
   # Fixed at the first start (flags.json), so that a resume may use another number of processes.
+  old_flags = next((m.old_flags for m in members if m.old_flags is not None), None)
   data_lanes = (old_flags["resolved"]["data_lanes"] if old_flags is not None else
                 _DATA_LANES.value or jax.process_count())
   if _BATCH_SIZE.value % data_lanes or data_lanes % jax.process_count():
@@ -300,57 +456,56 @@ def main() -> None:
   if total_steps <= 0:
     raise TrainError(f"--epochs={_EPOCHS.value} of {per_epoch} steps each is no training; "
                      "set --steps or a larger --epochs")
-  if old_flags is not None:
-    check_resumed_total(workdir, old_flags["resolved"]["total_steps"], total_steps)
-  sample = None
-  if run is not None:
-    input_scale = run["input_scale"]
-  elif _NORMALIZE_INPUTS.value:
-    sample = data.sample_rows(rows, _INIT_SAMPLE_ROWS.value, seed=_SEED.value)
-    input_scale = float(np.sqrt(d_in / np.mean(np.sum(sample.astype(np.float64) ** 2, axis=1))))
-  else:
-    input_scale = 1.0
+  samples = {}  # (store, rows) -> the rows sampled for the input scale and b_dec, shared
+
+  def sample(m: Member) -> np.ndarray:
+    key = (m.flags["store"], m.flags["init_sample_rows"])
+    if key not in samples:
+      samples[key] = data.sample_rows(readers[key[0]], key[1], seed=_SEED.value)
+    return samples[key]
+
+  for m in members:
+    if m.old_flags is not None:
+      check_resumed_total(m, total_steps)
+    if m.run is not None:
+      m.input_scale = m.run["input_scale"]
+    elif m.flags["normalize_inputs"]:
+      m.input_scale = float(np.sqrt(d_in / np.mean(np.sum(sample(m).astype(np.float64) ** 2,
+                                                          axis=1))))
 
   ##############################################################################################
-  # Model and optimizer.                                                                       #
+  # Models and optimizers.                                                                     #
   ##############################################################################################
-  init_params, init_info = None, None
-  if _INIT_FROM.value:
-    init_params, init_info = dictionary.read(_INIT_FROM.value)
-    if init_info["d_in"] != d_in:
-      raise StoreError(f"--init_from={_INIT_FROM.value} has d_in={init_info['d_in']} but "
-                       f"--store={_STORE.value} has d_model={d_in}")
-    # An export acts on raw activations; the trainer sees scale * x, so undo the export's folding.
-    init_params = dictionary.fold_input_scale(init_params, 1 / input_scale)
-  num_latents = (init_info["num_latents"] if init_info else
-                 _NUM_LATENTS.value or _EXPANSION_FACTOR.value * d_in)
-  if _K.value > num_latents:
-    raise TrainError(f"--k={_K.value} exceeds the number of latents ({num_latents})")
-  if not all(w.isdigit() for w in _MATRYOSHKA_PREFIXES.value):
-    raise TrainError(f"--matryoshka_prefixes={','.join(_MATRYOSHKA_PREFIXES.value)}: expected "
-                     "comma-separated latent counts")
-  try:
-    cfg = SAEConfig(d_in=d_in, num_latents=num_latents, k=_K.value, multi_topk=_MULTI_TOPK.value,
-                    auxk_alpha=_AUXK_ALPHA.value, dead_tokens=_DEAD_TOKENS.value,
-                    k_aux=_K_AUX.value or None, shard_capacity=_SHARD_CAPACITY.value,
-                    auxk_select=_AUXK_SELECT.value, compute_dtype=_COMPUTE_DTYPE.value,
-                    topk=_TOPK.value, topk_recall=_TOPK_RECALL.value,
-                    weight_grads=_WEIGHT_GRADS.value, architecture=_ARCHITECTURE.value,
-                    batchtopk_max_k=_BATCHTOPK_MAX_K.value, threshold_beta=_THRESHOLD_BETA.value,
-                    threshold_start_step=_THRESHOLD_START_STEP.value,
-                    matryoshka_prefixes=tuple(map(int, _MATRYOSHKA_PREFIXES.value)))
-  except ValueError as e:  # each message starts with the flag's name
-    raise TrainError(f"--{e}") from e
-  if run is not None and SAEConfig(**run["sae"]) != cfg:
-    raise TrainError(f"{workdir} holds a run with another SAE config ({run['sae']}); "
-                     "use a new --workdir")
-  peak_lr = _LR.value or default_learning_rate(num_latents)
-  schedule = lr_schedule(peak_lr, _LR_WARMUP_STEPS.value, total_steps, _LR_DECAY.value)
-  tx = make_optimizer(schedule,
-                      b1=_ADAM_B1.value, b2=_ADAM_B2.value, eps=_ADAM_EPS.value,
-                      grad_clip=_GRAD_CLIP.value or None)
+  for m in members:
+    v, init_info = m.flags, None
+    if v["init_from"]:
+      m.init_params, init_info = dictionary.read(v["init_from"])
+      if init_info["d_in"] != d_in:
+        raise StoreError(f"--init_from={v['init_from']} has d_in={init_info['d_in']} but "
+                         f"--store={v['store']} has d_model={d_in}")
+      # An export acts on raw activations; the trainer sees scale * x: undo the export's folding.
+      m.init_params = dictionary.fold_input_scale(m.init_params, 1 / m.input_scale)
+    num_latents = (init_info["num_latents"] if init_info else
+                   v["num_latents"] or v["expansion_factor"] * d_in)
+    if v["k"] > num_latents:
+      raise m.error(f"--k={v['k']} exceeds the number of latents ({num_latents})")
+    if not all(w.isdigit() for w in v["matryoshka_prefixes"]):
+      raise m.error(f"--matryoshka_prefixes={','.join(v['matryoshka_prefixes'])}: expected "
+                    "comma-separated latent counts")
+    try:
+      m.cfg = sae_config(v, d_in, num_latents)
+    except ValueError as e:  # each message starts with the flag's name
+      raise m.error(f"--{e}") from e
+    if m.run is not None and SAEConfig(**m.run["sae"]) != m.cfg:
+      raise TrainError(f"{m.workdir} holds a run with another SAE config ({m.run['sae']}); "
+                       "use a new --workdir")
+    m.peak_lr = v["lr"] or default_learning_rate(num_latents)
+    m.schedule = lr_schedule(m.peak_lr, v["lr_warmup_steps"], total_steps, v["lr_decay"])
+    m.tx = make_optimizer(m.schedule, b1=v["adam_b1"], b2=v["adam_b2"], eps=v["adam_eps"],
+                          grad_clip=v["grad_clip"] or None)
+
   ##############################################################################################
-  # Mesh, shardings and the initial state (born sharded, never whole on one device).           #
+  # Mesh, shardings and the initial states (born sharded, never whole on one device).          #
   ##############################################################################################
   try:
     mesh = sharding.make_mesh(_MESH.value)
@@ -360,93 +515,84 @@ def main() -> None:
   if _BATCH_SIZE.value % data_shards:
     raise TrainError(f"--batch_size={_BATCH_SIZE.value} must be divisible by the data axis of "
                      f"the mesh ({data_shards})")
-  if num_latents % mesh.shape["model"]:
-    raise TrainError(f"num_latents={num_latents} must be divisible by the model axis of the "
-                     f"mesh ({mesh.shape['model']})")
   # The kernels for the devices the step is compiled for; `bench --aot_topology` plans the same.
   plan = KernelPlan.for_devices(mesh.devices.flat)
-  if jax.process_index() == 0:
-    atomic_write_json(workdir / checkpoint.FLAGS_FILE, {
-        **new_flags, "resolved": {"num_latents": num_latents, "lr": peak_lr,
-                                 "total_steps": total_steps, "steps_per_epoch": per_epoch,
-                                 "input_scale": input_scale, "kernel_plan": plan.to_json(),
-                                 "data_lanes": data_lanes}})
+  if is_sweep and jax.process_index() == 0:
+    sweep.write(workdir, specs)
+  for m in members:
+    if m.cfg.num_latents % mesh.shape["model"]:
+      raise m.error(f"num_latents={m.cfg.num_latents} must be divisible by the model axis of "
+                    f"the mesh ({mesh.shape['model']})")
+    if jax.process_index() == 0:
+      atomic_write_json(m.workdir / checkpoint.FLAGS_FILE, {
+          **m.flags, "resolved": {"num_latents": m.cfg.num_latents, "lr": m.peak_lr,
+                                  "total_steps": total_steps, "steps_per_epoch": per_epoch,
+                                  "input_scale": m.input_scale, "kernel_plan": plan.to_json(),
+                                  "data_lanes": data_lanes}})
   write_note(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
              f"devices, {jax.process_count()} process(es); {total_steps} steps of "
-             f"{_BATCH_SIZE.value} tokens; kernels {plan}")
+             f"{_BATCH_SIZE.value} tokens" + (f", {len(members)} SAEs on {len(readers)} store(s)"
+                                              if is_sweep else "") + f"; kernels {plan}")
 
-  def b_dec_init():
-    if init_params is not None:
+  def b_dec_init(m: Member):
+    if m.init_params is not None:
       return None
-    if _B_DEC_INIT.value == "zeros":
+    if m.flags["b_dec_init"] == "zeros":
       return jnp.zeros((d_in,), jnp.float32)
-    scaled = input_scale * (sample if sample is not None else data.sample_rows(
-        rows, _INIT_SAMPLE_ROWS.value, seed=_SEED.value))
-    return geometric_median(scaled) if _B_DEC_INIT.value == "median" else jnp.asarray(
+    scaled = m.input_scale * sample(m)
+    return geometric_median(scaled) if m.flags["b_dec_init"] == "median" else jnp.asarray(
         scaled.mean(0))
 
-  mngr = checkpoint.manager(workdir, keep=_KEEP_CHECKPOINTS.value)
-  start_step = mngr.latest_step() or 0
-  b_dec = None if start_step else b_dec_init()
-  graphdef_box = []
-
-  def init_state():
-    graphdef, state = create_state(cfg, tx, seed=_SEED.value, b_dec=b_dec, plan=plan)
-    if init_params is not None:
-      model, optimizer = nnx.merge(graphdef, state)
-      for name, value in init_params.items():
-        getattr(model, name)[...] = jnp.asarray(value)
-      graphdef, state = nnx.split((model, optimizer))
-    graphdef_box.append(graphdef)
-    return state
-
   with jax.set_mesh(mesh):
-    abstract_state = jax.eval_shape(init_state)
-    graphdef = graphdef_box[0]
-    state_sharding = sharding.state_shardings(abstract_state, mesh)
-    if start_step:
-      write_note(f"resuming from step {start_step} of {workdir}")
-      state = checkpoint.restore(mngr, start_step, abstract_state, state_sharding)
-    else:
-      state = jax.jit(init_state, out_shardings=state_sharding)()
-      if jax.process_index() == 0:
-        checkpoint.write_run(workdir, cfg=cfg, input_scale=input_scale, source={
-            "store": absolute(_STORE.value), "model": store.manifest["model"],
-            "hookpoint": store.manifest["hookpoint"], "layer": store.manifest["layer"],
-            "token_kinds": token_kinds, "init_from": _INIT_FROM.value})
+    for m in members:
+      m.mngr = checkpoint.manager(m.workdir, keep=_KEEP_CHECKPOINTS.value)
+      m.start_step = m.mngr.latest_step() or 0
+      init_state, graphdef_box = state_initializer(
+          m.cfg, m.tx, plan, b_dec=None if m.start_step else b_dec_init(m),
+          init_params=m.init_params)
+      abstract_state = jax.eval_shape(init_state)
+      state_sharding = sharding.state_shardings(abstract_state, mesh)
+      if m.start_step:
+        write_note(f"resuming from step {m.start_step} of {m.workdir}")
+        m.state = checkpoint.restore(m.mngr, m.start_step, abstract_state, state_sharding)
+      else:
+        m.state = jax.jit(init_state, out_shardings=state_sharding)()
+        if jax.process_index() == 0:
+          manifest = readers[m.flags["store"]].store.manifest
+          checkpoint.write_run(m.workdir, cfg=m.cfg, input_scale=m.input_scale, source={
+              "store": m.flags["store"], "model": manifest["model"],
+              "hookpoint": manifest["hookpoint"], "layer": manifest["layer"],
+              "token_kinds": token_kinds, "init_from": m.flags["init_from"]})
+      # Each member's own step, so that it computes exactly what a run of its flags alone would.
+      m.update = jit_update(graphdef_box[0], m.input_scale, store.dtype, state_sharding, mesh)
+      if m.cfg.architecture == "batchtopk":  # the JumpReLU at the learned threshold, at log steps
+        m.inference = jit_inference(graphdef_box[0], m.input_scale, store.dtype, state_sharding,
+                                    mesh)
+    samples.clear()
 
     ############################################################################################
-    # The update step: jitted once, state donated so it is updated in place.                   #
-    ############################################################################################
-    def scaled_step(state, x):  # x as stored: 16-bit or fp8 rows cross to the device as such
-      return train_step(graphdef, state, data.device_rows(x, store.dtype) * input_scale)
-
-    update = jax.jit(scaled_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                     out_shardings=(state_sharding, None), donate_argnums=0)
-    inference = None
-    if cfg.architecture == "batchtopk":  # the JumpReLU at the learned threshold, at log steps
-      inference = jax.jit(
-          lambda state, x: eval_metrics(graphdef, state, data.device_rows(x, store.dtype) *
-                                        input_scale),
-          in_shardings=(state_sharding, sharding.batch_sharding(mesh)))
-
-    ############################################################################################
-    # Data, starting at the restored step.                                                      #
+    # Data, from the earliest restored step: every store in the same order.                    #
     ############################################################################################
     try:
       orders = data.lane_orders(
           rows, lanes=data_lanes, buffer_bytes=_SHUFFLE_BUFFER_MB.value << 20, seed=_SEED.value,
           process_index=jax.process_index(), process_count=jax.process_count())
     except ValueError as e:
-      raise TrainError(f"--store={_STORE.value}, --read_chunk_kb={_READ_CHUNK_KB.value}, "
+      raise TrainError(f"--store={store.path}, --read_chunk_kb={_READ_CHUNK_KB.value}, "
                        f"--data_lanes={data_lanes}: {e}") from e
-    batches = data.batches(rows, orders, batch_rows=_BATCH_SIZE.value // jax.process_count(),
-                           start_step=start_step, prefetch_batches=_PREFETCH_BATCHES.value)
+    first_step = min(m.start_step for m in members)
+    batches = {path: data.batches(reader, orders, batch_rows=_BATCH_SIZE.value //
+                                  jax.process_count(), start_step=first_step,
+                                  prefetch_batches=_PREFETCH_BATCHES.value)
+               for path, reader in readers.items()}
 
     ############################################################################################
     # The loop.                                                                                 #
     ############################################################################################
-    writer = MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
+    for m in members:
+      m.writer = MetricWriter(m.workdir, resume_step=m.start_step,
+                              enabled=jax.process_index() == 0)
+      m.last_good = m.start_step or None
     sigterm = []
     if jax.process_count() == 1:
       signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
@@ -454,55 +600,76 @@ def main() -> None:
     # with all on the step at which every process saves and stops (each must ask every step):
     # one process leaving the loop alone would leave the others hung in the next collectives.
     preempted = False
-    pending = None  # (step, device metrics) of the previous step, fetched one step late
-    last_good = start_step or None
-    tick_time, tick_step = time.perf_counter(), start_step
-    summary = {}
-    progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+    for m in members:
+      m.tick = (time.perf_counter(), m.start_step)
+    progress = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True,
                     disable=jax.process_index() != 0)
-    step = start_step
+    step = first_step
     try:
-      for step in range(start_step + 1, total_steps + 1):
+      for step in range(first_step + 1, total_steps + 1):
         if _DEBUG_SIGNAL_AT_STEP.value == step:
-          mngr.wait_until_finished()
+          for m in members:
+            m.mngr.wait_until_finished()
           os.kill(os.getpid(), getattr(signal, _DEBUG_SIGNAL.value))
+        # A member restored at a later step than the others has already trained on this batch.
+        active = [m for m in members if step > m.start_step and not m.failed]
         with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
-          x = sharding.global_batch(next(batches), mesh)
-          if step == start_step + 1:
-            floor_ms = measure_floor_ms(cfg, plan, state, data.device_rows(x, store.dtype))
-          state, step_metrics = update(state, x)
-        if pending is not None:
-          summary = log_metrics(writer, progress, schedule, floor_ms, *pending, tick_time,
-                                tick_step, last_good=last_good, workdir=workdir)
-          tick_time, tick_step = time.perf_counter(), pending[0]
-          pending = None
-        if step % _LOG_EVERY.value == 0 or step == total_steps:
-          if inference is not None:  # dispatched before the next step takes the state
-            evaluated = inference(state, x)
-            step_metrics = {**step_metrics, "inference_fvu": evaluated["fvu"],
-                            "inference_l0": evaluated["l0"]}
-          pending = (step, step_metrics)
+          xs = {path: sharding.global_batch(next(b), mesh) for path, b in batches.items()}
+          for m in active:
+            x = xs[m.flags["store"]]
+            if step == m.start_step + 1:
+              m.floor_ms = measure_floor_ms(m.cfg, plan, m.state, data.device_rows(x, store.dtype))
+              if step > first_step + 1:
+                m.tick = (time.perf_counter(), m.start_step)
+            m.state, m.step_metrics = m.update(m.state, x)
+        for m in active:
+          if m.pending is not None:
+            m.summary = log_metrics(m, *m.pending)
+            m.pending = None
+            show(progress, members, m.summary)
+          if not m.failed and (step % _LOG_EVERY.value == 0 or step == total_steps):
+            if m.inference is not None:  # dispatched before the next step takes the state
+              evaluated = m.inference(m.state, xs[m.flags["store"]])
+              m.step_metrics = {**m.step_metrics, "inference_fvu": evaluated["fvu"],
+                                "inference_l0": evaluated["l0"]}
+            m.pending = (step, m.step_metrics)
         progress.update(1)
-        preempted = mngr.reached_preemption(step) or bool(sigterm)
+        preempted = members[0].mngr.reached_preemption(step) or bool(sigterm)
         if step % _CHECKPOINT_EVERY.value == 0 or step == total_steps or preempted:
-          check_finite(step, step_metrics, last_good, workdir)  # never save a diverged state
-          checkpoint.save(mngr, step, state)
-          last_good = step
+          for m in active:
+            if not m.failed and check_finite(m, step, m.step_metrics):  # never save a diverged state
+              checkpoint.save(m.mngr, step, m.state)
+              m.last_good = step
         if preempted:
           write_note(f"SIGTERM: saved step {step}, exiting with status {PREEMPTED_EXIT_CODE}; "
                      "rerun the same command to resume")
           break
-      if pending is not None:
-        summary = log_metrics(writer, progress, schedule, floor_ms, *pending, tick_time,
-                              tick_step, last_good=last_good, workdir=workdir)
+        if all(m.failed for m in members):
+          break
+      for m in members:
+        if m.pending is not None:
+          m.summary = log_metrics(m, *m.pending)
+          show(progress, members, m.summary)
     finally:  # an error too leaves the checkpoints it names complete on disk
       progress.close()
-      mngr.wait_until_finished()
-      mngr.close()
-      writer.close()
+      for m in members:
+        m.mngr.wait_until_finished()
+        m.mngr.close()
+        m.writer.close()
   if jax.process_index() == 0:
-    print(json.dumps({"workdir": str(workdir), "step": step, "total_steps": total_steps,
-                      **summary, **({"preempted": True} if preempted else {})}))
+    # One line per member of a sweep, then the sweep's: a single run prints just its own.
+    for m in members:
+      line = ({"ok": False, "error": m.failed, "last_good_step": m.last_good} if m.failed else
+              {"step": step, "total_steps": total_steps, **m.summary})
+      print(json.dumps({**({"name": m.name} if is_sweep else {}), "workdir": str(m.workdir),
+                        **line, **({"preempted": True} if preempted else {})}))
+  failed = [m.failed for m in members if m.failed]
+  if failed:
+    raise TrainError(" | ".join(failed))
+  if is_sweep and jax.process_index() == 0:
+    print(json.dumps({"workdir": str(workdir), "members": [m.name for m in members],
+                      "step": step, "total_steps": total_steps,
+                      **({"preempted": True} if preempted else {})}))
   if preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
 

@@ -1,0 +1,198 @@
+"""Many SAEs per data pass: each member of a sweep ends bit-identical to a run of its flags alone,
+through kills and uneven resumes, on one store or several layers' stores read in lockstep."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import synthetic
+
+from sae_jax import checkpoint, dictionary
+from sae_jax.store import Store
+
+# Three members: another k, another learning rate, another width.
+SPECS = ["--k=8", "--lr=0.003 --name=fast", "--num_latents=128"]
+NAMES = ["k8", "fast", "num_latents128"]
+TIMING = ("tokens_per_s", "floor_fraction")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  return synthetic.write_sparse_store(tmp_path_factory.mktemp("store"), num_shards=4)
+
+
+@pytest.fixture(scope="module")
+def other_layer(tmp_path_factory):
+  """Another store with the same rows (as another layer of one harvest writes): other values."""
+  return synthetic.write_sparse_store(tmp_path_factory.mktemp("layer"), num_shards=4, seed=1)
+
+
+def train(store, workdir, *extra, check=True):
+  """Runs the trainer (a flag in `extra` overrides the same flag before it)."""
+  cmd = [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}",
+         "--num_latents=64", "--k=4", "--batch_size=64", "--steps=20", "--checkpoint_every=5",
+         "--log_every=5", "--lr_warmup_steps=2", "--dead_tokens=256", "--normalize_inputs",
+         "--data_lanes=2", *extra]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  if check and result.returncode != 0:
+    raise AssertionError(result.stdout[-1000:] + result.stderr[-3000:])
+  return result
+
+
+def sweep_flags(specs):
+  return [f"--sae={spec}" for spec in specs]
+
+
+def error_of(result) -> str:
+  assert result.returncode == 1, result.stderr[-3000:]
+  summary = json.loads(result.stdout.splitlines()[-1])
+  assert summary["ok"] is False and "\n" not in summary["error"]
+  return summary["error"]
+
+
+def final_state(workdir) -> dict:
+  """Every array of the latest checkpoint's model (parameters and dead-latent counters)."""
+  model, _, step = checkpoint.load_model(workdir)
+  return {"step": step, **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in
+                           jax.tree_util.tree_leaves_with_path(nnx.state(model))}}
+
+
+def metrics(workdir) -> list[dict]:
+  """metrics.jsonl without the timings (which no two runs share)."""
+  return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+          for line in open(workdir / "metrics.jsonl")]
+
+
+def assert_same_run(got, want):
+  a, b = final_state(got), final_state(want)
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=f"{got}: {name}")
+  assert metrics(got) == metrics(want)
+
+
+@pytest.fixture(scope="module")
+def separate(store, tmp_path_factory):
+  """Each member's flags trained alone: the runs a sweep must reproduce."""
+  root = tmp_path_factory.mktemp("separate")
+  for name, spec in zip(NAMES, SPECS):
+    train(store, root / name, *spec.replace("--name=fast", "").split())
+  return root
+
+
+@pytest.fixture(scope="module")
+def straight(store, tmp_path_factory):
+  root = tmp_path_factory.mktemp("sweep")
+  result = train(store, root, *sweep_flags(SPECS))
+  return root, [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_each_member_equals_its_own_run(straight, separate, tmp_path):
+  root, lines = straight
+  for name in NAMES:
+    assert_same_run(root / name, separate / name)
+  # A line per member, as a single run prints its own, then the sweep's.
+  assert [line.get("name") for line in lines] == [*NAMES, None]
+  assert lines[-1] == {"workdir": str(root), "members": NAMES, "step": 20, "total_steps": 20}
+  assert all(line["step"] == 20 and "fvu" in line for line in lines[:3])
+  record = json.loads((root / "sweep.json").read_text())
+  assert record["members"][1] == {"name": "fast", "workdir": str(root / "fast"),
+                                  "overrides": {"lr": 0.003}}
+  # A member's workdir is a single run's: its flags.json, and the export works on it unchanged.
+  resolved = json.loads((root / "fast" / "flags.json").read_text())
+  assert resolved["lr"] == 0.003 and resolved["k"] == 4 and "sae" not in resolved
+  out = subprocess.run([sys.executable, "-m", "sae_jax.export", f"--workdir={root / 'k8'}",
+                        f"--out={tmp_path}", "--format=sparsify"], capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  params, info = dictionary.read(json.loads(out.stdout.splitlines()[-1])["export"])
+  assert info["k"] == 8 and params["W_enc"].shape == (64, 16)
+
+
+def test_a_killed_sweep_resumes_exactly_even_with_a_member_behind(store, straight, tmp_path):
+  """kill -9 at step 13 (all saved step 10); one member then loses its step 10, so the rerun
+  starts at 5 and the members at 10 skip the updates they have made."""
+  killed = train(store, tmp_path, *sweep_flags(SPECS), "--debug_signal_at_step=13", check=False)
+  assert killed.returncode == -9
+  shutil.rmtree(tmp_path / "fast" / "checkpoints" / "10")
+  result = train(store, tmp_path, *sweep_flags(SPECS))
+  assert f"resuming from step 5 of {tmp_path / 'fast'}" in result.stderr
+  assert f"resuming from step 10 of {tmp_path / 'k8'}" in result.stderr
+  for name in NAMES:
+    assert_same_run(tmp_path / name, straight[0] / name)
+
+
+def test_a_sweep_file_gives_the_same_members(store, straight, tmp_path):
+  """And a rerun of a finished sweep changes nothing; other members are refused."""
+  sweep_file = tmp_path / "sweep.txt"
+  sweep_file.write_text("# k, lr, width\n" + "\n\n".join(SPECS) + "\n")
+  root = tmp_path / "run"
+  shutil.copytree(straight[0], root)
+  train(store, root, f"--sweep={sweep_file}")
+  for name in NAMES:
+    assert_same_run(root / name, straight[0] / name)
+  error = error_of(train(store, root, *sweep_flags(SPECS[:2] + ["--k=2"]), check=False))
+  assert error == (f"the sweep in {root} has other members: this one adds k2; drops "
+                   "num_latents128; rerun with the same --sae/--sweep specs to resume it, or use "
+                   "a new --workdir")
+
+
+def test_layers_in_lockstep_equal_their_own_runs(store, other_layer, separate, tmp_path):
+  train(other_layer, tmp_path / "alone")
+  result = train(store, tmp_path / "sweep", f"--sae=--store={other_layer} --name=layer",
+                 "--sae=--k=8")
+  assert json.loads(result.stdout.splitlines()[-1])["members"] == ["layer", "k8"]
+  assert_same_run(tmp_path / "sweep" / "layer", tmp_path / "alone")
+  assert_same_run(tmp_path / "sweep" / "k8", separate / "k8")
+  run = json.loads((tmp_path / "sweep" / "layer" / "run.json").read_text())
+  assert run["source"]["store"] == str(other_layer)
+
+
+def test_stores_of_another_layout_are_refused(store, tmp_path):
+  acts = np.concatenate([Store(store).shard_acts(i) for i in range(4)])
+  halves = synthetic.write_store(tmp_path / "halves", acts, num_shards=2)
+  error = error_of(train(store, tmp_path / "run", f"--sae=--store={halves}", "--sae=--k=8",
+                         check=False))
+  assert error == (f"--store={halves} and --store={store} cannot be read in lockstep: their "
+                   "shard rows differ ([512, 512] vs [256, 256, 256, 256]); a sweep's stores must "
+                   "have the same rows (the layers of one harvest)")
+
+
+def test_a_diverging_member_stops_alone(store, tmp_path):
+  """Rows so large that their squares overflow: that member's loss is not finite from step 1. It
+  stops with no checkpoint; the member on a sane store trains on and equals its own run."""
+  acts = np.concatenate([Store(store).shard_acts(i) for i in range(4)])
+  huge = synthetic.write_store(tmp_path / "huge", acts * 1e20, num_shards=4)
+  flags = ["--nonormalize_inputs", "--b_dec_init=zeros", "--steps=12", "--log_every=4"]
+  train(store, tmp_path / "alone", *flags)
+  result = train(store, tmp_path / "sweep", *flags, f"--sae=--store={huge} --name=huge",
+                 "--sae=--name=sane", check=False)
+  lines = [json.loads(line) for line in result.stdout.splitlines()]
+  message = (f"sweep member huge: loss is nan at step 4; the last good checkpoint is none (no "
+             "checkpoint was saved)")
+  assert error_of(result) == message
+  assert lines[0] == {"name": "huge", "workdir": str(tmp_path / "sweep" / "huge"), "ok": False,
+                      "error": message, "last_good_step": None}
+  assert lines[1]["name"] == "sane" and lines[1]["step"] == 12
+  assert not list((tmp_path / "sweep" / "huge" / "checkpoints").iterdir())
+  assert_same_run(tmp_path / "sweep" / "sane", tmp_path / "alone")
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["--k=8", "--batch_size=32"], "--sae=--batch_size=32: --batch_size is the same for every "
+     "member of a sweep (a spec may set only --store, "),
+    (["--k=8", "--k=8 --lr=0.1 --name=k8"], "--sae='--k=8 --lr=0.1 --name=k8' and --sae=--k=8 "
+     "both name a member 'k8'; give one of them another --name="),
+    (["--kk=8"], "--sae=--kk=8: unknown flag --kk"),
+    (["--k=0"], "--sae=--k=0: --k=0: "),
+    (["--k"], "--sae=--k: --k needs a value (--k=...)"),
+])
+def test_bad_specs_get_one_line_errors(store, tmp_path, specs, message):
+  assert error_of(train(store, tmp_path, *sweep_flags(specs), check=False)).startswith(message)
+  assert not (tmp_path / "sweep.json").exists()
