@@ -58,6 +58,7 @@ def read_specs(sae_specs: Sequence[str], sweep_file: str | None, allowed: Sequen
 
 def parse_spec(text: str, where: str, allowed: Sequence[str],
                flag_values: flags.FlagValues) -> Member:
+  """One spec's member; `where` (the spec as the command line gave it) starts every error."""
   try:
     tokens = shlex.split(text, comments=True)
   except ValueError as e:

@@ -12,6 +12,16 @@ exits. The resolved flags go to WORKDIR/flags.json, metrics to WORKDIR/metrics.j
 WORKDIR/tb/, and a one-line JSON summary is printed last ("preempted": true when stopped so); a
 run stopped by its inputs or a non-finite loss prints {"ok": false, "error": ...} instead and
 exits with status 1.
+
+A sweep trains several SAEs on one pass over the data (sae_jax.sweep): each `--sae='--k=16 ...'`
+(or line of `--sweep=FILE`) is one member, the command line with that member's overrides of the
+flags in SWEEP_FLAGS, trained in WORKDIR/<name> exactly as a run of those flags alone would be:
+its own jitted step, state, schedule, checkpoints and metrics. Every batch is read once, and
+members on other stores (other layers of one harvest) get the same rows of theirs, read in
+lockstep. A resume restores each member's own latest checkpoint and starts at the earliest. A
+member whose loss is not finite stops (its last good checkpoint stays) while the others go on;
+the sweep then ends with the error. A sweep prints one summary line per member (with "name"),
+then one of its own ({"workdir", "members", "step", "total_steps"}).
 """
 
 from __future__ import annotations
@@ -286,7 +296,8 @@ def check_resumed_total(m: Member, new_total: int) -> None:
 
 def check_finite(m: Member, step: int, metrics: dict) -> bool:
   """Whether the loss is finite. If not, the member stops: a single run with an error; a sweep
-  member keeps its last good checkpoint while the others go on, and the sweep ends with the error."""
+  member keeps its last good checkpoint while the others go on, and the sweep ends with its
+  error."""
   loss = float(metrics["loss"])
   if math.isfinite(loss):
     return True
@@ -636,8 +647,8 @@ def main() -> None:
         progress.update(1)
         preempted = members[0].mngr.reached_preemption(step) or bool(sigterm)
         if step % _CHECKPOINT_EVERY.value == 0 or step == total_steps or preempted:
-          for m in active:
-            if not m.failed and check_finite(m, step, m.step_metrics):  # never save a diverged state
+          for m in active:  # never save a diverged state
+            if not m.failed and check_finite(m, step, m.step_metrics):
               checkpoint.save(m.mngr, step, m.state)
               m.last_good = step
         if preempted:

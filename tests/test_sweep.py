@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -196,3 +197,13 @@ def test_a_diverging_member_stops_alone(store, tmp_path):
 def test_bad_specs_get_one_line_errors(store, tmp_path, specs, message):
   assert error_of(train(store, tmp_path, *sweep_flags(specs), check=False)).startswith(message)
   assert not (tmp_path / "sweep.json").exists()
+
+
+def test_the_example_sweep_file_parses():
+  code = ("from absl import flags\nfrom sae_jax import sweep, train\n"
+          "print([m.name for m in sweep.read_specs([], 'launch/configs/sweep_example.txt', "
+          "train.SWEEP_FLAGS, flags.FLAGS)])")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+  assert result.stdout.strip() == "['k4', 'k16', 'k8_fast', 'k8_expansion_factor16']", (
+      result.stderr[-2000:])
