@@ -27,11 +27,17 @@ RUN_FILE = "run.json"
 FLAGS_FILE = "flags.json"
 
 
-def manager(workdir: str | Path, *, keep: int) -> ocp.CheckpointManager:
-  """Async saves, the latest `keep` kept. When to save is the trainer's call (`save` forces)."""
+def manager(workdir: str | Path, *, keep: int, barrier_prefix: str | None = None
+            ) -> ocp.CheckpointManager:
+  """Async saves, the latest `keep` kept. When to save is the trainer's call (`save` forces).
+  Managers that save at the same steps in one multi-process job (a sweep's members) each need a
+  `barrier_prefix` of their own: orbax names its cross-process barriers by the step alone."""
   return ocp.CheckpointManager(
       Path(workdir).absolute() / "checkpoints",
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=keep, enable_async_checkpointing=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=barrier_prefix)))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State) -> bool:

@@ -556,7 +556,8 @@ def main() -> None:
 
   with jax.set_mesh(mesh):
     for m in members:
-      m.mngr = checkpoint.manager(m.workdir, keep=_KEEP_CHECKPOINTS.value)
+      m.mngr = checkpoint.manager(m.workdir, keep=_KEEP_CHECKPOINTS.value,
+                                  barrier_prefix=m.name and f"sweep_{m.name}_")
       m.start_step = m.mngr.latest_step() or 0
       init_state, graphdef_box = state_initializer(
           m.cfg, m.tx, plan, b_dec=None if m.start_step else b_dec_init(m),

@@ -3,6 +3,7 @@ through kills and uneven resumes, on one store or several layers' stores read in
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,28 @@ def test_a_diverging_member_stops_alone(store, tmp_path):
   assert lines[1]["name"] == "sane" and lines[1]["step"] == 12
   assert not list((tmp_path / "sweep" / "huge" / "checkpoints").iterdir())
   assert_same_run(tmp_path / "sweep" / "sane", tmp_path / "alone")
+
+
+def test_two_processes_train_a_sweep_as_one(store, separate, tmp_path):
+  """Each process saves every member at the same steps (orbax barriers of their own)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={tmp_path}",
+       "--num_latents=64", "--k=4", "--batch_size=64", "--steps=20", "--checkpoint_every=5",
+       "--log_every=5", "--lr_warmup_steps=2", "--dead_tokens=256", "--normalize_inputs",
+       "--data_lanes=2", *sweep_flags([SPECS[0], SPECS[2]]),
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  for name in (NAMES[0], NAMES[2]):
+    got, want = final_state(tmp_path / name), final_state(separate / name)
+    assert [int(p.name) for p in sorted((tmp_path / name / "checkpoints").iterdir())] == [
+        10, 15, 20]
+    for key in want:  # the same global batches; only the order of cross-process sums differs
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 @pytest.mark.parametrize("specs, message", [
