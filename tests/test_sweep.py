@@ -18,9 +18,10 @@ import synthetic
 from sae_jax import checkpoint, dictionary
 from sae_jax.store import Store
 
-# Three members: another k, another learning rate, another width.
-SPECS = ["--k=8", "--lr=0.003 --name=fast", "--num_latents=128"]
-NAMES = ["k8", "fast", "num_latents128"]
+# Members: another k, another learning rate, another width, another architecture.
+SPECS = ["--k=8", "--lr=0.003 --name=fast", "--num_latents=128",
+         "--architecture=batchtopk --matryoshka_prefixes=16 --threshold_start_step=5 --name=btk"]
+NAMES = ["k8", "fast", "num_latents128", "btk"]
 TIMING = ("tokens_per_s", "floor_fraction")
 
 
@@ -84,7 +85,7 @@ def separate(store, tmp_path_factory):
   """Each member's flags trained alone: the runs a sweep must reproduce."""
   root = tmp_path_factory.mktemp("separate")
   for name, spec in zip(NAMES, SPECS):
-    train(store, root / name, *spec.replace("--name=fast", "").split())
+    train(store, root / name, *[f for f in spec.split() if not f.startswith("--name=")])
   return root
 
 
@@ -102,7 +103,8 @@ def test_each_member_equals_its_own_run(straight, separate, tmp_path):
   # A line per member, as a single run prints its own, then the sweep's.
   assert [line.get("name") for line in lines] == [*NAMES, None]
   assert lines[-1] == {"workdir": str(root), "members": NAMES, "step": 20, "total_steps": 20}
-  assert all(line["step"] == 20 and "fvu" in line for line in lines[:3])
+  assert all(line["step"] == 20 and "fvu" in line for line in lines[:-1])
+  assert "inference_fvu" in lines[3]
   record = json.loads((root / "sweep.json").read_text())
   assert record["members"][1] == {"name": "fast", "workdir": str(root / "fast"),
                                   "overrides": {"lr": 0.003}}
@@ -140,7 +142,7 @@ def test_a_sweep_file_gives_the_same_members(store, straight, tmp_path):
   for name in NAMES:
     assert_same_run(root / name, straight[0] / name)
   error = error_of(train(store, root, *sweep_flags(SPECS[:2] + ["--k=2"]), check=False))
-  assert error == (f"the sweep in {root} has other members: this one adds k2; drops "
+  assert error == (f"the sweep in {root} has other members: this one adds k2; drops btk, "
                    "num_latents128; rerun with the same --sae/--sweep specs to resume it, or use "
                    "a new --workdir")
 
