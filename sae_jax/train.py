@@ -342,6 +342,22 @@ def sweep_members(workdir: Path) -> tuple[list[sweep.Member], list[Member]]:
   return specs, members
 
 
+def jumprelu_init(m: Member, params: dict) -> dict:
+  """A JumpReLU export's parameters as a member starts from them: a BatchTopK SAE takes its
+  threshold (one value for every latent, as BatchTopK learns it); a TopK SAE has none to take."""
+  params = dict(params)
+  thresholds = params.pop(dictionary.THRESHOLD)
+  source = f"--init_from={m.flags['init_from']}"
+  if m.cfg.architecture != "batchtopk":
+    write_note(f"{source} is a JumpReLU; --architecture={m.cfg.architecture} trains without its "
+               "threshold")
+    return params
+  if np.any(thresholds != thresholds[0]):
+    raise m.error(f"{source} has per-latent thresholds ({thresholds.min():.4g} to "
+                  f"{thresholds.max():.4g}); a BatchTopK SAE learns one for all latents")
+  return {**params, "threshold": thresholds[0]}
+
+
 def lr_schedule(peak: float, warmup: int, total: int, decay: str) -> optax.Schedule:
   warmup = min(warmup, total)
   after = {
@@ -507,6 +523,8 @@ def main() -> None:
       m.cfg = sae_config(v, d_in, num_latents)
     except ValueError as e:  # each message starts with the flag's name
       raise m.error(f"--{e}") from e
+    if m.init_params is not None and dictionary.THRESHOLD in m.init_params:
+      m.init_params = jumprelu_init(m, m.init_params)
     if m.run is not None and SAEConfig(**m.run["sae"]) != m.cfg:
       raise TrainError(f"{m.workdir} holds a run with another SAE config ({m.run['sae']}); "
                        "use a new --workdir")

@@ -13,7 +13,7 @@ import torch
 import synthetic
 
 from interpret.sae import SAE
-from sae_jax import checkpoint
+from sae_jax import checkpoint, dictionary
 from sae_jax.store import Store
 
 START = 6  # the threshold is learned from optimizer step 6: checkpoint 5 has none, 10 has one
@@ -87,3 +87,43 @@ def test_exports_the_run_cannot_make_are_refused(workdir, tmp_path):
   sparsify = error_of(export(workdir, tmp_path / "sparsify", "--format=sparsify"))
   assert "--format=sparsify" in sparsify and "--format=saelens" in sparsify
   assert not (tmp_path / "sparsify").exists() and not (tmp_path / "early").exists()
+
+
+def train_from(init, workdir, store, *flags):
+  cmd = [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}",
+         f"--init_from={init}", "--k=4", "--batch_size=64", "--steps=1", "--b_dec_init=zeros",
+         *flags]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_a_jumprelu_export_starts_a_batchtopk_run_with_its_threshold_or_a_topk_run_without(
+    workdir, tmp_path):
+  workdir, store = workdir
+  exported = SAE.from_export(export_folder(workdir, tmp_path)).threshold.numpy()
+
+  # Its threshold is not updated before optimizer step 1000, so step 1 holds the export's.
+  result = train_from(tmp_path / "export", tmp_path / "batchtopk", store,
+                      "--architecture=batchtopk", "--threshold_start_step=1000")
+  assert result.returncode == 0, result.stderr[-3000:]
+  model, _, _ = checkpoint.load_model(tmp_path / "batchtopk")
+  assert float(model.threshold[...]) == exported[0]
+
+  result = train_from(tmp_path / "export", tmp_path / "topk", store)
+  assert result.returncode == 0, result.stderr[-3000:]
+  model, _, _ = checkpoint.load_model(tmp_path / "topk")
+  assert not hasattr(model, "threshold")
+
+
+def test_per_latent_thresholds_cannot_start_a_batchtopk_run(workdir, tmp_path):
+  workdir, store = workdir
+  params, _ = dictionary.read(export_folder(workdir, tmp_path))
+  params["threshold"] = np.linspace(0.1, 0.2, len(params["b_enc"]), dtype=np.float32)
+  dictionary.write(tmp_path / "gemma_like", "model.layers.3", params, k=None, layout="saelens")
+  error = error_of(train_from(tmp_path / "gemma_like", tmp_path / "run", store,
+                              "--architecture=batchtopk"))
+  assert "--init_from=" in error and "per-latent thresholds (0.1 to 0.2)" in error
+
+
+def export_folder(workdir, tmp_path):
+  assert export(workdir, tmp_path / "export", "--format=saelens").returncode == 0
+  return tmp_path / "export"
