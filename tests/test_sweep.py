@@ -15,6 +15,8 @@ from flax import nnx
 
 import synthetic
 
+from eval import sweep as sweep_lib
+
 from sae_jax import checkpoint, dictionary
 from sae_jax.store import Store
 
@@ -117,6 +119,21 @@ def test_each_member_equals_its_own_run(straight, separate, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   params, info = dictionary.read(json.loads(out.stdout.splitlines()[-1])["export"])
   assert info["k"] == 8 and params["W_enc"].shape == (64, 16)
+
+
+def test_the_sweep_report_shows_every_member_of_a_real_sweep(straight, tmp_path):
+  root, lines = straight
+  result = subprocess.run([sys.executable, "-m", "eval.sweep_report", f"--sweep={root}",
+                           f"--out={tmp_path}"], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  page = (tmp_path / "sweep.html").read_text()
+  for name in NAMES:
+    assert f"<td>{name}</td>" in page
+  # The BatchTopK member's FVU and L0 are its inference (JumpReLU) numbers, from its last row.
+  [btk] = [m for m in sweep_lib.read_sweep(root) if m.name == "btk"]
+  assert btk.final.inference and btk.final.step == 20
+  assert btk.final.fvu == metrics(root / "btk")[-1]["inference_fvu"]
+  assert btk.architecture == "batchtopk matryoshka"
 
 
 def test_a_killed_sweep_resumes_exactly_even_with_a_member_behind(store, straight, tmp_path):
