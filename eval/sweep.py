@@ -110,8 +110,8 @@ def read_member(name: str, workdir: Path, overrides: dict, flag: str) -> Member:
 
 
 def read_sweep(path: Path) -> list[Member]:
-  """The members of a sweep folder (or its sweep.json). A member whose workdir does not exist
-  yet is listed as not started (sweep.json is written before the members' first files)."""
+  """The members of a sweep folder (or its sweep.json); one whose workdir does not exist yet is
+  listed as not started."""
   file = path / SWEEP_FILE if path.is_dir() else path
   spec = read_json(file, "sweep")
   members = spec.get("members") if isinstance(spec, dict) else None
