@@ -79,13 +79,10 @@ def expected_scores(root, params, score, codes_of=topk_codes):
   return scores, maps, (codes > 0).sum(0) / len(base)
 
 
-@pytest.mark.parametrize("score", ["mean", "max"])
-def test_scan_matches_numpy_reference(setup, tmp_path, score):
-  root, params, export = setup
-  scan(root, export, tmp_path, f"--score={score}")
-  scores, maps, density = expected_scores(root, params, score)
-  top_images, top_scores = np.load(tmp_path / "top_images.npy"), np.load(tmp_path / "top_scores.npy")
-  top_maps = np.load(tmp_path / "top_maps.npy")
+def assert_top_images(out, scores, density) -> np.ndarray:
+  """The scan in `out` holds each latent's top 4 images by `scores` (ties in any order) and the
+  density; returns its top images."""
+  top_images, top_scores = np.load(out / "top_images.npy"), np.load(out / "top_scores.npy")
   for latent in range(N_LATENTS):
     firing = np.flatnonzero(scores[:, latent] > 0)
     expected = firing[np.argsort(-scores[firing, latent], kind="stable")][:4]
@@ -93,9 +90,21 @@ def test_scan_matches_numpy_reference(setup, tmp_path, score):
     np.testing.assert_allclose(top_scores[latent, :len(got)], scores[got, latent], rtol=1e-4)
     np.testing.assert_allclose(np.sort(scores[got, latent]), np.sort(scores[expected, latent]),
                                rtol=1e-4)
+  np.testing.assert_allclose(np.load(out / "density.npy"), density, rtol=1e-6)
+  return top_images
+
+
+@pytest.mark.parametrize("score", ["mean", "max"])
+def test_scan_matches_numpy_reference(setup, tmp_path, score):
+  root, params, export = setup
+  scan(root, export, tmp_path, f"--score={score}")
+  scores, maps, density = expected_scores(root, params, score)
+  top_images = assert_top_images(tmp_path, scores, density)
+  top_maps = np.load(tmp_path / "top_maps.npy")
+  for latent in range(N_LATENTS):
+    got = top_images[latent][top_images[latent] >= 0]
     np.testing.assert_allclose(top_maps[latent, :len(got)], maps[got, :, latent], rtol=2e-3,
                                atol=1e-3)
-  np.testing.assert_allclose(np.load(tmp_path / "density.npy"), density, rtol=1e-6)
   meta = json.loads((tmp_path / "topacts.json").read_text())
   assert meta["complete"] and meta["grid"] == list(GRID) and meta["images_scanned"] == 21
   assert np.load(tmp_path / "histogram.npy").sum() == round(density.sum() * 21 * 6)
@@ -226,15 +235,7 @@ def test_jumprelu_scan_matches_numpy_reference_and_counts_rows_over_the_cap(setu
   summary = scan_lib.scan(str(export), str(root / "store"), str(out), top_n=4, chunk_images=2,
                           max_active=cap, progress=False)
   scores, maps, density = expected_scores(root, params, "mean", capped_jumprelu)
-  top_images, top_scores = np.load(out / "top_images.npy"), np.load(out / "top_scores.npy")
-  for latent in range(N_LATENTS):
-    firing = np.flatnonzero(scores[:, latent] > 0)
-    expected = firing[np.argsort(-scores[firing, latent], kind="stable")][:4]
-    got = top_images[latent][top_images[latent] >= 0]
-    np.testing.assert_allclose(top_scores[latent, :len(got)], scores[got, latent], rtol=1e-4)
-    np.testing.assert_allclose(np.sort(scores[got, latent]), np.sort(scores[expected, latent]),
-                               rtol=1e-4)
-  np.testing.assert_allclose(np.load(out / "density.npy"), density, rtol=1e-6)
+  assert_top_images(out, scores, density)
 
   store = Store(root / "store")
   z, _ = reference.jumprelu_numpy(params, np.stack([store[i] for i in range(len(store.meta()))]))

@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 
 import synthetic
+from training import train
 
 from eval import sweep as sweep_lib
-
 from sae_jax import checkpoint, dictionary
 from sae_jax.store import Store
 
@@ -36,18 +36,6 @@ def store(tmp_path_factory):
 def other_layer(tmp_path_factory):
   """Another store with the same rows (as another layer of one harvest writes): other values."""
   return synthetic.write_sparse_store(tmp_path_factory.mktemp("layer"), num_shards=4, seed=1)
-
-
-def train(store, workdir, *extra, check=True):
-  """Runs the trainer (a flag in `extra` overrides the same flag before it)."""
-  cmd = [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}",
-         "--num_latents=64", "--k=4", "--batch_size=64", "--steps=20", "--checkpoint_every=5",
-         "--log_every=5", "--lr_warmup_steps=2", "--dead_tokens=256", "--normalize_inputs",
-         "--data_lanes=2", *extra]
-  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-  if check and result.returncode != 0:
-    raise AssertionError(result.stdout[-1000:] + result.stderr[-3000:])
-  return result
 
 
 def sweep_flags(specs):
@@ -195,7 +183,7 @@ def test_a_diverging_member_stops_alone(store, tmp_path):
   result = train(store, tmp_path / "sweep", *flags, f"--sae=--store={huge} --name=huge",
                  "--sae=--name=sane", check=False)
   lines = [json.loads(line) for line in result.stdout.splitlines()]
-  message = (f"sweep member huge: loss is nan at step 4; the last good checkpoint is none (no "
+  message = ("sweep member huge: loss is nan at step 4; the last good checkpoint is none (no "
              "checkpoint was saved)")
   assert error_of(result) == message
   assert lines[0] == {"name": "huge", "workdir": str(tmp_path / "sweep" / "huge"), "ok": False,

@@ -11,6 +11,7 @@ import pytest
 import reference
 
 import synthetic
+from training import train
 
 from sae_jax import data, dictionary
 from sae_jax.store import META_DTYPE, Store, StoreWriter
@@ -23,18 +24,6 @@ def store(tmp_path_factory):
   """A store of 4 shards of structured data: sparse combinations of 24 directions, offset."""
   return synthetic.write_sparse_store(tmp_path_factory.mktemp("store"), num_shards=4,
                                       d_model=D_MODEL)
-
-
-def train(store, workdir, *extra, check=True):
-  """Runs the trainer (a flag in `extra` overrides the same flag before it)."""
-  cmd = [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}",
-         "--num_latents=64", "--k=4", "--batch_size=64", "--steps=20", "--checkpoint_every=5",
-         "--log_every=5", "--lr_warmup_steps=2", "--dead_tokens=256", "--normalize_inputs",
-         "--data_lanes=2", *extra]
-  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-  if check and result.returncode != 0:
-    raise AssertionError(result.stdout[-1000:] + result.stderr[-3000:])
-  return result
 
 
 def error_of(result) -> str:
