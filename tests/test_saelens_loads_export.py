@@ -59,13 +59,18 @@ def test_saelens_loads_our_export_with_its_metadata(tmp_path):
                              atol=1e-5)
 
 
+def saelens_and_ours(tmp_path, params, k, **cfg_edits):
+  """A SAELens-layout folder of `params` with `cfg_edits` in its cfg.json (options our writer never
+  sets), loaded by SAELens in float64 and read by us."""
+  folder = dictionary.write(tmp_path, HOOKPOINT, params, k=k, layout="saelens")
+  cfg = json.loads((folder / "cfg.json").read_text())
+  (folder / "cfg.json").write_text(json.dumps({**cfg, **cfg_edits}))
+  return sae_lens.SAE.load_from_disk(folder, dtype="float64"), dictionary.read(folder)[0]
+
+
 def test_rescale_acts_by_decoder_norm_reads_as_saelens_computes_it(tmp_path):
   params = random_params(decoder_norms=np.random.default_rng(2).uniform(0.3, 3.0, N))
-  folder = dictionary.write(tmp_path, HOOKPOINT, params, k=K, layout="saelens")
-  cfg = json.loads((folder / "cfg.json").read_text())
-  (folder / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
-  sae = sae_lens.SAE.load_from_disk(folder, dtype="float64")
-  ours, _ = dictionary.read(folder)
+  sae, ours = saelens_and_ours(tmp_path, params, K, rescale_acts_by_decoder_norm=True)
 
   x = np.random.default_rng(3).normal(size=(40, D))
   values, indices = reference.encode_numpy(ours, x, K)
@@ -110,11 +115,7 @@ def test_saelens_loads_our_jumprelu_export(tmp_path):
 def test_a_gemma_scope_style_jumprelu_reads_as_saelens_computes_it(tmp_path):
   """Per-latent thresholds and apply_b_dec_to_input=false, as SAELens's Gemma Scope loader sets."""
   params = with_threshold(random_params(6), seed=7)
-  folder = dictionary.write(tmp_path, HOOKPOINT, params, k=None, layout="saelens")
-  cfg = json.loads((folder / "cfg.json").read_text())
-  (folder / "cfg.json").write_text(json.dumps({**cfg, "apply_b_dec_to_input": False}))
-  sae = sae_lens.SAE.load_from_disk(folder, dtype="float64")
-  ours, _ = dictionary.read(folder)
+  sae, ours = saelens_and_ours(tmp_path, params, None, apply_b_dec_to_input=False)
 
   x = np.random.default_rng(8).normal(size=(40, D))
   with torch.no_grad():
