@@ -9,12 +9,25 @@ Each latent's top `--num_images` images are shown with the regions where it is i
 never asked again (see interpret/jobs.py for the files written to --out). With --text_contexts,
 latents whose scan modality profile is text-dominant (text share >= image share) also get their top
 text contexts in the prompt (firing token in [[brackets]], decoded with --tokenizer, default the
-store's model), and text-only latents, which have no top image, are explained from them alone. Exit status: 0 when every
-selected latent is finished, 2 when some failed (rerun to retry them), 1 on bad input.
+store's model), and text-only latents, which have no top image, are explained from them alone.
+
+At scale:
+  --explainer=openai:URL1,openai:URL2,...   one model on several servers; each request goes to the
+      one with the fewest in flight; a server that dies is left out and the others go on.
+  --batch_file=IN.jsonl --batch_output=OUT.jsonl --explainer_model=M   no server: write the
+      requests of the unfinished latents to IN (OpenAI Batch API / `vllm run-batch` input); after
+      the batch ran, the same command reads OUT into explanations.jsonl and writes IN again with
+      what is left (failed lines name their latent and error).
+  --num_workers=N --worker_index=I (or a SLURM array)   each job explains every N-th selected
+      latent into OUT/parts/; the last to finish merges them into OUT/explanations.jsonl.
+
+Exit status: 0 when every selected latent is finished (with workers: this worker's), 2 when some
+failed or wait in a batch file (rerun to retry them), 1 on bad input.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -23,7 +36,8 @@ from pathlib import Path
 
 from absl import flags
 
-from interpret import explainers, jobs, prompts, sources, textctx
+from harvest import workers
+from interpret import batchfile, explainers, jobs, prompts, sources, textctx
 from interpret import topacts as topacts_lib
 from sae_jax import cli
 from sae_jax.store import StoreError, atomic_write_json
@@ -37,10 +51,23 @@ _IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Folder that relative imag
                                   "image table are relative to (default: tried from here, the "
                                   "store and TOPACTS).")
 _EXPLAINER = flags.DEFINE_string("explainer", None, "openai:http://HOST:PORT/v1 (vLLM, SGLang or "
-                                 "any OpenAI-compatible server) or hf:PATH (a local transformers "
-                                 "image-text model).", required=True)
+                                 "any OpenAI-compatible server), several such separated by commas "
+                                 "(one model on several servers), or hf:PATH (a local "
+                                 "transformers image-text model). Not with --batch_file.")
 _EXPLAINER_MODEL = flags.DEFINE_string("explainer_model", None, "Model name sent to the OpenAI "
-                                       "server (default: the first model it lists).")
+                                       "server (default: the first model it lists; required with "
+                                       "--batch_file).")
+_BATCH_FILE = flags.DEFINE_string(
+    "batch_file", None, "Instead of asking a server, write every unfinished latent's request to "
+    "this OpenAI batch input file (the Batch API's and `vllm run-batch`'s format).")
+_BATCH_OUTPUT = flags.DEFINE_string(
+    "batch_output", None, "With --batch_file: first read this batch output file, if it exists, "
+    "into explanations.jsonl (then --batch_file holds only the latents still unfinished).")
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers", 0, "Jobs sharing the latents (each with its --worker_index and the same "
+    "--out); default: from SLURM_ARRAY_TASK_ID/COUNT, RANK/WORLD_SIZE or SLURM_PROCID/NTASKS, "
+    "else 1.", lower_bound=0)
+_WORKER_INDEX = flags.DEFINE_integer("worker_index", -1, "This job's index among --num_workers.")
 _API_KEY_ENV = flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "Environment variable holding "
                                    "the API key (unset: no Authorization header).")
 _OUT = flags.DEFINE_string("out", None, "Output folder: explanations.jsonl, cache/, flags.json.",
@@ -85,11 +112,62 @@ topacts_lib.define_selection_flags(flags)
 _OURS = sorted(set(flags.FLAGS) - _BEFORE)
 
 
+def _worker_path(path: str, index: int, count: int) -> Path:
+  """Each worker's own batch file: NAME.worker<i>-of-<n>.jsonl for NAME.jsonl."""
+  path = Path(path)
+  if count == 1:
+    return path
+  return path.with_name(f"{path.stem}.worker{index}-of-{count}{path.suffix}")
+
+
+def _batch_job(topacts, table, latents, template, settings, results, index, count) -> dict:
+  """Reads the batch output back, then writes the input file of the latents still unfinished."""
+  model = _EXPLAINER_MODEL.value
+  log = jobs.ResultsLog(results)
+  summary = {"latents": len(latents)}
+  if _BATCH_OUTPUT.value and (output := _worker_path(_BATCH_OUTPUT.value, index, count)).exists():
+
+    def start(latent):
+      record = jobs.new_record(latent, topacts, settings, model)
+      return record, template.render([], num_images=len(record["images"])).answer_prefix
+
+    summary["read"] = dict(sorted(batchfile.read_output(output, latents, log, start).items()))
+  done = log.finished()
+  todo = [i for i in latents if i not in done]
+
+  def request(latent):
+    prompt, _ = jobs.latent_prompt(latent, topacts, table, template, settings, model)
+    return explainers.chat_body(prompt, model, max_tokens=_MAX_TOKENS.value,
+                                temperature=_TEMPERATURE.value, multi_images=_MULTI_IMAGES.value)
+
+  batch_file = _worker_path(_BATCH_FILE.value, index, count)
+  left_out = batchfile.write_input(batch_file, todo, request, settings.concurrency)
+  for latent, error in left_out:
+    log.append({**jobs.new_record(latent, topacts, settings, model), "status": prompts.FAILED,
+                "error": error})
+  log.close()
+  statuses = collections.Counter(log.records[i]["status"] for i in latents if i in log.records)
+  summary.update(already_finished=len(latents) - len(todo), batch_file=str(batch_file),
+                 requests_written=len(todo) - len(left_out),
+                 by_status=dict(sorted(statuses.items())))
+  return summary
+
+
 def main():
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
+  if bool(_EXPLAINER.value) == bool(_BATCH_FILE.value):
+    raise explainers.ExplainerError("pass either --explainer (ask servers now) or --batch_file "
+                                    "(write a batch input file)")
+  if _BATCH_FILE.value and not _EXPLAINER_MODEL.value:
+    raise explainers.ExplainerError("--batch_file needs --explainer_model (the model each "
+                                    "request names)")
+  if _BATCH_OUTPUT.value and not _BATCH_FILE.value:
+    raise explainers.ExplainerError("--batch_output goes with --batch_file")
+  index, count = workers.resolve(_NUM_WORKERS.value, _WORKER_INDEX.value, os.environ)
   # Resolved flags, for the record. The key itself is never a flag: only the variable's name is here.
-  atomic_write_json(out / "flags.json", {name: flags.FLAGS[name].value for name in _OURS})
+  atomic_write_json(out / ("flags.json" if count == 1 else f"flags.worker{index}-of-{count}.json"),
+                    {name: flags.FLAGS[name].value for name in _OURS})
   topacts = topacts_lib.TopActs(_TOPACTS.value)
   with_text = _TEXT_CONTEXTS.value and topacts.has_text()
   latents, skipped = topacts_lib.selection_from_flags(topacts, flags.FLAGS, with_text=with_text)
@@ -97,10 +175,6 @@ def main():
   template = prompts.load_template(_PROMPT_TEMPLATE.value)
   if _ANSWER_PREFIX.value is not None:
     template = dataclasses.replace(template, assistant=_ANSWER_PREFIX.value)
-  explainer = explainers.make_explainer(
-      _EXPLAINER.value, _EXPLAINER_MODEL.value, os.environ.get(_API_KEY_ENV.value),
-      timeout_s=_TIMEOUT_S.value, max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
-      multi_images=_MULTI_IMAGES.value, device=_HF_DEVICE.value, dtype=_HF_DTYPE.value)
   settings = jobs.JobSettings(concurrency=_CONCURRENCY.value, max_retries=_MAX_RETRIES.value,
                               backoff_s=_BACKOFF_S.value, num_images=_NUM_IMAGES.value,
                               image_size=_IMAGE_SIZE.value, grid=_GRID.value,
@@ -108,18 +182,35 @@ def main():
                                   topacts, textctx.load_tokenizer(textctx.tokenizer_path(
                                       topacts, _TOKENIZER.value)), _TEXT_WINDOW.value,
                                   _NUM_TEXTS.value) if with_text else None)
-  summary = jobs.run(topacts, table, latents, template, explainer, out, settings)
-  # Failed latents (retries exhausted, unreadable images) are retried by the next run: say so in
-  # the exit status, so that scripts notice.
-  failed = summary["by_status"].get(prompts.FAILED, 0)
+  mine, results = jobs.worker_latents(latents, index, count), jobs.worker_results(out, index, count)
+  if _BATCH_FILE.value:
+    model = _EXPLAINER_MODEL.value
+    summary = _batch_job(topacts, table, mine, template, settings, results, index, count)
+    unfinished = len(mine) - sum(summary["by_status"].get(s, 0) for s in jobs.FINISHED)
+  else:
+    explainer = explainers.make_explainer(
+        _EXPLAINER.value, _EXPLAINER_MODEL.value, os.environ.get(_API_KEY_ENV.value),
+        timeout_s=_TIMEOUT_S.value, max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
+        multi_images=_MULTI_IMAGES.value, device=_HF_DEVICE.value, dtype=_HF_DTYPE.value)
+    model = explainer.name
+    summary = jobs.run(topacts, table, mine, template, explainer, out, settings, results)
+    # Failed latents (retries exhausted, unreadable images) are retried by the next run.
+    unfinished = summary["by_status"].get(prompts.FAILED, 0)
+    if isinstance(explainer, explainers.EndpointPool):
+      summary["answered_by"] = explainer.answered
+  if count > 1:
+    summary.update(worker_index=index, num_workers=count)
+    # Whichever worker finishes last writes out/explanations.jsonl (rerun any one to retry).
+    summary["merge_waits_for"] = jobs.merge_workers(out, latents, count)
   if _TEXT_CONTEXTS.value and not with_text:
     summary["text_contexts"] = ("not used: the scan recorded no text rows (an older scan, or a "
                                 "store without text tokens)")
-  print(json.dumps({"ok": not failed, "model": explainer.name, "skipped_no_images": skipped,
+  print(json.dumps({"ok": not unfinished, "model": model, "skipped_no_images": skipped,
                     **summary, "out": str(out)}))
-  sys.exit(2 if failed else 0)
+  # An unfinished job says so in its exit status, so that scripts notice.
+  sys.exit(2 if unfinished else 0)
 
 
 if __name__ == "__main__":
   cli.run(main, (topacts_lib.TopActsError, StoreError, prompts.TemplateError, jobs.ResultsError,
-                 explainers.ExplainerError, textctx.TextContextError))
+                 explainers.ExplainerError, textctx.TextContextError, workers.WorkerError))

@@ -3,6 +3,8 @@
 * `OpenAIExplainer`: any OpenAI-compatible chat-completions server (vLLM, SGLang, hosted APIs),
   images as base64 PNG data URLs. Thread-safe (one urllib request per call), so a job keeps many
   requests in flight and the server's continuous batching fills the accelerator.
+* `EndpointPool`: several such servers serving one model, balanced by outstanding requests; one
+  that dies is left out and the job goes on with the others.
 * `HFExplainer`: a local transformers image-text model (LLaVA-OneVision, LLaVA-NeXT, Qwen2-VL, ...)
   through AutoProcessor, its chat template and AutoModelForImageTextToText. Calls are serialised.
 
@@ -18,6 +20,7 @@ import http.client
 import io
 import json
 import socket
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -114,32 +117,44 @@ class OpenAIExplainer:
                            "--explainer_model", fatal=True)
     return models[0]["id"]
 
-  def messages(self, prompt: Prompt) -> list[dict]:
-    image_parts = []
-    for png in prompt.images:
-      part = {"type": "image_url", "image_url": {"url": _data_url(png)}}
-      if self.multi_images:  # SGLang: one base-resolution view per image (729 tokens on OneVision)
-        part["modalities"] = "multi-images"
-      image_parts.append(part)
-    messages = [{"role": "system", "content": prompt.system},
-                {"role": "user", "content": [{"type": "text", "text": prompt.user}, *image_parts]}]
-    if prompt.answer_prefix:
-      messages.append({"role": "assistant", "content": prompt.answer_prefix})
-    return messages
+  def body(self, prompt: Prompt) -> dict:
+    return chat_body(prompt, self.name, max_tokens=self.max_tokens, temperature=self.temperature,
+                     multi_images=self.multi_images)
 
   def complete(self, prompt: Prompt) -> str:
-    body = {"model": self.name, "messages": self.messages(prompt), "max_tokens": self.max_tokens,
-            "temperature": self.temperature}
-    if prompt.answer_prefix:
-      # vLLM's and SGLang's way to continue a partial assistant message.
-      body.update(continue_final_message=True, add_generation_prompt=False)
-    reply = self._request("/chat/completions", body)
-    try:
-      content = reply["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-      raise TransientError(f"{self.base_url}/chat/completions: no choices[0].message.content in "
-                           f"{json.dumps(reply)[:200]}") from None
-    return prompt.answer_prefix + (content or "")
+    return reply_text(self._request("/chat/completions", self.body(prompt)), prompt.answer_prefix,
+                      f"{self.base_url}/chat/completions")
+
+
+def chat_body(prompt: Prompt, model: str, *, max_tokens: int, temperature: float,
+              multi_images: bool) -> dict:
+  """The chat-completions request body of `prompt`: sent to a server, or written to a batch file."""
+  image_parts = []
+  for png in prompt.images:
+    part = {"type": "image_url", "image_url": {"url": _data_url(png)}}
+    if multi_images:  # SGLang: one base-resolution view per image (729 tokens on OneVision)
+      part["modalities"] = "multi-images"
+    image_parts.append(part)
+  messages = [{"role": "system", "content": prompt.system},
+              {"role": "user", "content": [{"type": "text", "text": prompt.user}, *image_parts]}]
+  body = {"model": model, "messages": messages, "max_tokens": max_tokens,
+          "temperature": temperature}
+  if prompt.answer_prefix:
+    messages.append({"role": "assistant", "content": prompt.answer_prefix})
+    # vLLM's and SGLang's way to continue a partial assistant message.
+    body.update(continue_final_message=True, add_generation_prompt=False)
+  return body
+
+
+def reply_text(reply, answer_prefix: str, where: str) -> str:
+  """The answer in a chat completion (a server's reply, or a batch output line's body), after the
+  prompt's `answer_prefix`."""
+  try:
+    content = reply["choices"][0]["message"]["content"]
+  except (KeyError, IndexError, TypeError):
+    raise TransientError(f"{where}: no choices[0].message.content in "
+                         f"{json.dumps(reply)[:200]}") from None
+  return answer_prefix + (content or "")
 
 
 class HFExplainer:
@@ -187,10 +202,97 @@ class HFExplainer:
                                                               skip_special_tokens=True)[0]
 
 
+class EndpointPool:
+  """Several OpenAI-compatible servers serving one model, as one explainer.
+
+  Each request goes to the live server with the fewest requests outstanding. A server that does
+  not answer at all (connection refused, timeout) passes the request straight on to another; after
+  `max_unreachable` such failures in a row it takes no more requests, and the job goes on with the
+  rest. Only when every server is down does the job stop.
+  """
+
+  def __init__(self, endpoints: list[OpenAIExplainer], max_unreachable: int = 3):
+    names = {e.name for e in endpoints}
+    if len(names) > 1:
+      raise ExplainerError("--explainer: the servers serve different models ("
+                           + ", ".join(f"{e.base_url}: {e.name}" for e in endpoints)
+                           + "); pass --explainer_model", fatal=True)
+    self.endpoints, self.max_unreachable = endpoints, max_unreachable
+    self.name = endpoints[0].name
+    self.outstanding = {e.base_url: 0 for e in endpoints}
+    self.unreachable = {e.base_url: 0 for e in endpoints}  # failures in a row
+    self.answered = {e.base_url: 0 for e in endpoints}
+    self._lock = threading.Lock()
+
+  def __repr__(self) -> str:
+    return f"EndpointPool({[e.base_url for e in self.endpoints]!r}, model={self.name!r})"
+
+  @property
+  def identity(self) -> dict:
+    return self.endpoints[0].identity  # the same model and settings on every server
+
+  def _live(self) -> list[OpenAIExplainer]:
+    return [e for e in self.endpoints if self.unreachable[e.base_url] < self.max_unreachable]
+
+  def _pick(self, tried: set[str]) -> OpenAIExplainer | None:
+    with self._lock:
+      live = self._live()
+      if not live:
+        raise ExplainerError("--explainer: every server is unreachable ("
+                             + ", ".join(e.base_url for e in self.endpoints) + ")", fatal=True)
+      candidates = [e for e in live if e.base_url not in tried]
+      if not candidates:
+        return None
+      chosen = min(candidates, key=lambda e: self.outstanding[e.base_url])
+      self.outstanding[chosen.base_url] += 1
+      return chosen
+
+  def complete(self, prompt: Prompt) -> str:
+    tried, last_error = set(), None
+    while (endpoint := self._pick(tried)) is not None:
+      url = endpoint.base_url
+      tried.add(url)
+      try:
+        answer = endpoint.complete(prompt)
+      except Unreachable as e:
+        last_error = e
+        with self._lock:
+          self.unreachable[url] += 1
+        continue
+      finally:
+        with self._lock:
+          self.outstanding[url] -= 1
+      with self._lock:
+        self.unreachable[url] = 0
+        self.answered[url] += 1
+      return answer
+    raise last_error  # every live server failed this request: retried with backoff
+
+
 def make_explainer(spec: str, model: str | None, api_key: str | None, *, timeout_s: float,
                    max_tokens: int, temperature: float, multi_images: bool, device: str,
                    dtype: str):
-  """`openai:URL` or `hf:PATH` (the --explainer flag) to a client."""
+  """`openai:URL`, `openai:URL1,openai:URL2,...` or `hf:PATH` (the --explainer flag) to a client.
+
+  Of several servers, one unreachable at the start is left out (with a warning on stderr).
+  """
+  specs = spec.split(",")
+  if len(specs) > 1:
+    if not all(s.startswith("openai:") and len(s) > len("openai:") for s in specs):
+      raise ExplainerError(f"--explainer={spec!r}: several explainers must all be "
+                           "openai:http://host:port/v1", fatal=True)
+    endpoints = []
+    for one in specs:
+      try:
+        endpoints.append(OpenAIExplainer(one[len("openai:"):], model, api_key, timeout_s=timeout_s,
+                                         max_tokens=max_tokens, temperature=temperature,
+                                         multi_images=multi_images))
+      except ExplainerError as e:
+        print(f"warning: leaving out {one}: {e}", file=sys.stderr)
+    if not endpoints:
+      raise ExplainerError(f"--explainer={spec!r}: no server is reachable", fatal=True)
+    return EndpointPool(endpoints)
+
   kind, sep, target = spec.partition(":")
   if kind == "openai" and sep and target:
     return OpenAIExplainer(target, model, api_key, timeout_s=timeout_s, max_tokens=max_tokens,

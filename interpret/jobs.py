@@ -230,43 +230,65 @@ def run_bounded(todo: list[int], work, log: ResultsLog, concurrency: int,
   return statuses
 
 
-def _explain_one(latent_index, topacts, table, template, explainer, cache, settings, counters):
+def new_record(latent_index, topacts, settings, model: str) -> dict:
+  """The start of a latent's explanations.jsonl record."""
+  ids = topacts.latent(latent_index).image_ids[:settings.num_images]
+  return {"latent": latent_index, "model": model, "images": [int(i) for i in ids],
+          "explanation": None, "raw": None, "attempts": 0, "cached": False, "error": None}
+
+
+def latent_prompt(latent_index, topacts, table, template, settings, model: str
+                  ) -> tuple[prompts.Prompt, dict]:
+  """The prompt about one latent, and the start of its record; BadImage when one of its images
+  cannot be read."""
   latent = topacts.latent(latent_index)
   ids, maps = latent.image_ids[:settings.num_images], latent.maps[:settings.num_images]
-  record = {"latent": latent_index, "model": explainer.name, "images": [int(i) for i in ids],
-            "explanation": None, "raw": None, "attempts": 0, "cached": False, "error": None}
-  try:
-    masked = [visual.dim_mask(table.load(int(i)), m, topacts.grid, settings.image_size)
-              for i, m in zip(ids, maps)]
-    shown = [visual.image_grid(masked)] if settings.grid else masked
-    texts = settings.text_contexts(latent_index) if settings.text_contexts else None
-    if texts:
-      record["text_contexts"] = texts
-    prompt = template.render([visual.png_bytes(image) for image in shown], num_images=len(masked),
-                             text_contexts=texts)
-    key = ResponseCache.key(explainer.identity, prompt)
-    raw = cache.get(key)
-    if raw is None:
-      raw, record["attempts"] = with_retries(lambda: explainer.complete(prompt), settings, counters)
-      cache.put(key, raw)
-    else:
-      record["cached"] = True
-      counters.add("cache_hits")
-  except (ExplainerError, BadImage) as e:
-    if isinstance(e, ExplainerError) and e.fatal:
-      raise  # no request can succeed (unreachable server, wrong key): stop the job
-    record.update(status=prompts.FAILED, error=str(e))
-    return record
+  record = new_record(latent_index, topacts, settings, model)
+  masked = [visual.dim_mask(table.load(int(i)), m, topacts.grid, settings.image_size)
+            for i, m in zip(ids, maps)]
+  shown = [visual.image_grid(masked)] if settings.grid else masked
+  texts = settings.text_contexts(latent_index) if settings.text_contexts else None
+  if texts:
+    record["text_contexts"] = texts
+  prompt = template.render([visual.png_bytes(image) for image in shown], num_images=len(masked),
+                           text_contexts=texts)
+  return prompt, record
+
+
+def answered_record(record: dict, raw: str) -> dict:
   status, explanation = prompts.parse_explanation(raw)
-  record.update(status=status, explanation=explanation, raw=raw)
-  return record
+  return {**record, "status": status, "explanation": explanation, "raw": raw}
+
+
+def _explain_one(latent_index, topacts, table, template, explainer, cache, settings, counters):
+  try:
+    prompt, record = latent_prompt(latent_index, topacts, table, template, settings,
+                                   explainer.name)
+  except BadImage as e:
+    return {**new_record(latent_index, topacts, settings, explainer.name),
+            "status": prompts.FAILED, "error": str(e)}
+  key = ResponseCache.key(explainer.identity, prompt)
+  raw = cache.get(key)
+  if raw is not None:
+    counters.add("cache_hits")
+    return answered_record({**record, "cached": True}, raw)
+  try:
+    raw, record["attempts"] = with_retries(lambda: explainer.complete(prompt), settings, counters)
+  except ExplainerError as e:
+    if e.fatal:
+      raise  # no request can succeed (unreachable server, wrong key): stop the job
+    return {**record, "status": prompts.FAILED, "error": str(e)}
+  cache.put(key, raw)
+  return answered_record(record, raw)
 
 
 def run(topacts, table, latents: list[int], template, explainer, out: Path,
-        settings: JobSettings) -> dict:
-  """Explains `latents` not finished in out/explanations.jsonl; returns the counts of this run."""
+        settings: JobSettings, results: Path | None = None) -> dict:
+  """Explains `latents` not finished in `results` (default out/explanations.jsonl); returns the
+  counts of this run."""
   out.mkdir(parents=True, exist_ok=True)
-  log, cache, counters = ResultsLog(out / "explanations.jsonl"), ResponseCache(out / "cache"), Counters()
+  log = ResultsLog(results or out / "explanations.jsonl")
+  cache, counters = ResponseCache(out / "cache"), Counters()
   done = log.finished()
   todo = [i for i in latents if i not in done]
   start = time.perf_counter()
@@ -279,3 +301,36 @@ def run(topacts, table, latents: list[int], template, explainer, out: Path,
           "requests": counters.values["requests"], "retries": counters.values["retries"],
           "cache_hits": counters.values["cache_hits"], "seconds": round(seconds, 3),
           "latents_per_s": round(len(todo) / seconds, 3) if seconds > 0 else None}
+
+
+def worker_results(out: Path, index: int, count: int) -> Path:
+  """The explanations.jsonl of one worker of `count` (the whole job's with one worker)."""
+  if count == 1:
+    return out / "explanations.jsonl"
+  return out / "parts" / f"explanations.worker{index}-of-{count}.jsonl"
+
+
+def worker_latents(latents: list[int], index: int, count: int) -> list[int]:
+  """Worker `index`'s share: every count-th latent, so that dense and sparse latents (the
+  selection's order) spread evenly."""
+  return latents[index::count]
+
+
+def merge_workers(out: Path, latents: list[int], count: int) -> str | None:
+  """Writes out/explanations.jsonl, in latent order, from the parts of `count` workers once every
+  latent of `latents` is finished there; returns None then, else what it waits for."""
+  merged = {}
+  for index in range(count):
+    path = worker_results(out, index, count)
+    try:
+      records = read_explanations(path) if path.exists() else {}
+    except ResultsError as e:  # e.g. a line that worker is writing right now
+      return f"worker {index}: {e}"
+    for latent in worker_latents(latents, index, count):
+      record = records.get(latent)
+      if record is None or record["status"] not in FINISHED:
+        return f"worker {index}: latent {latent} is not finished"
+      merged[latent] = record
+  atomic_write_bytes(out / "explanations.jsonl", b"".join(
+      (json.dumps(merged[i], sort_keys=True) + "\n").encode() for i in sorted(merged)))
+  return None
