@@ -123,6 +123,7 @@ def _worker_path(path: str, index: int, count: int) -> Path:
 def _batch_job(topacts, table, latents, template, settings, results, index, count) -> dict:
   """Reads the batch output back, then writes the input file of the latents still unfinished."""
   model = _EXPLAINER_MODEL.value
+  results.parent.mkdir(parents=True, exist_ok=True)
   log = jobs.ResultsLog(results)
   summary = {"latents": len(latents)}
   if _BATCH_OUTPUT.value and (output := _worker_path(_BATCH_OUTPUT.value, index, count)).exists():

@@ -286,8 +286,9 @@ def run(topacts, table, latents: list[int], template, explainer, out: Path,
         settings: JobSettings, results: Path | None = None) -> dict:
   """Explains `latents` not finished in `results` (default out/explanations.jsonl); returns the
   counts of this run."""
-  out.mkdir(parents=True, exist_ok=True)
-  log = ResultsLog(results or out / "explanations.jsonl")
+  results = results or out / "explanations.jsonl"
+  results.parent.mkdir(parents=True, exist_ok=True)
+  log = ResultsLog(results)
   cache, counters = ResponseCache(out / "cache"), Counters()
   done = log.finished()
   todo = [i for i in latents if i not in done]

@@ -70,6 +70,7 @@ class FakeOpenAIServer:
     ("status", code)           an HTTP error with that code
     ("sleep", seconds, text)   sleeps, then replies (a client with a shorter timeout gives up)
     ("garbage",)               200 with a body that is not JSON
+    ("die",)                   drops the connection and stops serving: later requests are refused
   """
 
   def __init__(self, script=lambda latent, attempt: reply(explanation(latent))):
@@ -112,6 +113,10 @@ class FakeOpenAIServer:
         if action[0] == "status":
           self._send(action[1], json.dumps({"error": "injected"}).encode())
           return
+        if action[0] == "die":
+          self.close_connection = True
+          threading.Thread(target=server.die).start()  # shutdown() waits for serve_forever
+          return
         if action[0] == "garbage":
           self._send(200, b"<html>not json")
           return
@@ -134,6 +139,10 @@ class FakeOpenAIServer:
     url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
     image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
     return round(image.getpixel((0, 0))[0] / RED_STEP)
+
+  def die(self):
+    self._server.shutdown()
+    self._server.server_close()
 
   def __enter__(self):
     self._thread.start()
