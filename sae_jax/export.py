@@ -10,6 +10,11 @@ training is folded into the weights, so the export acts on raw activations. A Ba
 as a JumpReLU with its learned threshold on every latent (SAELens layout only: sparsify has no
 threshold); a Matryoshka TopK run is a plain TopK at inference. One format per folder: writing one
 layout over the other is refused (a reader could not tell which weights are meant).
+
+The SAELens layout is ready to publish: EXPORT/pretrained_saes.yaml is the folder's entry for
+SAELens's registry (--release, --hf_repo) and EXPORT/README.md its Hugging Face model card, both
+listing every dictionary exported into EXPORT (sae_jax/model_card.py); --evals adds evaluation
+results (e.g. eval.sae_quality --out) to this dictionary's sidecar and card.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 from absl import flags
 import numpy as np
 
-from sae_jax import checkpoint, cli, dictionary, logs
+from sae_jax import checkpoint, cli, dictionary, logs, model_card
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Export folder (EXPORT/<hookpoint>/ is written).",
@@ -31,6 +36,23 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(dictionary.DTYPES), "Tenso
 _HOOKPOINT = flags.DEFINE_string(
     "hookpoint", None, "Folder name of the dictionary (default: the store's hookpoint, e.g. "
     "model.language_model.layers.24; the paper's code expects model.layers.24).")
+
+_RELEASE = flags.DEFINE_string("release", None, "SAELens release name of the folder (saelens "
+                               "format; default: llava-sae-<name of --out>).")
+_HF_REPO = flags.DEFINE_string("hf_repo", None, "Hugging Face repo the folder is uploaded to, for "
+                               "the registry entry (default: a placeholder HF_USER/<release>).")
+_EVALS = flags.DEFINE_list("evals", [], "JSON files of evaluation results of this dictionary "
+                           "(e.g. eval.sae_quality --out), recorded in its sidecar and card.")
+
+
+def read_evals(paths: list[str]) -> dict:
+  evals = {}
+  for path in map(Path, paths):
+    try:
+      evals[path.stem] = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise dictionary.DictionaryError(f"--evals: cannot read {path}: {e}") from None
+  return evals
 
 
 def last_metrics(workdir: Path) -> dict:
@@ -50,12 +72,17 @@ def main():
       run, step)
   jumprelu = dictionary.THRESHOLD in params
   hookpoint = _HOOKPOINT.value or run["source"]["hookpoint"]
+  evals = read_evals(_EVALS.value)
   folder = dictionary.write(
       _OUT.value, hookpoint, params, k=None if jumprelu else run["sae"]["k"], layout=_FORMAT.value,
       dtype=_DTYPE.value, multi_topk=run["sae"]["multi_topk"],
       sidecar={"format": "sae_jax-export", "version": 1, "layout": _FORMAT.value, "step": step,
                "workdir": str(workdir.absolute()), "input_scale_folded": run["input_scale"],
-               "sae": run["sae"], "source": run["source"], "metrics": last_metrics(workdir)})
+               "sae": run["sae"], "source": run["source"], "metrics": last_metrics(workdir),
+               "training_flags": checkpoint.read_flags(workdir), "evals": evals})
+  if _FORMAT.value == "saelens":
+    release = _RELEASE.value or f"llava-sae-{Path(_OUT.value).absolute().name}"
+    model_card.write(_OUT.value, release, _HF_REPO.value or f"HF_USER/{release}")
   print(json.dumps({"export": str(folder), "layout": _FORMAT.value, "step": step,
                     "num_latents": int(params["W_enc"].shape[0]), "d_in": int(params["W_enc"].shape[1]),
                     "architecture": "jumprelu" if jumprelu else "topk", "k": run["sae"]["k"],

@@ -126,3 +126,67 @@ def test_a_gemma_scope_style_jumprelu_reads_as_saelens_computes_it(tmp_path):
   np.testing.assert_array_equal(ours_z > 0, z > 0)
   np.testing.assert_allclose(ours_z, z, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ours_x_hat, x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_saelens_loads_the_export_through_its_registry_entry(tmp_path, monkeypatch):
+  """sae_jax.export --format=saelens writes the folder's pretrained_saes.yaml entry and model card;
+  SAELens's own registry reader takes the entry and SAE.from_pretrained loads the folder through
+  it, from a Hugging Face cache holding the folder as the entry's repo (no network)."""
+  import shutil
+  import subprocess
+  import sys
+
+  import huggingface_hub.constants as hf_constants
+  from sae_lens.loading import pretrained_saes_directory as registry
+
+  import synthetic
+  import training
+
+  store = synthetic.write_sparse_store(tmp_path / "store", num_shards=2)
+  training.train(store, tmp_path / "run", "--steps=5")
+  quality = tmp_path / "sae_quality.json"
+  quality.write_text(json.dumps({"num_tokens": 4096, "fvu": 0.1234, "loss_recovered": 0.9}))
+  export = tmp_path / "export"
+  result = subprocess.run(
+      [sys.executable, "-m", "sae_jax.export", f"--workdir={tmp_path / 'run'}", f"--out={export}",
+       "--format=saelens", "--release=tiny-release", "--hf_repo=someone/tiny-saes",
+       f"--evals={quality}"], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  [folder] = [p for p in export.iterdir() if p.is_dir()]
+  metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  final = metrics[-1]
+
+  # Hugging Face's cache layout of repo someone/tiny-saes at one commit, offline.
+  commit = "0" * 40
+  repo = tmp_path / "hub" / "models--someone--tiny-saes"
+  shutil.copytree(export, repo / "snapshots" / commit)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text(commit)
+  monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+  monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+  # SAELens's registry, as if our entry were in its sae_lens/pretrained_saes.yaml.
+  monkeypatch.setattr(registry, "files", lambda package: export)
+  registry.get_pretrained_saes_directory.cache_clear()
+  try:
+    entry = registry.get_pretrained_saes_directory()["tiny-release"]
+    sae = sae_lens.SAE.from_pretrained("tiny-release", folder.name)
+  finally:
+    registry.get_pretrained_saes_directory.cache_clear()
+
+  assert entry.repo_id == "someone/tiny-saes" and entry.saes_map == {folder.name: folder.name}
+  assert entry.model == json.loads((folder / "sae_jax.json").read_text())["source"]["model"]
+  assert entry.expected_l0[folder.name] == pytest.approx(final["l0"])
+  assert entry.expected_var_explained[folder.name] == pytest.approx(1 - final["fvu"])
+  from_disk = sae_lens.SAE.load_from_disk(folder)
+  for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+    torch.testing.assert_close(getattr(sae, name), getattr(from_disk, name), rtol=0, atol=0)
+  assert sae.cfg.k == 4
+
+  card = (export / "README.md").read_text()
+  assert card.startswith("---\nlibrary_name: saelens\n")
+  row = next(line for line in card.splitlines() if line.startswith(f"| {folder.name} |"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells[2:4] == ["64", "4"]
+  assert [float(c) for c in cells[6:9]] == pytest.approx(
+      [final["fvu"], final["l0"], final["dead_fraction"]], rel=1e-3)
+  assert '"loss_recovered": 0.9' in card and '"num_latents": 64' in card
