@@ -112,9 +112,11 @@ def evaluate(model_name, model_args, task_dir, batch_size):
   from lmms_eval.tasks import TaskManager
   from eval.lmms_manifest import MANIFEST
   MODEL_REGISTRY_V2.register_manifest(MANIFEST, overwrite=True)  # what the entry point does
+  # Only our task indexed (lmms-eval's thousands of configs take seconds); no bootstrap errors.
+  tasks = TaskManager(include_path=str(task_dir), include_defaults=False)
   out = simple_evaluate(model=model_name, model_args=model_args, tasks=[TASK],
-                        batch_size=batch_size, device="cpu",
-                        task_manager=TaskManager(include_path=str(task_dir)), log_samples=True)
+                        batch_size=batch_size, device="cpu", task_manager=tasks, log_samples=True,
+                        bootstrap_iters=0)
   samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
   answers = [s["resps"][0][0] for s in samples]
   answers = [a.text if hasattr(a, "text") else a for a in answers]
