@@ -58,7 +58,7 @@ def registry_entry(release: str, repo_id: str, sidecars: dict[str, dict]) -> str
     if numbers["l0"] is not None:
       lines.append(f"    l0: {float(numbers['l0'])!r}")
     if numbers["fvu"] is not None:
-      lines.append(f"    variance_explained: {1.0 - float(numbers['fvu'])!r}")
+      lines.append(f"    variance_explained: {round(1.0 - float(numbers['fvu']), 6)!r}")
   return "\n".join(lines) + "\n"
 
 
@@ -79,19 +79,19 @@ def card(release: str, repo_id: str, sidecars: dict[str, dict]) -> str:
          "| id | architecture | latents | k | layer | hookpoint | FVU | L0 | dead fraction "
          "| step |", "|---|---|---|---|---|---|---|---|---|---|"]
   for folder, sidecar in sidecars.items():
-    sae, source, numbers = sidecar.get("sae") or {}, sidecar.get("source") or {}, \
-        summary_numbers(sidecar)
-    out.append(f"| {folder} | {sae.get('architecture', 'topk')} | {sae.get('num_latents')} "
-               f"| {sae.get('k')} | {source.get('layer')} | {source.get('hookpoint')} "
-               + "".join(f"| {_number(numbers[n])} " for n in ("fvu", "l0", "dead_fraction", "step"))
-               + "|")
+    sae, source = sidecar.get("sae") or {}, sidecar.get("source") or {}
+    numbers = summary_numbers(sidecar)
+    cells = [folder, sae.get("architecture", "topk"), sae.get("num_latents"), sae.get("k"),
+             source.get("layer"), source.get("hookpoint"),
+             *(_number(numbers[n]) for n in ("fvu", "l0", "dead_fraction", "step"))]
+    out.append("| " + " | ".join(map(str, cells)) + " |")
   out += ["", "FVU, L0 and dead fraction are the trainer's at the exported step (BatchTopK: at its "
           "inference threshold).", ""]
   for folder, sidecar in sidecars.items():
-    out += [f"## {folder}", "",
-            f"Harvest: model {(sidecar.get('source') or {}).get('model')}, store "
-            f"{(sidecar.get('source') or {}).get('store')}, token kinds "
-            f"{(sidecar.get('source') or {}).get('token_kinds')}.", ""]
+    source = sidecar.get("source") or {}
+    out += [f"## {folder}", "", f"Harvest: model {source.get('model')}, layer "
+            f"{source.get('layer')}, hookpoint {source.get('hookpoint')}, store "
+            f"{source.get('store')}, token kinds {source.get('token_kinds')}.", ""]
     for name, numbers in (sidecar.get("evals") or {}).items():
       out += [f"Evaluation `{name}`:", "", "```json", json.dumps(numbers, indent=1), "```", ""]
     out += ["Training config:", "", "```json",

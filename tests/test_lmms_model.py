@@ -95,8 +95,8 @@ def task_dir(docs, tmp_path_factory):
                                 "question": datasets.Value("string"),
                                 "answer": datasets.Value("string"), "image": datasets.Image(),
                                 "category": datasets.Value("string")})
-  datasets.DatasetDict({"test": datasets.Dataset.from_dict(columns, features=features)}).save_to_disk(
-      root / "data")
+  split = datasets.Dataset.from_dict(columns, features=features)
+  datasets.DatasetDict({"test": split}).save_to_disk(root / "data")
   pope_yaml = Path(lmms_eval.__file__).parent / "tasks" / "pope" / "pope.yaml"
   (root / f"{TASK}.yaml").write_text(
       f"include: {pope_yaml}\ntask: {TASK}\ndataset_path: {root / 'data'}\n"
