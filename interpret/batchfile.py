@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from harvest.images import BadImage
-from interpret import explainers, jobs
+from interpret import explainers, jobs, prompts
 
 URL = "/v1/chat/completions"
 _PREFIX = "latent-"
@@ -73,7 +73,7 @@ def read_output(path: Path, wanted: list[int], log: jobs.ResultsLog, start) -> c
     if error is None:
       record = jobs.answered_record(record, raw)
     else:
-      record.update(status=jobs.prompts.FAILED, error=f"{where}: {error}")
+      record.update(status=prompts.FAILED, error=f"{where}: {error}")
     log.append(record)
     done.add(latent)
     counts[record["status"]] += 1

@@ -9,8 +9,6 @@ that both answers occur and a steering edit can change them.
 """
 
 import importlib.metadata
-import json
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import pytest
 
 lmms_eval = pytest.importorskip("lmms_eval")
 torch = pytest.importorskip("torch")
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 from PIL import Image  # noqa: E402
 
