@@ -39,13 +39,18 @@ def base_view(image: Image.Image, size: int = PROMPT_SIZE) -> Image.Image:
   return image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
 
 
+def inactive_mask(patch_map: np.ndarray, grid: tuple[int, int], size: int = PROMPT_SIZE) -> Image.Image:
+  """The paper's mask ("L", size x size): DIM where the latent is silent (activation < 1e-5), 0
+  where it fires, upsampled bilinearly, so pixels near an active patch fall below DIM too."""
+  inactive = (_grid(patch_map, grid) < ACTIVE_THRESHOLD).astype(np.uint8) * DIM
+  return Image.fromarray(inactive, "L").resize((size, size), Image.Resampling.BILINEAR)
+
+
 def dim_mask(image: Image.Image, patch_map: np.ndarray, grid: tuple[int, int],
              size: int = PROMPT_SIZE) -> Image.Image:
   """The paper's masked image: active patches as they are, the rest darkened."""
-  inactive = (_grid(patch_map, grid) <= ACTIVE_THRESHOLD).astype(np.uint8) * DIM
-  mask = Image.fromarray(inactive, "L").resize((size, size), Image.Resampling.BILINEAR)
   black = Image.new("RGB", (size, size))
-  return Image.composite(black, base_view(image, size), mask)
+  return Image.composite(black, base_view(image, size), inactive_mask(patch_map, grid, size))
 
 
 def plasma(t: np.ndarray) -> np.ndarray:
