@@ -119,17 +119,6 @@ def _finite(value: float | None) -> float | None:
   return value if value is not None and np.isfinite(value) else None
 
 
-def _paper_image_iou(grounder, image, label: str, patch_map, grid) -> tuple[list, float | None]:
-  """(boxes, IoU: None when nothing is found, NaN when both masks are empty) of one image, as the
-  paper's SegmentScorer computes it."""
-  image = paper_iou.base_image(image)
-  boxes = paper_iou.whole_pixel_boxes(grounder.boxes(image, label))
-  if not boxes:
-    return boxes, None
-  target = grounder.mask(image, boxes, multimask=True)
-  return boxes, paper_iou.pixel_iou(paper_iou.active_pixels(patch_map, grid), target)
-
-
 def score_paper(acts, records: dict[int, dict], labels: dict[int, str], latents: list[int], table,
                 grounder, store, sae) -> list[dict]:
   rows = []
@@ -146,7 +135,7 @@ def score_paper(acts, records: dict[int, dict], labels: dict[int, str], latents:
       except BadImage as e:
         row["errors"].append(str(e))
         continue
-      boxes, value = _paper_image_iou(grounder, image, labels[index], latent.maps[rank[image_id]],
+      boxes, value = paper_iou.image_iou(grounder, image, labels[index], latent.maps[rank[image_id]],
                                       acts.grid)
       values.append(value)
       row["images"].append({"id": image_id, "boxes": boxes, "iou": _finite(value)})
@@ -162,7 +151,7 @@ def score_paper(acts, records: dict[int, dict], labels: dict[int, str], latents:
   silent = np.zeros(int(np.prod(acts.grid)), np.float32)
   for trial in tqdm(drawn, unit="trial", desc="random images (paper)"):
     for row, images in zip(scored, trial):
-      values = [_paper_image_iou(grounder, table.load(int(i)), row["label"],
+      values = [paper_iou.image_iou(grounder, table.load(int(i)), row["label"],
                                  maps.get((int(i), row["latent"]), silent), acts.grid)[1]
                 for i in images]
       row["random_trials"].append(_finite(paper_iou.latent_iou(values)))

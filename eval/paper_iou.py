@@ -70,6 +70,17 @@ def random_draws(num_images: int, shown: int, trials: int, num_latents: int, see
                                  trials, num_latents, shown)
 
 
+def image_iou(grounder, image: Image.Image, label: str, patch_map: np.ndarray,
+              grid: tuple[int, int]) -> tuple[list[list[int]], float | None]:
+  """(boxes, IoU) of one image as their SegmentScorer computes it: None when no box is found (an
+  image they count 0), NaN when both masks are empty. `grounder`: eval.grounding.Grounder."""
+  image = base_image(image)
+  boxes = whole_pixel_boxes(grounder.boxes(image, label))
+  if not boxes:
+    return boxes, None
+  return boxes, pixel_iou(active_pixels(patch_map, grid), grounder.mask(image, boxes, multimask=True))
+
+
 def latent_maps(store, sae, latents: list[int], image_ids, patches: int) -> dict:
   """{(image id, latent): [patches] float32} of every listed latent that fires on a base-grid patch
   of a listed image (absent: silent everywhere there), the SAE (interpret.sae.SAE) encoding the
