@@ -18,8 +18,10 @@ of `eval.clip_score --refine=... --refine_template=paper:CLONE`, the paper's pro
 baseline: --random_draws trials of --shown random images of the whole image set per latent, scored with
 the latent's own maps there (computed from --store with --sae).
 
---method=patch is ours (eval/iou.py): the raw explanation is grounded in the image as the model sees
-it, the mask brought to the patch grid (a patch is in it when at least half of it is) and compared
+--method=patch is ours (eval/iou.py): the raw explanation is grounded in the whole image, the mask
+brought to the patch grid laid over the part of the image the model's base view covers (--base_view:
+the squashed whole for LLaVA-NeXT, the centre square for LLaVA-1.5; a patch is in the mask when at
+least half of it is) and compared
 with the map binarised at activation > --threshold; an image where no box passes has an empty mask.
 Random baseline: the same maps with their active patches placed at random, --random_draws times.
 
@@ -43,7 +45,7 @@ from eval import grounding, paper_iou, stats
 from eval import iou as iou_lib
 from harvest.images import BadImage
 from interpret.sae import SAE
-from interpret import jobs, prompts, sources
+from interpret import jobs, prompts, sources, visual
 from interpret import topacts as topacts_lib
 from sae_jax import cli
 from sae_jax.store import Store, StoreError, atomic_write_bytes, atomic_write_json
@@ -74,6 +76,10 @@ _THRESHOLD = flags.DEFINE_float("threshold", iou_lib.DEFAULT_THRESHOLD, "--metho
 _BOX_THRESHOLD = flags.DEFINE_float("box_threshold", 0.3, "GroundingDINO box score threshold (the "
                                     "paper's code: 0.3).")
 _TEXT_THRESHOLD = flags.DEFINE_float("text_threshold", 0.25, "GroundingDINO text threshold.")
+_BASE_VIEW = flags.DEFINE_enum("base_view", None, list(visual.VIEWS), "--method=patch: how the "
+                               "model's base grid sees an image: squash (LLaVA-NeXT / OneVision "
+                               "any-res base image) or center_crop (LLaVA-1.5); default: each "
+                               "image record's \"view\", else squash. (The paper squashes.)")
 _SHOWN = flags.DEFINE_integer("shown", 5, "Top images per latent when its explanation does not "
                               "list the ones shown.", lower_bound=1)
 _RANDOM_DRAWS = flags.DEFINE_integer("random_draws", 10, "Random baseline trials: random images "
@@ -103,7 +109,8 @@ def score_patch(acts, records: dict[int, dict], latents: list[int], table, groun
       boxes = grounder.boxes(image, record["explanation"])
       used.append(image_id)
       found.append(boxes)
-      masks.append(iou_lib.mask_to_grid(grounder.mask(image, boxes), acts.grid))
+      view = _BASE_VIEW.value or table.record(image_id).get("view", "squash")
+      masks.append(iou_lib.mask_to_grid(grounder.mask(image, boxes), acts.grid, view))
     row = {"latent": index, "explanation": record["explanation"], "label": None, "iou": None,
            "random_iou": None, "images": [], "errors": errors}
     if used:
@@ -214,6 +221,7 @@ def main():
     rows = score_patch(acts, records, latents, table, grounder)
   settings = {name: flags.FLAGS[name].value for name in (
       "method", "topacts", "explanations", "labels", "store", "sae", "grounding_dino", "sam",
+      "base_view",
       "threshold", "box_threshold", "text_threshold", "shown", "random_draws", "seed", "bootstrap")}
   summary = {
       "format": FORMAT_NAME, "version": FORMAT_VERSION,

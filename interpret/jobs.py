@@ -236,8 +236,8 @@ def _explain_one(latent_index, topacts, table, template, explainer, cache, setti
   record = {"latent": latent_index, "model": explainer.name, "images": [int(i) for i in ids],
             "explanation": None, "raw": None, "attempts": 0, "cached": False, "error": None}
   try:
-    masked = [visual.dim_mask(table.load(int(i)), m, topacts.grid, settings.image_size)
-              for i, m in zip(ids, maps)]
+    masked = [visual.dim_mask(table.load(int(i)), m, topacts.grid, settings.image_size,
+                              table.record(int(i)).get("view", "squash")) for i, m in zip(ids, maps)]
     shown = [visual.image_grid(masked)] if settings.grid else masked
     texts = settings.text_contexts(latent_index) if settings.text_contexts else None
     if texts:
