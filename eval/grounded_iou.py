@@ -169,18 +169,17 @@ def score_paper(acts, records: dict[int, dict], labels: dict[int, str], latents:
 
 
 def read_labels(path: Path, latents: list[int]) -> tuple[dict[int, str], dict[int, str]]:
-  """({latent: refined label}, {latent: why it has none}) from labels.jsonl of eval.refine."""
+  """({latent: refined label}, {latent: why it has none}) from labels.jsonl of eval.refine (the
+  last line of a latent wins)."""
   if not path.is_file():
     raise grounding.GroundingError(f"--labels={path}: no such file (labels.jsonl of "
                                    f"eval.clip_score --refine)")
   records = {}
-  for line_no, line in enumerate(path.read_text().splitlines(), 1):
-    try:
-      record = json.loads(line) if line.strip() else None
-    except json.JSONDecodeError as e:
-      raise grounding.GroundingError(f"--labels={path}:{line_no}: not JSON ({e})") from e
-    if record is not None:
-      records[int(record["latent"])] = record  # the last line of a latent wins
+  for line_no, record in jobs.read_jsonl(path):
+    if not isinstance(record, dict) or not isinstance(record.get("latent"), int):
+      raise grounding.GroundingError(f"--labels={path}:{line_no}: expected an object with a "
+                                     "\"latent\"")
+    records[record["latent"]] = record
   labels, missing = {}, {}
   for i in latents:
     record = records.get(i)

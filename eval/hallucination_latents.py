@@ -175,10 +175,7 @@ def _value(aurocs: np.ndarray | None, latent: int) -> float | None:
 
 def latent_rows(aurocs: dict) -> list[dict]:
   """{latent, "<error>/<place>": AUROC or None} of every latent that fired at some place."""
-  fired = np.zeros(0, bool)
-  for a in aurocs.values():
-    if a is not None:
-      fired = np.isfinite(a) if not len(fired) else fired | np.isfinite(a)
+  fired = np.any([np.isfinite(a) for a in aurocs.values() if a is not None], axis=0)
   return [{"latent": int(f), **{f"{e}/{p}": _value(a, f) for (e, p), a in aurocs.items()}}
           for f in np.flatnonzero(fired)]
 
