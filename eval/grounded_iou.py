@@ -153,8 +153,9 @@ def score_paper(acts, records: dict[int, dict], labels: dict[int, str], latents:
   population = np.asarray(sorted(int(r["id"]) for r in store.images()), np.int64)
   drawn = population[paper_iou.random_draws(len(population), _SHOWN.value, _RANDOM_DRAWS.value,
                                             len(scored), _SEED.value)]
-  maps = paper_iou.latent_maps(store, sae, [r["latent"] for r in scored], drawn.ravel(),
-                               int(np.prod(acts.grid)))
+  latent_of = np.asarray([r["latent"] for r in scored], np.int64)[None, :, None]
+  pairs = np.stack(np.broadcast_arrays(drawn, latent_of), -1)  # [trials, latents, shown, 2]
+  maps = paper_iou.latent_maps(store, sae, pairs, int(np.prod(acts.grid)))
   silent = np.zeros(int(np.prod(acts.grid)), np.float32)
   for trial in tqdm(drawn, unit="trial", desc="random images (paper)"):
     for row, images in zip(scored, trial):

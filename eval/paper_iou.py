@@ -81,25 +81,27 @@ def image_iou(grounder, image: Image.Image, label: str, patch_map: np.ndarray,
   return boxes, pixel_iou(active_pixels(patch_map, grid), grounder.mask(image, boxes, multimask=True))
 
 
-def latent_maps(store, sae, latents: list[int], image_ids, patches: int) -> dict:
-  """{(image id, latent): [patches] float32} of every listed latent that fires on a base-grid patch
-  of a listed image (absent: silent everywhere there), the SAE (interpret.sae.SAE) encoding the
-  store's rows."""
+def latent_maps(store, sae, pairs, patches: int) -> dict:
+  """{(image id, latent): [patches] float32} for the (image id, latent) `pairs` where the latent
+  fires on a base-grid patch of the image (absent: silent everywhere there), the SAE
+  (interpret.sae.SAE, on any device) encoding the store's rows of those images."""
   import torch
   from sae_jax.store import KIND_IMAGE_BASE
-  wanted = np.unique(np.asarray(image_ids, np.int64))
-  column = np.full(sae.num_latents, -1, np.int64)
-  column[np.asarray(latents, np.int64)] = np.arange(len(latents))
+  pairs = np.unique(np.asarray(pairs, np.int64).reshape(-1, 2), axis=0)
+  wanted_keys = pairs[:, 0] * sae.num_latents + pairs[:, 1]
+  device = sae.W_enc.device
   maps: dict = {}
   for _, acts, meta in store.iter_shards():
-    rows = np.flatnonzero((meta["kind"] == KIND_IMAGE_BASE) & np.isin(meta["image_id"], wanted))
+    rows = np.flatnonzero((meta["kind"] == KIND_IMAGE_BASE) & np.isin(meta["image_id"], pairs[:, 0]))
     for start in range(0, len(rows), 4096):
       chunk = rows[start:start + 4096]
       with torch.no_grad():
-        values, indices = sae.encode(torch.from_numpy(np.asarray(acts[chunk], np.float32)))
-      values, indices = values.float().numpy(), indices.numpy()
-      row, slot = np.nonzero((column[indices] >= 0) & (values > 0))
-      for r, s in zip(row, slot):
-        key = (int(meta["image_id"][chunk[r]]), int(latents[column[indices[r, s]]]))
-        maps.setdefault(key, np.zeros(patches, np.float32))[meta["patch"][chunk[r]]] = values[r, s]
+        values, indices = sae.encode(torch.from_numpy(np.asarray(acts[chunk], np.float32)).to(device))
+      values, indices = values.float().cpu().numpy(), indices.cpu().numpy()
+      images = meta["image_id"][chunk].astype(np.int64)[:, None]
+      hit = np.isin(images * sae.num_latents + indices, wanted_keys) & (values > 0)
+      row, slot = np.nonzero(hit)
+      for r, s, value in zip(row, slot, values[row, slot]):
+        key = (int(images[r, 0]), int(indices[r, s]))
+        maps.setdefault(key, np.zeros(patches, np.float32))[meta["patch"][chunk[r]]] = value
   return maps
