@@ -142,8 +142,8 @@ def score_paper(acts, records: dict[int, dict], labels: dict[int, str], latents:
       except BadImage as e:
         row["errors"].append(str(e))
         continue
-      boxes, value = paper_iou.image_iou(grounder, image, labels[index], latent.maps[rank[image_id]],
-                                      acts.grid)
+      boxes, value = paper_iou.image_iou(grounder, image, labels[index],
+                                         latent.maps[rank[image_id]], acts.grid)
       values.append(value)
       row["images"].append({"id": image_id, "boxes": boxes, "iou": _finite(value)})
     if values:
@@ -159,9 +159,16 @@ def score_paper(acts, records: dict[int, dict], labels: dict[int, str], latents:
   silent = np.zeros(int(np.prod(acts.grid)), np.float32)
   for trial in tqdm(drawn, unit="trial", desc="random images (paper)"):
     for row, images in zip(scored, trial):
-      values = [paper_iou.image_iou(grounder, table.load(int(i)), row["label"],
-                                 maps.get((int(i), row["latent"]), silent), acts.grid)[1]
-                for i in images]
+      values = []
+      for image_id in map(int, images):
+        try:
+          image = table.load(image_id)
+        except BadImage as e:  # left out of this trial's mean, and named
+          row["errors"].append(str(e))
+          continue
+        values.append(paper_iou.image_iou(grounder, image, row["label"],
+                                          maps.get((image_id, row["latent"]), silent),
+                                          acts.grid)[1])
       row["random_trials"].append(_finite(paper_iou.latent_iou(values)))
   for row in scored:
     trials = [v for v in row["random_trials"] if v is not None]
