@@ -78,7 +78,9 @@ _REFINE = flags.DEFINE_string("refine", None, "Rewrite each explanation into a s
 _REFINE_MODEL = flags.DEFINE_string("refine_model", None, "Model name sent to the OpenAI server "
                                     "(default: the first model it lists).")
 _REFINE_TEMPLATE = flags.DEFINE_string("refine_template", None, "Refinement prompt template "
-                                       "(default: eval/templates/refine_label.txt).")
+                                       "(default: eval/templates/refine_label.txt), or paper:CLONE "
+                                       "for the paper's prompt read from a clone of "
+                                       "EvolvingLMMs-Lab/multimodal-sae.")
 _API_KEY_ENV = flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "Environment variable holding "
                                    "the refinement server's API key.")
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 16, "Refinement requests in flight.",
@@ -119,7 +121,7 @@ def refine_labels(texts: dict[int, str], out: Path) -> tuple[dict[int, str], dic
       _REFINE.value, _REFINE_MODEL.value, os.environ.get(_API_KEY_ENV.value),
       timeout_s=_TIMEOUT_S.value, max_tokens=_MAX_TOKENS.value, temperature=0.0,
       multi_images=False, device=device(), dtype="auto")
-  template = prompts.load_template(_REFINE_TEMPLATE.value or refine.DEFAULT_TEMPLATE)
+  template = refine.load_template(_REFINE_TEMPLATE.value)
   settings = jobs.JobSettings(concurrency=_CONCURRENCY.value, max_retries=_MAX_RETRIES.value)
   records, summary = refine.refine(texts, template, client, out, settings)
   labels, failures = {}, {}

@@ -61,15 +61,16 @@ class Grounder:
     order = found["scores"].argsort(descending=True)
     return found["boxes"][order].tolist()
 
-  def mask(self, image: Image.Image, boxes: list[list[float]]) -> np.ndarray:
-    """[height, width] bool: the union of SAM's masks of the boxes (all False without a box)."""
+  def mask(self, image: Image.Image, boxes: list[list[float]], multimask: bool = False) -> np.ndarray:
+    """[height, width] bool: the union of SAM's masks of the boxes (all False without a box).
+    multimask: SAM's three candidate masks per box, all in the union (the paper's code)."""
     import torch
     if not boxes:
       return np.zeros((image.height, image.width), bool)
     inputs = self._sam_processor(images=image, input_boxes=[boxes], return_tensors="pt")
     with torch.no_grad():
-      outputs = self._sam(**inputs.to(self.device), multimask_output=False)
+      outputs = self._sam(**inputs.to(self.device), multimask_output=multimask)
     masks = self._sam_processor.image_processor.post_process_masks(
         outputs.pred_masks.cpu(), inputs["original_sizes"].cpu(),
         inputs["reshaped_input_sizes"].cpu())
-    return masks[0][:, 0].numpy().astype(bool).any(0)
+    return masks[0].numpy().astype(bool).any((0, 1))

@@ -1,30 +1,36 @@
 """`python -m eval.hallucination_latents`: find the latents that separate hallucinated from correct
-answers, then steer them on held-out questions.
+answers, check them on held-out images, then steer them there.
 
   python -m eval.hallucination_latents --model=llava-hf/llama3-llava-next-8b-hf \
       --questions=POPE/output/coco/coco_pope_adversarial.json --image_root=coco/val2014 \
       --sae=EXPORT/model.layers.24 --top=5 --mode=ablate --out=results/pope_latents
 
 The items (--task=pope or hallusionbench, read as eval.hallucination reads them) are split by
---seed into a discovery share (--split) and the held-out rest. Discovery: the plain model answers
-greedily; one teacher-forced forward pass over prompt + its first generated token records the SAE's
-activations at the hookpoint at that token ("first") and their mean over the image tokens
-("image"; items without an image have none). An answer is hallucinated (label 1) when POPE's parsed
-answer differs from the label, or when the HallusionBench judge does not call it correct. Every
-latent gets the AUROC of its activation for hallucinated against correct answers at both places
-(above 0.5: higher on hallucinated answers). The --top latents at --rank_by, highest AUROC first
-(--direction=hallucinated) or lowest (correct), are then steered with --mode and --values or
---strengths (interpret/steering.py) on the held-out items, next to the plain model.
+--seed into discovery and held-out by image (POPE's image file, HallusionBench's figure): --split of
+the images, with all their questions, go to discovery, so no image is on both sides. The plain
+model answers every item greedily; one teacher-forced forward pass over prompt + its first generated
+token records the SAE's activations at three places (latent_separation.PLACES): "last_prompt", the
+last prompt position, whose state decides the answer (the default); "answer", the generated answer
+token (it encodes the answer given, so a latent for "yes" separates errors that lean one way);
+"image", the mean over the image tokens (items without an image have none).
 
-Writes OUT/latents.jsonl (every latent that fired, with both AUROCs), OUT/answers.jsonl,
-OUT/results.json (the split, the chosen latents, each run's metrics and its change from plain with
-a paired bootstrap 95% interval: the same resampled questions for both) and OUT/results.md; prints
-one JSON line last.
+Errors (latent_separation.ERRORS): "false_yes" (a wrong answer where the truth is no: object
+hallucination) against the right answers there, "false_no" the same where the truth is yes, and
+"wrong" (any error; it mixes both). Every latent gets the discovery AUROC of its activation for each
+error and place (above 0.5: higher on the error). The --top latents by --error at --rank_by, highest
+AUROC first (--direction=hallucinated) or lowest (correct), are chosen; their held-out AUROC (the
+plain answers on held-out images) is reported with a cluster-bootstrap 95% interval (images
+resampled). They are then steered on the held-out items with --mode and --values or --strengths
+(interpret/steering.py), all together and one by one, next to the plain model; each change has a
+paired cluster-bootstrap interval (the same resampled images for both arms).
+
+Writes OUT/latents.jsonl (every latent that fired: its AUROC per error and place),
+OUT/answers.jsonl, OUT/results.json (the split, the chosen latents with discovery and held-out AUROC,
+each run's metrics and change from plain) and OUT/results.md; prints one JSON line last.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -39,34 +45,45 @@ from interpret import steering
 from sae_jax import cli
 from sae_jax.store import atomic_write_json
 
-PLACES = ("first", "image")
-_SPLIT = flags.DEFINE_float("split", 0.5, "Share of the items used to find the latents; the rest "
-                            "are held out for steering.", lower_bound=0.0, upper_bound=1.0)
+_SPLIT = flags.DEFINE_float("split", 0.5, "Share of the images (POPE) or figures (HallusionBench) "
+                            "whose items find the latents; the rest are held out.",
+                            lower_bound=0.0, upper_bound=1.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the split and of the bootstrap.")
-_TOP = flags.DEFINE_integer("top", 5, "Latents steered together.", lower_bound=1)
-_RANK_BY = flags.DEFINE_enum("rank_by", "first", PLACES, "AUROC that ranks the latents: at the "
-                             "answer's first generated token, or of the mean over image tokens.")
+_TOP = flags.DEFINE_integer("top", 5, "Latents chosen (steered together and one by one).",
+                            lower_bound=1)
+_RANK_BY = flags.DEFINE_enum("rank_by", "last_prompt", list(sep.PLACES), "Place whose AUROC ranks "
+                             "the latents: the last prompt position (the state that decides the "
+                             "answer), the generated answer token, or the mean over image tokens.")
+_ERROR = flags.DEFINE_enum("error", "false_yes", list(sep.ERRORS), "Error the latents separate: a "
+                           "false yes (object hallucination), a false no, or any wrong answer.")
 _DIRECTION = flags.DEFINE_enum("direction", "hallucinated", ["hallucinated", "correct"],
-                               "Steer the latents most active on hallucinated answers (highest "
-                               "AUROC) or on correct ones (lowest).")
+                               "Steer the latents most active on the errors (highest AUROC) or on "
+                               "correct answers (lowest).")
 _RESAMPLES = flags.DEFINE_integer("resamples", 1000, "Bootstrap resamples.", lower_bound=1)
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(hallucination)  # --help lists the benchmark and steering flags
 
 
-def discover(loaded, sae, layer: int, task, items: list) -> tuple[list[str], np.ndarray,
-                                                                   np.ndarray]:
-  """Plain answers of the items and their [items, latents] activations at both places."""
+def record_plain(loaded, sae, layer: int, task, items: list, desc: str) -> tuple[list[str], dict]:
+  """Plain answers of the items and their [items, latents] activations at each place."""
   def record(loaded, batch_images, texts, max_new_tokens):
-    answers, first, image = sep.answer_and_record(loaded, sae, layer, texts, batch_images,
-                                                  max_new_tokens)
-    return list(zip(answers, first.cpu(), image.cpu()))
-  answers, first, image = zip(*hallucination.answer_all(loaded, task, items, "discovery", record))
-  return list(answers), torch.stack(first).numpy(), torch.stack(image).numpy()
+    answers, places = sep.answer_and_record(loaded, sae, layer, texts, batch_images,
+                                            max_new_tokens)
+    return [(a, {p: v[i].cpu() for p, v in places.items()}) for i, a in enumerate(answers)]
+  answers, places = zip(*hallucination.answer_all(loaded, task, items, desc, record))
+  return list(answers), {p: torch.stack([row[p] for row in places]).numpy() for p in sep.PLACES}
 
 
-def run() -> dict:
+def all_aurocs(places: dict, labels: dict) -> dict:
+  """{(error, place): [latents] AUROC} (None for image when no item has one)."""
+  return {(error, place): (None if place == "image" and np.isnan(acts).all()
+                           else sep.latent_aurocs(acts, labels[error]))
+          for error in sep.ERRORS for place, acts in places.items()}
+
+
+def run() -> tuple[dict, list[dict], dict]:
+  """(results, answer rows, discovery AUROCs by (error, place))."""
   if FLAGS.task == "chair":
     raise pope.QuestionError("--task=pope or hallusionbench: captions have no right answer")
   if not (FLAGS.questions and FLAGS.model and FLAGS.sae):
@@ -80,78 +97,124 @@ def run() -> dict:
   if FLAGS.max_questions:
     items = items[:FLAGS.max_questions]
   hallucination.check_images(items)
-  found, held = sep.split_items(len(items), _SPLIT.value, _SEED.value)
+  groups = sep.group_keys(FLAGS.task, items)
+  found, held = sep.split_items(groups, _SPLIT.value, _SEED.value)
   if not len(found) or not len(held):
-    raise pope.QuestionError(f"--split={_SPLIT.value} of {len(items)} items leaves a side empty")
+    raise pope.QuestionError(f"--split={_SPLIT.value} of the {len(set(groups))} images of "
+                             f"{len(items)} items leaves a side empty")
   loaded = llava.load_llava(FLAGS.model, FLAGS.dtype, FLAGS.device)
   sae, layer = steering.load_sae(loaded, FLAGS.sae, FLAGS.layer)
 
   discovery_items = [items[i] for i in found]
-  answers, first, image = discover(loaded, sae, layer, task, discovery_items)
+  answers, places = record_plain(loaded, sae, layer, task, discovery_items, "discovery")
   _, records = task.score(discovery_items, answers)
-  hallucinated = sep.hallucinated_labels(FLAGS.task, records)
-  if hallucinated.all() or not hallucinated.any():
-    raise pope.QuestionError(f"the {len(found)} discovery answers are all "
-                             f"{'hallucinated' if hallucinated.any() else 'correct'}: no AUROC")
-  with_image = not np.isnan(image).all()
-  aurocs = {"first": sep.latent_aurocs(first, hallucinated),
-            "image": sep.latent_aurocs(image, hallucinated) if with_image else None}
-  if aurocs[_RANK_BY.value] is None:
+  labels = sep.error_labels(FLAGS.task, records)
+  chosen_labels = labels[_ERROR.value]
+  if np.nansum(chosen_labels) == 0 or np.nansum(chosen_labels) == np.isfinite(chosen_labels).sum():
+    raise pope.QuestionError(f"--error={_ERROR.value}: the {len(found)} discovery answers have "
+                             f"{'no ' if np.nansum(chosen_labels) == 0 else 'only '}such errors: "
+                             "no AUROC")
+  aurocs = all_aurocs(places, labels)
+  ranking = aurocs[_ERROR.value, _RANK_BY.value]
+  if ranking is None:
     raise pope.QuestionError("--rank_by=image but no discovery item has an image")
-  chosen = sep.top_latents(aurocs[_RANK_BY.value], _TOP.value, _DIRECTION.value)
+  chosen = sep.top_latents(ranking, _TOP.value, _DIRECTION.value)
 
   held_items = [items[i] for i in held]
-  runs = [("plain", contextlib.nullcontext())] + [
-      (f"{FLAGS.mode} {label}", steering.steering_for(loaded, sae, layer, edits, FLAGS.mode,
-                                                      FLAGS.positions))
-      for label, edits in steering.configs_for_latents(FLAGS, chosen)]
-  results, answer_rows, plain = [], [], None
-  answer_rows += [{"run": "discovery", "hallucinated": bool(h), **r}
-                  for r, h in zip(records, hallucinated)]
-  for label, steer in runs:
-    with steer:
-      held_answers = hallucination.answer_all(loaded, task, held_items, label)
-    metrics, held_records = task.score(held_items, held_answers)
-    answer_rows += [{"run": label, **r} for r in held_records]
-    arrays = sep.per_item(FLAGS.task, held_records)
-    if label == "plain":
-      plain = arrays
-    change = None if label == "plain" else sep.compare(plain, arrays, _RESAMPLES.value,
-                                                       _SEED.value)
-    results.append({"label": label, **metrics, "change": change})
+  held_groups = [groups[i] for i in held]
+  held_answers, held_places = record_plain(loaded, sae, layer, task, held_items, "plain")
+  metrics, held_records = task.score(held_items, held_answers)
+  held_labels = sep.error_labels(FLAGS.task, held_records)
+  plain = sep.per_item(FLAGS.task, held_records)
+  answer_rows = [{"run": "discovery", **{e: _label(labels[e][i]) for e in sep.ERRORS}, **r}
+                 for i, r in enumerate(records)]
+  answer_rows += [{"run": "plain", **r} for r in held_records]
+  results = [{"label": "plain", "latents": [], **metrics, "change": None}]
+  runs = [(f"{FLAGS.mode} {label}", chosen, edits)
+          for label, edits in steering.configs_for_latents(FLAGS, chosen)]
+  if len(chosen) > 1:
+    runs += [(f"{FLAGS.mode} {label} latent {f}", [f], edits) for f in chosen
+             for label, edits in steering.configs_for_latents(FLAGS, [f])]
+  for label, latents, edits in runs:
+    with steering.steering_for(loaded, sae, layer, edits, FLAGS.mode, FLAGS.positions):
+      steered_answers = hallucination.answer_all(loaded, task, held_items, label)
+    metrics, steered_records = task.score(held_items, steered_answers)
+    answer_rows += [{"run": label, **r} for r in steered_records]
+    results.append({"label": label, "latents": latents, **metrics,
+                    "change": sep.compare(plain, sep.per_item(FLAGS.task, steered_records),
+                                          held_groups, _RESAMPLES.value, _SEED.value)})
+  latents = []
+  for f in chosen:
+    held_auroc = {place: sep.auroc_with_ci(acts[:, f], held_labels[_ERROR.value], held_groups,
+                                           _RESAMPLES.value, _SEED.value)
+                  for place, acts in held_places.items() if not np.isnan(acts).all()}
+    latents.append({"latent": f, "discovery_auroc": _value(ranking, f),
+                    "heldout_auroc": held_auroc[_RANK_BY.value]["auroc"],
+                    "heldout_ci95": held_auroc[_RANK_BY.value]["ci95"],
+                    "heldout_by_place": held_auroc,
+                    "discovery": {f"{e}/{p}": _value(a, f) for (e, p), a in aurocs.items()},
+                    "runs": [r["label"] for r in results if r["latents"] == [f]]})
   return {"task": FLAGS.task, "model": FLAGS.model, "questions": FLAGS.questions, "sae": FLAGS.sae,
-          "items": len(items), "seed": _SEED.value, "split": _SPLIT.value,
-          "discovery": [int(i) for i in found], "held_out": [int(i) for i in held],
-          "discovery_hallucinated": int(hallucinated.sum()), "rank_by": _RANK_BY.value,
-          "direction": _DIRECTION.value, "mode": FLAGS.mode, "positions": FLAGS.positions,
-          "latents": latent_rows(aurocs, chosen),
+          "items": len(items), "images": len(set(groups)), "seed": _SEED.value,
+          "split": _SPLIT.value, "discovery": [int(i) for i in found],
+          "held_out": [int(i) for i in held],
+          "discovery_errors": {e: int(np.nansum(labels[e])) for e in sep.ERRORS},
+          "heldout_errors": {e: int(np.nansum(held_labels[e])) for e in sep.ERRORS},
+          "rank_by": _RANK_BY.value, "error": _ERROR.value, "direction": _DIRECTION.value,
+          "mode": FLAGS.mode, "positions": FLAGS.positions, "latents": latents,
           "runs": results}, answer_rows, aurocs
 
 
-def latent_rows(aurocs: dict, latents=None) -> list[dict]:
-  """{latent, first, image} of `latents` (default: every latent that fired at either place, by
-  index); None where there is no AUROC."""
-  if latents is None:
-    fired = np.isfinite(aurocs["first"])
-    if aurocs["image"] is not None:
-      fired |= np.isfinite(aurocs["image"])
-    latents = np.flatnonzero(fired)
-  value = lambda a, f: None if a is None or not np.isfinite(a[f]) else float(a[f])
-  return [{"latent": int(f), **{p: value(a, f) for p, a in aurocs.items()}} for f in latents]
+def _label(value: float) -> bool | None:
+  return None if np.isnan(value) else bool(value)
+
+
+def _value(aurocs: np.ndarray | None, latent: int) -> float | None:
+  return None if aurocs is None or not np.isfinite(aurocs[latent]) else float(aurocs[latent])
+
+
+def latent_rows(aurocs: dict) -> list[dict]:
+  """{latent, "<error>/<place>": AUROC or None} of every latent that fired at some place."""
+  fired = np.any([np.isfinite(a) for a in aurocs.values() if a is not None], axis=0)
+  return [{"latent": int(f), **{f"{e}/{p}": _value(a, f) for (e, p), a in aurocs.items()}}
+          for f in np.flatnonzero(fired)]
+
+
+def _ci(c: list | None, scale: float = 1.0, sign: str = "") -> str:
+  return "-" if c is None else f"({scale * c[0]:{sign}.3f}, {scale * c[1]:{sign}.3f})"
 
 
 def markdown(result: dict) -> str:
-  lines = ["| latent | AUROC first | AUROC image |", "| ---: | ---: | ---: |"]
+  error, place = result["error"], result["rank_by"]
   cell = lambda v: "-" if v is None else f"{v:.3f}"
-  lines += [f"| {row['latent']} | {cell(row['first'])} | {cell(row['image'])} |"
-            for row in result["latents"]]
+  by_label = {r["label"]: r for r in result["runs"]}
+  other = "answer" if place != "answer" else "last_prompt"
+  lines = [f"Latents chosen by the discovery AUROC of {error} at {place}; held-out: the plain "
+           "answers on held-out images (cluster bootstrap by image).", "",
+           f"| latent | discovery AUROC | held-out AUROC (95% CI) | held-out AUROC at {other} | "
+           f"run | change in {error}_rate (95% CI) | change in accuracy (95% CI) |",
+           "| ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+  rate = "false_no_rate" if error == "false_no" else "false_yes_rate"
+  for row in result["latents"]:
+    for label in row["runs"] or ["-"]:
+      change = by_label[label]["change"] if label in by_label else None
+      delta = lambda name: ("-" if not change or change[name]["delta"] is None else
+                            f"{100 * change[name]['delta']:+.2f} "
+                            f"{_ci(change[name]['ci95'], 100, '+')}")
+      at_other = row["heldout_by_place"][other]
+      lines.append(f"| {row['latent']} | {cell(row['discovery_auroc'])} | "
+                   f"{cell(row['heldout_auroc'])} {_ci(row['heldout_ci95'])} | "
+                   f"{cell(at_other['auroc'])} {_ci(at_other['ci95'])} | {label} | "
+                   f"{delta(rate) if error != 'wrong' else '-'} | {delta('accuracy')} |")
   lines += ["", "| run | metric | plain | steered | change (95% CI) |",
             "| --- | --- | ---: | ---: | ---: |"]
   for run in result["runs"][1:]:
     for name, c in run["change"].items():
-      lines.append(f"| {run['label']} | {name} | {100 * c['plain']:.2f} | "
-                   f"{100 * c['steered']:.2f} | {100 * c['delta']:+.2f} "
-                   f"({100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}) |")
+      pct = lambda v: "-" if v is None or not np.isfinite(v) else f"{100 * v:.2f}"
+      lines.append(f"| {run['label']} | {name} | {pct(c['plain'])} | {pct(c['steered'])} | "
+                   f"{100 * c['delta']:+.2f} {_ci(c['ci95'], 100, '+')} |"
+                   if np.isfinite(c["delta"]) else
+                   f"| {run['label']} | {name} | {pct(c['plain'])} | {pct(c['steered'])} | - |")
   return "\n".join(lines) + "\n"
 
 
@@ -169,7 +232,8 @@ def main():
   print(table, end="")
   print(json.dumps({"ok": True, "task": result["task"], "out": str(out),
                     "latents": [row["latent"] for row in result["latents"]],
-                    "runs": {r["label"]: {k: round(v["delta"], 4) for k, v in r["change"].items()}
+                    "runs": {r["label"]: {k: None if not np.isfinite(v["delta"]) else
+                                          round(v["delta"], 4) for k, v in r["change"].items()}
                              for r in result["runs"][1:]}}))
 
 

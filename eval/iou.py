@@ -2,8 +2,10 @@
 
 A latent's map is binarised: a patch is in it when the latent's activation there exceeds the
 threshold (default 1e-5, "the latent fired here", the same cut as the explainer's masked prompt in
-interpret/visual.py). A pixel mask is brought to the grid the way the model sees the image
-(squashed to a square, cut into h x w patches): a patch is in it when at least half its area is.
+interpret/visual.py). A pixel mask is brought to the grid the way the model's base view sees the
+image (interpret.visual.view_box: squashed whole, or its centre square for a centre-cropping
+processor such as LLaVA-1.5's; cut into h x w patches): a patch is in it when at least half its area
+is. Mask pixels outside a crop are never seen and count for no patch.
 
 The random baseline moves each binarised map's active patches to random places (same count, so
 the same area), and is scored exactly like the real maps.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from interpret import visual
 from interpret.visual import ACTIVE_THRESHOLD
 
 DEFAULT_THRESHOLD = ACTIVE_THRESHOLD
@@ -24,19 +27,24 @@ def binarise(maps: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarr
   return np.asarray(maps, np.float32) > threshold
 
 
-def _overlaps(pixels: int, cells: int) -> np.ndarray:
-  """[cells, pixels]: the share of each cell that each pixel covers, the cells splitting the
-  pixels evenly (cell c spans pixels [c * pixels / cells, (c + 1) * pixels / cells))."""
-  edges = np.arange(cells + 1) * pixels / cells
+def _overlaps(pixels: int, cells: int, start: float = 0.0, stop: float | None = None) -> np.ndarray:
+  """[cells, pixels]: the share of each cell that each pixel covers, the cells splitting the span
+  [start, stop) of the pixels (default: all of them) evenly."""
+  stop = float(pixels) if stop is None else stop
+  width = (stop - start) / cells
+  edges = start + np.arange(cells + 1) * width
   lo, hi = np.arange(pixels), np.arange(1, pixels + 1)
   overlap = np.minimum(hi, edges[1:, None]) - np.maximum(lo, edges[:-1, None])
-  return np.clip(overlap, 0, None) / (pixels / cells)
+  return np.clip(overlap, 0, None) / width
 
 
-def mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-  """[h*w] bool from a [height, width] pixel mask: patches at least half covered."""
+def mask_to_grid(mask: np.ndarray, grid: tuple[int, int], view: str = "squash") -> np.ndarray:
+  """[h*w] bool from a [height, width] pixel mask: patches at least half covered, the grid laid
+  over the part of the image the base view covers."""
   mask = np.asarray(mask, np.float64)
-  covered = _overlaps(mask.shape[0], grid[0]) @ mask @ _overlaps(mask.shape[1], grid[1]).T
+  left, top, right, bottom = visual.view_box(mask.shape[1], mask.shape[0], view)
+  covered = (_overlaps(mask.shape[0], grid[0], top, bottom) @ mask
+             @ _overlaps(mask.shape[1], grid[1], left, right).T)
   return (covered >= COVERED - 1e-9).reshape(-1)
 
 

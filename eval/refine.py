@@ -9,10 +9,17 @@ OUT/labels.jsonl gets one line per latent: {"latent", "status": ok|parse_error|f
 "explanation", "label", "raw", "model", "attempts", "cached", "error"}. A latent whose last line is
 finished (ok or parse_error) for the same explanation is never asked again; failed ones are retried
 by the next run, and a changed explanation is refined anew.
+
+`--refine_template=paper:CLONE` uses the paper's own prompt (`LabelRefiner.PROMPT`), read from a
+local clone of EvolvingLMMs-Lab/multimodal-sae (nothing of theirs is stored here) and sent as the only
+message, as their client sends it (an empty system message: Llama-3.1's chat template renders the
+same system block with or without one). Its answer is parsed as ours ([ANSWER] line), not by their
+parser (which keeps everything after the first [ANSWER]); labels.jsonl keeps the raw answer.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -20,6 +27,8 @@ from interpret import jobs, prompts
 from interpret.explainers import ExplainerError
 
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "refine_label.txt"
+PAPER_PREFIX = "paper:"
+PAPER_REFINER = Path("sae_auto_interp/agents/scorers/segment/label_refiner.py")
 # The last "[ANSWER] label" (or "[ANSWER]: label") line; tolerant of markdown bold and quotes.
 _ANSWER = re.compile(r"\[ANSWER\]\**\s*:?\s*\**\s*(.*)")
 
@@ -29,6 +38,31 @@ def parse_label(text: str) -> tuple[str, str | None]:
   matches = _ANSWER.findall(text or "")
   label = matches[-1].strip().strip("*\"'").strip() if matches else ""
   return (prompts.OK, label) if label else (prompts.PARSE_ERROR, None)
+
+
+def paper_template(clone: str | Path) -> prompts.Template:
+  """The paper's LabelRefiner.PROMPT from a clone (read as text, never imported), {description}
+  becoming our {explanation}."""
+  path = Path(clone) / PAPER_REFINER
+  try:
+    tree = ast.parse(path.read_text())
+  except (OSError, SyntaxError) as e:
+    raise prompts.TemplateError(f"--refine_template={PAPER_PREFIX}{clone}: cannot read {path} "
+                                f"({e})") from e
+  for node in tree.body:
+    if (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["PROMPT"]
+        and isinstance(node.value, ast.Constant) and "{description}" in str(node.value.value)):
+      return prompts.Template(system="", user=node.value.value.replace("{description}",
+                                                                       "{explanation}"))
+  raise prompts.TemplateError(f"--refine_template={PAPER_PREFIX}{clone}: {path} has no PROMPT "
+                              "string with {description}")
+
+
+def load_template(spec: str | None) -> prompts.Template:
+  """Our template file (default: DEFAULT_TEMPLATE), another file, or paper:CLONE."""
+  if spec and spec.startswith(PAPER_PREFIX):
+    return paper_template(spec[len(PAPER_PREFIX):])
+  return prompts.load_template(spec or DEFAULT_TEMPLATE)
 
 
 def render(template: prompts.Template, explanation: str) -> prompts.Prompt:

@@ -1,9 +1,10 @@
 """`python -m eval.report`: one page (markdown and HTML) with a run's training, quality and scores.
 
   python -m eval.report --workdir=WORKDIR --clip_scores=SCORES [--sae_quality=QUALITY.json] \
-      [--grounded_iou=GROUNDED] [--concepts=CONCEPTS] [--topacts=TOPACTS] --out=REPORT
+      [--grounded_iou=GROUNDED_PAPER,GROUNDED_PATCH] [--concepts=CONCEPTS] [--topacts=TOPACTS] --out=REPORT
 
-Any subset of the inputs works (--grounded_iou: eval.grounded_iou, shown beside the CLIP score;
+Any subset of the inputs works (--grounded_iou: eval.grounded_iou runs, e.g. --method=paper and
+--method=patch, shown beside the CLIP score and, for method paper, the paper's IoU;
 --concepts: eval.concepts's planted-concept IoU; --topacts: how many latents fire on images only, text only or both, from sae_jax.scan's
 modality profile). Writes REPORT/report.md, REPORT/report.html (open
 it in a browser; it needs nothing else than the PNGs next to it), REPORT/training_curves.png (every
@@ -44,8 +45,8 @@ _CLIP_SCORES = flags.DEFINE_string("clip_scores", None, "Output folder of eval.c
 _SAE_QUALITY = flags.DEFINE_string("sae_quality", None, "JSON summary written by eval.sae_quality.")
 _CONCEPTS = flags.DEFINE_string("concepts", None, "Output folder of eval.concepts (or its "
                                 "concepts.json).")
-_GROUNDED_IOU = flags.DEFINE_string("grounded_iou", None, "Output folder of eval.grounded_iou (or "
-                                    "its grounded_iou.json).")
+_GROUNDED_IOU = flags.DEFINE_list("grounded_iou", [], "Output folders of eval.grounded_iou (or "
+                                  "their grounded_iou.json), e.g. one per --method.")
 _TOPACTS = flags.DEFINE_string("topacts", None, "TOPACTS folder of sae_jax.scan: the latents' "
                                "modality counts (image only, text only, both).")
 _OUT = flags.DEFINE_string("out", None, "Folder to write the report to.", required=True)
@@ -234,34 +235,57 @@ def _mean_ci(metric: dict | None) -> str:
   return fmt(metric["mean"]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
 
 
-def grounded_section(path: Path, clip_path: Path | None) -> Section:
-  """eval.grounded_iou, and next to it the CLIP score of the same run when there is one."""
-  folder = path.parent if path.is_file() else path
-  summary = read_json(folder / "grounded_iou.json", "grounded_iou")
-  settings, metrics = summary.get("settings", {}), summary.get("metrics", {})
-  blocks: list = [
-      f"GroundingDINO ({settings.get('grounding_dino')}, box threshold "
-      f"{settings.get('box_threshold')}, text threshold {settings.get('text_threshold')}) finds "
-      f"each explanation's boxes in the top images the explainer saw, SAM ({settings.get('sam')}) "
-      f"segments them; their union is compared with the latent's map binarised at activation > "
-      f"{settings.get('threshold')}, on the {settings.get('grid')} patch grid. Random baseline: "
-      f"the same maps with their active patches placed at random (the paper's code scores random "
-      f"images instead, whose maps TOPACTS does not hold). Latents scored: "
-      f"{summary.get('latents', {}).get('scored')}; images: "
-      + (", ".join(f"{n} {k}" for k, n in sorted(summary.get("images", {}).items())) or "none")
-      + ".",
-      _metrics_table(list(metrics.items()))]
+def _grounded_text(summary: dict) -> str:
+  settings = summary.get("settings", {})
+  counts = (f"Latents scored: {summary.get('latents', {}).get('scored')}; images: "
+            + (", ".join(f"{n} {k}" for k, n in sorted(summary.get("images", {}).items())) or "none")
+            + ".")
+  models = (f"GroundingDINO ({settings.get('grounding_dino')}, box threshold "
+            f"{settings.get('box_threshold')}) finds boxes in the top images the explainer saw, SAM "
+            f"({settings.get('sam')}) segments them, and their union is compared with the latent's "
+            f"map")
+  if settings.get("method") == "paper":
+    return (f"Method paper (the paper's computation): {models}, grounding the refined label in the "
+            f"image squashed to {settings.get('pixels')} px (all of SAM's candidate masks); the map "
+            f"is binarised at 1e-5 and upsampled bilinearly, a pixel counting where the mask is "
+            f"below 224; pixel IoU, an image without a box counts 0. Random baseline: "
+            f"{settings.get('random_draws')} trials of random images of the image set with the "
+            f"latent's own maps there. " + counts)
+  return (f"Method patch (ours): {models} binarised at activation > {settings.get('threshold')}, "
+          f"on the {settings.get('grid')} patch grid, grounding the explanation itself (text "
+          f"threshold {settings.get('text_threshold')}). Random baseline: the same maps with their "
+          f"active patches placed at random. " + counts)
+
+
+def grounded_section(paths: list[Path], clip_path: Path | None) -> Section:
+  """eval.grounded_iou, one run per method, and next to it the CLIP score of the same run."""
+  runs = []
+  for path in paths:
+    folder = path.parent if path.is_file() else path
+    summary = read_json(folder / "grounded_iou.json", "grounded_iou")
+    runs.append((summary.get("settings", {}).get("method", "patch"), summary))
+  blocks: list = []
+  for method, summary in runs:
+    blocks += [_grounded_text(summary), _metrics_table(list(summary.get("metrics", {}).items()))]
   clip = {}
   if clip_path is not None:
     clip_folder = clip_path.parent if clip_path.is_file() else clip_path
     clip = read_json(clip_folder / "clip_scores.json", "clip_scores").get("metrics", {})
   paper, paper_iou = dict(PAPER_CLIP_SCORES), dict(PAPER_IOU)
-  blocks += ["CLIP and IoU side by side (mean over latents [95% CI]):", Table(
-      ["metric", "this run", "random baseline", "the paper", "the paper's random"],
-      [["CLIP score", _mean_ci(clip.get("clip_score")), _mean_ci(clip.get("random_baseline")),
-        paper["layer 25 (model.layers.24, the released SAE)"], paper["random images"]],
-       ["IoU", _mean_ci(metrics.get("iou")), _mean_ci(metrics.get("random_iou")),
-        paper_iou["layer 25 (model.layers.24, the released SAE)"], paper_iou["random images"]]])]
+  layer25 = "layer 25 (model.layers.24, the released SAE)"
+  rows = [["CLIP score", _mean_ci(clip.get("clip_score")), _mean_ci(clip.get("random_baseline")),
+           paper[layer25], paper["random images"]]]
+  for method, summary in runs:
+    metrics = summary.get("metrics", {})
+    same = method == "paper"  # the paper's IoUs are numbers of its own method only
+    rows.append([f"IoU, method {method}", _mean_ci(metrics.get("iou")),
+                 _mean_ci(metrics.get("random_iou")), paper_iou[layer25] if same else "",
+                 paper_iou["random images"] if same else ""])
+  blocks += ["CLIP and IoU side by side (mean over latents [95% CI]). The paper's IoU 0.31 and "
+             "random 0.005 are numbers of method paper (its pixel IoU with random images as "
+             "baseline); method patch is not comparable with them.",
+             Table(["metric", "this run", "random baseline", "the paper", "the paper's random"],
+                   rows)]
   return Section("IoU (GroundingDINO + SAM)", blocks)
 
 
@@ -286,7 +310,7 @@ def main():
   if _CLIP_SCORES.value:
     sections.append(clip_section(Path(_CLIP_SCORES.value), out))
   if _GROUNDED_IOU.value:
-    sections.append(grounded_section(Path(_GROUNDED_IOU.value),
+    sections.append(grounded_section([Path(p) for p in _GROUNDED_IOU.value],
                                      Path(_CLIP_SCORES.value) if _CLIP_SCORES.value else None))
   if _CONCEPTS.value:
     sections.append(concepts_section(Path(_CONCEPTS.value)))

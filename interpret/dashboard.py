@@ -130,9 +130,10 @@ def _render_latent(index, acts, table, record, scores, concept, neighbours, out:
       entry["error"] = str(e)
       images.append(entry)
       continue
-    pictures = {"original": visual.base_view(image, size),
-                "mask": visual.dim_mask(image, patch_map, acts.grid, size),
-                "heatmap": visual.heatmap(image, patch_map, acts.grid, upper, size)}
+    view = table.record(int(image_id)).get("view", "squash")  # the base grid's part of the image
+    pictures = {"original": visual.base_view(image, size, view),
+                "mask": visual.dim_mask(image, patch_map, acts.grid, size, view),
+                "heatmap": visual.heatmap(image, patch_map, acts.grid, upper, size, view=view)}
     entry["files"] = {}
     for kind, picture in pictures.items():
       atomic_write_bytes(folder / f"top{rank}_{kind}.png", visual.png_bytes(picture))

@@ -244,8 +244,8 @@ def latent_prompt(latent_index, topacts, table, template, settings, model: str
   latent = topacts.latent(latent_index)
   ids, maps = latent.image_ids[:settings.num_images], latent.maps[:settings.num_images]
   record = new_record(latent_index, topacts, settings, model)
-  masked = [visual.dim_mask(table.load(int(i)), m, topacts.grid, settings.image_size)
-            for i, m in zip(ids, maps)]
+  masked = [visual.dim_mask(table.load(int(i)), m, topacts.grid, settings.image_size,
+                            table.record(int(i)).get("view", "squash")) for i, m in zip(ids, maps)]
   shown = [visual.image_grid(masked)] if settings.grid else masked
   texts = settings.text_contexts(latent_index) if settings.text_contexts else None
   if texts:

@@ -1,7 +1,11 @@
 """Visual prompts: where a latent fires on an image, from its base-grid patch map [h*w].
 
-The image is shown as the model's base view sees it: resized (squashed) to a square, as the
-LLaVA-NeXT / OneVision base image and the paper's code (`image.resize((336, 336))`) do.
+The image is shown as the model's base view sees it (VIEWS): "squash", the whole image resized to a
+square, as the LLaVA-NeXT / OneVision any-res base image and the paper's code
+(`image.resize((336, 336))`) do; or "center_crop", the central square (LLaVA-1.5's CLIP processor
+resizes the shortest edge to 336 and crops the centre, so on a wide image the sides are never seen).
+`view_of_processor` tells which from a transformers image processor; `view_box` is the part of the
+original image the base grid covers, so that masks and maps register on non-square images.
 
 * `dim_mask`: the paper's explainer input. Binarise (active > 1e-5), upsample the mask bilinearly,
   keep active regions and darken the rest to ~12% brightness (224/255 black blended in).
@@ -35,17 +39,47 @@ def _grid(patch_map: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
   return patch_map.reshape(grid)
 
 
-def base_view(image: Image.Image, size: int = PROMPT_SIZE) -> Image.Image:
-  return image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+VIEWS = ("squash", "center_crop")
+
+
+def view_of_processor(image_processor) -> str:
+  """center_crop for a processor that crops the centre of a plain resize (CLIP's, LLaVA-1.5);
+  squash for an any-res one (LLaVA-NeXT, OneVision: their base image is the squashed whole)."""
+  if getattr(image_processor, "image_grid_pinpoints", None):
+    return "squash"
+  return "center_crop" if getattr(image_processor, "do_center_crop", False) else "squash"
+
+
+def view_box(width: int, height: int, view: str = "squash") -> tuple[float, float, float, float]:
+  """(left, top, right, bottom) in pixels of the original image that the base grid covers."""
+  if view == "squash":
+    return 0.0, 0.0, float(width), float(height)
+  if view != "center_crop":
+    raise ValueError(f"unknown base view {view!r}; expected one of {VIEWS}")
+  side = min(width, height)
+  left, top = (width - side) / 2, (height - side) / 2
+  return left, top, left + side, top + side
+
+
+def base_view(image: Image.Image, size: int = PROMPT_SIZE, view: str = "squash") -> Image.Image:
+  """The part of the image the base grid covers, resized to size x size."""
+  image = image.convert("RGB")
+  return image.resize((size, size), Image.Resampling.BICUBIC,
+                      box=view_box(image.width, image.height, view))
+
+
+def inactive_mask(patch_map: np.ndarray, grid: tuple[int, int], size: int = PROMPT_SIZE) -> Image.Image:
+  """The paper's mask ("L", size x size): DIM where the latent is silent (activation < 1e-5), 0
+  where it fires, upsampled bilinearly, so pixels near an active patch fall below DIM too."""
+  inactive = (_grid(patch_map, grid) < ACTIVE_THRESHOLD).astype(np.uint8) * DIM
+  return Image.fromarray(inactive, "L").resize((size, size), Image.Resampling.BILINEAR)
 
 
 def dim_mask(image: Image.Image, patch_map: np.ndarray, grid: tuple[int, int],
-             size: int = PROMPT_SIZE) -> Image.Image:
+             size: int = PROMPT_SIZE, view: str = "squash") -> Image.Image:
   """The paper's masked image: active patches as they are, the rest darkened."""
-  inactive = (_grid(patch_map, grid) <= ACTIVE_THRESHOLD).astype(np.uint8) * DIM
-  mask = Image.fromarray(inactive, "L").resize((size, size), Image.Resampling.BILINEAR)
   black = Image.new("RGB", (size, size))
-  return Image.composite(black, base_view(image, size), mask)
+  return Image.composite(black, base_view(image, size, view), inactive_mask(patch_map, grid, size))
 
 
 def plasma(t: np.ndarray) -> np.ndarray:
@@ -67,9 +101,10 @@ def heatmap_overlay(patch_map: np.ndarray, grid: tuple[int, int], upper: float,
 
 
 def heatmap(image: Image.Image, patch_map: np.ndarray, grid: tuple[int, int], upper: float,
-            size: int = PROMPT_SIZE, opacity: float = 0.9) -> Image.Image:
+            size: int = PROMPT_SIZE, opacity: float = 0.9, view: str = "squash") -> Image.Image:
   overlay = heatmap_overlay(patch_map, grid, upper, size, opacity)
-  return Image.alpha_composite(base_view(image, size).convert("RGBA"), overlay).convert("RGB")
+  return Image.alpha_composite(base_view(image, size, view).convert("RGBA"),
+                               overlay).convert("RGB")
 
 
 def image_grid(images: list[Image.Image], columns: int | None = None, pad: int = 4,

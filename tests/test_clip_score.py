@@ -244,3 +244,19 @@ def test_derangement_has_no_fixed_point():
 def test_unloadable_clip_model_names_the_flag(tmp_path):
   with pytest.raises(clip.ClipError, match="--clip_model=local-dir:"):
     clip.load(f"local-dir:{tmp_path / 'missing'}", None)
+
+
+def test_paper_refine_prompt_is_read_from_a_clone(tmp_path):
+  # A clone's label_refiner.py as the paper writes it: the module is never imported (its imports
+  # are not installed here), its PROMPT string is read and {description} becomes {explanation}.
+  source = tmp_path / refine.PAPER_REFINER
+  source.parent.mkdir(parents=True)
+  source.write_text('import sglang_that_is_not_installed\n\nPROMPT = """\\\n[GUIDELINES]\nExtract.\n'
+                    '[Description]\n{description}\n"""\n\nclass LabelRefiner:\n  pass\n')
+  template = refine.load_template(f"paper:{tmp_path}")
+  assert template.system == ""  # their client sends one user message
+  assert template.user == "[GUIDELINES]\nExtract.\n[Description]\n{explanation}\n"
+  assert refine.render(template, "Dogs.").user.endswith("[Description]\nDogs.\n")
+  assert refine.load_template(None) == prompts.load_template(refine.DEFAULT_TEMPLATE)
+  with pytest.raises(prompts.TemplateError, match=r"--refine_template=paper:.*cannot read"):
+    refine.load_template(f"paper:{tmp_path / 'nowhere'}")

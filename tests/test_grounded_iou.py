@@ -66,7 +66,8 @@ def test_ious_are_those_of_the_grounded_masks(models, inputs, tmp_path):
     assert [image["iou"] for image in rows[latent]["images"]] == pytest.approx(expected)
     assert rows[latent]["iou"] == pytest.approx(np.mean(expected))
   summary = json.load(open(tmp_path / "out" / "grounded_iou.json"))
-  assert summary["latents"] == {"selected": 2, "scored": 2, "skipped_no_images": 0}
+  assert summary["latents"] == {"selected": 2, "scored": 2, "skipped_no_images": 0,
+                                "skipped_no_label": 0}
   assert summary["images"] == {"boxed": 4}
   assert summary["metrics"]["iou"]["mean"] == pytest.approx(np.mean([rows[0]["iou"],
                                                                      rows[1]["iou"]]))

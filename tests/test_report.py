@@ -140,23 +140,34 @@ def test_report_shows_planted_concepts_beside_the_explanations(tmp_path):
 
 def test_report_shows_clip_and_grounded_iou_side_by_side(inputs, tmp_path):
   _, _, scores = inputs
-  grounded = tmp_path / "grounded"
-  grounded.mkdir()
-  (grounded / "grounded_iou.json").write_text(json.dumps({
-      "format": "grounded-iou", "version": 1,
-      "settings": {"grounding_dino": "/m/gd", "sam": "/m/sam", "box_threshold": 0.35,
-                   "text_threshold": 0.25, "threshold": 1e-5, "grid": [24, 24]},
-      "latents": {"selected": 3, "scored": 2}, "images": {"boxed": 7, "no box": 3},
-      "metrics": {"iou": {"n": 2, "mean": 0.375, "median": 0.375, "ci95": [0.25, 0.5]},
-                  "random_iou": {"n": 2, "mean": 0.125, "median": 0.125, "ci95": None}}}))
+  folders = []
+  for method, (iou, random_iou) in (("patch", (0.375, 0.125)), ("paper", (0.25, 0.0625))):
+    folder = tmp_path / f"grounded_{method}"
+    folder.mkdir()
+    (folder / "grounded_iou.json").write_text(json.dumps({
+        "format": "grounded-iou", "version": 1,
+        "settings": {"method": method, "grounding_dino": "/m/gd", "sam": "/m/sam",
+                     "box_threshold": 0.35, "text_threshold": 0.25, "threshold": 1e-5,
+                     "grid": [24, 24], "pixels": 336 if method == "paper" else None,
+                     "random_draws": 10},
+        "latents": {"selected": 3, "scored": 2}, "images": {"boxed": 7, "no box": 3},
+        "metrics": {"iou": {"n": 2, "mean": iou, "median": iou, "ci95": [iou - 0.125, iou + 0.125]},
+                    "random_iou": {"n": 2, "mean": random_iou, "median": random_iou,
+                                   "ci95": None}}}))
+    folders.append(str(folder))
   out = tmp_path / "report"
-  code, summary = report(f"--clip_scores={scores}", f"--grounded_iou={grounded}", f"--out={out}")
+  code, summary = report(f"--clip_scores={scores}", f"--grounded_iou={','.join(folders)}",
+                         f"--out={out}")
   assert code == 0, summary
   assert summary["sections"] == ["CLIP score", "IoU (GroundingDINO + SAM)"]
   page = (out / "report.html").read_text()
   assert "7 boxed, 3 no box" in page and "binarised at activation &gt; 1e-05" in page
-  # This run's means with their intervals, next to the paper's CLIP scores and IoU.
+  assert "Method paper (the paper&#x27;s computation)" in page and "squashed to 336 px" in page
+  # This run's means with their intervals, next to the paper's CLIP scores; the paper's IoU only
+  # beside method paper, whose numbers they are.
   assert ("<tr><td>CLIP score</td><td>25.5 [24.5, 26.5]</td><td>18.25 [17.25, 19.25]</td>"
           "<td>24.92</td><td>18.2</td></tr>") in page
-  assert ("<tr><td>IoU</td><td>0.375 [0.25, 0.5]</td><td>0.125</td><td>0.31</td>"
-          "<td>0.005</td></tr>") in page
+  assert ("<tr><td>IoU, method patch</td><td>0.375 [0.25, 0.5]</td><td>0.125</td><td></td>"
+          "<td></td></tr>") in page
+  assert ("<tr><td>IoU, method paper</td><td>0.25 [0.125, 0.375]</td><td>0.0625</td>"
+          "<td>0.31</td><td>0.005</td></tr>") in page
