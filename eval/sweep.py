@@ -18,8 +18,9 @@ from eval.page import ReportError, read_json, read_jsonl
 
 SWEEP_FILE = "sweep.json"
 TAIL_FRACTION = 0.1
-# BatchTopK runs also log the inference-mode (JumpReLU threshold) numbers: what the exported SAE
-# does, so they are preferred where logged.
+# BatchTopK runs also log the inference-mode (JumpReLU threshold) numbers once the threshold is
+# learned: what the exported SAE does, so they are preferred where logged (row by row; the training
+# numbers before that).
 INFERENCE_KEYS = {"fvu": "inference_fvu", "l0": "inference_l0"}
 PREFIX_FVU = "fvu_prefix_"  # Matryoshka runs: fvu_prefix_<width>, the first <width> latents alone
 
@@ -57,13 +58,14 @@ class Member:
       return None
     return self.final.step * self.batch_size
 
-  def series(self, key: str) -> str:
-    """The metrics.jsonl column this member's `key` (fvu, l0) is read from."""
-    return INFERENCE_KEYS[key] if self.final and self.final.inference else key
+
+def row_value(row: dict, key: str):
+  """A metrics.jsonl row's `key`: its inference-mode number where the row has one (fvu, l0)."""
+  return row.get(INFERENCE_KEYS[key], row.get(key)) if key in INFERENCE_KEYS else row.get(key)
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
-  values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+  values = [v for v in (row_value(r, key) for r in rows) if isinstance(v, (int, float))]
   return math.fsum(values) / len(values) if values else None
 
 
@@ -72,11 +74,10 @@ def final(rows: list[dict]) -> Final | None:
     return None
   tail = rows[-max(1, math.ceil(TAIL_FRACTION * len(rows))):]
   inference = INFERENCE_KEYS["fvu"] in rows[-1] and INFERENCE_KEYS["l0"] in rows[-1]
-  key = lambda name: INFERENCE_KEYS[name] if inference else name
   widths = sorted(int(k[len(PREFIX_FVU):]) for k in rows[-1]
                   if k.startswith(PREFIX_FVU) and k[len(PREFIX_FVU):].isdigit())
   return Final(step=int(rows[-1]["step"]), rows=len(tail), inference=inference,
-               fvu=_mean(tail, key("fvu")), l0=_mean(tail, key("l0")),
+               fvu=_mean(tail, "fvu"), l0=_mean(tail, "l0"),
                dead_fraction=_mean(tail, "dead_fraction"),
                tokens_per_s=_mean(tail, "tokens_per_s"),
                prefix_fvu={w: _mean(tail, f"{PREFIX_FVU}{w}") for w in widths})

@@ -105,8 +105,8 @@ def curves_section(members: list[sweep.Member], out: Path) -> Section:
   def lines(key: str) -> list:
     found = []
     for m in logged:
-      column = m.series(key) if key in sweep.INFERENCE_KEYS else key
-      points = [(r["step"] * m.batch_size, r[column]) for r in m.rows if _finite(r.get(column))]
+      points = [(r["step"] * m.batch_size, sweep.row_value(r, key)) for r in m.rows
+                if _finite(sweep.row_value(r, key))]
       found.append((m.name, *(zip(*points) if points else ((), ()))))
     return found
 

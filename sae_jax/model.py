@@ -187,16 +187,17 @@ class TopKSAE(nnx.Module):
     return encode(x, self.b_dec[...], self.W_enc[...], self.b_enc[...], dead)
 
   def encode(self, x) -> tuple[jax.Array, jax.Array]:
-    """Top-k values [B, k] (float32, >= 0) and latent indices [B, k] int32, largest first.
-    BatchTopK: the top `candidates` [B, c], values not above the threshold set to 0 (JumpReLU)."""
+    """Top-k values [B, k] (float32, >= 0) and latent indices [B, k] int32, largest first."""
     cfg = self.cfg
-    width = cfg.candidates if cfg.architecture == "batchtopk" else cfg.k
-    encode = self._sparse_encoder(width, 0)
+    encode = self._sparse_encoder(cfg.k, 0)
     values, indices, _, _ = encode(x, self.b_dec[...], self.W_enc[...], self.b_enc[...],
                                    jnp.zeros((cfg.num_latents,), bool))
-    if cfg.architecture == "batchtopk":
-      values = jnp.where(values > self.threshold[...], values, 0.0)
     return values, indices
+
+  def jumprelu_code(self, x) -> jax.Array:
+    """BatchTopK at inference: the dense JumpReLU code [B, n] at the learned threshold, every
+    latent above it kept (topk.jumprelu, as scan and the exported dictionary apply it)."""
+    return topk_lib.jumprelu(self.pre_activations(x), self.threshold[...])
 
   def decode(self, values, indices) -> jax.Array:
     """sum_j values_j W_dec[indices_j] + b_dec, [B, d]."""
@@ -205,6 +206,9 @@ class TopKSAE(nnx.Module):
                                    self.cfg.weight_grads, self.cfg.compute_dtype) + self.b_dec[...]
 
   def __call__(self, x) -> jax.Array:
+    """The reconstruction as a user encodes: TopK, or BatchTopK's JumpReLU."""
+    if self.cfg.architecture == "batchtopk":
+      return self.jumprelu_code(x) @ self.W_dec[...] + self.b_dec[...]
     return self.decode(*self.encode(x))
 
   def pre_activations(self, x) -> jax.Array:

@@ -71,7 +71,7 @@ class JumpReLU(nnx.Module):
     `cap` latents above threshold, whose smallest ones were dropped."""
     pre = topk_lib.encoder_pre(x.astype(jnp.float32) - self.b_dec[...], self.W_enc[...],
                                self.b_enc[...], jnp.dtype(self.compute_dtype))
-    kept = jnp.where(pre > self.threshold[...], pre, 0.0)
+    kept = topk_lib.jumprelu(pre, self.threshold[...])
     width = min(self.cap + 1, kept.shape[1])  # one more than the cap: does any row overflow?
     values, indices = jax.lax.top_k(kept, width)
     over_cap = values[:, self.cap] > 0 if width > self.cap else jnp.zeros(len(x), bool)

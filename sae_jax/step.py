@@ -157,10 +157,14 @@ def global_norm(plan: KernelPlan, grads) -> jax.Array:
 
 
 def eval_metrics(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> dict[str, jax.Array]:
-  """fvu, mse and l0 of the top-k reconstruction (BatchTopK: the JumpReLU at the learned
-  threshold), without touching the state."""
+  """fvu, mse and l0 of the reconstruction as a user encodes (TopK, or BatchTopK's JumpReLU at the
+  learned threshold with no cap on the latents a row keeps), without touching the state."""
   model, _ = nnx.merge(graphdef, state)
   x = x.astype(jnp.float32)
-  values, indices = model.encode(x)
   total_variance = jnp.sum(jnp.square(x - x.mean(0)))
+  if model.cfg.architecture == "batchtopk":
+    code = model.jumprelu_code(x)
+    return _reconstruction_metrics(x, code @ model.W_dec[...] + model.b_dec[...], code,
+                                   total_variance)
+  values, indices = model.encode(x)
   return _reconstruction_metrics(x, model.decode(values, indices), values, total_variance)

@@ -39,6 +39,13 @@ def encoder_pre(xc: jax.Array, W_enc: jax.Array, b_enc: jax.Array,
   return jax.nn.relu(lin + b_enc)
 
 
+def jumprelu(pre: jax.Array, threshold: jax.Array) -> jax.Array:
+  """The JumpReLU rule, the inference encoder of a BatchTopK dictionary: `pre` where it is above
+  `threshold` (a scalar or one per latent), else 0. Training metrics and scan apply it here;
+  interpret.sae.SAE applies the same rule in torch."""
+  return jnp.where(pre > threshold, pre, 0.0)
+
+
 @functools.lru_cache(maxsize=None)
 def sparse_encoder(plan: KernelPlan, k: int, k_aux: int, method: str = "exact",
                    recall: float = 0.95, compute_dtype: str = "float32",

@@ -412,6 +412,9 @@ def log_metrics(m: Member, step: int, device_metrics: dict) -> dict:
   scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
   if not check_finite(m, step, scalars):
     return m.summary
+  if scalars.get("threshold", 0.0) < 0:  # BatchTopK before its threshold is learned: no JumpReLU
+    scalars.pop("inference_fvu", None)
+    scalars.pop("inference_l0", None)
   scalars["lr"] = float(m.schedule(step - 1))  # the rate that step's update used
   since_time, since_step = m.tick
   elapsed = time.perf_counter() - since_time

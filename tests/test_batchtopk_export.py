@@ -58,9 +58,8 @@ def test_the_torch_sae_runs_the_export_as_the_jax_model_encodes(workdir, tmp_pat
   assert threshold > 0
   data = Store(store)
   x = np.stack([data[i] for i in range(256)]).astype(np.float32)
-  values, indices = (np.asarray(a) for a in model.encode(jnp.asarray(scale * x)))
-  z_jax = np.zeros((len(x), 64))
-  np.put_along_axis(z_jax, indices, values / scale, 1)  # the model sees scale * x
+  z_jax = np.asarray(model.jumprelu_code(jnp.asarray(scale * x)), np.float64) / scale
+  x_hat_jax = np.asarray(model(jnp.asarray(scale * x))) / scale  # the model sees scale * x
 
   sae = SAE.from_export(tmp_path)
   np.testing.assert_array_equal(sae.threshold.numpy(), np.float32(threshold) / np.float32(scale))
@@ -68,16 +67,12 @@ def test_the_torch_sae_runs_the_export_as_the_jax_model_encodes(workdir, tmp_pat
   z_torch = np.zeros_like(z_jax)
   np.put_along_axis(z_torch, t_indices.numpy(), t_values.double().numpy(), 1)
   active = (z_jax > 0).sum(1)
-  assert 0 < active.mean() < model.cfg.candidates
-  # The JAX encode looks at the top `candidates` only; below that cap nothing was dropped.
-  below_cap = active < model.cfg.candidates
-  assert below_cap.mean() > 0.9
-  np.testing.assert_array_equal(z_torch[below_cap] > 0, z_jax[below_cap] > 0)
-  np.testing.assert_allclose(z_torch[below_cap], z_jax[below_cap], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(
-      sae.decode(t_values, t_indices).numpy()[below_cap],
-      np.asarray(model.decode(jnp.asarray(values), jnp.asarray(indices)))[below_cap] / scale,
-      rtol=1e-4, atol=1e-5)
+  assert 0 < active.mean() < 64
+  # One rule, no cap on either side: the same latents, the same values, the same reconstruction.
+  np.testing.assert_array_equal(z_torch > 0, z_jax > 0)
+  np.testing.assert_allclose(z_torch, z_jax, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sae.decode(t_values, t_indices).numpy(), x_hat_jax,
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_exports_the_run_cannot_make_are_refused(workdir, tmp_path):
@@ -127,3 +122,14 @@ def test_per_latent_thresholds_cannot_start_a_batchtopk_run(workdir, tmp_path):
 def export_folder(workdir, tmp_path):
   assert export(workdir, tmp_path / "export", "--format=saelens").returncode == 0
   return tmp_path / "export"
+
+
+def test_inference_metrics_are_logged_once_a_threshold_exists(workdir):
+  """Step 5 (no threshold yet: a JumpReLU at -1 would keep every positive latent) logs training
+  numbers only; step 10 adds the JumpReLU's FVU and L0, at most the latents that fired."""
+  workdir, _ = workdir
+  rows = {r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+  assert rows[5]["threshold"] < 0 and "inference_fvu" not in rows[5]
+  assert "inference_l0" not in rows[5] and "fvu" in rows[5]
+  assert rows[10]["threshold"] > 0 and 0 < rows[10]["inference_l0"] < 64
+  assert 0 < rows[10]["inference_fvu"] < 1
