@@ -35,9 +35,12 @@ def kth_largest(values: jax.Array, count: int) -> jax.Array:
 def select(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """(values [B, c] with all but the batch's B*k largest set to 0, capped_fraction).
 
-  Ties at the cut are all kept. The selection is that of the whole flattened [B, n] batch unless
-  some token has more than c of the batch's B*k largest: capped_fraction, the fraction of tokens
-  whose last candidate is kept, says how often that may have happened."""
+  Ties at the cut are all kept. When capped_fraction (the fraction of tokens whose last candidate
+  is kept) is 0, the selection is exactly that of the whole flattened [B, n] batch: every value a
+  token has above the cut is then among its c candidates (its c-th is below the cut, and the rest
+  are smaller still), so the candidates and the full batch count the same entries above any value
+  >= the cut, and their (B*k)-th largest agree. A positive capped_fraction says the cap may have
+  changed the cut; raise --batchtopk_max_k then."""
   cut = kth_largest(values, values.shape[0] * k)
   kept = jnp.where(values >= cut, values, 0.0)
   return kept, jnp.mean((kept[:, -1] > 0).astype(jnp.float32))

@@ -45,7 +45,7 @@ def params_of(model):
   return {name: np.asarray(getattr(model, name)[...], np.float64) for name in PARAMS}
 
 
-@pytest.mark.parametrize("cap", [0, 4, N])
+@pytest.mark.parametrize("cap", [0, 4, 16, N])
 def test_batchtopk_picks_the_batch_largest_candidates(cap):
   cfg = SAEConfig(d_in=D, num_latents=N, k=K, architecture="batchtopk", batchtopk_max_k=cap)
   model, _, x = model_and_batch(cfg)
@@ -59,11 +59,14 @@ def test_batchtopk_picks_the_batch_largest_candidates(cap):
   assert got.sum() == B * K  # no ties, no zeros at the cut
   np.testing.assert_allclose(batchtopk.kth_largest(values, B * K), cut, rtol=1e-5)
   assert float(capped) == want_capped
-  if cfg.candidates == N:  # no cap: the top B*k of the whole flattened batch
+  if cfg.candidates == N:
     assert float(capped) == 0
+  if float(capped) == 0:  # no token's last candidate kept: the cut of the whole flattened batch
     np.testing.assert_array_equal(got.ravel(), pre.ravel() >= np.sort(pre.ravel())[-B * K])
   if cap == 4:
     assert want_capped > 0  # the test exercises the cap
+  if cap == 16:
+    assert float(capped) == 0  # ... and a cap below n that never binds
 
 
 def dense_loss(p, x, mask, aux_mask, cfg, num_dead):
