@@ -19,18 +19,35 @@ import numpy as np
 from sae_jax.store import StoreError
 
 REMOTE_SCHEMES = ("gs://", "s3://")
-_BLOCK = 1 << 26  # bytes per read when a whole file is hashed or copied
+# Bytes per read when a whole file is hashed or copied: with one read ahead, what a stream holds.
+_BLOCK = 1 << 23
 
 
 def sha256(location: "Local | Bucket", rel: str) -> str | None:
   """The sha256 of a file of `location`, or None if it is missing."""
+  digests = sha256_pieces(location, rel, [])
+  return None if digests is None else digests[0]
+
+
+def sha256_pieces(location: "Local | Bucket", rel: str, bounds: list[tuple[int, int]]
+                  ) -> tuple[str, list[str]] | None:
+  """The sha256 of a file of `location` and of each of its byte ranges `bounds` (consecutive,
+  from byte 0; the file may end inside them), in one streamed read; None if it is missing."""
   blocks = location.blocks(rel)
   if blocks is None:
     return None
-  digest = hashlib.sha256()
+  whole, pieces = hashlib.sha256(), [hashlib.sha256() for _ in bounds]
+  at, piece = 0, 0
   for block in blocks:
-    digest.update(block)
-  return digest.hexdigest()
+    whole.update(block)
+    view = memoryview(block)
+    while view and piece < len(bounds):
+      take = min(len(view), bounds[piece][1] - at)
+      pieces[piece].update(view[:take])
+      view, at = view[take:], at + take
+      if at == bounds[piece][1]:
+        piece += 1
+  return whole.hexdigest(), [p.hexdigest() for p in pieces]
 
 
 class LocationError(StoreError):
@@ -144,8 +161,12 @@ class Bucket:
 
   def _read(self, rel: str, byte_range: slice | None = None, *, to_end: bool = False):
     """A read; a range past the object's end is cut at the end if `to_end`, else refused."""
+    return self._result(rel, self.kv.read(rel, byte_range=byte_range), byte_range, to_end=to_end)
+
+  def _result(self, rel: str, future, byte_range: slice | None, *, to_end: bool = False):
+    """The result of a read started as `future`, as `_read` returns it."""
     try:
-      return self.kv.read(rel, byte_range=byte_range).result()
+      return future.result()
     except Exception as e:
       if "OUT_OF_RANGE" not in str(e):
         raise self._error(self.url(rel), e) from e
@@ -174,12 +195,12 @@ class Bucket:
 
     def read():
       block, offset = bytes(first.value), 0
-      while True:
-        yield block
-        if len(block) < _BLOCK:
-          return
+      while len(block) == _BLOCK:
         offset += _BLOCK
-        block = bytes(self._read(rel, slice(offset, offset + _BLOCK), to_end=True).value)
+        ahead = self.kv.read(rel, byte_range=slice(offset, offset + _BLOCK))  # in flight meanwhile
+        yield block
+        block = bytes(self._result(rel, ahead, slice(offset, offset + _BLOCK), to_end=True).value)
+      yield block
     return read()
 
   def write(self, rel: str, data: bytes) -> None:
