@@ -207,6 +207,13 @@ def _lane(reader: ChunkReader, order: ChunkOrder, part_rows: int, start_step: in
         pending, have = [], 0
 
 
+def batch_dtype(store_dtype: str) -> np.dtype:
+  """The dtype of the batches `batches` serves: the store's (bfloat16 as such), fp8 rows packed as
+  uint8 (their width: store.disk_width)."""
+  raw = disk_dtype(store_dtype)
+  return raw if store_dtype == FP8 else from_disk(np.zeros((0, 1), raw), store_dtype).dtype
+
+
 def device_rows(x: jax.Array, store_dtype: str) -> jax.Array:
   """A batch as `batches` serves it, as float32 on the device (inside the jitted step): the
   exact values `Store` decodes on the host."""

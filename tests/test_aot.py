@@ -74,6 +74,16 @@ def test_latent_split_divides_the_state_and_never_gathers_pre_activations():
   assert exact_aux["collective_gib_per_step"] > split["collective_gib_per_step"]
 
 
+@pytest.mark.parametrize("store_dtype, row_bytes", [("float32", 4 * D), ("bfloat16", 2 * D),
+                                                    ("float8_e4m3fn", D + 4)])
+def test_the_plan_compiles_the_trainers_step_on_batches_of_the_stores_dtype(store_dtype,
+                                                                          row_bytes):
+  report = plan("data:8,model:1", f"--store_dtype={store_dtype}")
+  assert report["program"] == "jit_scaled_step"  # sae_jax.programs.jit_update, as train runs it
+  assert report["config"]["store_dtype"] == store_dtype
+  assert report["per_device_gib"]["batch"] * 2**30 == BATCH // 8 * row_bytes
+
+
 def test_shard_capacity_shrinks_the_candidate_gathers():
   capped = plan("data:1,model:8", "--shard_capacity=2", "--auxk_select=exact")
   assert gathered_widths(capped) == {8 * 2 * K // 8, 8 * 2 * (D // 2) // 8}

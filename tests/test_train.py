@@ -230,6 +230,25 @@ def test_a_resume_refuses_flags_that_change_the_run(store, straight, tmp_path, f
   assert sorted((straight / "checkpoints").iterdir()) == checkpoints
 
 
+def test_a_resume_refuses_another_kernel_plan_unless_accepted(store, straight, tmp_path):
+  """A run trained with the other kernels (native C++ against XLA: equal only to allclose) is not
+  resumed silently; --accept_kernel_plan resumes it and records the new plan."""
+  workdir = shutil.copytree(straight, tmp_path / "elsewhere")
+  recorded = json.loads((workdir / "flags.json").read_text())
+  here = dict(recorded["resolved"]["kernel_plan"])
+  recorded["resolved"]["kernel_plan"]["native"] = not here["native"]
+  (workdir / "flags.json").write_text(json.dumps(recorded))
+  error = error_of(train(store, workdir, "--steps=25", check=False))
+  assert error == (f"the run in {workdir} was trained with other kernels (native "
+                   f"{not here['native']} -> {here['native']}; SAE_JAX_NATIVE, a C++ compiler and "
+                   "the devices decide them), which agree only to allclose; resume where they "
+                   "match, or pass --accept_kernel_plan to go on with these")
+  summary = json.loads(train(store, workdir, "--steps=25", "--accept_kernel_plan"
+                             ).stdout.splitlines()[-1])
+  assert summary["step"] == 25
+  assert json.loads((workdir / "flags.json").read_text())["resolved"]["kernel_plan"] == here
+
+
 def test_steps_may_change_on_resume_unless_the_learning_rate_depends_on_them(store, tmp_path):
   train(store, tmp_path / "constant", "--steps=4")
   summary = json.loads(train(store, tmp_path / "constant", "--steps=6").stdout.splitlines()[-1])
