@@ -5,7 +5,7 @@ read request, whatever the storage. `sae_jax.order` decides which chunks form ea
 shuffle buffer) and in which order their rows are served. Batches keep the store's dtype, so 16-bit
 rows travel to the device as 16 bits and become float32 there.
 
-Every chunk is checked against the manifest's sha256 of its rows as it is read (a chunk is a whole
+Every chunk is checked against the manifest's CRC32C of its rows as it is read (a chunk is a whole
 number of the store's checked chunks), so a corrupted store stops the run, naming the file and the
 bytes, instead of training on it, and each byte is read once. A store of format version 1 has
 whole-file checksums only: each of its shard files is hashed whole before its first row is used.

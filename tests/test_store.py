@@ -158,7 +158,7 @@ def test_a_corrupted_chunk_is_named_by_its_bytes_and_version_1_stores_still_read
     writer.write_shard(acts, meta, [{"id": i}], num_inputs=1)
   writer.finish()
   info = Store(tmp_path / "v2").shards[0]
-  assert info.chunks["rows"] == 10 and len(info.chunks["sha256"]) == 4  # 10, 10, 10, 5 rows
+  assert info.chunks["rows"] == 10 and len(info.chunks["crc32c"]) == 4  # 10, 10, 10, 5 rows
   rel, offset = info.files["acts"], info.chunks["offset"]
   path = tmp_path / "v2" / rel
   raw = bytearray(path.read_bytes())

@@ -13,7 +13,7 @@ temporary name and renamed (in a bucket: one PUT each), and the manifest is rewr
 atomically) only after a shard's files are in place, so a store killed at any moment is a valid
 prefix of the finished one. A writer reopened with the same settings continues after the last committed shard.
 
-Each shard's activations carry a sha256 per chunk of rows (format version 2; `ShardInfo.chunks`),
+Each shard's activations carry a CRC32C per chunk of rows (format version 2; `ShardInfo.chunks`),
 so a reader checks exactly the bytes it reads when it reads them, and memory depends on what is
 read at once, never on the store's size: nothing of a shard is kept once read. Stores of version
 1 (whole-file checksums only) are still read, each file hashed whole before its first use.
@@ -31,6 +31,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import google_crc32c
 import ml_dtypes
 import numpy as np
 
@@ -103,17 +104,23 @@ def from_disk(raw: np.ndarray, dtype: str) -> np.ndarray:
   return raw.view(ml_dtypes.bfloat16) if dtype == "bfloat16" else raw
 
 
+def crc32c(data) -> int:
+  """The CRC32C of bytes or of a contiguous array (read-only views: google_crc32c wants them)."""
+  if isinstance(data, np.ndarray):
+    data = data.reshape(-1).view(np.uint8)
+    data.flags.writeable = False
+  return google_crc32c.value(data)
+
+
 def chunk_checksums(npy: bytes, row_bytes: int, rows: int) -> dict:
-  """`ShardInfo.chunks` of an activations .npy file: its header's sha256, and one per chunk of
-  `rows` rows of its data (the last chunk may be shorter)."""
+  """`ShardInfo.chunks` of an activations .npy file: its header's CRC32C, and one per chunk of
+  `rows` rows of its data (the last chunk may be shorter). CRC32C, not sha256: readers check every
+  chunk they read, at ~10 GB/s a core instead of ~1 (whole files keep their sha256)."""
   offset = len(npy) - rows * row_bytes
   chunk_rows = max(1, CHECK_CHUNK_BYTES // row_bytes)
   step = chunk_rows * row_bytes
-  data = memoryview(npy)[offset:]
-  return {"offset": offset, "rows": chunk_rows,
-          "header_sha256": hashlib.sha256(npy[:offset]).hexdigest(),
-          "sha256": [hashlib.sha256(data[i:i + step]).hexdigest()
-                     for i in range(0, len(data), step)]}
+  return {"offset": offset, "rows": chunk_rows, "header_crc32c": crc32c(npy[:offset]),
+          "crc32c": [crc32c(npy[i:i + step]) for i in range(offset, len(npy), step)]}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -202,7 +209,7 @@ class ShardInfo:
   files: dict[str, str]
   sha256: dict[str, str]
   bad_images: tuple[dict, ...] = ()
-  # The activations' per-chunk checksums (chunk_checksums); None in stores of version 1.
+  # The activations' per-chunk CRC32Cs (chunk_checksums); None in stores of version 1.
   chunks: dict | None = None
 
   def to_json(self) -> dict:
@@ -354,8 +361,8 @@ class Store:
     return self.rows
 
   def verify(self) -> None:
-    """Checks every shard file's sha256 (and each chunk's, where the manifest has them) and shape,
-    streaming; raises StoreError naming the first bad file (and chunk)."""
+    """Checks every shard file's sha256 (and each chunk's CRC32C, where the manifest has them) and
+    shape, streaming; raises StoreError naming the first bad file (and chunk)."""
     for s in self.shards:
       self.acts_offset(s.index)  # the header: shape and dtype
       for kind in s.files:
@@ -374,8 +381,8 @@ class Store:
     bounds, expected = [], []
     if chunks is not None:
       bounds = chunk_bounds(chunks, self.row_bytes, info.rows)
-      expected = [chunks["header_sha256"], *chunks["sha256"]]
-    digests = location.sha256_pieces(self.location, rel, bounds)
+      expected = [chunks["header_crc32c"], *chunks["crc32c"]]
+    digests = location.checksums(self.location, rel, bounds)
     if digests is None:
       raise StoreError(f"shard {shard} of {self.path}: file {rel} is missing")
     whole, pieces = digests
@@ -388,7 +395,7 @@ class Store:
 
   def _corrupted(self, shard: int, rel: str, lo: int, hi: int) -> StoreError:
     return StoreError(f"shard {shard} of {self.path}: {rel} is corrupted at bytes [{lo}, {hi}) "
-                      "(sha256 does not match the manifest); harvest this store again")
+                      "(CRC32C does not match the manifest); harvest this store again")
 
   def acts_offset(self, shard: int) -> int:
     """Where the rows of a shard's activations begin in its .npy file, after checking its header
@@ -402,8 +409,7 @@ class Store:
               12 + int.from_bytes(head[8:12], "little"))
       head = bytearray(size)
       self._read_into(shard, rel, 0, memoryview(head))
-      if info.chunks is not None and hashlib.sha256(head).hexdigest() != info.chunks[
-          "header_sha256"]:
+      if info.chunks is not None and crc32c(bytes(head)) != info.chunks["header_crc32c"]:
         raise self._corrupted(shard, rel, 0, size)
       with io.BytesIO(bytes(head)) as f:
         read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
@@ -442,11 +448,10 @@ class Store:
     whole = out if (lo, hi) == (start, stop) else np.empty((hi - lo, self.width), out.dtype)
     raw = memoryview(whole).cast("B")
     self._read_into(shard, rel, offset + lo * self.row_bytes, raw)
-    step = per * self.row_bytes
-    for i, at in enumerate(range(0, len(raw), step)):
-      if hashlib.sha256(raw[at:at + step]).hexdigest() != info.chunks["sha256"][lo // per + i]:
-        first = offset + lo * self.row_bytes + at
-        raise self._corrupted(shard, rel, first, first + len(raw[at:at + step]))
+    for i, at in enumerate(range(0, hi - lo, per)):
+      if crc32c(whole[at:at + per]) != info.chunks["crc32c"][lo // per + i]:
+        first = offset + (lo + at) * self.row_bytes
+        raise self._corrupted(shard, rel, first, first + len(whole[at:at + per]) * self.row_bytes)
     if whole is not out:
       out[:] = whole[start - lo:stop - lo]
     return out
