@@ -13,6 +13,7 @@ whole-file checksums only: each of its shard files is hashed whole before its fi
 
 from __future__ import annotations
 
+import collections
 from concurrent import futures
 import functools
 import itertools
@@ -53,7 +54,8 @@ def select_mask(store: Store, token_kinds: Sequence[str] | None) -> np.ndarray |
 
 
 class ChunkReader:
-  """Reads chunks of a store's (selected) rows, `read_threads` requests in flight."""
+  """Reads chunks of a store's (selected) rows, `read_threads` requests in flight: from a bucket
+  as tensorstore futures, from files by as many threads (a file read blocks its thread)."""
 
   def __init__(self, store: Store, token_kinds: Sequence[str] | None = None, *,
                chunk_bytes: int = 1 << 20, read_threads: int = 16):
@@ -88,6 +90,7 @@ class ChunkReader:
       counts = counts[keep]
     self.counts = counts.astype(np.int64)
     self.num_rows = int(self.counts.sum())
+    self.read_threads = read_threads
     self._pool = futures.ThreadPoolExecutor(read_threads, thread_name_prefix="store-read")
     self._lock = threading.Lock()
     # Shards of a version-1 store are hashed whole before their first use; the others never.
@@ -105,18 +108,27 @@ class ChunkReader:
     ends = np.cumsum(sizes)
     rows = int(ends[-1]) if len(ends) else 0
     out = (np.empty((rows, self.width), self.dtype) if buffer is None else buffer[:rows])
-    jobs = [self._pool.submit(self._read_chunk, int(c), out[e - n:e])
-            for c, n, e in zip(chunks, sizes, ends)]
-    for job in jobs:
-      job.result()
+    parts = [(int(c), out[e - n:e]) for c, n, e in zip(chunks, sizes, ends)]
+    if self.store.location.asynchronous:  # futures: `read_threads` in flight, no thread each
+      in_flight = collections.deque()
+      for c, part in parts:
+        in_flight.append(self._start_chunk(c, part))
+        if len(in_flight) == self.read_threads:
+          in_flight.popleft()()
+      for finish in in_flight:
+        finish()
+    else:  # a file read blocks: one thread per read in flight
+      for job in [self._pool.submit(lambda c, p: self._start_chunk(c, p)(), c, part)
+                  for c, part in parts]:
+        job.result()
     if self.mask is not None:
       out = out[np.concatenate([self.mask[self.first_row[c]:self.first_row[c] + n]
                                 for c, n in zip(chunks, sizes)])]
     return out
 
-  def _read_chunk(self, chunk: int, out: np.ndarray) -> None:
-    self.store.read_rows(int(self.shard[chunk]), int(self.start[chunk]), int(self.stop[chunk]),
-                         out)
+  def _start_chunk(self, chunk: int, out: np.ndarray):
+    return self.store.start_rows(int(self.shard[chunk]), int(self.start[chunk]),
+                                 int(self.stop[chunk]), out)
 
   def _check_shards(self, shards: list[int]) -> None:
     """Checks the activations of the shards not checked yet, several files at a time (hashlib

@@ -138,7 +138,8 @@ def image_chunks(store: Store, chunk_images: int, start_image: int):
       if hi > lo:
         sel = base[lo:hi]
         acts = from_disk(store.read_rows(s.index, int(sel[0]), int(sel[-1]) + 1), store.dtype)
-        yield first, np.asarray(acts[sel - sel[0]], np.float32), ids[lo:hi] - first, meta["patch"][sel]
+        yield (first, np.asarray(acts[sel - sel[0]], np.float32), ids[lo:hi] - first,
+               meta["patch"][sel])
 
 
 def make_chunk_step(model: TopKSAE | JumpReLU, top_n: int, chunk_images: int, score: str,

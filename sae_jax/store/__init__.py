@@ -436,25 +436,41 @@ class Store:
     """Rows [start, stop) of a shard as stored ([n, width] of the disk dtype), into `out` if
     given. Where the manifest has per-chunk checksums, the checked chunks that hold the rows are
     read and checked (read into `out` directly when the rows are exactly whole chunks)."""
+    return self.start_rows(shard, start, stop, out)()
+
+  def start_rows(self, shard: int, start: int, stop: int, out: np.ndarray | None = None
+                 ) -> Callable[[], np.ndarray]:
+    """`read_rows` begun: the read is in flight (from a bucket; a file is read when finished), and
+    the returned function waits for it, checks it and returns the rows."""
     info = self.shards[shard]
     rel, offset = info.files["acts"], self.acts_offset(shard)
     if out is None:
       out = np.empty((stop - start, self.width), disk_dtype(self.dtype))
-    if info.chunks is None:
-      self._read_into(shard, rel, offset + start * self.row_bytes, memoryview(out).cast("B"))
-      return out
-    per = info.chunks["rows"]
+    per = info.chunks["rows"] if info.chunks is not None else 1
     lo, hi = start // per * per, min(-(-stop // per) * per, info.rows)
     whole = out if (lo, hi) == (start, stop) else np.empty((hi - lo, self.width), out.dtype)
-    raw = memoryview(whole).cast("B")
-    self._read_into(shard, rel, offset + lo * self.row_bytes, raw)
-    for i, at in enumerate(range(0, hi - lo, per)):
-      if crc32c(whole[at:at + per]) != info.chunks["crc32c"][lo // per + i]:
-        first = offset + (lo + at) * self.row_bytes
-        raise self._corrupted(shard, rel, first, first + len(whole[at:at + per]) * self.row_bytes)
-    if whole is not out:
-      out[:] = whole[start - lo:stop - lo]
-    return out
+    try:
+      read = self.location.start_read_into(rel, offset + lo * self.row_bytes,
+                                           memoryview(whole).cast("B"))
+    except StoreError as e:
+      raise StoreError(f"shard {shard}: {e}") from e
+
+    def finish() -> np.ndarray:
+      try:
+        read()
+      except StoreError as e:
+        raise StoreError(f"shard {shard}: {e}") from e
+      except OSError as e:
+        raise StoreError(f"shard {shard} of {self.path}: cannot read {rel}: {e}") from e
+      for i, at in enumerate(range(0, hi - lo, per) if info.chunks is not None else ()):
+        if crc32c(whole[at:at + per]) != info.chunks["crc32c"][lo // per + i]:
+          first = offset + (lo + at) * self.row_bytes
+          raise self._corrupted(shard, rel, first,
+                                first + len(whole[at:at + per]) * self.row_bytes)
+      if whole is not out:
+        out[:] = whole[start - lo:stop - lo]
+      return out
+    return finish
 
   def shard_acts(self, index: int) -> np.ndarray:
     """The activations of one shard, read whole and checked, [rows, d_model] (bfloat16 viewed as

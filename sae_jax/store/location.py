@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import google_crc32c
 import numpy as np
@@ -50,6 +50,12 @@ def checksums(location: "Local | Bucket", rel: str, bounds: list[tuple[int, int]
       if at == bounds[piece][1]:
         piece += 1
   return whole.hexdigest(), pieces
+
+
+def _status(e: Exception) -> str:
+  """The absl status code of a tensorstore error: its Python exception carries the status as the
+  code that starts its message ("OUT_OF_RANGE: ..."), and nothing else does."""
+  return str(e).split(":", 1)[0].strip()
 
 
 class LocationError(StoreError):
@@ -90,6 +96,12 @@ class Local:
       return (self.root / rel).read_bytes()
     except FileNotFoundError:
       return None
+
+  asynchronous = False  # a read blocks its thread: readers keep a thread per read in flight
+
+  def start_read_into(self, rel: str, offset: int, out: memoryview) -> Callable[[], None]:
+    """`read_into`, run by the returned function (a file read blocks: nothing to start)."""
+    return lambda: self.read_into(rel, offset, out)
 
   def read_into(self, rel: str, offset: int, out: memoryview) -> None:
     with open(self.root / rel, "rb", buffering=0) as f:
@@ -170,7 +182,7 @@ class Bucket:
     try:
       return future.result()
     except Exception as e:
-      if "OUT_OF_RANGE" not in str(e):
+      if _status(e) != "OUT_OF_RANGE":
         raise self._error(self.url(rel), e) from e
       if not to_end:
         raise LocationError(f"{self.url(rel)} ends before byte {byte_range.stop}: it is "
@@ -181,8 +193,19 @@ class Bucket:
     result = self._read(rel)
     return bytes(result.value) if result.state == "value" else None
 
+  asynchronous = True  # a read is a tensorstore future: many in flight without a thread each
+
+  def start_read_into(self, rel: str, offset: int, out: memoryview) -> Callable[[], None]:
+    """Starts reading bytes [offset, offset + len(out)) of `rel`; the returned function waits for
+    them and copies them into `out`."""
+    byte_range = slice(offset, offset + len(out))
+    future = self.kv.read(rel, byte_range=byte_range)
+    return lambda: self._copy(rel, self._result(rel, future, byte_range), offset, out)
+
   def read_into(self, rel: str, offset: int, out: memoryview) -> None:
-    result = self._read(rel, slice(offset, offset + len(out)))
+    self.start_read_into(rel, offset, out)()
+
+  def _copy(self, rel: str, result, offset: int, out: memoryview) -> None:
     if result.state != "value":
       raise LocationError(f"{self.url(rel)} is missing")
     if len(result.value) != len(out):
