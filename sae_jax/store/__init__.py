@@ -221,6 +221,7 @@ class ShardInfo:
 
   @classmethod
   def from_json(cls, d: dict) -> "ShardInfo":
+    d = json.loads(json.dumps(d))  # its own copy: a caller may edit the manifest it came from
     return cls(**{**d, "bad_images": tuple(d.get("bad_images", ()))})
 
 
