@@ -202,8 +202,14 @@ def test_a_corrupted_shard_stops_the_run_before_its_rows_are_used(store, tmp_pat
   # With --b_dec_init=zeros and no --normalize_inputs, no row is read before the first batch.
   result = train(bad, tmp_path / "run", "--nonormalize_inputs", "--b_dec_init=zeros", *extra,
                  check=False)
-  assert error_of(result) == (f"shard 2 of {bad}: shards/00002.acts.npy is corrupted (sha256 "
-                              "does not match the manifest); harvest this store again")
+  # Named by the checked chunk that holds the flipped byte: the file's last.
+  info = Store(bad).shards[2]
+  row_bytes = D_MODEL * 4
+  end = info.chunks["offset"] + info.rows * row_bytes
+  start = info.chunks["offset"] + (len(info.chunks["crc32c"]) - 1) * info.chunks["rows"] * row_bytes
+  assert error_of(result) == (f"shard 2 of {bad}: shards/00002.acts.npy is corrupted at bytes "
+                              f"[{start}, {end}) (CRC32C does not match the manifest); harvest "
+                              "this store again")
   assert not list((tmp_path / "run" / "checkpoints").glob("*"))
   assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
 
