@@ -318,7 +318,8 @@ def manifest_json(header: dict, shards: Sequence[ShardInfo], complete: bool) -> 
 
 
 class Store:
-  """Read side: memory-mapped shards, global row indexing, the image table, verification."""
+  """Read side: checked ranged reads of rows, global row indexing, the image table, verification;
+  nothing of a shard is kept once read."""
 
   def __init__(self, path: str | os.PathLike, *, verify: bool = False, allow_incomplete: bool = False):
     self.path = path if is_remote(path) else Path(path)
@@ -500,7 +501,7 @@ class Store:
     return shard, row - (int(self._ends[shard - 1]) if shard else 0)
 
   def __getitem__(self, row: int) -> np.ndarray:
-    """One row as float32, copied out of the memmap."""
+    """One row as float32, read (with its checked chunk) on each call."""
     shard, local = self.locate(int(row))
     return np.asarray(from_disk(self.read_rows(shard, local, local + 1), self.dtype)[0],
                       dtype=np.float32)

@@ -4,7 +4,10 @@ Buckets go through tensorstore's kvstore (installed with orbax-checkpoint alread
 local drivers, asynchronous: a read is a future, so many are in flight without a thread each).
 An object is written by one PUT, so it appears whole or not at all: no temporary names needed. The
 usual emulator variables are honoured: STORAGE_EMULATOR_HOST for gs://, AWS_ENDPOINT_URL (or
-AWS_ENDPOINT_URL_S3) for s3://.
+AWS_ENDPOINT_URL_S3) for s3://. The S3 endpoint goes in the kvstore spec; tensorstore's GCS driver
+has no spec member for one (tensorstore 0.1.x refuses "endpoint"), so for STORAGE_EMULATOR_HOST the
+library sets TENSORSTORE_GCS_HTTP_URL (and a test token) in os.environ when they are unset: the
+one place it writes the environment.
 """
 
 from __future__ import annotations
