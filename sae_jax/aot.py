@@ -1,6 +1,7 @@
 """Plans a pod-scale run without the pod: the full training step compiled ahead of time.
 
-`plan` lowers and compiles `train_step` for a mesh of devices from abstract inputs (shapes,
+`plan` lowers and compiles the trainer's own jitted step (sae_jax.programs.jit_update, on batches
+of the store's dtype, as a run serves them) for a mesh of devices from abstract inputs (shapes,
 dtypes and shardings only: nothing is allocated), with the kernel plan of those devices, then
 reads the compiler's memory and cost analyses of the per-device program and lists the
 collectives it contains. The devices are a virtual CPU mesh (`jax_num_cpu_devices`, set before
@@ -10,7 +11,6 @@ JAX starts its backend) or a TPU topology (`tpu_devices`: libtpu's compiler, no 
 from __future__ import annotations
 
 import collections
-import functools
 import importlib.util
 import math
 import os
@@ -19,9 +19,10 @@ import re
 import jax
 import jax.numpy as jnp
 
-from sae_jax import sharding, step
+from sae_jax import data, programs, sharding, step
 from sae_jax.kernel_plan import KernelPlan
 from sae_jax.model import SAEConfig
+from sae_jax.store import disk_width
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 # One HLO instruction with a collective's result, e.g. "%x = f32[1024,64]{1,0} all-gather(" or,
@@ -75,7 +76,7 @@ def collectives(hlo: str) -> tuple[dict[str, int], int]:
   return dict(sorted(counts.items())), total
 
 
-def plan(cfg: SAEConfig, mesh: jax.sharding.Mesh, batch_size: int) -> dict:
+def plan(cfg: SAEConfig, mesh: jax.sharding.Mesh, batch_size: int, store_dtype: str) -> dict:
   kernel_plan = KernelPlan.for_devices(mesh.devices.flat)
   tx = step.make_optimizer(step.default_learning_rate(cfg.num_latents))
   graphdef_box = []
@@ -89,14 +90,15 @@ def plan(cfg: SAEConfig, mesh: jax.sharding.Mesh, batch_size: int) -> dict:
     abstract = jax.eval_shape(init)
     shardings = sharding.state_shardings(abstract, mesh)
     state = sharding.with_shardings(abstract, shardings)
-    x = jax.ShapeDtypeStruct((batch_size, cfg.d_in), jnp.float32,
+    x = jax.ShapeDtypeStruct((batch_size, disk_width(store_dtype, cfg.d_in)),
+                             jnp.dtype(data.batch_dtype(store_dtype)),
                              sharding=sharding.batch_sharding(mesh))
-    update = jax.jit(functools.partial(step.train_step, graphdef_box[0]),
-                     in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                     out_shardings=(shardings, None), donate_argnums=0)
+    # The input scale is a constant of the program: any value compiles the same operations.
+    update = programs.jit_update(graphdef_box[0], 1.0, store_dtype, shardings, mesh)
     compiled = update.lower(state, x).compile()
   memory = compiled.memory_analysis()
-  counts, collective_bytes = collectives(compiled.as_text())
+  hlo = compiled.as_text()
+  counts, collective_bytes = collectives(hlo)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   gib = 2**30
@@ -104,6 +106,7 @@ def plan(cfg: SAEConfig, mesh: jax.sharding.Mesh, batch_size: int) -> dict:
   return {
       "platform": device.platform, "device_kind": device.device_kind,
       "mesh": dict(mesh.shape), "devices": mesh.size, "kernel_plan": kernel_plan.to_json(),
+      "program": re.match(r"HloModule (\S+?),", hlo).group(1),  # the trainer's: jit_scaled_step
       "per_device_gib": {
           "parameters_and_counters": per_device_bytes(state[0]) / gib,
           "optimizer_state": per_device_bytes(state[1]) / gib,

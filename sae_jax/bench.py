@@ -38,6 +38,10 @@ _K = flags.DEFINE_integer("k", 32, "Active latents per token.")
 _BATCH = flags.DEFINE_integer("batch_size", 4096, "Tokens per step.")
 _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                            "Encoder matmul dtype.")
+_STORE_DTYPE = flags.DEFINE_enum(
+    "store_dtype", "bfloat16", ["float32", "float16", "bfloat16", "float8_e4m3fn"],
+    "--aot_devices/--aot_topology: the dtype of the store the planned run reads (harvest's "
+    "--dtype); the step is compiled on batches of it.")
 _TOPK = flags.DEFINE_enum("topk", "exact", list(TOPK_METHODS), "Top-k implementation.")
 _TOPK_RECALL = flags.DEFINE_float("topk_recall", 0.95, "Recall target of --topk=approx.",
                                   lower_bound=0, upper_bound=1)
@@ -93,8 +97,10 @@ def main():
       mesh = sharding.make_mesh(_MESH.value, devices)
     except ValueError as e:  # the message names --mesh
       raise aot.TopologyError(str(e)) from e
-    print(json.dumps({**aot.plan(cfg, mesh, _BATCH.value), "topology": _AOT_TOPOLOGY.value,
-                      "config": {**dataclasses.asdict(cfg), "batch_size": _BATCH.value}}))
+    print(json.dumps({**aot.plan(cfg, mesh, _BATCH.value, _STORE_DTYPE.value),
+                      "topology": _AOT_TOPOLOGY.value,
+                      "config": {**dataclasses.asdict(cfg), "batch_size": _BATCH.value,
+                                 "store_dtype": _STORE_DTYPE.value}}))
     return
   plan = KernelPlan.for_devices(jax.devices())
   tx = step_lib.make_optimizer(step_lib.default_learning_rate(cfg.num_latents))

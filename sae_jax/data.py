@@ -5,15 +5,17 @@ read request, whatever the storage. `sae_jax.order` decides which chunks form ea
 shuffle buffer) and in which order their rows are served. Batches keep the store's dtype, so 16-bit
 rows travel to the device as 16 bits and become float32 there.
 
-Every shard file is checked against the manifest's sha256 before its first row is used (once per
-reading process), so a corrupted store stops the run, naming the file, instead of training on it.
+Every chunk is checked against the manifest's CRC32C of its rows as it is read (a chunk is a whole
+number of the store's checked chunks), so a corrupted store stops the run, naming the file and the
+bytes, instead of training on it, and each byte is read once. A store of format version 1 has
+whole-file checksums only: each of its shard files is hashed whole before its first row is used.
 """
 
 from __future__ import annotations
 
+import collections
 from concurrent import futures
 import functools
-import io
 import itertools
 import threading
 from typing import Iterator, Sequence
@@ -29,8 +31,6 @@ from sae_jax.store import (FP8, KIND_NAMES, SCALE_BYTES, Store, StoreError, disk
 
 # Windows held at once with read-ahead: the one being served, one ready, one being read.
 WINDOWS_IN_FLIGHT = 3
-_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0}
 
 
 class DataError(ValueError):
@@ -45,16 +45,17 @@ def select_mask(store: Store, token_kinds: Sequence[str] | None) -> np.ndarray |
   unknown = [t for t in token_kinds if t not in names]
   if unknown:
     raise DataError(f"--token_kinds: unknown kind(s) {unknown}; expected some of {sorted(names)}")
-  for shard in range(len(store.shards)):  # the selection reads every shard's metadata
-    store.check_file(shard, "meta")
-  mask = np.isin(store.meta()["kind"], [names[t] for t in token_kinds])
+  kinds = [names[t] for t in token_kinds]
+  mask = np.concatenate([np.isin(store.shard_meta(s.index)["kind"], kinds) for s in store.shards]
+                        or [np.zeros(0, bool)])
   if not mask.any():
     raise StoreError(f"{store.path} has no rows of token kinds {list(token_kinds)}")
   return None if mask.all() else mask
 
 
 class ChunkReader:
-  """Reads chunks of a store's (selected) rows, `read_threads` requests in flight."""
+  """Reads chunks of a store's (selected) rows, `read_threads` requests in flight: from a bucket
+  as tensorstore futures, from files by as many threads (a file read blocks its thread)."""
 
   def __init__(self, store: Store, token_kinds: Sequence[str] | None = None, *,
                chunk_bytes: int = 1 << 20, read_threads: int = 16):
@@ -64,6 +65,11 @@ class ChunkReader:
     self.width = disk_width(store.dtype, store.d_model)
     self.row_bytes = self.width * self.dtype.itemsize
     self.chunk_rows = max(1, chunk_bytes // self.row_bytes)
+    checked = {s.chunks["rows"] for s in store.shards if s.chunks is not None}
+    if checked and self.chunk_rows >= max(checked):
+      # Whole checked chunks, so each byte is read once. Smaller chunks read the checked chunk
+      # that holds them whole (once per read: more bytes read, for small tests).
+      self.chunk_rows -= self.chunk_rows % max(checked)
     shard, start, stop = [], [], []
     for s in store.shards:
       starts = np.arange(0, s.rows, self.chunk_rows)
@@ -84,10 +90,11 @@ class ChunkReader:
       counts = counts[keep]
     self.counts = counts.astype(np.int64)
     self.num_rows = int(self.counts.sum())
+    self.read_threads = read_threads
     self._pool = futures.ThreadPoolExecutor(read_threads, thread_name_prefix="store-read")
     self._lock = threading.Lock()
-    self._checked: set[int] = set()
-    self._data_offset: dict[int, int] = {}
+    # Shards of a version-1 store are hashed whole before their first use; the others never.
+    self._checked = {s.index for s in store.shards if s.chunks is not None}
 
   def window_chunks(self, buffer_bytes: int, windows_in_flight: int) -> int:
     """Chunks per window so that `windows_in_flight` windows fit in `buffer_bytes`."""
@@ -101,46 +108,27 @@ class ChunkReader:
     ends = np.cumsum(sizes)
     rows = int(ends[-1]) if len(ends) else 0
     out = (np.empty((rows, self.width), self.dtype) if buffer is None else buffer[:rows])
-    jobs = [self._pool.submit(self._read_chunk, int(c), out[e - n:e])
-            for c, n, e in zip(chunks, sizes, ends)]
-    for job in jobs:
-      job.result()
+    parts = [(int(c), out[e - n:e]) for c, n, e in zip(chunks, sizes, ends)]
+    if self.store.location.asynchronous:  # futures: `read_threads` in flight, no thread each
+      in_flight = collections.deque()
+      for c, part in parts:
+        in_flight.append(self._start_chunk(c, part))
+        if len(in_flight) == self.read_threads:
+          in_flight.popleft()()
+      for finish in in_flight:
+        finish()
+    else:  # a file read blocks: one thread per read in flight
+      for job in [self._pool.submit(lambda c, p: self._start_chunk(c, p)(), c, part)
+                  for c, part in parts]:
+        job.result()
     if self.mask is not None:
       out = out[np.concatenate([self.mask[self.first_row[c]:self.first_row[c] + n]
                                 for c, n in zip(chunks, sizes)])]
     return out
 
-  def _read_chunk(self, chunk: int, out: np.ndarray) -> None:
-    shard = int(self.shard[chunk])
-    rel = self.store.shards[shard].files["acts"]
-    offset = self._offset(shard) + int(self.start[chunk]) * self.row_bytes
-    try:
-      self.store.location.read_into(rel, offset, memoryview(out).cast("B"))
-    except StoreError as e:
-      raise StoreError(f"shard {shard}: {e}") from e
-
-  def _offset(self, shard: int) -> int:
-    """Where the rows of a shard's .npy file begin, after checking its header."""
-    if shard not in self._data_offset:
-      info = self.store.shards[shard]
-      head = bytearray(12)  # magic, version and header length (2 bytes in v1, 4 in v2)
-      self.store.location.read_into(info.files["acts"], 0, memoryview(head))
-      size = (10 + int.from_bytes(head[8:10], "little") if head[6] == 1 else
-              12 + int.from_bytes(head[8:12], "little"))
-      head = bytearray(size)
-      self.store.location.read_into(info.files["acts"], 0, memoryview(head))
-      with io.BytesIO(bytes(head)) as f:
-        read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
-        if read_header is None:
-          raise StoreError(f"shard {shard} of {self.store.path}: {info.files['acts']} is not a "
-                           ".npy file of version 1 or 2")
-        shape, fortran, dtype = read_header(f)
-        if shape != (info.rows, self.width) or fortran or dtype != self.dtype:
-          raise StoreError(f"shard {shard} of {self.store.path}: {info.files['acts']} holds "
-                           f"{shape} {dtype}, not the manifest's {info.rows} x "
-                           f"{self.width} {self.dtype}")
-        self._data_offset[shard] = f.tell()
-    return self._data_offset[shard]
+  def _start_chunk(self, chunk: int, out: np.ndarray):
+    return self.store.start_rows(int(self.shard[chunk]), int(self.start[chunk]),
+                                 int(self.stop[chunk]), out)
 
   def _check_shards(self, shards: list[int]) -> None:
     """Checks the activations of the shards not checked yet, several files at a time (hashlib
@@ -229,6 +217,13 @@ def _lane(reader: ChunkReader, order: ChunkOrder, part_rows: int, start_step: in
         # Gathered as uint16: 4x faster than as bfloat16. fp8 rows go to the device packed.
         yield batch if reader.store.dtype == FP8 else from_disk(batch, reader.store.dtype)
         pending, have = [], 0
+
+
+def batch_dtype(store_dtype: str) -> np.dtype:
+  """The dtype of the batches `batches` serves: the store's (bfloat16 as such), fp8 rows packed as
+  uint8 (their width: store.disk_width)."""
+  raw = disk_dtype(store_dtype)
+  return raw if store_dtype == FP8 else from_disk(np.zeros((0, 1), raw), store_dtype).dtype
 
 
 def device_rows(x: jax.Array, store_dtype: str) -> jax.Array:

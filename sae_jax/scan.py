@@ -46,7 +46,7 @@ from sae_jax import checkpoint, dictionary, logs, topacts
 from sae_jax import topk as topk_lib
 from sae_jax.model import SAEConfig, TopKSAE
 from sae_jax.store import (KIND_IMAGE_BASE, KIND_IMAGE_OTHER, KIND_TEXT, Store, StoreError,
-                           absolute, atomic_write_with)
+                           absolute, atomic_write_with, from_disk)
 
 STATE = "scan_state.npz"
 
@@ -124,9 +124,11 @@ def image_chunks(store: Store, chunk_images: int, start_image: int):
   """Yields (first image id, rows [r, d], local image index [r], patch [r]) per chunk of images.
 
   Only base-grid patch rows count. Relies on a store holding each image's rows contiguously and
-  in image-id order, which `harvest` guarantees.
+  in image-id order, which `harvest` guarantees; so a chunk is read as one range of rows and
+  memory follows `chunk_images`, not the shard's size.
   """
-  for _, acts, meta in store.iter_shards():
+  for s in store.shards:
+    meta = store.shard_meta(s.index)
     base = np.flatnonzero(meta["kind"] == KIND_IMAGE_BASE)
     if base.size == 0:
       continue
@@ -135,7 +137,9 @@ def image_chunks(store: Store, chunk_images: int, start_image: int):
       lo, hi = np.searchsorted(ids, [first, first + chunk_images])
       if hi > lo:
         sel = base[lo:hi]
-        yield first, np.asarray(acts[sel], np.float32), ids[lo:hi] - first, meta["patch"][sel]
+        acts = from_disk(store.read_rows(s.index, int(sel[0]), int(sel[-1]) + 1), store.dtype)
+        yield (first, np.asarray(acts[sel - sel[0]], np.float32), ids[lo:hi] - first,
+               meta["patch"][sel])
 
 
 def make_chunk_step(model: TopKSAE | JumpReLU, top_n: int, chunk_images: int, score: str,
@@ -276,15 +280,16 @@ def text_pass(model: TopKSAE | JumpReLU, data: Store, top_n: int, mass: np.ndarr
   rows_by_kind = {name: 0 for name in ("image_base", "image_other", "text")}
   bar = tqdm(total=len(data.shards), unit="shard", desc="text and other image rows",
              dynamic_ncols=True, disable=not progress)
-  for shard, acts, meta in data.iter_shards():
+  for shard in data.shards:
     bar.update(1)
+    meta = data.shard_meta(shard.index)
     for kind, name in ((KIND_IMAGE_BASE, "image_base"), (KIND_IMAGE_OTHER, "image_other"),
                        (KIND_TEXT, "text")):
       rows_by_kind[name] += int(np.sum(meta["kind"] == kind))
     sel_all = np.flatnonzero(meta["kind"] != KIND_IMAGE_BASE)
     for lo in range(0, sel_all.size, chunk_rows):
       sel = sel_all[lo:lo + chunk_rows]
-      x = np.asarray(acts[sel], np.float32)
+      x = np.asarray(other_rows(data, shard.index, sel, chunk_rows), np.float32)
       x = np.pad(x, ((0, -len(sel) % 64), (0, 0)))
       values, indices, over = (np.asarray(a)[:len(sel)] for a in encode(params, x))
       over_cap += int(over.sum())
@@ -315,6 +320,18 @@ def text_pass(model: TopKSAE | JumpReLU, data: Store, top_n: int, mass: np.ndarr
   return {"top_text_rows": best_rows, "top_text_values": best_values,
           "top_text_images": image, "top_text_positions": position, "rows_by_kind": rows_by_kind,
           "over_cap": over_cap}
+
+
+def other_rows(data: Store, shard: int, sel: np.ndarray, chunk_rows: int) -> np.ndarray:
+  """Rows `sel` (sorted) of a shard, decoded, read in ranges of at most `chunk_rows` rows: the
+  rows between them (base-grid patches) are read only where a range covers them."""
+  parts, at = [], 0
+  while at < len(sel):
+    end = int(np.searchsorted(sel, sel[at] + chunk_rows))
+    rows = data.read_rows(shard, int(sel[at]), int(sel[end - 1]) + 1)
+    parts.append(from_disk(rows, data.dtype)[sel[at:end] - sel[at]])
+    at = end
+  return np.concatenate(parts)
 
 
 def merge_top(best_values, best_rows, latents, values, rows) -> None:

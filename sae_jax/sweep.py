@@ -4,7 +4,8 @@ A spec is a set of per-SAE flag overrides on top of the command line, written as
 (`--k=16 --lr=1e-3`, `--multi_topk`, `--nonormalize_inputs`), from a repeated `--sae` or one
 non-blank, non-# line of a `--sweep` file. `--name=X` names the member; otherwise its flags do
 (`--k=16 --lr=1e-3` -> `k16_lr1e-3`). Member NAME trains in WORKDIR/NAME, a workdir like a single
-run's; WORKDIR/sweep.json lists the members, and a resumed sweep must list the same ones.
+run's; WORKDIR/sweep.json lists the members (their workdirs relative to it), and a resumed sweep must
+list the same ones.
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ def parse_spec(text: str, where: str, allowed: Sequence[str],
   return Member(name, overrides)
 
 
-def record(workdir: Path, members: Sequence[Member]) -> dict:
-  return {"members": [{"name": m.name, "workdir": str((workdir / m.name).absolute()),
-                       "overrides": m.overrides} for m in members]}
+def record(members: Sequence[Member]) -> dict:
+  # Workdirs relative to the sweep folder, so that a copy of the folder is read where it is.
+  return {"members": [{"name": m.name, "workdir": m.name, "overrides": m.overrides}
+                      for m in members]}
 
 
 def check_resumed(workdir: Path, members: Sequence[Member]) -> None:
@@ -123,4 +125,4 @@ def check_resumed(workdir: Path, members: Sequence[Member]) -> None:
 
 
 def write(workdir: Path, members: Sequence[Member]) -> None:
-  atomic_write_json(workdir / SWEEP_FILE, record(workdir, members))
+  atomic_write_json(workdir / SWEEP_FILE, record(members))

@@ -50,8 +50,8 @@ from sae_jax.dictionary import DictionaryError
 from sae_jax.kernel_plan import KernelPlan
 from sae_jax.metrics import MetricWriter
 from sae_jax.model import ARCHITECTURES, SAEConfig, geometric_median
-from sae_jax.step import (create_state, default_learning_rate, eval_metrics, make_optimizer,
-                          train_step)
+from sae_jax.programs import jit_inference, jit_update
+from sae_jax.step import create_state, default_learning_rate, make_optimizer
 from sae_jax.store import Store, StoreError, absolute, atomic_write_json
 
 # Data.
@@ -172,6 +172,10 @@ _DEBUG_SIGNAL_AT_STEP = flags.DEFINE_integer(
 _DEBUG_SIGNAL = flags.DEFINE_enum("debug_signal", "SIGKILL", ["SIGKILL", "SIGTERM"],
                                   "Signal of --debug_signal_at_step.")
 # Sweeps.
+_ACCEPT_KERNEL_PLAN = flags.DEFINE_bool(
+    "accept_kernel_plan", False, "Resume although this start's kernel plan (native C++ or XLA "
+    "kernels, for the devices) differs from the one the run was trained with: the kernels agree "
+    "only to allclose, so the resumed run is not bit-identical to an uninterrupted one.")
 _SAE = flags.DEFINE_multi_string(
     "sae", [], "One SAE of a sweep, as flags that override the command line's for it, e.g. "
     "--sae='--k=16 --lr=1e-3 --name=k16'; repeat for more. Only the flags in SWEEP_FLAGS.")
@@ -192,7 +196,7 @@ SWEEP_FLAGS = (
 RESUMABLE_FLAGS = frozenset({
     "workdir", "steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every",
     "read_threads", "prefetch_batches", "mesh", "distributed", "coordinator_address",
-    "num_processes", "process_id", "debug_signal_at_step", "debug_signal"})
+    "num_processes", "process_id", "debug_signal_at_step", "debug_signal", "accept_kernel_plan"})
 
 
 # The status of a run stopped by SIGTERM after saving: 128 + SIGTERM, as a shell reports a process
@@ -280,6 +284,19 @@ def check_resumed_flags(workdir: Path, old: dict, new: dict) -> None:
       was = f"--{name}={flag_text(old[name])}"
       raise TrainError(f"--{name}={flag_text(value)} but the run in {workdir} used {was}; rerun "
                        f"with {was} to resume it, or use a new --workdir")
+
+
+def check_resumed_plan(m: Member, plan: KernelPlan) -> None:
+  """Refuses a resume whose kernel plan differs from the one recorded, unless accepted."""
+  old = (m.old_flags or {}).get("resolved", {}).get("kernel_plan")
+  if old is None or old == plan.to_json() or _ACCEPT_KERNEL_PLAN.value:
+    return
+  changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in plan.to_json().items()
+                      if old.get(k) != v)
+  raise m.error(f"the run in {m.workdir} was trained with other kernels ({changed}; "
+                "SAE_JAX_NATIVE, a C++ compiler and the devices decide them), which agree only "
+                "to allclose; resume where they match, or pass --accept_kernel_plan to go on "
+                "with these")
 
 
 def check_resumed_total(m: Member, new_total: int) -> None:
@@ -387,23 +404,6 @@ def state_initializer(cfg: SAEConfig, tx: optax.GradientTransformation, plan: Ke
     return state
 
   return init_state, graphdef_box
-
-
-def jit_update(graphdef: nnx.GraphDef, input_scale: float, store_dtype: str, state_sharding,
-               mesh: jax.sharding.Mesh):
-  """The update step: jitted once, state donated so it is updated in place."""
-  def scaled_step(state, x):  # x as stored: 16-bit or fp8 rows cross to the device as such
-    return train_step(graphdef, state, data.device_rows(x, store_dtype) * input_scale)
-
-  return jax.jit(scaled_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_sharding, None), donate_argnums=0)
-
-
-def jit_inference(graphdef: nnx.GraphDef, input_scale: float, store_dtype: str, state_sharding,
-                  mesh: jax.sharding.Mesh):
-  return jax.jit(lambda state, x: eval_metrics(graphdef, state,
-                                               data.device_rows(x, store_dtype) * input_scale),
-                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)))
 
 
 def log_metrics(m: Member, step: int, device_metrics: dict) -> dict:
@@ -549,6 +549,8 @@ def main() -> None:
                      f"the mesh ({data_shards})")
   # The kernels for the devices the step is compiled for; `bench --aot_topology` plans the same.
   plan = KernelPlan.for_devices(mesh.devices.flat)
+  for m in members:
+    check_resumed_plan(m, plan)
   if is_sweep and jax.process_index() == 0:
     sweep.write(workdir, specs)
   for m in members:

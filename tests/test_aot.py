@@ -3,6 +3,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,25 +36,60 @@ def gathered_widths(report):
   return {cols for _, cols in shapes(report, "all-gather")}
 
 
+ITEMSIZE = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "pred": 1}
+
+
+def assert_collectives_within_config(report, *, data, model, picks, n=N, d=D, batch=BATCH):
+  """Every array any collective produces is a parameter's shard or gradient ([n/model, d],
+  [n/model], [d]), a scalar, or a per-row array of this chip's batch rows whose bytes are at most
+  what the config moves per row: `picks` candidates (values or indices) from each of the `model`
+  shards, or a [rows, d] decode. So no pre-activations move, in any layout ([rows, n / s, s],
+  [rows, n / 2], ...)."""
+  rows = batch // data
+  parameters = {(n // model, d), (n // model,), (d,), (n,), ()}
+  per_rows = rows * max(model * picks, d) * 4
+  for name in report["collectives"]:
+    for array in name.split(" ")[1:]:
+      kind, dims = array.rstrip("]").split("[")
+      shape = tuple(int(x) for x in dims.split(",") if x)
+      size = ITEMSIZE[kind] * math.prod(shape)
+      assert shape in parameters or (shape[0] == rows and size <= per_rows), (
+          name, rows, per_rows)
+
+
 def test_latent_split_divides_the_state_and_never_gathers_pre_activations():
   replicated, split = plan("data:8,model:1"), plan("data:1,model:8")
   for part in ("parameters_and_counters", "optimizer_state"):
     # Everything but b_dec (d floats, replicated) is split 8 ways.
     assert split["per_device_gib"][part] == pytest.approx(
         replicated["per_device_gib"][part] / 8, rel=0.02)
-  for report in (replicated, split):
-    assert N not in gathered_widths(report)  # no [B, n] all-gather, on either mesh
+  for report, (data, model) in ((replicated, (8, 1)), (split, (1, 8))):
+    assert_collectives_within_config(report, data=data, model=model, picks=K)
     assert report["kernel_plan"]["platform"] == "cpu"
+    # The trainer's own step, on bfloat16 rows (bench's default --store_dtype).
+    assert report["program"] == "jit_scaled_step"
+    assert report["per_device_gib"]["batch"] * 2**30 == BATCH // data * 2 * D
   # Gathered: 8 shards x min(k, n/8) top-k candidates; AuxK selects per shard, gathers nothing.
   assert gathered_widths(split) == {8 * K}
   exact_aux = plan("data:1,model:8", "--auxk_select=exact")
   assert gathered_widths(exact_aux) == {8 * K, 8 * D // 2}
+  assert_collectives_within_config(exact_aux, data=1, model=8, picks=D // 2)
   assert exact_aux["collective_gib_per_step"] > split["collective_gib_per_step"]
+
+
+def test_the_plan_compiles_the_trainers_step_on_batches_of_the_stores_dtype():
+  """The trainer's own program (sae_jax.programs.jit_update) on fp8 rows as a run serves them:
+  d bytes and a float32 scale a row (the default, bfloat16, is checked in the test above)."""
+  report = plan("data:8,model:1", "--store_dtype=float8_e4m3fn")
+  assert report["program"] == "jit_scaled_step"
+  assert report["config"]["store_dtype"] == "float8_e4m3fn"
+  assert report["per_device_gib"]["batch"] * 2**30 == BATCH // 8 * (D + 4)
 
 
 def test_shard_capacity_shrinks_the_candidate_gathers():
   capped = plan("data:1,model:8", "--shard_capacity=2", "--auxk_select=exact")
   assert gathered_widths(capped) == {8 * 2 * K // 8, 8 * 2 * (D // 2) // 8}
+  assert_collectives_within_config(capped, data=1, model=8, picks=2 * (D // 2) // 8)
 
 
 # CI installs the tpu extra; elsewhere the TPU plan needs it.

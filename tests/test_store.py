@@ -1,6 +1,7 @@
 """The activation store: round trip per dtype, resume, refusal of other settings, corruption."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -144,3 +145,56 @@ def test_batches_cover_every_selected_row_once_per_epoch_and_resume_exactly(tmp_
   np.testing.assert_array_equal(np.sort(seen), text_rows)
   with pytest.raises(ValueError, match="--token_kinds"):
     data.ChunkReader(store, ["pixels"])
+
+
+def test_a_corrupted_chunk_is_named_by_its_bytes_and_version_1_stores_still_read(tmp_path,
+                                                                                monkeypatch):
+  import sae_jax.store as store_lib
+  monkeypatch.setattr(store_lib, "CHECK_CHUNK_BYTES", 10 * 6 * 4)  # 10 float32 rows a chunk
+  rng = np.random.default_rng(4)
+  writer = StoreWriter(tmp_path / "v2", header())
+  written = [shard(rng, 35, image_id=i) for i in range(2)]
+  for i, (acts, meta) in enumerate(written):
+    writer.write_shard(acts, meta, [{"id": i}], num_inputs=1)
+  writer.finish()
+  info = Store(tmp_path / "v2").shards[0]
+  assert info.chunks["rows"] == 10 and len(info.chunks["crc32c"]) == 4  # 10, 10, 10, 5 rows
+  rel, offset = info.files["acts"], info.chunks["offset"]
+  path = tmp_path / "v2" / rel
+  raw = bytearray(path.read_bytes())
+  raw[offset + 25 * 24 + 3] ^= 0xFF  # a byte of row 25: the third chunk, rows [20, 30)
+  path.write_bytes(bytes(raw))
+  bad_bytes = f"is corrupted at bytes [{offset + 20 * 24}, {offset + 30 * 24})"
+
+  result = subprocess.run([sys.executable, "-m", "sae_jax.store", f"--store={tmp_path / 'v2'}"],
+                          capture_output=True, text=True)
+  assert result.returncode == 1
+  assert json.loads(result.stdout.splitlines()[-1])["error"].startswith(
+      f"shard 0 of {tmp_path / 'v2'}: {rel} {bad_bytes}")
+  store = Store(tmp_path / "v2")
+  # Readers check the chunks they read: rows outside the bad chunk read, the bad one is refused.
+  np.testing.assert_array_equal(store.read_rows(0, 30, 35), written[0][0][30:])
+  np.testing.assert_array_equal(store[19], written[0][0][19])
+  reader = data.ChunkReader(store, chunk_bytes=10 * 6 * 4)
+  np.testing.assert_array_equal(reader.read(np.array([4, 1])),
+                                np.concatenate([written[1][0][:10], written[0][0][10:20]]))
+  with pytest.raises(StoreError, match=re.escape(bad_bytes)):
+    reader.read(np.array([2]))
+  with pytest.raises(StoreError, match=re.escape(bad_bytes)):
+    store[25]
+
+  # The same store as version 1 wrote it (no per-chunk checksums): read as before, each file
+  # hashed whole before its first row is used.
+  manifest = json.loads((tmp_path / "v2" / "manifest.json").read_text())
+  manifest["version"] = 1
+  for s in manifest["shards"]:
+    del s["chunks"]
+  (tmp_path / "v2" / "manifest.json").write_text(json.dumps(manifest))
+  old = Store(tmp_path / "v2")
+  np.testing.assert_array_equal(old.read_rows(1, 0, 35), written[1][0])
+  reader = data.ChunkReader(old, chunk_bytes=10 * 6 * 4)
+  np.testing.assert_array_equal(reader.read(np.array([4])), written[1][0][:10])
+  with pytest.raises(StoreError, match=f"{rel} is corrupted \\(sha256"):
+    reader.read(np.array([0]))  # rows 0-9 are intact, but their file is not
+  with pytest.raises(StoreError, match=f"{rel} is corrupted \\(sha256"):
+    old.verify()

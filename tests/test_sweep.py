@@ -96,8 +96,10 @@ def test_each_member_equals_its_own_run(straight, separate, tmp_path):
   assert all(line["step"] == 20 and "fvu" in line for line in lines[:-1])
   assert "inference_fvu" in lines[3]
   record = json.loads((root / "sweep.json").read_text())
-  assert record["members"][1] == {"name": "fast", "workdir": str(root / "fast"),
-                                  "overrides": {"lr": 0.003}}
+  assert record["members"][1] == {"name": "fast", "workdir": "fast", "overrides": {"lr": 0.003}}
+  # A copy of the sweep folder (e.g. down from a pod) is read where it is.
+  copy = shutil.copytree(root, tmp_path / "copied_sweep")
+  assert [m.workdir for m in sweep_lib.read_sweep(copy)] == [copy / n for n in NAMES]
   # A member's workdir is a single run's: its flags.json, and the export works on it unchanged.
   resolved = json.loads((root / "fast" / "flags.json").read_text())
   assert resolved["lr"] == 0.003 and resolved["k"] == 4 and "sae" not in resolved
@@ -193,26 +195,57 @@ def test_a_diverging_member_stops_alone(store, tmp_path):
   assert_same_run(tmp_path / "sweep" / "sane", tmp_path / "alone")
 
 
-def test_two_processes_train_a_sweep_as_one(store, separate, tmp_path):
-  """Each process saves every member at the same steps (orbax barriers of their own)."""
+def two_process_sweep(store, workdir, *extra, only_process_1=()):
+  """A sweep of two members trained by two processes: their exit codes and outputs."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={tmp_path}",
+      [sys.executable, "-m", "sae_jax.train", f"--store={store}", f"--workdir={workdir}",
        "--num_latents=64", "--k=4", "--batch_size=64", "--steps=20", "--checkpoint_every=5",
        "--log_every=5", "--lr_warmup_steps=2", "--dead_tokens=256", "--normalize_inputs",
        "--data_lanes=2", *sweep_flags([SPECS[0], SPECS[2]]),
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+       *extra, *(only_process_1 if i == 1 else ())],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  return [p.returncode for p in procs], outputs
+
+
+def test_two_processes_train_a_sweep_as_one(store, separate, tmp_path):
+  """Each process saves every member at the same steps (orbax barriers of their own)."""
+  codes, outputs = two_process_sweep(store, tmp_path)
+  assert codes == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
   for name in (NAMES[0], NAMES[2]):
     got, want = final_state(tmp_path / name), final_state(separate / name)
     assert [int(p.name) for p in sorted((tmp_path / name / "checkpoints").iterdir())] == [
         10, 15, 20]
     for key in want:  # the same global batches; only the order of cross-process sums differs
       np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_sigterm_to_one_of_two_processes_stops_the_sweep_as_a_single_run(store, tmp_path):
+  """SIGTERM reaches process 1 alone at step 12: both processes save every member at one step and
+  exit with 143, and the rerun ends bit-identical to a sweep never interrupted."""
+  codes, outputs = two_process_sweep(
+      store, tmp_path / "stopped", "--steps=1000",
+      only_process_1=("--debug_signal_at_step=12", "--debug_signal=SIGTERM"))
+  assert codes == [143, 143], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  summary = json.loads(outputs[0][0].splitlines()[-1])
+  assert summary["preempted"] is True and 12 <= summary["step"] < 40, summary
+  for name in (NAMES[0], NAMES[2]):
+    saved = sorted(int(p.name) for p in (tmp_path / "stopped" / name / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert saved[-1] == summary["step"], (name, saved)
+  codes, outputs = two_process_sweep(store, tmp_path / "stopped", "--steps=40")
+  assert codes == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  codes, outputs = two_process_sweep(store, tmp_path / "straight", "--steps=40")
+  assert codes == [0, 0], outputs[0][1][-3000:]
+  for name in (NAMES[0], NAMES[2]):
+    got, want = final_state(tmp_path / "stopped" / name), final_state(tmp_path / "straight" / name)
+    assert got["step"] == 40 and got.keys() == want.keys()
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name} {key}")
 
 
 @pytest.mark.parametrize("specs, message", [

@@ -202,8 +202,14 @@ def test_a_corrupted_shard_stops_the_run_before_its_rows_are_used(store, tmp_pat
   # With --b_dec_init=zeros and no --normalize_inputs, no row is read before the first batch.
   result = train(bad, tmp_path / "run", "--nonormalize_inputs", "--b_dec_init=zeros", *extra,
                  check=False)
-  assert error_of(result) == (f"shard 2 of {bad}: shards/00002.acts.npy is corrupted (sha256 "
-                              "does not match the manifest); harvest this store again")
+  # Named by the checked chunk that holds the flipped byte: the file's last.
+  info = Store(bad).shards[2]
+  row_bytes = D_MODEL * 4
+  end = info.chunks["offset"] + info.rows * row_bytes
+  start = info.chunks["offset"] + (len(info.chunks["crc32c"]) - 1) * info.chunks["rows"] * row_bytes
+  assert error_of(result) == (f"shard 2 of {bad}: shards/00002.acts.npy is corrupted at bytes "
+                              f"[{start}, {end}) (CRC32C does not match the manifest); harvest "
+                              "this store again")
   assert not list((tmp_path / "run" / "checkpoints").glob("*"))
   assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
 
@@ -228,6 +234,25 @@ def test_a_resume_refuses_flags_that_change_the_run(store, straight, tmp_path, f
                    "or use a new --workdir")
   assert (straight / "flags.json").read_text() == flags_json
   assert sorted((straight / "checkpoints").iterdir()) == checkpoints
+
+
+def test_a_resume_refuses_another_kernel_plan_unless_accepted(store, straight, tmp_path):
+  """A run trained with the other kernels (native C++ against XLA: equal only to allclose) is not
+  resumed silently; --accept_kernel_plan resumes it and records the new plan."""
+  workdir = shutil.copytree(straight, tmp_path / "elsewhere")
+  recorded = json.loads((workdir / "flags.json").read_text())
+  here = dict(recorded["resolved"]["kernel_plan"])
+  recorded["resolved"]["kernel_plan"]["native"] = not here["native"]
+  (workdir / "flags.json").write_text(json.dumps(recorded))
+  error = error_of(train(store, workdir, "--steps=25", check=False))
+  assert error == (f"the run in {workdir} was trained with other kernels (native "
+                   f"{not here['native']} -> {here['native']}; SAE_JAX_NATIVE, a C++ compiler and "
+                   "the devices decide them), which agree only to allclose; resume where they "
+                   "match, or pass --accept_kernel_plan to go on with these")
+  summary = json.loads(train(store, workdir, "--steps=25", "--accept_kernel_plan"
+                             ).stdout.splitlines()[-1])
+  assert summary["step"] == 25
+  assert json.loads((workdir / "flags.json").read_text())["resolved"]["kernel_plan"] == here
 
 
 def test_steps_may_change_on_resume_unless_the_learning_rate_depends_on_them(store, tmp_path):

@@ -13,6 +13,11 @@ temporary name and renamed (in a bucket: one PUT each), and the manifest is rewr
 atomically) only after a shard's files are in place, so a store killed at any moment is a valid
 prefix of the finished one. A writer reopened with the same settings continues after the last committed shard.
 
+Each shard's activations carry a CRC32C per chunk of rows (format version 2; `ShardInfo.chunks`),
+so a reader checks exactly the bytes it reads when it reads them, and memory depends on what is
+read at once, never on the store's size: nothing of a shard is kept once read. Stores of version
+1 (whole-file checksums only) are still read, each file hashed whole before its first use.
+
 Run `python -m sae_jax.store --store=PATH` to verify every checksum and print a JSON summary.
 """
 
@@ -26,11 +31,15 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import google_crc32c
 import ml_dtypes
 import numpy as np
 
 FORMAT_NAME = "sae-activation-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: no per-chunk checksums
+# Bytes of rows per checked chunk of an activations file: a reader reads whole checked chunks.
+CHECK_CHUNK_BYTES = 1 << 20
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 
@@ -51,6 +60,8 @@ _DISK_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat1
                 FP8: np.dtype("u1")}
 _FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 SCALE_BYTES = 4
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
 
 
 class StoreError(ValueError):
@@ -91,6 +102,25 @@ def from_disk(raw: np.ndarray, dtype: str) -> np.ndarray:
     q = raw[:, :-SCALE_BYTES].view(ml_dtypes.float8_e4m3fn).astype(np.float32)
     return q * np.ascontiguousarray(raw[:, -SCALE_BYTES:]).view("<f4")
   return raw.view(ml_dtypes.bfloat16) if dtype == "bfloat16" else raw
+
+
+def crc32c(data) -> int:
+  """The CRC32C of bytes or of a contiguous array (read-only views: google_crc32c wants them)."""
+  if isinstance(data, np.ndarray):
+    data = data.reshape(-1).view(np.uint8)
+    data.flags.writeable = False
+  return google_crc32c.value(data)
+
+
+def chunk_checksums(npy: bytes, row_bytes: int, rows: int) -> dict:
+  """`ShardInfo.chunks` of an activations .npy file: its header's CRC32C, and one per chunk of
+  `rows` rows of its data (the last chunk may be shorter). CRC32C, not sha256: readers check every
+  chunk they read, at ~10 GB/s a core instead of ~1 (whole files keep their sha256)."""
+  offset = len(npy) - rows * row_bytes
+  chunk_rows = max(1, CHECK_CHUNK_BYTES // row_bytes)
+  step = chunk_rows * row_bytes
+  return {"offset": offset, "rows": chunk_rows, "header_crc32c": crc32c(npy[:offset]),
+          "crc32c": [crc32c(npy[i:i + step]) for i in range(offset, len(npy), step)]}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -157,6 +187,13 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
+def chunk_bounds(chunks: dict, row_bytes: int, rows: int) -> list[tuple[int, int]]:
+  """The byte ranges [lo, hi) of an activations file that `chunks` checks: header, then chunks."""
+  offset, step = chunks["offset"], chunks["rows"] * row_bytes
+  end = offset + rows * row_bytes
+  return [(0, offset)] + [(lo, min(lo + step, end)) for lo in range(offset, end, step)]
+
+
 def _shard_files(index: int) -> dict[str, str]:
   stem = f"{SHARD_DIR}/{index:05d}"
   return {"acts": f"{stem}.acts.npy", "meta": f"{stem}.meta.npy", "images": f"{stem}.images.jsonl"}
@@ -172,14 +209,19 @@ class ShardInfo:
   files: dict[str, str]
   sha256: dict[str, str]
   bad_images: tuple[dict, ...] = ()
+  # The activations' per-chunk CRC32Cs (chunk_checksums); None in stores of version 1.
+  chunks: dict | None = None
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d["bad_images"] = list(self.bad_images)
+    if self.chunks is None:
+      del d["chunks"]
     return d
 
   @classmethod
   def from_json(cls, d: dict) -> "ShardInfo":
+    d = json.loads(json.dumps(d))  # its own copy: a caller may edit the manifest it came from
     return cls(**{**d, "bad_images": tuple(d.get("bad_images", ()))})
 
 
@@ -242,15 +284,16 @@ class StoreWriter:
     index = len(self.shards)
     files = _shard_files(index)
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in images)
-    contents = {"acts": npy_bytes(to_disk(acts, self.header["dtype"])), "meta": npy_bytes(meta),
-                "images": lines.encode()}
+    disk = to_disk(acts, self.header["dtype"])
+    contents = {"acts": npy_bytes(disk), "meta": npy_bytes(meta), "images": lines.encode()}
     for kind, data in contents.items():
       self.location.write(files[kind], data)
     info = ShardInfo(
         index=index, rows=int(acts.shape[0]), first_row=self.rows, first_image=self.inputs_done,
         num_inputs=int(num_inputs), files=files,
         sha256={k: hashlib.sha256(data).hexdigest() for k, data in contents.items()},
-        bad_images=tuple(bad_images))
+        bad_images=tuple(bad_images),
+        chunks=chunk_checksums(contents["acts"], disk.shape[1] * disk.itemsize, len(disk)))
     self.shards.append(info)
     self._write_manifest()
     return info
@@ -275,7 +318,8 @@ def manifest_json(header: dict, shards: Sequence[ShardInfo], complete: bool) -> 
 
 
 class Store:
-  """Read side: memory-mapped shards, global row indexing, the image table, verification."""
+  """Read side: checked ranged reads of rows, global row indexing, the image table, verification;
+  nothing of a shard is kept once read."""
 
   def __init__(self, path: str | os.PathLike, *, verify: bool = False, allow_incomplete: bool = False):
     self.path = path if is_remote(path) else Path(path)
@@ -295,9 +339,9 @@ class Store:
     if self.manifest.get("format") != FORMAT_NAME:
       raise StoreError(f"{manifest_path} has format {self.manifest.get('format')!r}, "
                        f"expected {FORMAT_NAME!r}")
-    if self.manifest.get("version") != FORMAT_VERSION:
+    if self.manifest.get("version") not in READ_VERSIONS:
       raise StoreError(f"{manifest_path} has version {self.manifest.get('version')}, "
-                       f"this code reads version {FORMAT_VERSION}")
+                       f"this code reads versions {list(READ_VERSIONS)}")
     if not allow_incomplete and not self.manifest.get("complete"):
       raise StoreError(f"{self.path} is incomplete (its harvest has not finished); rerun the "
                        "harvest with the same flags to finish it")
@@ -306,8 +350,9 @@ class Store:
     self.dtype = self.manifest["dtype"]
     self.rows = sum(s.rows for s in self.shards)
     self._ends = np.cumsum([s.rows for s in self.shards])
-    self._acts: dict[int, np.ndarray] = {}
-    self._meta: dict[int, np.ndarray] = {}
+    self.width = disk_width(self.dtype, self.d_model)
+    self.row_bytes = self.width * disk_dtype(self.dtype).itemsize
+    self._offsets: dict[int, int] = {}  # where each shard's rows begin in its .npy, once read
     if verify:
       self.verify()
 
@@ -318,45 +363,135 @@ class Store:
     return self.rows
 
   def verify(self) -> None:
-    """Checks every shard file's sha256 and shape; raises StoreError naming the first bad one."""
+    """Checks every shard file's sha256 (and each chunk's CRC32C, where the manifest has them) and
+    shape, streaming; raises StoreError naming the first bad file (and chunk)."""
     for s in self.shards:
+      self.acts_offset(s.index)  # the header: shape and dtype
       for kind in s.files:
-        self.check_file(s.index, kind)
-      acts, meta = self.shard_acts(s.index), self.shard_meta(s.index)
-      if acts.shape != (s.rows, self.d_model) or meta.shape != (s.rows,):
-        raise StoreError(f"shard {s.index} of {self.path}: shapes {acts.shape} / {meta.shape} "
-                         f"do not match the manifest's {s.rows} rows x {self.d_model}")
+        if kind != "meta":  # shard_meta checks it as it reads it
+          self.check_file(s.index, kind)
+      if self.shard_meta(s.index).shape != (s.rows,):
+        raise StoreError(f"shard {s.index} of {self.path}: {s.files['meta']} does not hold the "
+                         f"manifest's {s.rows} rows")
 
   def check_file(self, shard: int, kind: str) -> None:
-    """Raises StoreError naming the file if one shard file differs from the manifest's sha256."""
+    """Raises StoreError naming the file (and, with per-chunk checksums, the first bad chunk's
+    bytes) if one shard file differs from the manifest; reads it once, a block at a time."""
     info = self.shards[shard]
     rel = info.files[kind]
-    digest = location.sha256(self.location, rel)
-    if digest is None:
+    chunks = info.chunks if kind == "acts" else None
+    bounds, expected = [], []
+    if chunks is not None:
+      bounds = chunk_bounds(chunks, self.row_bytes, info.rows)
+      expected = [chunks["header_crc32c"], *chunks["crc32c"]]
+    digests = location.checksums(self.location, rel, bounds)
+    if digests is None:
       raise StoreError(f"shard {shard} of {self.path}: file {rel} is missing")
-    if digest != info.sha256[kind]:
+    whole, pieces = digests
+    for (lo, hi), got, want in zip(bounds, pieces, expected):
+      if got != want:
+        raise self._corrupted(shard, rel, lo, hi)
+    if whole != info.sha256[kind]:
       raise StoreError(f"shard {shard} of {self.path}: {rel} is corrupted (sha256 does not match "
                        "the manifest); harvest this store again")
 
-  def _load(self, rel: str, index: int) -> np.ndarray:
-    """A shard file as an array: memory-mapped from a folder, read whole from a bucket."""
+  def _corrupted(self, shard: int, rel: str, lo: int, hi: int) -> StoreError:
+    return StoreError(f"shard {shard} of {self.path}: {rel} is corrupted at bytes [{lo}, {hi}) "
+                      "(CRC32C does not match the manifest); harvest this store again")
+
+  def acts_offset(self, shard: int) -> int:
+    """Where the rows of a shard's activations begin in its .npy file, after checking its header
+    (against the manifest's shape and dtype, and its checksum where the manifest has one)."""
+    if shard not in self._offsets:
+      info, dtype = self.shards[shard], disk_dtype(self.dtype)
+      rel = info.files["acts"]
+      head = bytearray(12)  # magic, version and header length (2 bytes in v1, 4 in v2)
+      self._read_into(shard, rel, 0, memoryview(head))
+      size = (10 + int.from_bytes(head[8:10], "little") if head[6] == 1 else
+              12 + int.from_bytes(head[8:12], "little"))
+      head = bytearray(size)
+      self._read_into(shard, rel, 0, memoryview(head))
+      if info.chunks is not None and crc32c(bytes(head)) != info.chunks["header_crc32c"]:
+        raise self._corrupted(shard, rel, 0, size)
+      with io.BytesIO(bytes(head)) as f:
+        read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+        if read_header is None:
+          raise StoreError(f"shard {shard} of {self.path}: {rel} is not a .npy file of version "
+                           "1 or 2")
+        shape, fortran, found = read_header(f)
+      if shape != (info.rows, self.width) or fortran or found != dtype:
+        raise StoreError(f"shard {shard} of {self.path}: {rel} holds {shape} {found}, not the "
+                         f"manifest's {info.rows} x {self.width} {dtype}")
+      self._offsets[shard] = size
+    return self._offsets[shard]
+
+  def _read_into(self, shard: int, rel: str, offset: int, out: memoryview) -> None:
     try:
-      return self.location.mmap_npy(rel)
-    except StoreError:
-      raise
-    except (OSError, ValueError) as e:
-      raise StoreError(f"shard {index} of {self.path}: cannot read {rel}: {e}") from e
+      self.location.read_into(rel, offset, out)
+    except StoreError as e:
+      raise StoreError(f"shard {shard}: {e}") from e
+    except OSError as e:
+      raise StoreError(f"shard {shard} of {self.path}: cannot read {rel}: {e}") from e
+
+  def read_rows(self, shard: int, start: int, stop: int, out: np.ndarray | None = None
+                ) -> np.ndarray:
+    """Rows [start, stop) of a shard as stored ([n, width] of the disk dtype), into `out` if
+    given. Where the manifest has per-chunk checksums, the checked chunks that hold the rows are
+    read and checked (read into `out` directly when the rows are exactly whole chunks)."""
+    return self.start_rows(shard, start, stop, out)()
+
+  def start_rows(self, shard: int, start: int, stop: int, out: np.ndarray | None = None
+                 ) -> Callable[[], np.ndarray]:
+    """`read_rows` begun: the read is in flight (from a bucket; a file is read when finished), and
+    the returned function waits for it, checks it and returns the rows."""
+    info = self.shards[shard]
+    rel, offset = info.files["acts"], self.acts_offset(shard)
+    if out is None:
+      out = np.empty((stop - start, self.width), disk_dtype(self.dtype))
+    per = info.chunks["rows"] if info.chunks is not None else 1
+    lo, hi = start // per * per, min(-(-stop // per) * per, info.rows)
+    whole = out if (lo, hi) == (start, stop) else np.empty((hi - lo, self.width), out.dtype)
+    try:
+      read = self.location.start_read_into(rel, offset + lo * self.row_bytes,
+                                           memoryview(whole).cast("B"))
+    except StoreError as e:
+      raise StoreError(f"shard {shard}: {e}") from e
+
+    def finish() -> np.ndarray:
+      try:
+        read()
+      except StoreError as e:
+        raise StoreError(f"shard {shard}: {e}") from e
+      except OSError as e:
+        raise StoreError(f"shard {shard} of {self.path}: cannot read {rel}: {e}") from e
+      for i, at in enumerate(range(0, hi - lo, per) if info.chunks is not None else ()):
+        if crc32c(whole[at:at + per]) != info.chunks["crc32c"][lo // per + i]:
+          first = offset + (lo + at) * self.row_bytes
+          raise self._corrupted(shard, rel, first,
+                                first + len(whole[at:at + per]) * self.row_bytes)
+      if whole is not out:
+        out[:] = whole[start - lo:stop - lo]
+      return out
+    return finish
 
   def shard_acts(self, index: int) -> np.ndarray:
-    """The memory-mapped activations of one shard, [rows, d_model] (bfloat16 viewed as such)."""
-    if index not in self._acts:
-      self._acts[index] = from_disk(self._load(self.shards[index].files["acts"], index), self.dtype)
-    return self._acts[index]
+    """The activations of one shard, read whole and checked, [rows, d_model] (bfloat16 viewed as
+    such); for small stores and tests: commands read ranges (`read_rows`)."""
+    return from_disk(self.read_rows(index, 0, self.shards[index].rows), self.dtype)
 
   def shard_meta(self, index: int) -> np.ndarray:
-    if index not in self._meta:
-      self._meta[index] = self._load(self.shards[index].files["meta"], index)
-    return self._meta[index]
+    """The metadata of one shard, read whole (it is small) and checked as it is read."""
+    return np.load(io.BytesIO(self._checked_file(index, "meta")), allow_pickle=False)
+
+  def _checked_file(self, index: int, kind: str) -> bytes:
+    info = self.shards[index]
+    data = self.location.read(info.files[kind])
+    if data is None:
+      raise StoreError(f"shard {index} of {self.path}: file {info.files[kind]} is missing")
+    if hashlib.sha256(data).hexdigest() != info.sha256[kind]:
+      raise StoreError(f"shard {index} of {self.path}: {info.files[kind]} is corrupted (sha256 "
+                       "does not match the manifest); harvest this store again")
+    return data
 
   def locate(self, row: int) -> tuple[int, int]:
     """(shard index, row within shard) of a global row index."""
@@ -366,9 +501,10 @@ class Store:
     return shard, row - (int(self._ends[shard - 1]) if shard else 0)
 
   def __getitem__(self, row: int) -> np.ndarray:
-    """One row as float32, copied out of the memmap."""
+    """One row as float32, read (with its checked chunk) on each call."""
     shard, local = self.locate(int(row))
-    return np.asarray(self.shard_acts(shard)[local], dtype=np.float32)
+    return np.asarray(from_disk(self.read_rows(shard, local, local + 1), self.dtype)[0],
+                      dtype=np.float32)
 
   def iter_shards(self) -> Iterator[tuple[ShardInfo, np.ndarray, np.ndarray]]:
     for s in self.shards:
@@ -384,15 +520,13 @@ class Store:
     """The image table: one record per image id, in id order."""
     table = []
     for s in self.shards:
-      text = self.location.read(s.files["images"])
-      if text is None:
-        raise StoreError(f"shard {s.index} of {self.path}: file {s.files['images']} is missing")
+      text = self._checked_file(s.index, "images")
       table.extend(json.loads(line) for line in text.decode().splitlines() if line.strip())
     return table
 
   def summary(self) -> dict:
-    meta = self.meta()
-    kinds = np.bincount(meta["kind"], minlength=len(KIND_NAMES)) if len(meta) else [0] * 3
+    kinds = sum((np.bincount(self.shard_meta(s.index)["kind"], minlength=len(KIND_NAMES))
+                 for s in self.shards), np.zeros(len(KIND_NAMES), np.int64))
     return {
         "store": str(self.path), "model": self.manifest["model"],
         "hookpoint": self.manifest["hookpoint"], "layer": self.manifest["layer"],

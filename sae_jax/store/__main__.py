@@ -1,7 +1,8 @@
 """`python -m sae_jax.store --store=PATH`: verify a store's checksums and print a JSON summary.
 
-STORE is a folder or a gs:// or s3:// URL; `--copy_to=DIR` also copies it to a local folder
-(checked file by file, the manifest last), which numpy alone can read.
+STORE is a folder or a gs:// or s3:// URL. `--copy_to=DEST` copies it instead, checking each file
+as it copies it and writing the manifest last: down to a local folder (which numpy alone can read),
+or up to a bucket (`--store=DIR --copy_to=gs://bucket/path`, one PUT per file). A rerun resumes.
 """
 
 import json
@@ -16,8 +17,8 @@ _STORE = flags.DEFINE_string("store", None, "Activation store to verify: a folde
                              "or s3://bucket/path.", required=True)
 _ALLOW_INCOMPLETE = flags.DEFINE_bool(
     "allow_incomplete", False, "Summarise a store whose harvest has not finished yet.")
-_COPY_TO = flags.DEFINE_string("copy_to", None, "Copy the store to this local folder (resumes: "
-                               "files already copied whole are skipped).")
+_COPY_TO = flags.DEFINE_string("copy_to", None, "Copy the store to this folder, gs:// or s3:// URL "
+                               "(resumes: files already copied whole are skipped).")
 
 
 def main():

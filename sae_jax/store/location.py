@@ -4,7 +4,10 @@ Buckets go through tensorstore's kvstore (installed with orbax-checkpoint alread
 local drivers, asynchronous: a read is a future, so many are in flight without a thread each).
 An object is written by one PUT, so it appears whole or not at all: no temporary names needed. The
 usual emulator variables are honoured: STORAGE_EMULATOR_HOST for gs://, AWS_ENDPOINT_URL (or
-AWS_ENDPOINT_URL_S3) for s3://.
+AWS_ENDPOINT_URL_S3) for s3://. The S3 endpoint goes in the kvstore spec; tensorstore's GCS driver
+has no spec member for one (tensorstore 0.1.x refuses "endpoint"), so for STORAGE_EMULATOR_HOST the
+library sets TENSORSTORE_GCS_HTTP_URL (and a test token) in os.environ when they are unset: the
+one place it writes the environment.
 """
 
 from __future__ import annotations
@@ -12,25 +15,50 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+import google_crc32c
 import numpy as np
 
 from sae_jax.store import StoreError
 
 REMOTE_SCHEMES = ("gs://", "s3://")
-_BLOCK = 1 << 26  # bytes per read when a whole file is hashed or copied
+# Bytes per read when a whole file is hashed or copied: with one read ahead, what a stream holds.
+_BLOCK = 1 << 23
 
 
 def sha256(location: "Local | Bucket", rel: str) -> str | None:
   """The sha256 of a file of `location`, or None if it is missing."""
+  digests = checksums(location, rel, [])
+  return None if digests is None else digests[0]
+
+
+def checksums(location: "Local | Bucket", rel: str, bounds: list[tuple[int, int]]
+              ) -> tuple[str, list[int]] | None:
+  """The sha256 of a file of `location` and the CRC32C of each of its byte ranges `bounds`
+  (consecutive, from byte 0; the file may end inside them), in one streamed read; None if it is
+  missing."""
   blocks = location.blocks(rel)
   if blocks is None:
     return None
-  digest = hashlib.sha256()
+  whole, pieces = hashlib.sha256(), [0] * len(bounds)
+  at, piece = 0, 0
   for block in blocks:
-    digest.update(block)
-  return digest.hexdigest()
+    whole.update(block)
+    view = np.frombuffer(block, np.uint8)  # read-only, as google_crc32c wants it; no copies
+    while len(view) and piece < len(bounds):
+      take = min(len(view), bounds[piece][1] - at)
+      pieces[piece] = google_crc32c.extend(pieces[piece], view[:take])
+      view, at = view[take:], at + take
+      if at == bounds[piece][1]:
+        piece += 1
+  return whole.hexdigest(), pieces
+
+
+def _status(e: Exception) -> str:
+  """The absl status code of a tensorstore error: its Python exception carries the status as the
+  code that starts its message ("OUT_OF_RANGE: ..."), and nothing else does."""
+  return str(e).split(":", 1)[0].strip()
 
 
 class LocationError(StoreError):
@@ -71,6 +99,12 @@ class Local:
       return (self.root / rel).read_bytes()
     except FileNotFoundError:
       return None
+
+  asynchronous = False  # a read blocks its thread: readers keep a thread per read in flight
+
+  def start_read_into(self, rel: str, offset: int, out: memoryview) -> Callable[[], None]:
+    """`read_into`, run by the returned function (a file read blocks: nothing to start)."""
+    return lambda: self.read_into(rel, offset, out)
 
   def read_into(self, rel: str, offset: int, out: memoryview) -> None:
     with open(self.root / rel, "rb", buffering=0) as f:
@@ -144,10 +178,14 @@ class Bucket:
 
   def _read(self, rel: str, byte_range: slice | None = None, *, to_end: bool = False):
     """A read; a range past the object's end is cut at the end if `to_end`, else refused."""
+    return self._result(rel, self.kv.read(rel, byte_range=byte_range), byte_range, to_end=to_end)
+
+  def _result(self, rel: str, future, byte_range: slice | None, *, to_end: bool = False):
+    """The result of a read started as `future`, as `_read` returns it."""
     try:
-      return self.kv.read(rel, byte_range=byte_range).result()
+      return future.result()
     except Exception as e:
-      if "OUT_OF_RANGE" not in str(e):
+      if _status(e) != "OUT_OF_RANGE":
         raise self._error(self.url(rel), e) from e
       if not to_end:
         raise LocationError(f"{self.url(rel)} ends before byte {byte_range.stop}: it is "
@@ -158,8 +196,19 @@ class Bucket:
     result = self._read(rel)
     return bytes(result.value) if result.state == "value" else None
 
+  asynchronous = True  # a read is a tensorstore future: many in flight without a thread each
+
+  def start_read_into(self, rel: str, offset: int, out: memoryview) -> Callable[[], None]:
+    """Starts reading bytes [offset, offset + len(out)) of `rel`; the returned function waits for
+    them and copies them into `out`."""
+    byte_range = slice(offset, offset + len(out))
+    future = self.kv.read(rel, byte_range=byte_range)
+    return lambda: self._copy(rel, self._result(rel, future, byte_range), offset, out)
+
   def read_into(self, rel: str, offset: int, out: memoryview) -> None:
-    result = self._read(rel, slice(offset, offset + len(out)))
+    self.start_read_into(rel, offset, out)()
+
+  def _copy(self, rel: str, result, offset: int, out: memoryview) -> None:
     if result.state != "value":
       raise LocationError(f"{self.url(rel)} is missing")
     if len(result.value) != len(out):
@@ -174,12 +223,12 @@ class Bucket:
 
     def read():
       block, offset = bytes(first.value), 0
-      while True:
-        yield block
-        if len(block) < _BLOCK:
-          return
+      while len(block) == _BLOCK:
         offset += _BLOCK
-        block = bytes(self._read(rel, slice(offset, offset + _BLOCK), to_end=True).value)
+        ahead = self.kv.read(rel, byte_range=slice(offset, offset + _BLOCK))  # in flight meanwhile
+        yield block
+        block = bytes(self._result(rel, ahead, slice(offset, offset + _BLOCK), to_end=True).value)
+      yield block
     return read()
 
   def write(self, rel: str, data: bytes) -> None:

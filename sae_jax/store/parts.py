@@ -117,4 +117,4 @@ def _commit_shard(location, part: str, s: ShardInfo, index: int, first_row: int,
                    first_image=first_input + s.first_image, num_inputs=s.num_inputs, files=files,
                    sha256={"acts": s.sha256["acts"],
                            **{k: hashlib.sha256(d).hexdigest() for k, d in contents.items()}},
-                   bad_images=s.bad_images)
+                   bad_images=s.bad_images, chunks=s.chunks)
