@@ -20,7 +20,9 @@ with one change each: tied_init (W_enc = W_dec, unit rows), dead_20k / dead_50k 
 window in tokens), auxk_1 (AuxK weight 1, dead after 100k tokens, as SAELens weighs it), cap_12 /
 cap_16 (--batchtopk_max_k), relative (the batch cut ranks each value divided by its token's
 |x - b_dec|, so loud tokens no longer win the budget), topk_then_batchtopk (TopK for the first
-half); dense_topk / dense_batchtopk are the plain dense method in a few lines of JAX.
+half); dense_topk / dense_batchtopk are the plain dense method in a few lines of JAX; oracle
+trains nothing: the planted directions as encoder and decoder (b_enc -0.5, the offset as b_dec),
+FVU of 4096 rows selected by TopK and by BatchTopK at k.
 """
 
 import argparse
@@ -50,6 +52,7 @@ VARIANTS = {
     "topk_then_batchtopk": dict(architecture="batchtopk"),
     "dense_topk": None,
     "dense_batchtopk": None,
+    "oracle": None,
 }
 
 
@@ -189,6 +192,16 @@ def measure_dense(data: Planted, architecture: str, steps: int) -> dict:
                  heldout_fvu=float(fvu(p, held_out)))
 
 
+def measure_oracle(data: Planted) -> dict:
+  x = np.asarray(data.batch(jax.random.PRNGKey(10**7), 4096), np.float64)
+  P, b_dec = np.asarray(data.directions, np.float64), np.asarray(data.offset, np.float64)
+  pre = np.maximum((x - b_dec) @ P.T - 0.5, 0)
+  per_token = np.where(pre >= -np.sort(-pre, axis=1)[:, K - 1:K], pre, 0)
+  batch = np.where(pre >= np.sort(pre.ravel())[-len(x) * K], pre, 0)
+  fvu = lambda z: float(((x - z @ P - b_dec) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+  return {"topk_fvu": fvu(per_token), "batchtopk_fvu": fvu(batch)}
+
+
 def summary(data, W_dec, W_enc, ever_selected, **numbers) -> dict:
   recovered, rare = data.recovery(W_dec)
   norms = np.linalg.norm(W_enc, axis=1)
@@ -207,7 +220,9 @@ def main():
   args = parser.parse_args()
   data = Planted(args.data)
   start = time.perf_counter()
-  if args.variant.startswith("dense_"):
+  if args.variant == "oracle":
+    result = measure_oracle(data)
+  elif args.variant.startswith("dense_"):
     result = measure_dense(data, args.variant.removeprefix("dense_"), args.steps)
   else:
     result = measure_ours(data, args.variant, args.steps)
