@@ -51,6 +51,9 @@ CAPTION_PROMPT = "Describe the image."
 SIZES = tiny.Sizes(image_size=images_lib.WORLD_SIZE, patch_size=8, hidden=64, num_layers=2,
                    vision_hidden=64, vision_layers=2,
                    grid_pinpoints=((images_lib.WORLD_SIZE, images_lib.WORLD_SIZE),))
+# The explainer sees five images per prompt: 16 px patches (a 4x4 grid each) keep it fast; it
+# still sees which 8 px patches of the subject's grid are highlighted, at half the resolution.
+EXPLAINER_SIZES = dataclasses.replace(SIZES, patch_size=16)
 HARVEST_LAYER = 0  # the decoder block whose output the quickstart harvests and steers
 # A small open_clip CLIP on 32 px images; texts are short, so 16 tokens of context suffice.
 CLIP_CFG = {
@@ -70,8 +73,8 @@ class Settings:
   subject_steps: int = 800
   clip_steps: int = 300
   clip_batch_size: int = 64
-  explainer_steps: int = 300
-  explainer_batch_size: int = 4
+  explainer_steps: int = 800
+  explainer_batch_size: int = 8
   batch_size: int = 16
   lr: float = 3e-3
 
@@ -324,16 +327,23 @@ def _latent_like(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def train_explainer(settings: Settings, out: Path, log=print) -> dict:
   """Trains a LLaVA-OneVision to answer the explanation prompt with the concept that the
-  highlighted regions of its images share; saves it to `out`."""
+  highlighted regions of its images share; saves it to `out`. Every other step is a captioning
+  batch: it teaches the vision tower the world's words far faster than the one answer word of an
+  explanation does."""
   started = time.perf_counter()
-  model, processor = tiny.build("llava_onevision", settings.seed, SIZES, build_tokenizer())
+  model, processor = tiny.build("llava_onevision", settings.seed, EXPLAINER_SIZES,
+                                build_tokenizer())
   template = prompts.load_template()
   pictures, records = scenes(settings.seed, settings.train_images)
   concepts = GridConcepts(records)
   names = sorted(concepts.showing)
   rng = np.random.default_rng(settings.seed + 1)
+  captions = _sampler(_caption_batch(processor, pictures, [caption(r) for r in records]),
+                      2 * settings.explainer_batch_size, settings.seed)
 
   def batch(step: int) -> dict:
+    if step % 2:
+      return captions(step)
     texts, images, answers = [], [], []
     for _ in range(settings.explainer_batch_size):
       name = names[rng.integers(len(names))]
@@ -402,7 +412,7 @@ def build(out: str | Path, settings: Settings = Settings(), log=print) -> dict:
     if {k: record.get(k) for k in wanted} == wanted:
       return record
   out.mkdir(parents=True, exist_ok=True)
-  record = {**wanted, "subject": train_subject(settings, out / SUBJECT_DIR, log),
+  record = {**wanted, "held_out_seed": held_out_seed(settings), "subject": train_subject(settings, out / SUBJECT_DIR, log),
             "clip": train_clip(settings, out / CLIP_DIR, log),
             "explainer": train_explainer(settings, out / EXPLAINER_DIR, log)}
   atomic_write_json(stamp, record)  # written last: marks a complete world

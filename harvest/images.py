@@ -239,7 +239,9 @@ def _scene(seed: int) -> tuple[np.ndarray, dict]:
 
 def _world_scene(seed: int) -> tuple[np.ndarray, dict]:
   """A world scene: 2-3 large shapes in WORLD_COLOURS (slightly jittered) on a grey texture, so
-  that every concept covers whole patches of an 8x8 grid and a caption can name it."""
+  that every concept covers whole patches of an 8x8 grid and a caption can name it. The shapes
+  cover about half the image: a texture latent that fired everywhere would not match the
+  background by chance."""
   rng = np.random.default_rng(seed)
   side = WORLD_SIZE
   background, texture = _background(rng, side, side, grey=True)
@@ -247,7 +249,7 @@ def _world_scene(seed: int) -> tuple[np.ndarray, dict]:
   for _ in range(rng.integers(2, 4)):
     colour = WORLD_COLOURS[rng.integers(len(WORLD_COLOURS))]
     rgb = [int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[colour]]
-    w, h = (int(v) for v in rng.integers(side * 3 // 8, side * 5 // 8, 2))
+    w, h = (int(v) for v in rng.integers(side // 2, side * 7 // 8, 2))
     x0, y0 = int(rng.integers(0, side - w)), int(rng.integers(0, side - h))
     shapes.append({"shape": WORLD_SHAPES[rng.integers(len(WORLD_SHAPES))], "colour": colour,
                    "rgb": rgb, "box": [x0, y0, x0 + w, y0 + h], "line_width": None})
