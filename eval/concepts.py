@@ -23,14 +23,13 @@ Top images are matched to concepts.jsonl by file name; images it does not list a
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 from absl import flags
 
 from eval import iou as iou_lib
-from eval import scoring, stats
+from eval import ground_truth, stats
 from harvest import images as images_lib
 from interpret import jobs
 from interpret import topacts as topacts_lib
@@ -147,31 +146,6 @@ def planted(names: list[str], latents: list[int], real: np.ndarray, shuffled: np
   return out
 
 
-def names_concept(explanation: str | None, concept: str) -> bool:
-  """Whether an explanation says a concept's name ("colour:red" -> the word "red")."""
-  words = re.findall(r"[a-z]+", (explanation or "").lower())
-  return concept.split(":", 1)[1] in words
-
-
-def explanation_accuracy(rows: list[dict], match_iou: float, draws: int, seed: int) -> dict:
-  """Of the latents that match a concept at `match_iou`, the share whose explanation names it,
-  and the same share with the explanations shuffled among them (mean over `draws` derangements):
-  the rate a name lands on its concept by chance."""
-  matched = [r for r in rows if r["iou"] is not None and r["iou"] >= match_iou]
-  named = [names_concept(r["explanation"], r["concept"]) for r in matched]
-  shuffled = []
-  rng = np.random.default_rng(seed)
-  for _ in range(draws if len(matched) > 1 else 0):
-    order = scoring.derangement(len(matched), int(rng.integers(2**31)))
-    shuffled.append(np.mean([names_concept(matched[j]["explanation"], r["concept"])
-                             for r, j in zip(matched, order)]))
-  return {"matched_latents": len(matched),
-          "explained": sum(r["explanation"] is not None for r in matched),
-          "named": int(sum(named)), "accuracy": float(np.mean(named)) if named else None,
-          "shuffled_accuracy": float(np.mean(shuffled)) if shuffled else None,
-          "shuffle_draws": len(shuffled)}
-
-
 def main():
   out = Path(_OUT.value)
   acts = topacts_lib.TopActs(_TOPACTS.value)
@@ -200,7 +174,7 @@ def main():
                             for c in concepts.values()),
       "concepts": concepts}
   if _EXPLANATIONS.value:
-    summary["explanations"] = explanation_accuracy(rows, _MATCH_IOU.value, _RANDOM_DRAWS.value,
+    summary["explanations"] = ground_truth.explanation_accuracy(rows, _MATCH_IOU.value, _RANDOM_DRAWS.value,
                                                    _SEED.value)
   out.mkdir(parents=True, exist_ok=True)
   atomic_write_bytes(out / "per_latent.jsonl",

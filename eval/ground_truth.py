@@ -1,5 +1,8 @@
 """The miniature world's claims against its ground truth (eval.world), in one table.
 
+`explanation_accuracy()` (used by eval.concepts) counts the matched latents whose explanation
+names their concept.
+
 `rows()` reads the outputs of eval.concepts (concept recovery, explanation accuracy),
 eval.clip_score and eval.steer_concepts and returns one row per claim: what the run reached, its
 baseline and the claim's target. eval.report shows the rows and writes them to
@@ -9,8 +12,12 @@ show the same numbers because they come from this one function.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import numpy as np
+
+from eval import scoring
 from eval.page import fmt, read_json
 
 HEADLINE_FILE = "headline.json"
@@ -19,6 +26,31 @@ TARGETS = {"concepts": "matched >= 80%, random placement <= 10%",
            "explanations": ">= 70% name their concept",
            "clip": "95% CI of the difference above 0",
            "steering": "colour latent >= 50%, random latent <= 5%"}
+
+
+def names_concept(explanation: str | None, concept: str) -> bool:
+  """Whether an explanation says a concept's name ("colour:red" -> the word "red")."""
+  words = re.findall(r"[a-z]+", (explanation or "").lower())
+  return concept.split(":", 1)[1] in words
+
+
+def explanation_accuracy(rows: list[dict], match_iou: float, draws: int, seed: int) -> dict:
+  """Of the latents that match a concept at `match_iou`, the share whose explanation names it,
+  and the same share with the explanations shuffled among them (mean over `draws` derangements):
+  the rate a name lands on its concept by chance."""
+  matched = [r for r in rows if r["iou"] is not None and r["iou"] >= match_iou]
+  named = [names_concept(r["explanation"], r["concept"]) for r in matched]
+  shuffled = []
+  rng = np.random.default_rng(seed)
+  for _ in range(draws if len(matched) > 1 else 0):
+    order = scoring.derangement(len(matched), int(rng.integers(2**31)))
+    shuffled.append(np.mean([names_concept(matched[j]["explanation"], r["concept"])
+                             for r, j in zip(matched, order)]))
+  return {"matched_latents": len(matched),
+          "explained": sum(r["explanation"] is not None for r in matched),
+          "named": int(sum(named)), "accuracy": float(np.mean(named)) if named else None,
+          "shuffled_accuracy": float(np.mean(shuffled)) if shuffled else None,
+          "shuffle_draws": len(shuffled)}
 
 
 def _share(part, whole) -> str:

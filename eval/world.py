@@ -1,13 +1,18 @@
 """`python -m eval.world --out=DIR`: a miniature world with ground truth, trained here on CPU.
 
 The paper's models cannot be downloaded here, and random tiny models find, name and steer nothing.
-This world trains real transformers classes on the world scenes of `harvest.images` (2-3 shapes in
-8 named colours on a grey texture, each one recorded in concepts.jsonl), so that the pipeline's
-answers can be checked against what was drawn:
+This world trains real transformers and open_clip classes on the world scenes of `harvest.images`
+(4 shapes in distinct named colours on a grey texture, each recorded in concepts.jsonl), so that
+the pipeline's answers can be checked against what was drawn:
   DIR/subject/   a small LLaVA-NeXT (64 px images, 8 px patches: an 8x8 base grid) trained to
-                 caption a scene ("red ellipse blue triangle on stripes", shapes left to right), so
-                 its residual stream carries the colours, shapes and textures where they are drawn
-  DIR/world.json the settings, the training losses and the caption accuracy on held-out scenes
+                 caption a scene ("red ellipse blue triangle ... on stripes", shapes left to right),
+                 so its residual stream carries the colours, shapes and textures where they are
+  DIR/clip/      a small open_clip CLIP trained contrastively on the scenes and their captions (or
+                 a few of their concept words)
+  DIR/explainer/ a small LLaVA-OneVision trained on the paper's explanation prompt (five images,
+                 regions outside a concept darkened, as interpret.explain shows top images) to
+                 answer with the concept's name
+  DIR/world.json the settings, code version, losses and held-out checks of each model
 A word-level tokenizer (the `tokenizers` library's WordLevel, lower-cased) covers the captions,
 the chat template and the explanation prompt: every word outside it is <unk>.
 
@@ -439,7 +444,8 @@ if __name__ == "__main__":
     settings = Settings(train_images=_TRAIN_IMAGES.value, subject_steps=_SUBJECT_STEPS.value,
                         seed=_SEED.value)
     record = build(_OUT.value, settings)
-    print(json.dumps({"ok": True, "out": _OUT.value, "held_out_seed": held_out_seed(settings),
-                      "subject": record["subject"]["held_out_accuracy"]}))
+    print(json.dumps({"ok": True, "out": _OUT.value, "held_out_seed": record["held_out_seed"],
+                      **{name: {k: v for k, v in record[name].items() if k != "losses"}
+                         for name in ("subject", "clip", "explainer")}}))
 
   cli.run(main)

@@ -238,20 +238,20 @@ def _scene(seed: int) -> tuple[np.ndarray, dict]:
 
 
 def _world_scene(seed: int) -> tuple[np.ndarray, dict]:
-  """A world scene: 2-3 large shapes in WORLD_COLOURS (slightly jittered) on a grey texture, so
+  """A world scene: 4 shapes in distinct WORLD_COLOURS (slightly jittered) on a grey texture, so
   that every concept covers whole patches of an 8x8 grid and a caption can name it. The shapes
-  cover about half the image: a texture latent that fired everywhere would not match the
-  background by chance."""
+  (3/8 to 11/16 of the side) leave about half the image to the background and a tenth to a
+  fifth to each shape: neither a texture nor a colour covers so much of an image that a latent's
+  map placed at random would match it."""
   rng = np.random.default_rng(seed)
   side = WORLD_SIZE
   background, texture = _background(rng, side, side, grey=True)
   shapes = []
-  for _ in range(rng.integers(2, 4)):
-    colour = WORLD_COLOURS[rng.integers(len(WORLD_COLOURS))]
+  for colour in rng.choice(WORLD_COLOURS, 4, replace=False):
     rgb = [int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[colour]]
-    w, h = (int(v) for v in rng.integers(side // 2, side * 7 // 8, 2))
+    w, h = (int(v) for v in rng.integers(side * 3 // 8, side * 11 // 16, 2))
     x0, y0 = int(rng.integers(0, side - w)), int(rng.integers(0, side - h))
-    shapes.append({"shape": WORLD_SHAPES[rng.integers(len(WORLD_SHAPES))], "colour": colour,
+    shapes.append({"shape": WORLD_SHAPES[rng.integers(len(WORLD_SHAPES))], "colour": str(colour),
                    "rgb": rgb, "box": [x0, y0, x0 + w, y0 + h], "line_width": None})
   return background, {"seed": seed, "size": [side, side], "texture": texture, "shapes": shapes}
 
