@@ -407,8 +407,27 @@ def held_out_seed(settings: Settings) -> int:
   return settings.seed + settings.train_images
 
 
-def build(out: str | Path, settings: Settings = Settings(), log=print) -> dict:
-  """Builds the world in `out` unless the same settings and code already did; returns world.json."""
+PARTS = {SUBJECT_DIR: train_subject, CLIP_DIR: train_clip, EXPLAINER_DIR: train_explainer}
+PART_FILE = "trained.json"  # in each model's folder: its settings, code version and record
+
+
+def build_part(out: Path, name: str, settings: Settings, wanted: dict, log=print) -> dict:
+  """Trains one model into out/name unless its trained.json says the same settings and code
+  did; returns its record. The parts are independent: separate processes may build them."""
+  stamp = out / name / PART_FILE
+  if stamp.exists():
+    record = json.loads(stamp.read_text())
+    if {k: record.get(k) for k in wanted} == wanted:
+      return record["record"]
+  record = PARTS[name](settings, out / name, log)
+  atomic_write_json(stamp, {**wanted, "record": record})  # written last: marks a finished part
+  return record
+
+
+def build(out: str | Path, settings: Settings = Settings(), parts=tuple(PARTS),
+          log=print) -> dict | None:
+  """Builds the world in `out` unless the same settings and code already did; returns world.json
+  (None when `parts` leaves some model unbuilt)."""
   out = Path(out)
   stamp = out / WORLD_FILE
   wanted = {"settings": dataclasses.asdict(settings), "code_version": code_version()}
@@ -417,9 +436,10 @@ def build(out: str | Path, settings: Settings = Settings(), log=print) -> dict:
     if {k: record.get(k) for k in wanted} == wanted:
       return record
   out.mkdir(parents=True, exist_ok=True)
-  record = {**wanted, "held_out_seed": held_out_seed(settings), "subject": train_subject(settings, out / SUBJECT_DIR, log),
-            "clip": train_clip(settings, out / CLIP_DIR, log),
-            "explainer": train_explainer(settings, out / EXPLAINER_DIR, log)}
+  records = {name: build_part(out, name, settings, wanted, log) for name in parts}
+  if set(records) != set(PARTS):
+    return None
+  record = {**wanted, "held_out_seed": held_out_seed(settings), **records}
   atomic_write_json(stamp, record)  # written last: marks a complete world
   return record
 
@@ -438,14 +458,20 @@ if __name__ == "__main__":
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of the scenes and the weights.")
   _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 2, "torch intra-op threads.",
                                         lower_bound=1)
+  _PARTS = flags.DEFINE_multi_enum("parts", list(PARTS), list(PARTS), "Models to build (default "
+                                   "all; separate processes may build separate parts, then a run "
+                                   "with all of them writes world.json).")
 
   def main():
     torch.set_num_threads(_TORCH_THREADS.value)
     settings = Settings(train_images=_TRAIN_IMAGES.value, subject_steps=_SUBJECT_STEPS.value,
                         seed=_SEED.value)
-    record = build(_OUT.value, settings)
+    record = build(_OUT.value, settings, tuple(_PARTS.value))
+    if record is None:
+      print(json.dumps({"ok": True, "out": _OUT.value, "built": _PARTS.value}))
+      return
     print(json.dumps({"ok": True, "out": _OUT.value, "held_out_seed": record["held_out_seed"],
                       **{name: {k: v for k, v in record[name].items() if k != "losses"}
-                         for name in ("subject", "clip", "explainer")}}))
+                         for name in PARTS}}))
 
   cli.run(main)
