@@ -6,8 +6,8 @@
 Ground truth for steering, on scenes whose colours are known (harvest.images' concepts.jsonl).
 For each colour concept that eval.concepts matched to a latent (CONCEPTS/concepts.json), the
 latent is clamped (interpret.steering, --mode at --positions) to --scale times its top activation
-(TOPACTS) on every image that does not show the colour, and the model's caption (greedy, --prompt
-in the model's chat template) is read: a success is a caption that names the colour, which the
+(TOPACTS) on the images (of the first --pool, at most --max_images) that do not show the colour,
+and the model's caption (greedy, --prompt in the model's chat template) is read: a success is a caption that names the colour, which the
 unsteered caption did not. The control clamps a random latent (one per colour, drawn from the
 latents with top images that matched no colour) to its own top activation times --scale, on the
 same images, and counts the same colour word. Writes:
@@ -49,6 +49,9 @@ _POSITIONS = flags.DEFINE_enum("positions", "image", list(steering.POSITIONS),
                                "Positions edited.")
 _SCALE = flags.DEFINE_float("scale", 1.0, "Clamp value as a multiple of the latent's top "
                             "activation.")
+_POOL = flags.DEFINE_integer("pool", 128, "The first N scenes of --images are captioned without "
+                             "steering; each colour is tried on those of them without it.",
+                             lower_bound=1)
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 64, "Images tried per colour (those without it).",
                                    lower_bound=1)
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 12, "Caption length in tokens.",
@@ -103,13 +106,13 @@ def main():
              if name.startswith("colour:") and c["matched"]}
   colour_latents = {c["latent"] for name, c in summary_in["concepts"].items()
                     if name.startswith("colour:")}
-  pool = [int(i) for i in np.flatnonzero(acts.has_images()) if int(i) not in colour_latents]
+  others = [int(i) for i in np.flatnonzero(acts.has_images()) if int(i) not in colour_latents]
   rng = np.random.default_rng(_SEED.value)
   loaded = _LLAVA.load()
   sae, layer = steering.load_sae(loaded, FLAGS.sae, FLAGS.layer)
   text = llava.prompt_text(loaded.processor, _LLAVA.prompt_mode.value, _PROMPT.value)
   folder = Path(_IMAGES.value)
-  files = sorted(scenes)
+  files = sorted(scenes)[:_POOL.value]
   pictures = {f: images_lib.decode_image(lambda f=f: images_lib.Image.open(folder / f))
               for f in files}
   baseline = dict(zip(files, _captions(loaded, [pictures[f] for f in files], text, [], sae, layer)))
@@ -118,7 +121,7 @@ def main():
     absent = [f for f in files
               if colour not in {s["colour"] for s in scenes[f]["shapes"]}
               and not names(baseline[f], colour)][:_MAX_IMAGES.value]
-    random_latent = int(rng.choice(pool))
+    random_latent = int(rng.choice(others))
     value = _SCALE.value * top_activation(acts, latent)
     random_value = _SCALE.value * top_activation(acts, random_latent)
     shown = [pictures[f] for f in absent]
@@ -139,7 +142,8 @@ def main():
       "format": FORMAT_NAME, "version": FORMAT_VERSION,
       "settings": {"model": _LLAVA.model.value, "sae": FLAGS.sae, "layer": layer,
                    "mode": _MODE.value, "positions": _POSITIONS.value, "scale": _SCALE.value,
-                   "prompt": _PROMPT.value, "max_images": _MAX_IMAGES.value, "seed": _SEED.value},
+                   "prompt": _PROMPT.value, "pool": _POOL.value, "max_images": _MAX_IMAGES.value,
+                   "seed": _SEED.value},
       "colours": len(per_colour), "trials": trials,
       "changed_rate": changed / trials if trials else None, "changed_ci": wilson(changed, trials),
       "random_rate": random_changed / trials if trials else None,
