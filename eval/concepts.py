@@ -13,6 +13,9 @@ latent reaches --match_iou on it.
 The random baseline scores the same maps with their active patches moved at random. Writes:
   concepts.json      settings, counts, aggregates (n, mean, median, bootstrap 95% CI) and, per
                      planted concept, its best latent and IoU
+                     and, with --explanations, how many latents that match a concept at
+                     --match_iou have an explanation naming it (the concept's word, e.g. "red"),
+                     against the explanations shuffled among them
   per_latent.jsonl   {"latent", "concept", "iou", "random_iou", "images", "explanation"} per latent
 Top images are matched to concepts.jsonl by file name; images it does not list are left out.
 """
@@ -26,7 +29,7 @@ import numpy as np
 from absl import flags
 
 from eval import iou as iou_lib
-from eval import stats
+from eval import ground_truth, stats
 from harvest import images as images_lib
 from interpret import jobs
 from interpret import topacts as topacts_lib
@@ -170,11 +173,15 @@ def main():
       "matched_random": sum(c["random_iou"] is not None and c["random_iou"] >= _MATCH_IOU.value
                             for c in concepts.values()),
       "concepts": concepts}
+  if _EXPLANATIONS.value:
+    summary["explanations"] = ground_truth.explanation_accuracy(rows, _MATCH_IOU.value, _RANDOM_DRAWS.value,
+                                                   _SEED.value)
   out.mkdir(parents=True, exist_ok=True)
   atomic_write_bytes(out / "per_latent.jsonl",
                      "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
   atomic_write_json(out / "concepts.json", summary)
   print(json.dumps({"ok": True, "scored": len(rows), "planted": summary["planted"],
+                    **({"explanations": summary["explanations"]} if _EXPLANATIONS.value else {}),
                     "matched": summary["matched"], "matched_random": summary["matched_random"],
                     "mean_iou": summary["metrics"]["iou"]["mean"],
                     "mean_random_iou": summary["metrics"]["random_iou"]["mean"], "out": str(out)}))

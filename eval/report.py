@@ -1,11 +1,14 @@
 """`python -m eval.report`: one page (markdown and HTML) with a run's training, quality and scores.
 
   python -m eval.report --workdir=WORKDIR --clip_scores=SCORES [--sae_quality=QUALITY.json] \
-      [--grounded_iou=GROUNDED_PAPER,GROUNDED_PATCH] [--concepts=CONCEPTS] [--topacts=TOPACTS] --out=REPORT
+      [--grounded_iou=GROUNDED_PAPER,GROUNDED_PATCH] [--concepts=CONCEPTS] [--steering=STEER] \
+      [--topacts=TOPACTS] --out=REPORT
 
 Any subset of the inputs works (--grounded_iou: eval.grounded_iou runs, e.g. --method=paper and
 --method=patch, shown beside the CLIP score and, for method paper, the paper's IoU;
---concepts: eval.concepts's planted-concept IoU; --topacts: how many latents fire on images only, text only or both, from sae_jax.scan's
+--concepts: eval.concepts's planted-concept IoU; --steering: eval.steer_concepts; with either, a
+"Ground truth" section first, also written to REPORT/headline.json for interpret.dashboard
+--headline; --topacts: how many latents fire on images only, text only or both, from sae_jax.scan's
 modality profile). Writes REPORT/report.md, REPORT/report.html (open
 it in a browser; it needs nothing else than the PNGs next to it), REPORT/training_curves.png (every
 scalar of WORKDIR/metrics.jsonl against the step) and REPORT/score_distributions.png. --sae_quality
@@ -21,11 +24,11 @@ from pathlib import Path
 from absl import flags
 import numpy as np
 
-from eval import plots, scoring
+from eval import ground_truth, plots, scoring
 from eval.page import (Picture, ReportError, Section, Table, fmt, read_json, read_jsonl,
                         to_html, to_markdown)
 from sae_jax import cli
-from sae_jax.store import atomic_write_bytes
+from sae_jax.store import atomic_write_bytes, atomic_write_json
 
 # The paper's CLIP scores (ViT-B/32 openai, LLaVA-NeXT-8B, 131k latents, top-5 images).
 PAPER_CLIP_SCORES = (("layer 25 (model.layers.24, the released SAE)", 24.92),
@@ -47,6 +50,8 @@ _CONCEPTS = flags.DEFINE_string("concepts", None, "Output folder of eval.concept
                                 "concepts.json).")
 _GROUNDED_IOU = flags.DEFINE_list("grounded_iou", [], "Output folders of eval.grounded_iou (or "
                                   "their grounded_iou.json), e.g. one per --method.")
+_STEERING = flags.DEFINE_string("steering", None, "Output folder of eval.steer_concepts: whether "
+                                "clamping a colour's latent makes the model say the colour.")
 _TOPACTS = flags.DEFINE_string("topacts", None, "TOPACTS folder of sae_jax.scan: the latents' "
                                "modality counts (image only, text only, both).")
 _OUT = flags.DEFINE_string("out", None, "Folder to write the report to.", required=True)
@@ -295,14 +300,27 @@ def _in_order(metrics: dict) -> list[tuple[str, dict]]:
   return known + [(name, m) for name, m in metrics.items() if name not in scoring.METRIC_NAMES]
 
 
+def ground_truth_section(headline: list[dict]) -> Section:
+  return Section("Ground truth", [
+      "What the pipeline found, named and steered, checked against what harvest.images drew "
+      "(eval.ground_truth; the same table heads the dashboard).",
+      Table(["claim", "this run", "baseline", "target"],
+            [[r["claim"], r["reached"], r["baseline"], r["target"]] for r in headline])])
+
+
 def main():
   if not (_WORKDIR.value or _CLIP_SCORES.value or _SAE_QUALITY.value or _CONCEPTS.value
-          or _GROUNDED_IOU.value or _TOPACTS.value):
+          or _GROUNDED_IOU.value or _TOPACTS.value or _STEERING.value):
     raise ReportError("nothing to report: pass --workdir, --clip_scores, --sae_quality, "
-                      "--concepts, --grounded_iou and/or --topacts")
+                      "--concepts, --grounded_iou, --steering and/or --topacts")
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   sections = []
+  headline = []
+  if _CONCEPTS.value or _STEERING.value:  # ground truth: planted concepts, steered colours
+    optional = lambda flag: Path(flag.value) if flag.value else None
+    headline = ground_truth.rows(optional(_CONCEPTS), optional(_CLIP_SCORES), optional(_STEERING))
+    sections.append(ground_truth_section(headline))
   if _WORKDIR.value:
     sections.append(training_section(Path(_WORKDIR.value), out))
   if _SAE_QUALITY.value:
@@ -316,6 +334,8 @@ def main():
     sections.append(concepts_section(Path(_CONCEPTS.value)))
   if _TOPACTS.value:
     sections.append(modality_section(Path(_TOPACTS.value)))
+  if headline:
+    atomic_write_json(out / ground_truth.HEADLINE_FILE, {"rows": headline})
   atomic_write_bytes(out / "report.md", to_markdown(_TITLE.value, sections).encode())
   atomic_write_bytes(out / "report.html", to_html(_TITLE.value, sections).encode())
   print(json.dumps({"ok": True, "sections": [s.title for s in sections],

@@ -28,19 +28,24 @@ PREPROCESS_CFG = {"size": IMAGE_SIZE, "mode": "RGB", "mean": [0.48145466, 0.4578
                   "resize_mode": "shortest"}
 
 
-def save(out: str | Path, seed: int = 0) -> str:
-  """Writes the tiny model to `out`; returns the --clip_model value that loads it."""
-  import open_clip
-  import torch
+def write(out: str | Path, model, model_cfg: dict, preprocess_cfg: dict = PREPROCESS_CFG) -> str:
+  """Writes an open_clip.CLIP built from `model_cfg` as a local-dir folder; returns the
+  --clip_model value that loads it."""
   from safetensors.torch import save_file
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  torch.manual_seed(seed)
-  model = open_clip.CLIP(**MODEL_CFG)
   save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
-  (out / CONFIG_FILE).write_text(json.dumps({"model_cfg": MODEL_CFG,
-                                              "preprocess_cfg": PREPROCESS_CFG}, indent=2))
+  (out / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg,
+                                              "preprocess_cfg": preprocess_cfg}, indent=2))
   return f"local-dir:{out}"
+
+
+def save(out: str | Path, seed: int = 0, model_cfg: dict = MODEL_CFG) -> str:
+  """Writes a model with random weights from `seed`; returns the --clip_model value."""
+  import open_clip
+  import torch
+  torch.manual_seed(seed)
+  return write(out, open_clip.CLIP(**model_cfg), model_cfg)
 
 
 if __name__ == "__main__":

@@ -184,9 +184,22 @@ COLOURS = {"black": (0, 0, 0), "white": (255, 255, 255), "grey": (128, 128, 128)
 CONCEPTS_FILE = "concepts.jsonl"
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, str]:
-  """The background pixels and its texture, one of TEXTURES."""
-  c1, c2 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+# The miniature world's scenes (harvest.world): square, shapes in these colours only, on grey.
+WORLD_SIZE = 64
+WORLD_COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "orange", "purple")
+WORLD_SHAPES = ("ellipse", "rectangle", "triangle")
+STYLES = ("varied", "world")
+
+
+def _background(rng: np.random.Generator, height: int, width: int,
+                grey: bool = False) -> tuple[np.ndarray, str]:
+  """The background pixels and its texture, one of TEXTURES (`grey`: two grey levels, which no
+  world colour is named after)."""
+  if grey:  # two levels far enough apart that the texture shows
+    level = int(rng.integers(0, 256))
+    c1, c2 = np.full(3, level), np.full(3, (level + int(rng.integers(80, 177))) % 256)
+  else:
+    c1, c2 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
   y, x = np.mgrid[0:height, 0:width]
   style = rng.integers(5)
   if style == 0:
@@ -224,6 +237,32 @@ def _scene(seed: int) -> tuple[np.ndarray, dict]:
   return background, {"seed": seed, "size": [width, height], "texture": texture, "shapes": shapes}
 
 
+def _world_scene(seed: int) -> tuple[np.ndarray, dict]:
+  """A world scene: 4 shapes in distinct WORLD_COLOURS (slightly jittered) on a grey texture, so
+  that every concept covers whole patches of an 8x8 grid and a caption can name it. The shapes
+  (3/8 to 11/16 of the side) leave about half the image to the background and a tenth to a
+  fifth to each shape: neither a texture nor a colour covers so much of an image that a latent's
+  map placed at random would match it."""
+  rng = np.random.default_rng(seed)
+  side = WORLD_SIZE
+  background, texture = _background(rng, side, side, grey=True)
+  shapes = []
+  for colour in rng.choice(WORLD_COLOURS, 4, replace=False):
+    rgb = [int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[colour]]
+    w, h = (int(v) for v in rng.integers(side * 3 // 8, side * 11 // 16, 2))
+    x0, y0 = int(rng.integers(0, side - w)), int(rng.integers(0, side - h))
+    shapes.append({"shape": WORLD_SHAPES[rng.integers(len(WORLD_SHAPES))], "colour": str(colour),
+                   "rgb": rgb, "box": [x0, y0, x0 + w, y0 + h], "line_width": None})
+  return background, {"seed": seed, "size": [side, side], "texture": texture, "shapes": shapes}
+
+
+def scene(seed: int, style: str = "varied") -> tuple[np.ndarray, dict]:
+  """The background pixels and the scene record of one seed in one of STYLES."""
+  if style not in STYLES:
+    raise ValueError(f"unknown scene style {style!r}; expected one of {STYLES}")
+  return _world_scene(seed) if style == "world" else _scene(seed)
+
+
 def _draw(draw: ImageDraw.ImageDraw, shapes: list[dict], fills: list) -> None:
   """The one drawing of a scene's shapes, for the image (fills: colours) and for its masks."""
   for spec, fill in zip(shapes, fills):
@@ -238,12 +277,26 @@ def _draw(draw: ImageDraw.ImageDraw, shapes: list[dict], fills: list) -> None:
       draw.line([x0, y0, x1, y1], fill=fill, width=spec["line_width"])
 
 
-def synthetic_image(seed: int) -> Image.Image:
-  """A varied image (size, aspect ratio, background texture, 1-4 shapes) from one seed."""
-  background, scene = _scene(seed)
+def render(background: np.ndarray, record: dict) -> Image.Image:
+  """The image of a scene: its shapes drawn over its background."""
   image = Image.fromarray(background)
-  _draw(ImageDraw.Draw(image), scene["shapes"], [tuple(s["rgb"]) for s in scene["shapes"]])
+  _draw(ImageDraw.Draw(image), record["shapes"], [tuple(s["rgb"]) for s in record["shapes"]])
   return image
+
+
+def synthetic_image(seed: int, style: str = "varied") -> Image.Image:
+  """An image from one seed: varied (size, aspect ratio, background texture, 1-4 shapes) or a
+  world scene."""
+  return render(*scene(seed, style))
+
+
+def shape_owner(scene: dict) -> np.ndarray:
+  """[height, width] uint8: which shape (1-based, in drawing order) each pixel shows; 0 is the
+  background."""
+  width, height = scene["size"]
+  owner = Image.new("L", (width, height), 0)
+  _draw(ImageDraw.Draw(owner), scene["shapes"], range(1, len(scene["shapes"]) + 1))
+  return np.asarray(owner)
 
 
 def concept_masks(scene: dict) -> dict[str, np.ndarray]:
@@ -256,10 +309,7 @@ def concept_masks(scene: dict) -> dict[str, np.ndarray]:
   if unknown or scene["texture"] not in TEXTURES:
     raise ValueError(f"unknown shape {unknown[0]!r}" if unknown else
                      f"unknown texture {scene['texture']!r}")
-  width, height = scene["size"]
-  owner = Image.new("L", (width, height), 0)
-  _draw(ImageDraw.Draw(owner), scene["shapes"], range(1, len(scene["shapes"]) + 1))
-  owner = np.asarray(owner)
+  owner = shape_owner(scene)
   masks = {f"texture:{scene['texture']}": owner == 0}
   for i, spec in enumerate(scene["shapes"], 1):
     for concept in (f"shape:{spec['shape']}", f"colour:{spec['colour']}"):
@@ -271,7 +321,8 @@ def _name(i: int) -> str:
   return f"synthetic_{i:05d}.png"
 
 
-def write_synthetic_images(out: str | Path, num: int, seed: int = 0) -> list[Path]:
+def write_synthetic_images(out: str | Path, num: int, seed: int = 0,
+                           style: str = "varied") -> list[Path]:
   """Writes `num` PNGs (image i from seed + i); existing files are kept, so reruns are cheap."""
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
@@ -280,17 +331,17 @@ def write_synthetic_images(out: str | Path, num: int, seed: int = 0) -> list[Pat
     path = out / _name(i)
     if not path.exists():
       tmp = path.with_name(f".{path.name}.tmp")
-      synthetic_image(seed + i).save(tmp, format="PNG")
+      synthetic_image(seed + i, style).save(tmp, format="PNG")
       tmp.replace(path)
     paths.append(path)
   return paths
 
 
-def write_concepts(out: str | Path, num: int, seed: int = 0) -> Path:
+def write_concepts(out: str | Path, num: int, seed: int = 0, style: str = "varied") -> Path:
   """OUT/concepts.jsonl: one scene record per image of `write_synthetic_images` (docs/formats.md)."""
   path = Path(out) / CONCEPTS_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
-  lines = [json.dumps({"image": _name(i), **_scene(seed + i)[1]}) + "\n" for i in range(num)]
+  lines = [json.dumps({"image": _name(i), **scene(seed + i, style)[1]}) + "\n" for i in range(num)]
   atomic_write_bytes(path, "".join(lines).encode())
   return path
 
@@ -303,10 +354,12 @@ if __name__ == "__main__":
   _OUT = flags.DEFINE_string("out", None, "Folder to write the PNGs to.", required=True)
   _NUM = flags.DEFINE_integer("num", 64, "How many images.")
   _SEED = flags.DEFINE_integer("seed", 0, "Image i is drawn from seed + i.")
+  _STYLE = flags.DEFINE_enum("style", "varied", STYLES, "varied: any size, colour and texture; "
+                             "world: the miniature world's scenes (harvest.world).")
 
   def main():
-    paths = write_synthetic_images(_OUT.value, _NUM.value, _SEED.value)
-    concepts = write_concepts(_OUT.value, _NUM.value, _SEED.value)
+    paths = write_synthetic_images(_OUT.value, _NUM.value, _SEED.value, _STYLE.value)
+    concepts = write_concepts(_OUT.value, _NUM.value, _SEED.value, _STYLE.value)
     print(json.dumps({"ok": True, "out": _OUT.value, "images": len(paths),
                       "concepts": str(concepts)}))
 

@@ -12,6 +12,7 @@ the base image grid is 4x4 = 16 tokens (the real models' 24x24 = 576).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -62,10 +63,29 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
       model_max_length=4096)
 
 
-def _text_config(kind: str, vocab_size: int, tokenizer) -> transformers.PreTrainedConfig:
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """The shapes of a tiny model (harvest.world trains larger grids than the fast tests use)."""
+  image_size: int = IMAGE_SIZE
+  patch_size: int = PATCH_SIZE
+  hidden: int = HIDDEN
+  num_layers: int = NUM_LAYERS
+  vision_hidden: int = 32
+  vision_layers: int = 2
+  grid_pinpoints: tuple = tuple(tuple(p) for p in GRID_PINPOINTS)
+
+  @property
+  def grid_tokens(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+TINY = Sizes()
+
+
+def _text_config(kind: str, vocab_size: int, tokenizer, sizes: Sizes):
   common = dict(
-      vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
-      num_hidden_layers=NUM_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+      vocab_size=vocab_size, hidden_size=sizes.hidden, intermediate_size=2 * sizes.hidden,
+      num_hidden_layers=sizes.num_layers, num_attention_heads=4, num_key_value_heads=2,
       max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
   # OneVision's real checkpoints pair SigLIP with Qwen2; the others use CLIP with Llama.
@@ -74,67 +94,71 @@ def _text_config(kind: str, vocab_size: int, tokenizer) -> transformers.PreTrain
   return transformers.LlamaConfig(**common)
 
 
-def _vision_config(kind: str) -> transformers.PreTrainedConfig:
-  common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+def _vision_config(kind: str, sizes: Sizes) -> transformers.PreTrainedConfig:
+  common = dict(hidden_size=sizes.vision_hidden, intermediate_size=2 * sizes.vision_hidden,
+                num_hidden_layers=sizes.vision_layers, num_attention_heads=2,
+                image_size=sizes.image_size, patch_size=sizes.patch_size)
   if kind == "llava_onevision":
     return transformers.SiglipVisionConfig(**common)
   return transformers.CLIPVisionConfig(projection_dim=32, **common)
 
 
-def _image_processor(kind: str):
+def _image_processor(kind: str, sizes: Sizes):
+  side, pinpoints = sizes.image_size, [list(p) for p in sizes.grid_pinpoints]
   clip_norm = dict(image_mean=[0.48145466, 0.4578275, 0.40821073],
                    image_std=[0.26862954, 0.26130258, 0.27577711])
   if kind == "llava":
     return transformers.CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        **clip_norm)
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}, **clip_norm)
   if kind == "llava_next":
     return transformers.LlavaNextImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_grid_pinpoints=GRID_PINPOINTS, **clip_norm)
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+        image_grid_pinpoints=pinpoints, **clip_norm)
   return transformers.LlavaOnevisionImageProcessor(
-      size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=GRID_PINPOINTS,
+      size={"height": side, "width": side}, image_grid_pinpoints=pinpoints,
       image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
-def build(kind: str, seed: int = 0):
-  """Returns (model, processor) of the given kind with weights drawn from `seed`."""
+def build(kind: str, seed: int = 0, sizes: Sizes = TINY, tokenizer=None):
+  """Returns (model, processor) of the given kind with weights drawn from `seed`.
+
+  `tokenizer`: default the byte-level BPE of `build_tokenizer`; it needs the SPECIAL_TOKENS."""
   if kind not in KINDS:
     raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")
-  tokenizer = build_tokenizer()
+  tokenizer = tokenizer or build_tokenizer()
   image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-  vision, text = _vision_config(kind), _text_config(kind, len(tokenizer), tokenizer)
-  image_processor = _image_processor(kind)
+  vision, text = _vision_config(kind, sizes), _text_config(kind, len(tokenizer), tokenizer, sizes)
+  image_processor = _image_processor(kind, sizes)
+  pinpoints, grid_tokens = [list(p) for p in sizes.grid_pinpoints], sizes.grid_tokens
   if kind == "llava":
     config = transformers.LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=image_token_id,
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2)
+        image_seq_length=grid_tokens)
     model_cls, processor = transformers.LlavaForConditionalGeneration, transformers.LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=sizes.patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE)
   elif kind == "llava_next":
     config = transformers.LlavaNextConfig(
         vision_config=vision, text_config=text, image_token_id=image_token_id,
-        image_grid_pinpoints=GRID_PINPOINTS, image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2)
+        image_grid_pinpoints=pinpoints, image_seq_length=grid_tokens)
     model_cls, processor = (
         transformers.LlavaNextForConditionalGeneration, transformers.LlavaNextProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=sizes.patch_size,
             vision_feature_select_strategy="default", num_additional_image_tokens=1,
             chat_template=CHAT_TEMPLATE))
   else:
     config = transformers.LlavaOnevisionConfig(
         vision_config=vision, text_config=text, image_token_id=image_token_id,
         video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        image_grid_pinpoints=GRID_PINPOINTS, vision_feature_select_strategy="full",
+        image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full",
         vision_feature_layer=-1)
     video_processor = transformers.LlavaOnevisionVideoProcessor(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        size={"height": sizes.image_size, "width": sizes.image_size})
     model_cls, processor = (
         transformers.LlavaOnevisionForConditionalGeneration, transformers.LlavaOnevisionProcessor(
             image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-            num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+            num_image_tokens=grid_tokens,
             vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE))
   torch.manual_seed(seed)
   model = model_cls(config).eval()

@@ -10,7 +10,8 @@ no server: open index.html in a browser, or copy the folder anywhere.
 
 --concepts is eval.concepts's per_latent.jsonl (or its folder): each latent's best-matching planted
 concept is shown beside its explanation, and its IoU and random baseline join the scores
-(`concept_iou`, `concept_random_iou`).
+(`concept_iou`, `concept_random_iou`). --headline is eval.report's headline.json: the ground-truth
+claims (concepts found, named and steered) head the index, with the report's numbers.
 
 A TOPACTS with a modality profile (docs/formats.md) adds each latent's modality, image and text
 shares and both-score to its page (text_share and modality_both are sortable in the index), and its
@@ -44,6 +45,8 @@ _EXPLANATIONS = flags.DEFINE_string("explanations", None, "explanations.jsonl of
 _SCORES = flags.DEFINE_string("scores", None, "Optional per-latent scores (JSON or JSONL).")
 _CONCEPTS = flags.DEFINE_string("concepts", None, "per_latent.jsonl of eval.concepts (or its "
                                 "folder): the planted concept each latent matches.")
+_HEADLINE = flags.DEFINE_string("headline", None, "headline.json of eval.report: the ground-truth "
+                                "claims, shown above the index.")
 _OUT = flags.DEFINE_string("out", None, "Folder to write the site to.", required=True)
 _STORE = flags.DEFINE_string("store", None, "Activation store whose image table names the images "
                              "(default: TOPACTS/images.jsonl).")
@@ -101,6 +104,17 @@ def load_concepts(path: str) -> dict[int, dict]:
     concepts[row["latent"]] = {"concept": row["concept"], **_numbers(
         {"iou": row.get("iou"), "random_iou": row.get("random_iou")})}
   return concepts
+
+
+def load_headline(path: str) -> list[dict]:
+  """The rows of eval.report's headline.json (the ground-truth claims)."""
+  try:
+    rows = json.loads(Path(path).read_text())["rows"]
+  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ScoresError(f"--headline={path}: not a headline.json of eval.report ({e})") from e
+  if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+    raise ScoresError(f"--headline={path}: \"rows\" is not a list of objects")
+  return rows
 
 
 def with_concepts(scores: dict[int, dict], concepts: dict[int, dict]) -> dict[int, dict]:
@@ -174,7 +188,7 @@ def text_settings(acts, settings: dict) -> dict:
 
 def build_site(acts, table, latents: list[int], records: dict[int, dict],
                scores: dict[int, dict], out: Path, settings: dict,
-               concepts: dict[int, dict] | None = None) -> dict:
+               concepts: dict[int, dict] | None = None, headline: list[dict] | None = None) -> dict:
   concepts = concepts or {}
   scores = with_concepts(scores, concepts)
   settings = {**settings, **text_settings(acts, settings)}
@@ -199,7 +213,8 @@ def build_site(acts, table, latents: list[int], records: dict[int, dict],
               "concept": (concepts.get(i) or {}).get("concept"),
               "density": float(acts.density[i]), "scores": scores.get(i, {})} for i in latents]
   atomic_write_bytes(out / "index.html", site.index_page(entries, score_names, settings["title"],
-                                                         show_concepts=bool(concepts)).encode())
+                                                         show_concepts=bool(concepts),
+                                                         headline=headline).encode())
   return {"latents": len(latents), "explained": sum(i in records for i in latents),
           "scored": sum(i in scores for i in latents), "score_names": score_names}
 
@@ -210,6 +225,7 @@ def main():
   records = jobs.read_explanations(Path(_EXPLANATIONS.value)) if _EXPLANATIONS.value else {}
   scores = load_scores(_SCORES.value) if _SCORES.value else {}
   concepts = load_concepts(_CONCEPTS.value) if _CONCEPTS.value else {}
+  headline = load_headline(_HEADLINE.value) if _HEADLINE.value else None
   latents, skipped = topacts_lib.selection_from_flags(
       acts, flags.FLAGS, restrict_to=set(records) if _EXPLANATIONS.value else None,
       with_text=acts.has_text())
@@ -219,7 +235,7 @@ def main():
       "workers": _WORKERS.value, "num_texts": _NUM_TEXTS.value,
       "text_window": _TEXT_WINDOW.value,
       "tokenizer": textctx.tokenizer_path(acts, _TOKENIZER.value) if acts.has_text() else None},
-      concepts)
+      concepts, headline)
   print(json.dumps({"ok": True, "skipped_no_images": skipped, **summary,
                     "index": str(out / "index.html")}))
 

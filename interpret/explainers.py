@@ -182,14 +182,8 @@ class HFExplainer:
 
   def complete(self, prompt: Prompt) -> str:
     import torch
-    from PIL import Image
-    images = [Image.open(io.BytesIO(png)).convert("RGB") for png in prompt.images]
-    messages = [{"role": "system", "content": [{"type": "text", "text": prompt.system}]},
-                {"role": "user", "content": [{"type": "text", "text": prompt.user}]
-                 + [{"type": "image"} for _ in images]}]
     try:
-      text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-      text += prompt.answer_prefix
+      text, images = hf_chat(self.processor, prompt)
       # Floating inputs (pixel values) in the model's dtype; token ids stay integers.
       inputs = self.processor(text=text, images=images or None, return_tensors="pt").to(
           self.device, dtype=self.model.dtype)
@@ -267,6 +261,18 @@ class EndpointPool:
         self.answered[url] += 1
       return answer
     raise last_error  # every live server failed this request: retried with backoff
+
+
+def hf_chat(processor, prompt: Prompt) -> tuple[str, list]:
+  """(text, PIL images) a transformers processor is given for `prompt`: its chat template, ready
+  for the answer, which starts with the prompt's answer prefix."""
+  from PIL import Image
+  images = [Image.open(io.BytesIO(png)).convert("RGB") for png in prompt.images]
+  messages = [{"role": "system", "content": [{"type": "text", "text": prompt.system}]},
+              {"role": "user", "content": [{"type": "text", "text": prompt.user}]
+               + [{"type": "image"} for _ in images]}]
+  text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+  return text + prompt.answer_prefix, images
 
 
 def make_explainer(spec: str, model: str | None, api_key: str | None, *, timeout_s: float,

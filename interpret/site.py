@@ -104,10 +104,20 @@ def _page(title: str, body: str, css: str) -> str:
           f"<body>\n{body}\n</body></html>\n")
 
 
+def headline_table(headline: list[dict]) -> str:
+  """The ground-truth claims of eval.report's headline.json: claim, this run, baseline, target."""
+  keys = ("claim", "reached", "baseline", "target")
+  heads = "".join(f"<th>{h}</th>" for h in ("claim", "this run", "baseline", "target"))
+  body = "".join("<tr>" + "".join(f"<td>{html.escape(str(row.get(k, '')))}</td>" for k in keys)
+                 + "</tr>" for row in headline)
+  return f"<h2>Ground truth</h2>\n<table><thead><tr>{heads}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def index_page(entries: list[dict], score_names: list[str], title: str,
-               show_concepts: bool = False) -> str:
+               show_concepts: bool = False, headline: list[dict] | None = None) -> str:
   """`entries`: {latent, explanation, status, density, scores: {name: value}} per latent, and
-  `concept` (the planted concept it matches, eval.concepts), a column when `show_concepts`."""
+  `concept` (the planted concept it matches, eval.concepts), a column when `show_concepts`;
+  `headline`: the rows of eval.report's headline.json, shown first."""
   data = [{**entry, "density": _finite(entry["density"]),
            "scores": {name: _finite(v) for name, v in entry["scores"].items()}}
           for entry in entries]
@@ -118,6 +128,7 @@ def index_page(entries: list[dict], score_names: list[str], title: str,
                   for h in ["latent", "explanation", *(["planted concept"] if show_concepts else []),
                             "status", "density", *score_names])
   body = f"""<h1>{html.escape(title)}</h1>
+{headline_table(headline) if headline else ""}
 <p><input id="search" type="search" placeholder="search explanations" size="40">
 sort by <select id="sort">{options}</select> <span id="count"></span></p>
 <table><thead><tr>{heads}</tr></thead><tbody id="rows"></tbody></table>

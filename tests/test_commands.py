@@ -40,6 +40,8 @@ COMMANDS = {
     "eval.report": ["workdir", "out", "concepts", "grounded_iou"],
     "eval.sweep_report": ["sweep", "workdirs", "out", "title"],
     "eval.coco_objects": ["instances", "captions", "vocabulary", "num_images", "out"],
+    "eval.world": ["out", "train_images", "subject_steps", "seed", "parts"],
+    "eval.steer_concepts": ["model", "sae", "concepts", "images", "topacts", "scale", "pool", "out"],
 }
 
 

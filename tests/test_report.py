@@ -123,7 +123,11 @@ def test_report_shows_planted_concepts_beside_the_explanations(tmp_path):
   out = tmp_path / "report"
   code, summary = report(f"--concepts={concepts}", f"--out={out}")
   assert code == 0, summary
-  assert summary["sections"] == ["Planted concepts (IoU)"]
+  assert summary["sections"] == ["Ground truth", "Planted concepts (IoU)"]
+  # The ground-truth row (also the dashboard's --headline) says the counts of concepts.json.
+  headline = json.loads((out / "headline.json").read_text())["rows"]
+  assert [(r["reached"], r["baseline"]) for r in headline] == [
+      ("1/3 (0.3333)", "random placement 0/3 (0)")]
   page = (out / "report.html").read_text()
   assert "1 of 3 planted concepts are matched by some latent at IoU &gt;= 0.5" in page
   assert "(by the randomly placed maps: 0)" in page
