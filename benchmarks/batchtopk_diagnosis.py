@@ -18,7 +18,7 @@ selection), and quantiles of the encoder row norms of latents selected and never
 Variants (see docs/benchmarks.md, "Why BatchTopK fell behind"): topk, batchtopk, and batchtopk
 with one change each: tied_init (W_enc = W_dec, unit rows), dead_20k / dead_50k (AuxK's dead
 window in tokens), auxk_1 (AuxK weight 1, dead after 100k tokens, as SAELens weighs it), cap_12 /
-cap_16 (--batchtopk_max_k), relative (the batch cut ranks each value divided by its token's
+cap_16 (--batchtopk_max_k), lr_2e-3 / lr_1.5e-4 (Adam's rate), relative (the batch cut ranks each value divided by its token's
 |x - b_dec|, so loud tokens no longer win the budget), topk_then_batchtopk (TopK for the first
 half); dense_topk / dense_batchtopk are the plain dense method in a few lines of JAX; oracle
 trains nothing: the planted directions as encoder and decoder (b_enc -0.5, the offset as b_dec),
@@ -49,6 +49,8 @@ VARIANTS = {
     "cap_12": dict(architecture="batchtopk", batchtopk_max_k=12, threshold_start_step=500),
     "cap_16": dict(architecture="batchtopk", batchtopk_max_k=16, threshold_start_step=500),
     "relative": dict(architecture="batchtopk"),
+    "lr_2e-3": dict(architecture="batchtopk"),
+    "lr_1.5e-4": dict(architecture="batchtopk"),
     "topk_then_batchtopk": dict(architecture="batchtopk"),
     "dense_topk": None,
     "dense_batchtopk": None,
@@ -105,8 +107,9 @@ def relative_losses(losses):
   return patched
 
 
-def train_ours(data: Planted, cfg: SAEConfig, steps: int, first_step: int = 0, init=None):
-  lr = step_lib.default_learning_rate(N)
+def train_ours(data: Planted, cfg: SAEConfig, steps: int, first_step: int = 0, init=None,
+               lr: float | None = None):
+  lr = lr or step_lib.default_learning_rate(N)
   sample = data.batch(jax.random.PRNGKey(10**6), 4096)
   graphdef, state = step_lib.create_state(cfg, step_lib.make_optimizer(lr), seed=0,
                                           b_dec=geometric_median(sample))
@@ -143,7 +146,8 @@ def measure_ours(data: Planted, variant: str, steps: int) -> dict:
                     threshold_start_step=steps // 4)
     graphdef, state, metrics = train_ours(data, cfg, steps - steps // 2, steps // 2, init)
   else:
-    graphdef, state, metrics = train_ours(data, cfg, steps, init=init)
+    lr = float(variant[3:]) if variant.startswith("lr_") else None
+    graphdef, state, metrics = train_ours(data, cfg, steps, init=init, lr=lr)
   model, _ = nnx.merge(graphdef, state)
   held_out = data.batch(jax.random.PRNGKey(10**7), 4096)
   evaluated = step_lib.eval_metrics(graphdef, state, held_out)
