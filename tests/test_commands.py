@@ -40,6 +40,7 @@ COMMANDS = {
     "eval.report": ["workdir", "out", "concepts", "grounded_iou"],
     "eval.sweep_report": ["sweep", "workdirs", "out", "title"],
     "eval.coco_objects": ["instances", "captions", "vocabulary", "num_images", "out"],
+    "eval.synthetic": ["model", "rows", "out", "dtype", "shard_rows", "sae", "store", "samples"],
 }
 
 
