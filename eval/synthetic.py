@@ -75,6 +75,9 @@ _STORE = flags.DEFINE_string("store", None, "score: a STORE written by `write`."
 _SAMPLES = flags.DEFINE_integer("samples", 100_000, "score: fresh samples of the model to score "
                                 "on (SAELens's default).", lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4096, "score: samples per batch.", lower_bound=1)
+_DEVICE = flags.DEFINE_string("device", "cpu", "Torch device of the generator (and of the SAE in "
+                              "score), e.g. cuda: the rows are the same on any device only up to "
+                              "its random numbers.")
 
 
 def save_model(model: SyntheticModel, folder: Path) -> None:
@@ -85,17 +88,17 @@ def save_model(model: SyntheticModel, folder: Path) -> None:
   os.replace(tmp, folder)
 
 
-def load_model(store: str | Path) -> SyntheticModel:
+def load_model(store: str | Path, device: str = "cpu") -> SyntheticModel:
   folder = Path(store) / MODEL_DIR
   if not (folder / "synthetic_model_config.json").exists():
     raise StoreError(f"{store} was not written by `eval.synthetic write`: "
                      f"{folder}/synthetic_model_config.json is missing")
-  return SyntheticModel.load_from_disk(folder)
+  return SyntheticModel.load_from_disk(folder, device=device)
 
 
 def write_store(out: str | Path, config: SyntheticModelConfig, rows: int, *, dtype: str = "float32",
                 shard_rows: int = 65_536, seed: int = 0, name: str = "custom",
-                progress: bool = True) -> Path:
+                progress: bool = True, device: str = "cpu") -> Path:
   """Writes `rows` samples of the model `config` defines as a STORE at `out` (resuming one that a
   killed write left), the model beside them. Returns `out`."""
   out = Path(out)
@@ -105,11 +108,11 @@ def write_store(out: str | Path, config: SyntheticModelConfig, rows: int, *, dty
                                           "shard_rows": shard_rows, "seed": seed}})
   folder = out / MODEL_DIR
   if folder.exists():
-    model = load_model(out)
+    model = load_model(out, device)
     if model.cfg.to_dict() != config.to_dict():
       raise StoreError(f"{folder} holds another synthetic model; use another --out")
   else:
-    model = SyntheticModel(config)
+    model = SyntheticModel(config, device=device)
     save_model(model, folder)
   chunk = max(1, min(shard_rows, 2 ** 24 // config.num_features))  # dense features: ~64 MiB
   with tqdm.tqdm(total=rows, initial=writer.rows, unit="row", disable=not progress) as bar:
@@ -119,7 +122,7 @@ def write_store(out: str | Path, config: SyntheticModelConfig, rows: int, *, dty
       count = min(shard_rows, rows - writer.rows)
       parts = []
       for start in range(0, count, chunk):
-        parts.append(model.sample(min(chunk, count - start)).numpy())
+        parts.append(model.sample(min(chunk, count - start)).float().cpu().numpy())
         bar.update(len(parts[-1]))
       meta = np.zeros(count, META_DTYPE)
       meta["image_id"], meta["patch"] = index, np.arange(count)
@@ -130,18 +133,18 @@ def write_store(out: str | Path, config: SyntheticModelConfig, rows: int, *, dty
 
 
 def score(sae_path: str | Path, store: str | Path, *, samples: int = 100_000,
-          batch_size: int = 4096, seed: int = 0) -> dict:
+          batch_size: int = 4096, seed: int = 0, device: str = "cpu") -> dict:
   """SAELens's SynthSAEBench metrics of the export at `sae_path` on the model beside `store`."""
   from sae_lens import SAE
   manifest = Store(store).manifest
-  model = load_model(store)
+  model = load_model(store, device)
   folder = dictionary.find_dictionary(sae_path)
   d_in = json.loads((folder / "cfg.json").read_text()).get("d_in")
   if d_in != manifest["d_model"]:
     raise dictionary.DictionaryError(
         f"{folder / 'cfg.json'} has d_in {d_in} but {Path(store) / 'manifest.json'} has d_model "
         f"{manifest['d_model']}: the export was not trained on this store")
-  sae = SAE.load_from_disk(str(folder), device="cpu")
+  sae = SAE.load_from_disk(str(folder), device=device)
   torch.manual_seed(seed)
   result = eval_sae_on_synthetic_data(sae, model.feature_dict, model.activation_generator,
                                       num_samples=samples, batch_size=batch_size)
@@ -158,7 +161,8 @@ def write_main() -> None:
   if not _OUT.value:
     raise StoreError("write needs --out=STORE")
   out = write_store(_OUT.value, MODELS[_MODEL.value](), _ROWS.value, dtype=_DTYPE.value,
-                    shard_rows=_SHARD_ROWS.value, seed=_SEED.value, name=_MODEL.value)
+                    shard_rows=_SHARD_ROWS.value, seed=_SEED.value, name=_MODEL.value,
+                    device=_DEVICE.value)
   print(json.dumps({"store": str(out), "model": _MODEL.value, "rows": Store(out).rows,
                     "dtype": _DTYPE.value}))
 
@@ -167,7 +171,7 @@ def score_main() -> None:
   if not _SAE.value or not _STORE.value:
     raise StoreError("score needs --sae=EXPORT and --store=STORE")
   result = score(_SAE.value, _STORE.value, samples=_SAMPLES.value,
-                 batch_size=_BATCH_SIZE.value, seed=_SEED.value)
+                 batch_size=_BATCH_SIZE.value, seed=_SEED.value, device=_DEVICE.value)
   if _OUT.value:
     atomic_write_json(Path(_OUT.value), result)
   print(json.dumps(result))
