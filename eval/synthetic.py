@@ -139,6 +139,10 @@ def score(sae_path: str | Path, store: str | Path, *, samples: int = 100_000,
   manifest = Store(store).manifest
   model = load_model(store, device)
   folder = dictionary.find_dictionary(sae_path)
+  if dictionary.layout_of(folder) != "saelens":
+    raise dictionary.DictionaryError(f"{folder} is no SAELens-layout export (no "
+                                     f"{dictionary.WEIGHTS['saelens']}); export it with "
+                                     "sae_jax.export --format=saelens")
   d_in = json.loads((folder / "cfg.json").read_text()).get("d_in")
   if d_in != manifest["d_model"]:
     raise dictionary.DictionaryError(

@@ -18,7 +18,7 @@ pytest.importorskip("sae_lens")
 
 from eval import synthetic  # noqa: E402
 from sae_jax import dictionary  # noqa: E402
-from sae_jax.store import Store  # noqa: E402
+from sae_jax.store import Store, StoreError  # noqa: E402
 
 K, SAMPLES = 6, 2048
 
@@ -134,3 +134,15 @@ def test_bad_inputs_are_refused_naming_the_file(tmp_path, store):
   assert result.returncode == 1
   error = json.loads(result.stdout.strip().splitlines()[-1])["error"]
   assert "synthetic_model_config.json" in error and str(plain) in error
+
+
+def test_rewriting_resumes_and_other_settings_are_refused(store):
+  """A finished store rewritten with its flags is left as it is (a killed one resumes the same way,
+  after its last shard); other flags are refused rather than mixed into it."""
+  before = (store / "manifest.json").read_bytes()
+  synthetic.write_store(store, synthetic.MODELS["tiny"](), 3000, dtype="float16", shard_rows=2048,
+                        name="tiny", progress=False)
+  assert (store / "manifest.json").read_bytes() == before
+  with pytest.raises(StoreError, match="other settings"):
+    synthetic.write_store(store, synthetic.MODELS["tiny"](), 4000, dtype="float16",
+                          shard_rows=2048, name="tiny", progress=False)
