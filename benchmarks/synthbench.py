@@ -12,8 +12,9 @@
 3. SAELens's, the same: its SAETrainer (TopKTrainingSAE, BatchTopKTrainingSAE,
    MatryoshkaBatchTopKTrainingSAE) fed the SAME batches in the SAME order (our trainer's own data
    reader and order, from the resolved flags.json of our run at that lr), same width, k, steps,
-   warmup and constant lr; b_dec starts at the mean of 16,384 store rows (its bare trainer starts it
-   at zero; ours starts at the geometric median), saved as its inference SAE.
+   warmup and constant lr, a latent dead after as many steps as ours (--dead_tokens / batch);
+   b_dec starts at the mean of 16,384 store rows (its bare trainer starts it at zero; ours starts
+   at the geometric median); saved as its inference SAE.
 4. Every SAE is scored by `eval.synthetic score` (SAELens's eval_sae_on_synthetic_data, the same
    --samples fresh seeded samples for all); each side's row is its best lr by F1.
 Writes WORKDIR/results.jsonl (every run) and WORKDIR/table.md (the best per side), beside SAELens's
@@ -104,9 +105,11 @@ def train_saelens(args, arch: str, lr: float, ours: Path, out: Path) -> Path:
   batches = our_batches(ours)  # the same stream from its first batch
   provider = (torch.from_numpy(np.asarray(next(batches), np.float32)).to(args.device)
               for _ in range(args.steps))
+  dead_tokens = json.loads((ours / "flags.json").read_text())["dead_tokens"]
   cfg = SAETrainerConfig(
       total_training_samples=args.steps * args.batch_size, train_batch_size_samples=args.batch_size,
       lr=lr, lr_end=lr, lr_scheduler_name="constant", lr_warm_up_steps=args.warmup,
+      dead_feature_window=max(1, dead_tokens // args.batch_size),  # ours: --dead_tokens
       device=args.device, n_checkpoints=0, save_final_checkpoint=False,
       logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2 ** 31 - 1))
   torch.manual_seed(args.seed)
