@@ -38,7 +38,7 @@ from eval import synthetic  # noqa: E402
 from sae_jax import data  # noqa: E402
 from sae_jax.store import Store  # noqa: E402
 
-# name -> (our train flags, SAELens training config class and its extra fields)
+# Ours trains all four; SAELens has no Matryoshka TopK training SAE.
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka-topk", "matryoshka-batchtopk")
 PUBLISHED = [  # SAELens docs/synth_sae_bench.md, SynthSAEBench-16k, width 4096, L0 25, 200M samples
     ("BatchTopK", 0.732, 0.757), ("Matryoshka BatchTopK", 0.879, 0.793), ("JumpReLU", 0.732, 0.753)]
@@ -47,7 +47,8 @@ PUBLISHED = [  # SAELens docs/synth_sae_bench.md, SynthSAEBench-16k, width 4096,
 def run(*args: str) -> str:
   result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
   if result.returncode:
-    raise RuntimeError(f"{' '.join(args[:3])} failed: {result.stderr[-3000:]}{result.stdout[-2000:]}")
+    raise RuntimeError(f"{' '.join(args[:3])} failed: {result.stderr[-3000:]}"
+                       f"{result.stdout[-2000:]}")
   return result.stdout
 
 
@@ -161,7 +162,8 @@ def main():
         scored = synthetic.score(export, store, samples=args.samples, batch_size=4096,
                                  seed=args.seed, device=args.device)
         row = {"side": side, "architecture": arch, "lr": lr, "steps": args.steps,
-               "samples_trained": args.steps * args.batch_size, "seconds": round(time.time() - start),
+               "samples_trained": args.steps * args.batch_size,
+               "seconds": round(time.time() - start),
                **{k: scored[k] for k in ("f1", "mcc", "precision", "recall", "uniqueness",
                                          "explained_variance", "l0", "dead_latents")}}
         done[(side, arch, lr)] = row
