@@ -128,12 +128,15 @@ def test_bad_inputs_are_refused_naming_the_file(tmp_path, store):
 
   plain = synthetic_stores.write_store(tmp_path / "plain", np.ones((8, d), np.float32),
                                        num_shards=1)
-  result = subprocess.run([sys.executable, "-m", "eval.synthetic", "score",
-                           f"--sae={export(tmp_path / 'ok', random_params(store))}",
-                           f"--store={plain}"], capture_output=True, text=True, timeout=300)
-  assert result.returncode == 1
-  error = json.loads(result.stdout.strip().splitlines()[-1])["error"]
-  assert "synthetic_model_config.json" in error and str(plain) in error
+  with pytest.raises(StoreError, match="synthetic_model_config.json") as error:
+    synthetic.score(export(tmp_path / "ok", random_params(store)), plain)
+  assert str(plain) in str(error.value)
+
+  sparsify = dictionary.write(tmp_path / "sparsify", "synthetic", random_params(store), k=K,
+                              layout="sparsify")
+  with pytest.raises(dictionary.DictionaryError, match="format=saelens") as error:
+    synthetic.score(sparsify, store)
+  assert str(sparsify) in str(error.value)
 
 
 def test_rewriting_resumes_and_other_settings_are_refused(store):
