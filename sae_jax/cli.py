@@ -11,12 +11,20 @@ from typing import Callable
 from absl import app
 
 
-def run(main: Callable[[], object], user_errors: tuple[type[Exception], ...] = ()) -> None:
+def run(main: Callable[[], object] | dict[str, Callable[[], object]],
+        user_errors: tuple[type[Exception], ...] = ()) -> None:
+  """`main` is the program, or {subcommand: program} for `python -m X SUBCOMMAND --flags`."""
   def checked(argv: list[str]):
     try:
+      if isinstance(main, dict):
+        if len(argv) < 2 or argv[1] not in main:
+          raise app.UsageError(f"name a subcommand first: one of {', '.join(main)}")
+        program, argv = main[argv[1]], argv[1:]
+      else:
+        program = main
       if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}")
-      return main()
+      return program()
     except app.UsageError as e:
       print(f"error: {e} (--help lists the flags)", file=sys.stderr)
       sys.exit(1)

@@ -9,8 +9,9 @@ matrix. Here every shard instead runs topk.py's kernels on its own n/m latents:
   decode: each shard decodes the winners it owns (the others masked to weight 0, indices made
           shard-local) with topk.sparse_decode; the partial sums are psum'd over "model".
 
-  AuxK:   by default each shard keeps its own top ceil(k_aux/m) dead latents and decodes them
-          where they are (`auxk_select`): no candidates move.
+  AuxK:   by default each shard keeps its own top dead latents, k_aux in all (k_aux // m each,
+          one more on the first k_aux % m shards), and decodes them where they are
+          (`auxk_select`): no candidates move.
 
 Forward, per selection (top-k or 4k; AuxK only with auxk_select="exact") one all-gather of
 [B/d, m*k] values and indices over "model", and per decode one psum of [B/d, d_in]; the backward
@@ -88,8 +89,9 @@ def sparse_encoder(plan: KernelPlan, k: int, k_aux: int, method: str = "exact",
 
   AuxK (`auxk_select`): "exact" gathers every shard's top-k_aux dead candidates and selects the
   global top k_aux ([B, k_aux] outputs, replicated over "model"). "per_shard" keeps each shard's
-  own top ceil(k_aux / m) dead latents, nothing gathered: the outputs are [B, m * ceil(k_aux / m)]
-  split over "model" along the pick axis, shard s's block holding its own picks, which
+  own top dead latents, nothing gathered, k_aux in all: shard s takes k_aux // m, plus one when
+  s < k_aux % m. The outputs are [B, m * ceil(k_aux / m)] split over "model" along the pick axis,
+  shard s's block holding its own picks (a shard's surplus slot is value 0, inert), which
   `decode_with_aux(..., auxk_select="per_shard")` decodes where they are."""
 
   def candidates(count: int, num_local: int) -> int:
@@ -115,6 +117,11 @@ def sparse_encoder(plan: KernelPlan, k: int, k_aux: int, method: str = "exact",
     if k_aux and auxk_select == "exact":
       # Masked picks (live latents, or shards with nothing dead) are value 0 and stay inert.
       aux_values, aux_indices = _global_top(aux_values, aux_indices, k_aux)
+    elif k_aux:
+      # Blocks are equal-sized (ceil(k_aux / m)); zeroing the surplus keeps exactly k_aux picks.
+      shards, shard = jax.lax.axis_size(AXIS), jax.lax.axis_index(AXIS)
+      keep = k_aux // shards + (shard < k_aux % shards)
+      aux_values = jnp.where(jnp.arange(aux_values.shape[1]) < keep, aux_values, 0.0)
     return values, indices, aux_values, aux_indices
 
   def encode(x, b_dec, W_enc, b_enc, dead):

@@ -85,8 +85,8 @@ _SHARD_CAPACITY = flags.DEFINE_float(
     "token's winners). 0: exact, min(k, latents per shard) each.", lower_bound=0)
 _AUXK_SELECT = flags.DEFINE_enum(
     "auxk_select", "per_shard", list(sharded.AUXK_SELECTS), "With latents split over m shards: "
-    "per_shard = AuxK reconstructs with each shard's own top ceil(k_aux / m) dead latents, no "
-    "candidates cross chips; exact = the global top k_aux dead latents, an all-gather of "
+    "per_shard = AuxK reconstructs with each shard's own top dead latents (k_aux // m, one more "
+    "on the first k_aux % m shards), no candidates cross chips; exact = the global top k_aux dead latents, an all-gather of "
     "[batch, m * k_aux] candidates every step. One device: exact either way.")
 _ARCHITECTURE = flags.DEFINE_enum(
     "architecture", "topk", list(ARCHITECTURES), "topk: each token keeps its k largest latents. "

@@ -1,20 +1,25 @@
-"""AuxK over latent shards: "per_shard" (each shard's own top ceil(k_aux / m) dead latents, no
-candidates gathered) against "exact" (the global top k_aux) and a float64 numpy reference of each,
-on planted data, 4 fake CPU devices in a fresh process."""
+"""AuxK over latent shards: "per_shard" (each shard's own top dead latents, k_aux in all: k_aux // m
+each, one more on the first k_aux % m shards; no candidates gathered) against "exact" (the global
+top k_aux) and a float64 numpy reference of each, on planted data, m fake CPU devices in a fresh
+process: 4 shards, which divide k_aux = 8, and 3, which do not."""
 
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = """
+import sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from sae_jax import sharding, step as step_lib
 from sae_jax.model import SAEConfig
 
-D, N, K, K_AUX, B, M = 16, 64, 3, 8, 48, 4  # M latent shards of N / M = 16
+M = int(sys.argv[1])  # latent shards of N / M = 16 latents
+D, N, K, K_AUX, B = 16, 16 * M, 3, 8, 48
 rng = np.random.default_rng(0)
 # Planted data: each row a sparse combination of 3 of 24 unit directions, plus noise.
 directions = rng.normal(size=(24, D))
@@ -25,7 +30,10 @@ for row in coefs:
 x = (coefs @ directions + 0.01 * rng.normal(size=(B, D))).astype(np.float32)
 init_b_enc = rng.normal(0.3, 0.1, N).astype(np.float32)  # most pre-activations positive
 
-def reference(p, dead, per_shard):
+def shard_picks(s):
+  return K_AUX // M + (s < K_AUX % M)
+
+def reference(p, dead, per_shard, picks=shard_picks):
   # float64: the top-k reconstruction, then AuxK's picks among dead latents and its loss.
   xf = x.astype(np.float64)
   pre = np.maximum((xf - p["b_dec"]) @ p["W_enc"].T + p["b_enc"], 0)
@@ -35,7 +43,7 @@ def reference(p, dead, per_shard):
   if per_shard:
     local = N // M
     picks = [s * local + np.argsort(-masked[:, s * local:(s + 1) * local], axis=1,
-                                    kind="stable")[:, :-(-K_AUX // M)] for s in range(M)]
+                                    kind="stable")[:, :picks(s)] for s in range(M)]
     aux_idx = np.concatenate(picks, axis=1)
   else:
     aux_idx = np.argsort(-masked, axis=1, kind="stable")[:, :K_AUX]
@@ -62,13 +70,19 @@ def auxk_loss(auxk_select, dead):
     _, metrics = jax.jit(lambda s, x: step_lib.train_step(graphdef, s, x))(state, jnp.asarray(x))
   return float(metrics["auxk_loss"]), params
 
-# Planted dead sets: evenly spread, K_AUX / M = 2 dead latents on every shard (the two forms pick
-# the same latents); and all on one shard (per_shard keeps 2 of its 8 dead latents, exact 8).
+# Planted dead sets: spread, each shard holding exactly its share of dead latents (the two forms
+# pick the same latents); all on one shard (per_shard keeps its share of the 8, exact all 8); and
+# 5 on every shard (per_shard takes exactly K_AUX of them, not M * ceil(K_AUX / M)).
+assert sum(shard_picks(s) for s in range(M)) == K_AUX
 spread = np.zeros(N, bool)
-spread[[1, 9, 17, 30, 33, 40, 50, 63]] = True
+for s in range(M):
+  spread[16 * s + np.arange(shard_picks(s)) * 5 + 1] = True
 clustered = np.zeros(N, bool)
 clustered[16:24] = True
-for name, dead in (("spread", spread), ("clustered", clustered)):
+plenty = np.zeros(N, bool)
+for s in range(M):
+  plenty[16 * s + np.arange(5) * 3] = True
+for name, dead in (("spread", spread), ("clustered", clustered), ("plenty", plenty)):
   per_shard, params = auxk_loss("per_shard", dead)
   exact, _ = auxk_loss("exact", dead)
   np.testing.assert_allclose(per_shard, reference(params, dead, True), rtol=1e-4, err_msg=name)
@@ -76,16 +90,22 @@ for name, dead in (("spread", spread), ("clustered", clustered)):
   if name == "spread":
     np.testing.assert_allclose(per_shard, exact, rtol=1e-5)
   else:
-    # Other latents reconstruct the residual (2 of the 8 dead, where exact takes all 8).
+    # Other latents reconstruct the residual (a shard's share of its dead, where exact takes the
+    # global top 8).
     assert abs(per_shard - exact) > 1e-3 * exact, (per_shard, exact)
+  if name == "plenty" and K_AUX % M:
+    # The old rule, ceil(K_AUX / M) picks on every shard (9 for 3 shards), gives another loss.
+    ceil_rule = reference(params, dead, True, picks=lambda s: -(-K_AUX // M))
+    assert abs(per_shard - ceil_rule) > 1e-3 * ceil_rule, (per_shard, ceil_rule)
 print("ok")
 """
 
 
-def test_per_shard_auxk_against_exact_and_a_float64_reference():
+@pytest.mark.parametrize("shards", [4, 3])
+def test_per_shard_auxk_against_exact_and_a_float64_reference(shards):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={shards}"}
+  result = subprocess.run([sys.executable, "-c", SCRIPT, str(shards)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith("ok")

@@ -42,6 +42,7 @@ COMMANDS = {
     "eval.coco_objects": ["instances", "captions", "vocabulary", "num_images", "out"],
     "eval.world": ["out", "train_images", "subject_steps", "seed", "parts"],
     "eval.steer_concepts": ["model", "sae", "concepts", "images", "topacts", "scale", "pool", "out"],
+    "eval.synthetic": ["model", "rows", "out", "dtype", "shard_rows", "sae", "store", "samples"],
 }
 
 

@@ -58,6 +58,7 @@ META_DTYPE = np.dtype(
 FP8 = "float8_e4m3fn"
 _DISK_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"),
                 FP8: np.dtype("u1")}
+DTYPES = tuple(_DISK_DTYPES)  # the dtype names a store may have
 _FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 SCALE_BYTES = 4
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,

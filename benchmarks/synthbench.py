@@ -1,0 +1,200 @@
+"""Scaled SynthSAEBench: our trainer against SAELens's on the same samples, scored by SAELens.
+
+  python benchmarks/synthbench.py --workdir=/tmp/synthbench                  (CPU, ~15-20 min)
+  python benchmarks/synthbench.py --workdir=W --architectures=batchtopk,matryoshka-batchtopk
+  python benchmarks/synthbench.py --workdir=W --model=synth16k --rows=200000000 --num_latents=4096 \
+      --k=25 --lrs=3e-4 --samples=100000 --device=cuda              (the published size, a GPU)
+
+1. `eval.synthetic write` writes --rows samples of the --model (default: `small`, SynthSAEBench's
+   structure at 4096 features in d=256) into WORKDIR/store (reused when present).
+2. Ours, per architecture and --lrs value: `python -m sae_jax.train` on the store (one pass,
+   --batch_size rows a step), `sae_jax.export --format=saelens` (BatchTopK exports as JumpReLU).
+3. SAELens's, the same: its SAETrainer (TopKTrainingSAE, BatchTopKTrainingSAE,
+   MatryoshkaBatchTopKTrainingSAE) fed the SAME batches in the SAME order (our trainer's own data
+   reader and order, from the resolved flags.json of our run at that lr), same width, k, steps,
+   warmup and constant lr, a latent dead after as many steps as ours (--dead_tokens / batch);
+   b_dec starts at the mean of 16,384 store rows (its bare trainer starts it at zero; ours starts
+   at the geometric median); saved as its inference SAE.
+4. Every SAE is scored by `eval.synthetic score` (SAELens's eval_sae_on_synthetic_data, the same
+   --samples fresh seeded samples for all); each side's row is its best lr by F1.
+Writes WORKDIR/results.jsonl (every run) and WORKDIR/table.md (the best per side), beside SAELens's
+published SynthSAEBench-16k numbers, which are at full size (width 4096, L0 25, 200M samples).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from eval import synthetic  # noqa: E402
+from sae_jax import data  # noqa: E402
+from sae_jax.store import Store  # noqa: E402
+
+# Ours trains all four; SAELens has no Matryoshka TopK training SAE.
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka-topk", "matryoshka-batchtopk")
+PUBLISHED = [  # SAELens docs/synth_sae_bench.md, SynthSAEBench-16k, width 4096, L0 25, 200M samples
+    ("BatchTopK", 0.732, 0.757), ("Matryoshka BatchTopK", 0.879, 0.793), ("JumpReLU", 0.732, 0.753)]
+
+
+def run(*args: str) -> str:
+  result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+  if result.returncode:
+    raise RuntimeError(f"{' '.join(args[:3])} failed: {result.stderr[-3000:]}"
+                       f"{result.stdout[-2000:]}")
+  return result.stdout
+
+
+def prefixes(args) -> list[int]:
+  return [args.num_latents // 4, args.num_latents]
+
+
+def train_ours(args, arch: str, lr: float, workdir: Path) -> Path:
+  flags = [f"--store={args.workdir / 'store'}", f"--workdir={workdir}",
+           f"--num_latents={args.num_latents}", f"--k={args.k}", f"--batch_size={args.batch_size}",
+           f"--steps={args.steps}", f"--lr={lr}", f"--lr_warmup_steps={args.warmup}",
+           f"--seed={args.seed}", "--log_every=50"]
+  if "batchtopk" in arch:  # its threshold is learned from a quarter of the run on
+    flags += ["--architecture=batchtopk", f"--threshold_start_step={max(1, args.steps // 4)}"]
+  if arch.startswith("matryoshka"):
+    flags.append("--matryoshka_prefixes=" + ",".join(map(str, prefixes(args))))
+  run("-m", "sae_jax.train", *flags)
+  run("-m", "sae_jax.export", f"--workdir={workdir}", f"--out={workdir / 'export'}",
+      "--format=saelens")
+  return workdir / "export"
+
+
+def our_batches(workdir: Path):
+  """Our trainer's batches of the run at `workdir`, in its order (its resolved flags)."""
+  flags = json.loads((workdir / "flags.json").read_text())
+  store = Store(flags["store"])
+  reader = data.ChunkReader(store, flags.get("token_kinds") or None,
+                            chunk_bytes=flags["read_chunk_kb"] << 10, read_threads=4)
+  orders = data.lane_orders(reader, lanes=max(1, flags.get("data_lanes", 0)),
+                            buffer_bytes=flags["shuffle_buffer_mb"] << 20, seed=flags["seed"],
+                            process_index=0, process_count=1)
+  return data.batches(reader, orders, batch_rows=flags["batch_size"])
+
+
+def train_saelens(args, arch: str, lr: float, ours: Path, out: Path) -> Path:
+  from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, LoggingConfig,
+                        MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig,
+                        SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig)
+  from sae_lens.config import SAETrainerConfig
+  d_in = Store(args.workdir / "store").d_model
+  common = dict(d_in=d_in, d_sae=args.num_latents, k=args.k, device=args.device)
+  if arch == "topk":
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(**common))
+  elif arch == "batchtopk":
+    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
+  elif arch == "matryoshka-batchtopk":
+    sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+        **common, matryoshka_widths=prefixes(args)))
+  else:
+    raise ValueError(f"SAELens has no {arch} training SAE")
+  batches = our_batches(ours)
+  first = torch.from_numpy(np.asarray(next(batches), np.float32))
+  with torch.no_grad():  # a data-based b_dec, as ours has (its bare trainer starts at zero)
+    sae.b_dec.copy_(first[:16_384].mean(0).to(sae.b_dec))
+  batches = our_batches(ours)  # the same stream from its first batch
+  provider = (torch.from_numpy(np.asarray(next(batches), np.float32)).to(args.device)
+              for _ in range(args.steps))
+  dead_tokens = json.loads((ours / "flags.json").read_text())["dead_tokens"]
+  cfg = SAETrainerConfig(
+      total_training_samples=args.steps * args.batch_size, train_batch_size_samples=args.batch_size,
+      lr=lr, lr_end=lr, lr_scheduler_name="constant", lr_warm_up_steps=args.warmup,
+      dead_feature_window=max(1, dead_tokens // args.batch_size),  # ours: --dead_tokens
+      device=args.device, n_checkpoints=0, save_final_checkpoint=False,
+      logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2 ** 31 - 1))
+  torch.manual_seed(args.seed)
+  trained = SAETrainer(cfg=cfg, sae=sae, data_provider=provider).fit()
+  trained.save_inference_model(out)
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", type=Path, required=True)
+  parser.add_argument("--model", default="small", choices=list(synthetic.MODELS))
+  parser.add_argument("--rows", type=int, default=262_144)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                      help="the store's dtype")
+  parser.add_argument("--num_latents", type=int, default=1024)
+  parser.add_argument("--k", type=int, default=12)
+  parser.add_argument("--batch_size", type=int, default=1024)
+  parser.add_argument("--steps", type=int, default=0, help="0: one pass over --rows (more: "
+                      "further passes, in our trainer's order)")
+  parser.add_argument("--warmup", type=int, default=20)
+  parser.add_argument("--lrs", default="1e-3,3e-3")
+  parser.add_argument("--architectures", default=",".join(ARCHITECTURES))
+  parser.add_argument("--sides", default="ours,saelens")
+  parser.add_argument("--samples", type=int, default=16_384, help="score samples")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--device", default="cpu", help="torch device of SAELens and the "
+                      "generator")
+  args = parser.parse_args()
+  args.steps = args.steps or args.rows // args.batch_size
+  args.workdir.mkdir(parents=True, exist_ok=True)
+  store = args.workdir / "store"
+  synthetic.write_store(store, synthetic.MODELS[args.model](), args.rows, name=args.model,
+                        dtype=args.dtype, device=args.device)
+  results = args.workdir / "results.jsonl"
+  done = {(r["side"], r["architecture"], r["lr"]): r for r in map(
+      json.loads, results.read_text().splitlines() if results.exists() else [])}
+  for arch in args.architectures.split(","):
+    for lr in map(float, args.lrs.split(",")):
+      workdir = args.workdir / f"ours-{arch}-{lr:g}"
+      for side in args.sides.split(","):
+        if (side, arch, lr) in done or (side == "saelens" and arch == "matryoshka-topk"):
+          continue
+        start = time.time()
+        if side == "ours" or not (workdir / "flags.json").exists():
+          export = train_ours(args, arch, lr, workdir)
+        if side == "saelens":
+          export = train_saelens(args, arch, lr, workdir, args.workdir / f"saelens-{arch}-{lr:g}")
+        scored = synthetic.score(export, store, samples=args.samples, batch_size=4096,
+                                 seed=args.seed, device=args.device)
+        row = {"side": side, "architecture": arch, "lr": lr, "steps": args.steps,
+               "samples_trained": args.steps * args.batch_size,
+               "seconds": round(time.time() - start),
+               **{k: scored[k] for k in ("f1", "mcc", "precision", "recall", "uniqueness",
+                                         "explained_variance", "l0", "dead_latents")}}
+        done[(side, arch, lr)] = row
+        with results.open("a") as f:
+          f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+  write_table(args, done)
+
+
+def write_table(args, done: dict) -> None:
+  best = {}
+  for row in done.values():
+    key = (row["architecture"], row["side"])
+    if key not in best or row["f1"] > best[key]["f1"]:
+      best[key] = row
+  lines = [f"Scaled SynthSAEBench (`{args.model}`, {args.rows:,} rows), width {args.num_latents}, "
+           f"k {args.k}, {args.steps} steps of {args.batch_size}; lrs {args.lrs}, best by F1; "
+           f"scored on {args.samples:,} samples.", "",
+           "| architecture | side | best lr | F1 | MCC | precision | recall | uniqueness | "
+           "explained variance | L0 | dead |", "| --- | --- | --- | --- | --- | --- | --- | --- | "
+           "--- | --- | --- |"]
+  for (arch, side), r in sorted(best.items()):
+    lines.append(f"| {arch} | {side} | {r['lr']:g} | {r['f1']:.3f} | {r['mcc']:.3f} | "
+                 f"{r['precision']:.3f} | {r['recall']:.3f} | {r['uniqueness']:.3f} | "
+                 f"{r['explained_variance']:.3f} | {r['l0']:.1f} | {r['dead_latents']} |")
+  lines += ["", "SAELens published, SynthSAEBench-16k (width 4096, L0 25, 200M samples):", "",
+            "| architecture | F1 | MCC |", "| --- | --- | --- |"]
+  lines += [f"| {name} | {f1} | {mcc} |" for name, f1, mcc in PUBLISHED]
+  (args.workdir / "table.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
