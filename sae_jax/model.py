@@ -43,7 +43,8 @@ class SAEConfig:
   # winners, and m*k -> capacity*k fewer candidates to all-gather. 0: exact (min(k, n/m) each).
   shard_capacity: float = 0.0
   # How AuxK selects on a latent-sharded mesh (sharded.sparse_encoder): "per_shard" takes each
-  # shard's top ceil(k_aux / shards) dead latents and gathers nothing; "exact" the global top
+  # shard's top dead latents, k_aux in all (k_aux // shards each, one more on the first
+  # k_aux % shards), and gathers nothing; "exact" the global top
   # k_aux, all-gathering [B, shards * k_aux] candidates every step. One device: always exact.
   auxk_select: str = "per_shard"
   # How the backward forms the W_enc and W_dec gradients: "scatter" adds the B*k picked rows,
