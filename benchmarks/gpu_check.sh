@@ -3,7 +3,7 @@
 # n=131,072, k=256, bf16 matmuls), our step against sparsify's at batch 4,096 and 16,384, and the
 # step of each architecture (TopK, BatchTopK, Matryoshka over each) at 4,096, each with its floor
 # fraction. Writes $OUT/gpu_check.json (docs/benchmarks.md quotes it) and exits non-zero if a run
-# gave no result.
+# gave neither a result nor an error (a timeout: each run has 60 s).
 #
 #   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
 #   OUT=/tmp/gpu_check_smoke bash benchmarks/gpu_check.sh --smoke   # tiny sizes, on the CPU
@@ -51,13 +51,14 @@ import json, sys
 results, out, versions, elapsed, smoke, big = sys.argv[1:]
 # (ours, sparsify's) run names of the same configuration
 pairs = {"topk-b4096": "b4096", f"topk-b{big}": f"b{big}", "topk-auxk-b4096": "auxk-b4096"}
-runs, errors = {}, []
+runs = {}
 for line in open(results):
   if line.startswith("{"):
     run = json.loads(line)
     runs[run.pop("run")] = run
-  else:
-    errors.append(line.strip())
+  elif ": " in line:  # a run that failed, e.g. sparsify's out of memory at 16,384 tokens
+    name, error = line.strip().split(": ", 1)
+    runs.setdefault(name, {"error": error})
 expected = ([f"ours {name}" for name in pairs] + [f"sparsify {name}" for name in pairs.values()]
             + [f"ours {name}-b4096" for name in ("batchtopk", "matryoshka-topk",
                                                   "matryoshka-batchtopk")])
@@ -72,10 +73,10 @@ step_vs_topk = {name: round(run["step_ms"] / topk, 3) for name, run in runs.item
                 if topk and name.startswith("ours") and name.endswith("-b4096") and "step_ms" in run}
 report = {"smoke": smoke == "1", "elapsed_s": int(elapsed), "versions": open(versions).read(),
           "summary": {name: {key: run.get(key) for key in ("tokens_per_s", "step_ms", "floor_ms",
-                                                           "floor_fraction", "skipped")
+                                                           "floor_fraction", "skipped", "error")
                              if key in run} for name, run in runs.items()},
           "ours_over_sparsify_tokens_per_s": ratios, "step_over_topk_step": step_vs_topk,
-          "missing": missing, "errors": errors, "runs": runs}
+          "missing": missing, "runs": runs}
 json.dump(report, open(out, "w"), indent=1)
 print(json.dumps({key: report[key] for key in ("summary", "ours_over_sparsify_tokens_per_s",
                                                "step_over_topk_step", "missing", "elapsed_s")},

@@ -1,6 +1,7 @@
 # Shared by benchmarks/gpu_bench.sh and benchmarks/gpu_check.sh (sourced, not run): the offline
 # wheels, the versions, and one run of our step (sae_jax.bench) or sparsify's
-# (benchmarks/sparsify_compare.py) appended to $RESULTS as one JSON line named by its "run".
+# (benchmarks/sparsify_compare.py) appended to $RESULTS as one JSON line named by its "run" (or,
+# where it failed, its error lines, each after "RUN: ").
 # Set before sourcing: OUT, RESULTS; optionally RUN_TIMEOUT (s), STEPS, WARMUP, SPARSIFY_DEVICE.
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 RUN_TIMEOUT=${RUN_TIMEOUT:-150}
@@ -25,12 +26,14 @@ versions() {
 ours() {  # ours NAME FLAGS...
   local name=$1; shift
   timeout "$RUN_TIMEOUT" python3 -m sae_jax.bench --steps="$STEPS" --warmup="$WARMUP" "$@" 2>&1 \
-    | grep '^{\|Error' | sed "s/^{/{\"run\": \"ours $name\", /" | tee -a "$RESULTS"
+    | grep '^{\|Error' | sed "s/^{/{\"run\": \"ours $name\", /; /^{/!s/^/ours $name: /" \
+    | tee -a "$RESULTS"
 }
 
 theirs() {  # theirs NAME FLAGS...
   local name=$1; shift
   timeout "$RUN_TIMEOUT" python3 benchmarks/sparsify_compare.py --device="$SPARSIFY_DEVICE" \
     --steps="$STEPS" --warmup="$WARMUP" "$@" 2>&1 \
-    | grep '^{\|Error' | sed "s/^{/{\"run\": \"sparsify $name\", /" | tee -a "$RESULTS"
+    | grep '^{\|Error' | sed "s/^{/{\"run\": \"sparsify $name\", /; /^{/!s/^/sparsify $name: /" \
+    | tee -a "$RESULTS"
 }
