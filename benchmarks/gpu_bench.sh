@@ -6,40 +6,23 @@
 #   OUT=/tmp/gpu_bench bash benchmarks/gpu_bench.sh
 #
 # sparsify and its pure-Python dependencies are installed from wheels in .whl/ when that folder
-# exists (the GPU machine has no network; see the device README); the rest (jax with CUDA, flax,
-# optax, torch, triton) is the machine's own. Results go to $OUT/results.jsonl, one JSON line each,
+# exists (benchmarks/gpu_common.sh); the rest (jax with CUDA, flax, optax, torch, triton) is the
+# machine's own. Results go to $OUT/results.jsonl, one JSON line each,
 # and where the paper-size step's GPU time goes to $OUT/paper_trace.txt.
 set -u
 OUT=${OUT:-/tmp/gpu_bench}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 RESULTS="$OUT/results.jsonl"
+source benchmarks/gpu_common.sh
 
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__,
-'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"
+versions
+python3 -c "import torch; print('torch', torch.__version__)"
 
 # The sparse gradients (scatter, matmul and the GPU's own "auto" choices) against autodiff, and
 # the grouped top-k against lax.top_k, on the GPU. Highest matmul precision: the tests'
 # tolerances are float32's, not TF32's.
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_model.py tests/test_topk.py 2>&1 | tail -3
-
-ours() {  # ours NAME FLAGS...
-  local name=$1; shift
-  timeout 150 python3 -m sae_jax.bench --steps=20 --warmup=3 "$@" 2>&1 \
-    | grep '^{\|Error' | sed "s/^{/{\"run\": \"ours $name\", /" | tee -a "$RESULTS"
-}
-theirs() {  # theirs NAME FLAGS...
-  local name=$1; shift
-  timeout 150 python3 benchmarks/sparsify_compare.py --device=cuda --steps=20 --warmup=3 "$@" \
-    2>&1 | grep '^{\|Error' | sed "s/^{/{\"run\": \"sparsify $name\", /" | tee -a "$RESULTS"
-}
 
 SMALL="--d_in=512 --num_latents=16384 --k=32 --batch_size=4096"
 PAPER="--d_in=4096 --num_latents=131072 --k=256 --batch_size=4096"

@@ -14,7 +14,8 @@ kernel_plan.
 
 compile the training step ahead of time instead (sae_jax.aot): for a TPU slice with libtpu's
 compiler (`pip install -e ".[tpu]"`, no TPU needed), or for a virtual mesh of CPU devices, and
-print its per-chip memory, collectives and cost analysis.
+print its per-chip memory, collectives and cost analysis. --architecture, --batchtopk_max_k and
+--matryoshka_prefixes time or plan the BatchTopK and Matryoshka steps (the floor stays TopK's).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import json
 
 import jax
 import jax.numpy as jnp
-from absl import flags
+from absl import app, flags
 
 from sae_jax import aot, cli, logs, perf, sharded, sharding
 from sae_jax import step as step_lib
 from sae_jax.kernel_plan import KernelPlan
-from sae_jax.model import SAEConfig
+from sae_jax.model import ARCHITECTURES, SAEConfig
 from sae_jax.select import TOPK_METHODS
 
 _D_IN = flags.DEFINE_integer("d_in", 512, "Input width.")
@@ -47,6 +48,13 @@ _TOPK_RECALL = flags.DEFINE_float("topk_recall", 0.95, "Recall target of --topk=
                                   lower_bound=0, upper_bound=1)
 _WEIGHT_GRADS = flags.DEFINE_enum("weight_grads", "auto", ["auto", "scatter", "matmul"],
                                   "How the backward forms the weight gradients (see train).")
+_ARCHITECTURE = flags.DEFINE_enum("architecture", "topk", list(ARCHITECTURES),
+                                  "The step's selection, as sae_jax.train's --architecture.")
+_BATCHTOPK_MAX_K = flags.DEFINE_integer(
+    "batchtopk_max_k", 0, "BatchTopK: candidates per token (0: min(4k, num_latents)).",
+    lower_bound=0)
+_MATRYOSHKA_PREFIXES = flags.DEFINE_list(
+    "matryoshka_prefixes", [], "Matryoshka: increasing inner dictionary widths (as train's).")
 _MULTI_TOPK = flags.DEFINE_bool("multi_topk", False, "Add the Multi-TopK (4k) loss.")
 _AUXK_ALPHA = flags.DEFINE_float("auxk_alpha", 1 / 32, "AuxK coefficient.")
 _DEAD_TOKENS = flags.DEFINE_integer(
@@ -83,13 +91,21 @@ def main():
     raise aot.TopologyError("--aot_devices and --aot_topology: give one")
   if _AOT_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _AOT_DEVICES.value)  # before the backend starts
-  cfg = SAEConfig(d_in=_D_IN.value, num_latents=_NUM_LATENTS.value, k=_K.value,
-                  multi_topk=_MULTI_TOPK.value, auxk_alpha=_AUXK_ALPHA.value,
-                  dead_tokens=_DEAD_TOKENS.value,
-                  compute_dtype=_DTYPE.value, topk=_TOPK.value, topk_recall=_TOPK_RECALL.value,
-                  k_aux=_K_AUX.value or None,
-                  shard_capacity=_SHARD_CAPACITY.value, weight_grads=_WEIGHT_GRADS.value,
-                  auxk_select=_AUXK_SELECT.value)
+  if not all(w.isdigit() for w in _MATRYOSHKA_PREFIXES.value):
+    raise app.UsageError(f"--matryoshka_prefixes={','.join(_MATRYOSHKA_PREFIXES.value)}: "
+                         "expected comma-separated latent counts")
+  try:
+    cfg = SAEConfig(d_in=_D_IN.value, num_latents=_NUM_LATENTS.value, k=_K.value,
+                    multi_topk=_MULTI_TOPK.value, auxk_alpha=_AUXK_ALPHA.value,
+                    dead_tokens=_DEAD_TOKENS.value,
+                    compute_dtype=_DTYPE.value, topk=_TOPK.value, topk_recall=_TOPK_RECALL.value,
+                    k_aux=_K_AUX.value or None,
+                    shard_capacity=_SHARD_CAPACITY.value, weight_grads=_WEIGHT_GRADS.value,
+                    auxk_select=_AUXK_SELECT.value, architecture=_ARCHITECTURE.value,
+                    batchtopk_max_k=_BATCHTOPK_MAX_K.value,
+                    matryoshka_prefixes=tuple(map(int, _MATRYOSHKA_PREFIXES.value)))
+  except ValueError as e:  # each message starts with the flag's name
+    raise app.UsageError(f"--{e}") from e
   if _AOT_DEVICES.value or _AOT_TOPOLOGY.value:
     devices = (aot.tpu_devices(_AOT_TOPOLOGY.value) if _AOT_TOPOLOGY.value else
                jax.devices("cpu"))

@@ -92,6 +92,17 @@ def test_shard_capacity_shrinks_the_candidate_gathers():
   assert_collectives_within_config(capped, data=1, model=8, picks=2 * (D // 2) // 8)
 
 
+def test_batchtopk_cuts_the_split_batch_with_scalar_all_reduces():
+  """BatchTopK on a mesh that splits the batch (data:2) and the latents (model:4): each chip
+  gathers only its own rows' candidates (4 shards x c = 4k), and the batch's cut (a bisection on
+  counts) crosses chips as scalars; no collective holds another chip's rows' [B, c] candidates."""
+  report = plan("data:2,model:4", "--architecture=batchtopk")
+  assert report["config"]["architecture"] == "batchtopk"
+  assert gathered_widths(report) == {4 * 4 * K}
+  assert_collectives_within_config(report, data=2, model=4, picks=4 * K)
+  assert "all-reduce s32[]" in report["collectives"], report["collectives"]
+
+
 # CI installs the tpu extra; elsewhere the TPU plan needs it.
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None and not os.environ.get("CI"),
