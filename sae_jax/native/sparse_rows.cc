@@ -160,26 +160,22 @@ void GatherWeightedSum(ffi::ThreadPool& pool, const float* weights, const int32_
 }
 
 // The picks grouped by target row: picks of row i are order[start[i] .. start[i + 1]), in
-// increasing pick order (a stable counting sort). With `skip_zero` weights, picks of weight 0 are
-// left out: they add nothing to a weighted sum (BatchTopK's candidates below the cut, 3 in 4 of
-// its picks, cost no row pass then).
+// increasing pick order (a stable counting sort).
 struct PicksByRow {
   std::vector<int64_t> start;
   std::vector<int32_t> order;
 
-  PicksByRow(const int32_t* indices, const float* skip_zero, int64_t num_picks, int64_t num_rows)
+  PicksByRow(const int32_t* indices, int64_t num_picks, int64_t num_rows)
       : start(num_rows + 1, 0), order(num_picks) {
-    auto counted = [&](int64_t p) {
-      int32_t i = indices[p];
-      return i >= 0 && i < num_rows && (skip_zero == nullptr || skip_zero[p] != 0.0f);
-    };
     for (int64_t p = 0; p < num_picks; ++p) {
-      if (counted(p)) ++start[indices[p] + 1];
+      int32_t i = indices[p];
+      if (i >= 0 && i < num_rows) ++start[i + 1];
     }
     for (int64_t i = 0; i < num_rows; ++i) start[i + 1] += start[i];
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t p = 0; p < num_picks; ++p) {
-      if (counted(p)) order[fill[indices[p]]++] = static_cast<int32_t>(p);
+      int32_t i = indices[p];
+      if (i >= 0 && i < num_rows) order[fill[i]++] = static_cast<int32_t>(p);
     }
   }
 
@@ -208,8 +204,7 @@ void RowGrads(ffi::ThreadPool& pool, const int32_t* indices, const float* weight
               const float* rows, int64_t batch, int64_t picks, int64_t num_rows, int64_t d,
               const T* table, float* grad, float* grad_sums, float* dots,
               const float* sum_table = nullptr, float* table_sum = nullptr) {
-  // The dots are owed for every pick, zero weights too; the weighted sums alone skip those.
-  PicksByRow by_row(indices, dots == nullptr ? weights : nullptr, batch * picks, num_rows);
+  PicksByRow by_row(indices, batch * picks, num_rows);
   if (dots != nullptr) std::fill(dots, dots + batch * picks, 0.0f);
   int64_t num_tasks = std::min(num_rows, NumTasks(pool));
   // Per-task partial sums, added in task order: the result does not depend on the threads.
