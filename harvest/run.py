@@ -95,6 +95,7 @@ def encoded_batches(config: HarvestConfig, inputs, loaded: llava.LoadedModel, st
   """Encoded batches of good images, and a ShardEnd after each `shard_images` inputs (shards
   numbered from `first_input`, where this worker's slice begins)."""
   image_id = first_image_id
+  view = tokens.view_of_processor(loaded.processor.image_processor)
   for shard_start in range(start, stop, config.shard_images):
     shard_stop = min(shard_start + config.shard_images, stop)
     bad, pending = [], []
@@ -112,7 +113,7 @@ def encoded_batches(config: HarvestConfig, inputs, loaded: llava.LoadedModel, st
       prompt_tokens = tokens.text_tokens(encoded["input_ids"].numpy(),
                                          encoded["attention_mask"].numpy(), loaded.layout)
       records = [{"id": int(i), "source": inputs.source(n), "prompt": text,
-                  "grid": list(loaded.layout.grid), "text_tokens": pairs}
+                  "grid": list(loaded.layout.grid), "view": view, "text_tokens": pairs}
                  for i, (n, _, _), text, pairs in zip(ids, pending, texts, prompt_tokens)]
       pending.clear()
       return EncodedBatch(encoded, batch_index, meta, records)

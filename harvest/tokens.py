@@ -81,3 +81,17 @@ def text_tokens(input_ids: np.ndarray, attention_mask: np.ndarray,
                         & (ids != layout.image_token_id))
     out.append([[int(p), int(ids[p])] for p in at])
   return out
+
+
+# How the base grid covers an image: "squash", the whole image resized to a square (LLaVA-NeXT's
+# and OneVision's base image), or "center_crop", the centre square of a shortest-edge resize
+# (CLIP's processor, LLaVA-1.5). Harvest records it per image; interpret.visual maps with it.
+VIEWS = ("squash", "center_crop")
+
+
+def view_of_processor(image_processor) -> str:
+  """center_crop for a processor that crops the centre of a plain resize (CLIP's, LLaVA-1.5);
+  squash for an any-res one (LLaVA-NeXT, OneVision: their base image is the squashed whole)."""
+  if getattr(image_processor, "image_grid_pinpoints", None):
+    return "squash"
+  return "center_crop" if getattr(image_processor, "do_center_crop", False) else "squash"

@@ -23,6 +23,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from harvest.tokens import VIEWS, view_of_processor  # noqa: F401 (the views' one home)
+
 ACTIVE_THRESHOLD = 1e-5
 DIM = 224  # black blended over inactive regions: 224/255 -> ~12% of the original brightness
 PROMPT_SIZE = 336
@@ -37,17 +39,6 @@ def _grid(patch_map: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     raise ValueError(f"patch map has shape {patch_map.shape}, expected [{grid[0] * grid[1]}] "
                      f"for a {grid[0]}x{grid[1]} grid")
   return patch_map.reshape(grid)
-
-
-VIEWS = ("squash", "center_crop")
-
-
-def view_of_processor(image_processor) -> str:
-  """center_crop for a processor that crops the centre of a plain resize (CLIP's, LLaVA-1.5);
-  squash for an any-res one (LLaVA-NeXT, OneVision: their base image is the squashed whole)."""
-  if getattr(image_processor, "image_grid_pinpoints", None):
-    return "squash"
-  return "center_crop" if getattr(image_processor, "do_center_crop", False) else "squash"
 
 
 def view_box(width: int, height: int, view: str = "squash") -> tuple[float, float, float, float]:

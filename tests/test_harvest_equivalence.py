@@ -84,6 +84,8 @@ def test_batched_rows_equal_unbatched_hidden_states(kind, tiny_model, synthetic_
     np.testing.assert_array_equal(base["patch"], np.arange(grid * grid))
     assert np.all(rows["patch"][rows["kind"] != KIND_IMAGE_BASE] == -1)
     assert record["grid"] == [grid, grid]
+    # LLaVA-1.5's CLIP processor crops the centre; NeXT and OneVision squash the whole image.
+    assert record["view"] == ("center_crop" if kind == "llava" else "squash")
     if kind == "llava":
       assert not np.any(rows["kind"] == KIND_IMAGE_OTHER)
     else:
