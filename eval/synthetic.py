@@ -62,24 +62,6 @@ MODELS = {
     "tiny": lambda: synthsaebench_config(256, 32, 2),
 }
 
-_MODEL = flags.DEFINE_enum("model", "small", list(MODELS), "write: the synthetic model.")
-_ROWS = flags.DEFINE_integer("rows", 1_000_000, "write: samples to write.", lower_bound=1)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", list(DTYPES), "write: the store's dtype.")
-_SHARD_ROWS = flags.DEFINE_integer("shard_rows", 65_536, "write: rows per shard.", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "write: seed of the samples; score: of the eval samples.")
-_OUT = flags.DEFINE_string("out", None, "write: the STORE folder (required); score: also write "
-                           "the JSON line to this file.")
-_SAE = flags.DEFINE_string("sae", None, "score: EXPORT folder (SAELens layout) or its hookpoint "
-                           "sub-folder.")
-_STORE = flags.DEFINE_string("store", None, "score: a STORE written by `write`.")
-_SAMPLES = flags.DEFINE_integer("samples", 100_000, "score: fresh samples of the model to score "
-                                "on (SAELens's default).", lower_bound=1)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 4096, "score: samples per batch.", lower_bound=1)
-_DEVICE = flags.DEFINE_string("device", "cpu", "Torch device of the generator (and of the SAE in "
-                              "score), e.g. cuda: the rows are the same on any device only up to "
-                              "its random numbers.")
-
-
 def save_model(model: SyntheticModel, folder: Path) -> None:
   """SyntheticModel.save into a temporary folder renamed into place: whole or absent."""
   tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
@@ -161,26 +143,42 @@ def score(sae_path: str | Path, store: str | Path, *, samples: int = 100_000,
           "store": str(store)}
 
 
-def write_main() -> None:
-  if not _OUT.value:
-    raise StoreError("write needs --out=STORE")
-  out = write_store(_OUT.value, MODELS[_MODEL.value](), _ROWS.value, dtype=_DTYPE.value,
-                    shard_rows=_SHARD_ROWS.value, seed=_SEED.value, name=_MODEL.value,
-                    device=_DEVICE.value)
-  print(json.dumps({"store": str(out), "model": _MODEL.value, "rows": Store(out).rows,
-                    "dtype": _DTYPE.value}))
-
-
-def score_main() -> None:
-  if not _SAE.value or not _STORE.value:
-    raise StoreError("score needs --sae=EXPORT and --store=STORE")
-  result = score(_SAE.value, _STORE.value, samples=_SAMPLES.value,
-                 batch_size=_BATCH_SIZE.value, seed=_SEED.value, device=_DEVICE.value)
-  if _OUT.value:
-    atomic_write_json(Path(_OUT.value), result)
-  print(json.dumps(result))
-
-
 if __name__ == "__main__":
+  # The flags exist only when this runs as a command: tests and benchmarks import the functions.
+  _MODEL = flags.DEFINE_enum("model", "small", list(MODELS), "write: the synthetic model.")
+  _ROWS = flags.DEFINE_integer("rows", 1_000_000, "write: samples to write.", lower_bound=1)
+  _DTYPE = flags.DEFINE_enum("dtype", "float32", list(DTYPES), "write: the store's dtype.")
+  _SHARD_ROWS = flags.DEFINE_integer("shard_rows", 65_536, "write: rows per shard.", lower_bound=1)
+  _SEED = flags.DEFINE_integer("seed", 0, "write: seed of the samples; score: of the eval samples.")
+  _OUT = flags.DEFINE_string("out", None, "write: the STORE folder (required); score: also write "
+                             "the JSON line to this file.")
+  _SAE = flags.DEFINE_string("sae", None, "score: EXPORT folder (SAELens layout) or its hookpoint "
+                             "sub-folder.")
+  _STORE = flags.DEFINE_string("store", None, "score: a STORE written by `write`.")
+  _SAMPLES = flags.DEFINE_integer("samples", 100_000, "score: fresh samples of the model to score "
+                                  "on (SAELens's default).", lower_bound=1)
+  _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4096, "score: samples per batch.", lower_bound=1)
+  _DEVICE = flags.DEFINE_string("device", "cpu", "Torch device of the generator (and of the SAE in "
+                                "score), e.g. cuda: the rows are the same on any device only up to "
+                                "its random numbers.")
+
+  def write_main() -> None:
+    if not _OUT.value:
+      raise StoreError("write needs --out=STORE")
+    out = write_store(_OUT.value, MODELS[_MODEL.value](), _ROWS.value, dtype=_DTYPE.value,
+                      shard_rows=_SHARD_ROWS.value, seed=_SEED.value, name=_MODEL.value,
+                      device=_DEVICE.value)
+    print(json.dumps({"store": str(out), "model": _MODEL.value, "rows": Store(out).rows,
+                      "dtype": _DTYPE.value}))
+
+  def score_main() -> None:
+    if not _SAE.value or not _STORE.value:
+      raise StoreError("score needs --sae=EXPORT and --store=STORE")
+    result = score(_SAE.value, _STORE.value, samples=_SAMPLES.value,
+                   batch_size=_BATCH_SIZE.value, seed=_SEED.value, device=_DEVICE.value)
+    if _OUT.value:
+      atomic_write_json(Path(_OUT.value), result)
+    print(json.dumps(result))
+
   cli.run({"write": write_main, "score": score_main},
           (StoreError, dictionary.DictionaryError, FileNotFoundError))
