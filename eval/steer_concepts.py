@@ -61,6 +61,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random latents.")
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(llava)
+flags.adopt_module_key_flags(steering)  # --sae, --layer
 USER_ERRORS = (steering.SteeringError, HookError, llava.ModelError, images_lib.BadImage,
                topacts_lib.TopActsError, OSError, json.JSONDecodeError, KeyError)
 
