@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import perf, step as step_lib
-from sae_jax.model import SAEConfig
+from sae_jax.config import SAEConfig
 
 
 def main():

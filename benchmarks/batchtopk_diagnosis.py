@@ -35,8 +35,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sae_jax import batchtopk, step as step_lib
-from sae_jax.model import SAEConfig, geometric_median
+from sae_jax.architectures import batchtopk, step as step_lib
+from sae_jax.config import SAEConfig
+from sae_jax.model import geometric_median
 
 D, M, N, K, ROWS = 64, 1024, 2048, 8, 1024
 VARIANTS = {

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from sae_jax import data, programs, sharding, step
 from sae_jax.kernel_plan import KernelPlan
-from sae_jax.model import SAEConfig
+from sae_jax.config import SAEConfig
 from sae_jax.store import disk_width
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")

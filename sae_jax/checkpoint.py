@@ -3,7 +3,7 @@
 A workdir holds:
   run.json         the SAE config, input scale and data provenance (written once, at the start)
   flags.json       the resolved flags of the latest start (secrets never reach it)
-  checkpoints/N/   orbax: items "model" (the TopKSAE state: parameters and dead-latent counters)
+  checkpoints/N/   orbax: items "model" (the SparseAutoencoder state: parameters and dead-latent counters)
                    and "optimizer" (Adam moments and step), saved asynchronously
 The state is `nnx.split((model, optimizer))`, so state[0] is the model and state[1] the optimizer.
 Saving them as separate items lets `export` and `scan` restore the model without the optimizer.
@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sae_jax import sharding
-from sae_jax.model import SAEConfig, TopKSAE
+from sae_jax.config import SAEConfig
+from sae_jax.model import SparseAutoencoder
 from sae_jax.store import atomic_write_json
 
 RUN_FILE = "run.json"
@@ -72,19 +73,19 @@ def read_flags(workdir: str | Path) -> dict | None:
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def load_model(workdir: str | Path, step: int | None = None) -> tuple[TopKSAE, dict, int]:
+def load_model(workdir: str | Path, step: int | None = None) -> tuple[SparseAutoencoder, dict, int]:
   """The trained model of a workdir (latest checkpoint unless `step`), its run record, its step."""
   run = read_run(workdir)
   if run is None:
     raise FileNotFoundError(f"{workdir} is not a training workdir: {RUN_FILE} is missing")
-  cfg = SAEConfig(**run["sae"])
+  cfg = SAEConfig.from_record(run["sae"])
   # Nothing is saved through it; read_only=True would only add orbax's warnings to every export.
   mngr = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints",
                                options=ocp.CheckpointManagerOptions(create=False))
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{workdir} has no checkpoint yet")
-  abstract_model = nnx.eval_shape(lambda: TopKSAE(cfg, rngs=nnx.Rngs(0)))
+  abstract_model = nnx.eval_shape(lambda: SparseAutoencoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract = nnx.split(abstract_model)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)

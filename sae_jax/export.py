@@ -25,7 +25,7 @@ from pathlib import Path
 from absl import flags
 import numpy as np
 
-from sae_jax import checkpoint, cli, dictionary, logs, model_card
+from sae_jax import architectures, checkpoint, cli, dictionary, logs, model_card
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Export folder (EXPORT/<hookpoint>/ is written).",
@@ -67,8 +67,8 @@ def main():
   logs.quiet_libraries()
   workdir = Path(_WORKDIR.value)
   model, run, step = checkpoint.load_model(workdir, _STEP.value)
-  params = dictionary.from_training(
-      {name: np.asarray(getattr(model, name)[...]) for name in dictionary.model_variables(run)},
+  params = architectures.from_training(
+      {name: np.asarray(getattr(model, name)[...]) for name in architectures.model_variables(run)},
       run, step)
   jumprelu = dictionary.THRESHOLD in params
   hookpoint = _HOOKPOINT.value or run["source"]["hookpoint"]

@@ -6,6 +6,7 @@ import logging as py_logging
 import os
 
 from absl import logging
+import jax
 
 # Python modules whose INFO lines are dropped; xla_bridge says at INFO that a backend (the TPU's,
 # where libtpu is installed but no TPU is attached) could not start.
@@ -37,3 +38,9 @@ def quiet_tpu_runtime() -> None:
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def note(text: str) -> None:
+  """A line for the user in the log, from process 0 only."""
+  if jax.process_index() == 0:
+    logging.info("NOTE: %s", text)

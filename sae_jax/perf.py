@@ -15,7 +15,7 @@ import numpy as np
 from sae_jax import sharded
 from sae_jax import topk as topk_lib
 from sae_jax.kernel_plan import KernelPlan
-from sae_jax.model import SAEConfig
+from sae_jax.config import SAEConfig
 
 
 def make_floor(cfg: SAEConfig, plan: KernelPlan):

@@ -42,9 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from sae_jax import checkpoint, dictionary, logs, topacts
+from sae_jax import architectures, checkpoint, dictionary, logs, topacts
 from sae_jax import topk as topk_lib
-from sae_jax.model import SAEConfig, TopKSAE
+from sae_jax.config import SAEConfig
+from sae_jax.model import SparseAutoencoder
 from sae_jax.store import (KIND_IMAGE_BASE, KIND_IMAGE_OTHER, KIND_TEXT, Store, StoreError,
                            absolute, atomic_write_with, from_disk)
 
@@ -87,14 +88,15 @@ def sparse_code(model, x) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def load_sae(path: str, compute_dtype: str,
-             max_active: int = 0) -> tuple[TopKSAE | JumpReLU, dict]:
+             max_active: int = 0) -> tuple[SparseAutoencoder | JumpReLU, dict]:
   """The dictionary's encoder acting on raw activations, from an export folder or a training
-  workdir: a TopKSAE, or a JumpReLU keeping at most `max_active` latents per row (0: the BatchTopK
+  workdir: a SparseAutoencoder, or a JumpReLU keeping at most `max_active` latents per row (0: the BatchTopK
   run's candidates per token, recorded in its run or export sidecar)."""
   if checkpoint.read_run(path) is not None:
     model, run, step = checkpoint.load_model(path)
-    params = dictionary.from_training(
-        {n: np.asarray(getattr(model, n)[...]) for n in dictionary.model_variables(run)}, run, step)
+    params = architectures.from_training(
+        {n: np.asarray(getattr(model, n)[...]) for n in architectures.model_variables(run)}, run,
+        step)
     sae_cfg, k, source = run["sae"], run["sae"]["k"], {"workdir": str(path), "step": step}
   else:
     params, info = dictionary.read(path)
@@ -105,7 +107,7 @@ def load_sae(path: str, compute_dtype: str,
     if max_active:
       raise ScanError(f"--max_active={max_active} applies to JumpReLU dictionaries; --sae={path} "
                       "is a TopK one")
-    model = TopKSAE(SAEConfig(d_in=d, num_latents=n, k=k, compute_dtype=compute_dtype),
+    model = SparseAutoencoder(SAEConfig(d_in=d, num_latents=n, k=k, compute_dtype=compute_dtype),
                     rngs=nnx.Rngs(0))
     for name, value in params.items():
       getattr(model, name)[...] = jnp.asarray(value)
@@ -114,7 +116,7 @@ def load_sae(path: str, compute_dtype: str,
     if sae_cfg is None:
       raise ScanError(f"--sae={path} is a JumpReLU dictionary without our sidecar: give "
                       "--max_active, the most latents a row may keep")
-    max_active = SAEConfig(**sae_cfg).candidates
+    max_active = SAEConfig.from_record(sae_cfg).num_selected
   max_active = min(max_active, n)
   return JumpReLU(params, max_active, compute_dtype), {
       "architecture": "jumprelu", "k": k, "max_active": max_active, **source}
@@ -142,7 +144,7 @@ def image_chunks(store: Store, chunk_images: int, start_image: int):
                meta["patch"][sel])
 
 
-def make_chunk_step(model: TopKSAE | JumpReLU, top_n: int, chunk_images: int, score: str,
+def make_chunk_step(model: SparseAutoencoder | JumpReLU, top_n: int, chunk_images: int, score: str,
                     edges: jax.Array, grid_size: int):
   graphdef, params = nnx.split(model)
   n = model.W_enc.shape[0]
@@ -210,7 +212,7 @@ def scan(sae: str, store: str, out: str, *, top_n: int = 5, score: str = "mean",
             "top_n": top_n, "score": score, "grid": list(grid),
             "store": absolute(store), "sae": str(Path(sae).absolute()),
             "k": sae_info["k"], "hist_edges": edges.tolist()}
-  if sae_info["architecture"] == "jumprelu":  # a TopK scan's header is as before
+  if "max_active" in sae_info:  # a JumpReLU; a TopK scan's header is as before
     header.update(architecture="jumprelu", max_active=sae_info["max_active"])
   resumed = resume_or_init(out_path, header, n, top_n, len(edges) - 1, grid_size)
   if resumed is None:  # finished by an earlier run
@@ -266,7 +268,7 @@ def scan(sae: str, store: str, out: str, *, top_n: int = 5, score: str = "mean",
                    time.perf_counter() - start_time, rows_scanned - start_rows), **over}
 
 
-def text_pass(model: TopKSAE | JumpReLU, data: Store, top_n: int, mass: np.ndarray,
+def text_pass(model: SparseAutoencoder | JumpReLU, data: Store, top_n: int, mass: np.ndarray,
               chunk_rows: int = 1024, progress: bool = False) -> dict:
   """Encodes every row that is not a base-grid patch: adds its activation to `mass` (by kind) and
   keeps each latent's top-N text rows. Returns the text arrays, the store's rows per kind and the

@@ -7,7 +7,6 @@ that the trainer jits with `donate_argnums=1` and any shardings it likes.
 from __future__ import annotations
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +14,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sae_jax import batchtopk, sharded
+from sae_jax import sharded
+from sae_jax.architectures import matryoshka
+from sae_jax.config import SAEConfig
 from sae_jax.kernel_plan import KernelPlan
-from sae_jax.model import SAEConfig, TopKSAE, kernels, row_dots
+from sae_jax.model import SparseAutoencoder, kernels, row_dots
 
 
 def default_learning_rate(num_latents: int) -> float:
@@ -33,18 +34,31 @@ def make_optimizer(learning_rate: float | optax.Schedule, *, b1: float = 0.9, b2
   return optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip else adam
 
 
+def lr_schedule(peak: float, warmup: int, total: int, decay: str) -> optax.Schedule:
+  """A linear warmup to `peak`, then constant or a decay that reaches 0 at step `total`."""
+  warmup = min(warmup, total)
+  after = {
+      "constant": optax.constant_schedule(peak),
+      "linear": optax.linear_schedule(peak, 0.0, max(total - warmup, 1)),
+      "cosine": optax.cosine_decay_schedule(peak, max(total - warmup, 1)),
+  }[decay]
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
 def create_state(cfg: SAEConfig, tx: optax.GradientTransformation, *, seed: int,
                  b_dec=None, plan: KernelPlan | None = None) -> tuple[nnx.GraphDef, nnx.State]:
   """A fresh model and its optimizer, split. Traceable, so it can run under jit with
-  out_shardings (parameters are then born sharded). `plan`: see TopKSAE."""
-  model = TopKSAE(cfg, rngs=nnx.Rngs(seed), plan=plan)
+  out_shardings (parameters are then born sharded). `plan`: see SparseAutoencoder."""
+  model = SparseAutoencoder(cfg, rngs=nnx.Rngs(seed), plan=plan)
   if b_dec is not None:
     model.b_dec[...] = jnp.asarray(b_dec, jnp.float32).reshape(cfg.d_in)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   return nnx.split((model, optimizer))
 
 
-def losses(model: TopKSAE, x: jax.Array, dead: jax.Array):
+def losses(model: SparseAutoencoder, x: jax.Array, dead: jax.Array):
   """(loss, metrics, (indices, values) of the top-k) for a batch x [B, d]."""
   cfg = model.cfg
   x = x.astype(jnp.float32)
@@ -54,19 +68,9 @@ def losses(model: TopKSAE, x: jax.Array, dead: jax.Array):
   W_dec, b_dec = model.W_dec[...], model.b_dec[...]
   total_variance = jnp.sum(jnp.square(x - x.mean(0)))
 
-  top_values, top_indices = values[:, :cfg.k], indices[:, :cfg.k]
-  extra = {}
-  if cfg.architecture == "batchtopk":
-    top_values, extra["capped_fraction"] = batchtopk.select(values, cfg.k)
-    top_indices = indices
-  # Matryoshka: group g holds the picks of latents in [width g-1, width g), each group is decoded
-  # once, and level i reconstructs with the running sum of groups 0..i. Without prefixes there is
-  # one group, all picks.
+  top_values, top_indices, extra = cfg.arch.select(cfg, values, indices)
   widths = cfg.matryoshka_prefixes
-  group = sum((top_indices >= w).astype(jnp.int32) for w in widths)
-
-  def picks(g):
-    return jnp.where(group == g, top_values, 0.0) if widths else top_values
+  picks = matryoshka.group_picks(widths, top_values, top_indices)
 
   num_dead = jnp.sum(dead)
   if cfg.num_aux:
@@ -78,17 +82,13 @@ def losses(model: TopKSAE, x: jax.Array, dead: jax.Array):
                                                **decoding)
   else:
     decoded = sparse_decode(picks(len(widths)), top_indices, W_dec)
-  inner = list(itertools.accumulate(sparse_decode(picks(g), top_indices, W_dec)
-                                    for g in range(len(widths))))
+  inner = matryoshka.inner_reconstructions(lambda p: sparse_decode(p, top_indices, W_dec),
+                                           widths, picks)
   x_hat = (inner[-1] + decoded if inner else decoded) + b_dec
   metrics = _reconstruction_metrics(x, x_hat, top_values, total_variance)
   metrics["dead_fraction"] = jnp.mean(dead.astype(jnp.float32))
-  loss = metrics["fvu"]
-  for width, partial in zip(widths, inner):
-    name = f"fvu_prefix_{width}"
-    metrics[name] = jnp.sum(jnp.square(x - partial - b_dec)) / total_variance
-    loss = loss + metrics[name]
-  loss = loss / (len(widths) + 1) if widths else loss
+  loss, prefix_metrics = matryoshka.loss(widths, metrics["fvu"], x, inner, b_dec, total_variance)
+  metrics.update(prefix_metrics)
   metrics.update(extra)
 
   multi_topk_fvu = jnp.float32(0)
@@ -137,10 +137,7 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array
     # XLA:CPU otherwise wrote each gradient's square out as one more [n, d] array for Adam's
     # second moment (the step: 768 against 781 ms, 696 against 710, in two interleaved A/Bs).
     grads = jax.tree.map(jax.lax.optimization_barrier, grads)
-  if model.cfg.architecture == "batchtopk":  # from the picks of the weights before the update
-    model.threshold[...] = batchtopk.updated_threshold(model.cfg, model.threshold[...],
-                                                       top_values, optimizer.step[...])
-    metrics["threshold"] = model.threshold[...]
+  metrics.update(model.cfg.arch.update_state(model, top_values, optimizer.step[...]))
   optimizer.update(model, grads)
   model.normalize_decoder()
   model.record_firing(top_indices, top_values, x.shape[0])
@@ -157,14 +154,11 @@ def global_norm(plan: KernelPlan, grads) -> jax.Array:
 
 
 def eval_metrics(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> dict[str, jax.Array]:
-  """fvu, mse and l0 of the reconstruction as a user encodes (TopK, or BatchTopK's JumpReLU at the
-  learned threshold with no cap on the latents a row keeps), without touching the state."""
+  """fvu, mse and l0 of the reconstruction as a user encodes (the architecture's inference
+  encoder: TopK, or BatchTopK's JumpReLU at the learned threshold with no cap on the latents a row
+  keeps), without touching the state."""
   model, _ = nnx.merge(graphdef, state)
   x = x.astype(jnp.float32)
   total_variance = jnp.sum(jnp.square(x - x.mean(0)))
-  if model.cfg.architecture == "batchtopk":
-    code = model.jumprelu_code(x)
-    return _reconstruction_metrics(x, code @ model.W_dec[...] + model.b_dec[...], code,
-                                   total_variance)
-  values, indices = model.encode(x)
-  return _reconstruction_metrics(x, model.decode(values, indices), values, total_variance)
+  x_hat, active = model.cfg.arch.reconstruct(model, x)
+  return _reconstruction_metrics(x, x_hat, active, total_variance)

@@ -8,7 +8,8 @@ import numpy as np
 from flax import nnx
 
 from sae_jax import step as step_lib
-from sae_jax.model import SAEConfig, geometric_median
+from sae_jax.config import SAEConfig
+from sae_jax.model import geometric_median
 
 
 def directions(num: int, d: int, seed: int = 0) -> jax.Array:

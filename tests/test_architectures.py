@@ -11,9 +11,9 @@ from flax import nnx
 
 import reference
 
-from sae_jax import batchtopk
+from sae_jax.architectures import batchtopk
 from sae_jax import step as step_lib
-from sae_jax.model import SAEConfig
+from sae_jax.config import SAEConfig
 
 D, N, K, B = 12, 48, 3, 16
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -52,14 +52,14 @@ def test_batchtopk_picks_the_batch_largest_candidates(cap):
   values, indices, _, _ = model.select(x)
   kept, capped = jax.jit(batchtopk.select, static_argnums=1)(values, K)
   pre = reference.pre_numpy(params_of(model), x)
-  mask, cut, want_capped = reference.batchtopk_mask_numpy(pre, K, cfg.candidates)
+  mask, cut, want_capped = reference.batchtopk_mask_numpy(pre, K, cfg.num_selected)
   got = np.zeros((B, N), bool)
   np.put_along_axis(got, np.asarray(indices), np.asarray(kept) > 0, 1)
   np.testing.assert_array_equal(got, mask & (pre > 0))
   assert got.sum() == B * K  # no ties, no zeros at the cut
   np.testing.assert_allclose(batchtopk.kth_largest(values, B * K), cut, rtol=1e-5)
   assert float(capped) == want_capped
-  if cfg.candidates == N:
+  if cfg.num_selected == N:
     assert float(capped) == 0
   if float(capped) == 0:  # no token's last candidate kept: the cut of the whole flattened batch
     np.testing.assert_array_equal(got.ravel(), pre.ravel() >= np.sort(pre.ravel())[-B * K])
@@ -106,7 +106,7 @@ def test_matryoshka_loss_and_gradients_match_a_dense_float64_formulation(archite
   p = params_of(model)
   pre = reference.pre_numpy(p, x)
   if architecture == "batchtopk":
-    mask = reference.batchtopk_mask_numpy(pre, K, cfg.candidates)[0]
+    mask = reference.batchtopk_mask_numpy(pre, K, cfg.num_selected)[0]
   else:
     mask = np.zeros((B, N), bool)
     np.put_along_axis(mask, np.argsort(-pre, axis=1, kind="stable")[:, :K], True, 1)
@@ -146,7 +146,7 @@ def test_threshold_ema_and_the_jumprelu_inference():
     x = rng.normal(0.2, 1.0, (B, D)).astype(np.float32)
     model, _ = nnx.merge(graphdef, state)
     pre = reference.pre_numpy(params_of(model), x)
-    mask = reference.batchtopk_mask_numpy(pre, K, cfg.candidates)[0]
+    mask = reference.batchtopk_mask_numpy(pre, K, cfg.num_selected)[0]
     smallest = pre[mask & (pre > 0)].min()
     if t >= start:
       want = smallest if want < 0 else beta * want + (1 - beta) * smallest
@@ -158,7 +158,7 @@ def test_threshold_ema_and_the_jumprelu_inference():
   x[:4] *= 8  # loud rows: more latents above the threshold than the training candidates
   pre = reference.pre_numpy(p, x)
   code = np.where(pre > want, pre, 0.0)  # every latent above the threshold, no cap
-  assert (code > 0).sum(1).max() > cfg.candidates  # the test exercises rows past the old cap
+  assert (code > 0).sum(1).max() > cfg.num_selected  # the test exercises rows past the old cap
   x_hat = code @ p["W_dec"] + p["b_dec"]
   evaluated = step_lib.eval_metrics(graphdef, state, jnp.asarray(x))
   np.testing.assert_allclose(evaluated["fvu"], np.sum((x - x_hat) ** 2) /
@@ -170,7 +170,7 @@ def test_threshold_ema_and_the_jumprelu_inference():
 def test_config_normalises_and_refuses():
   cfg = SAEConfig(d_in=D, num_latents=N, k=K, matryoshka_prefixes=[8, 16, N])
   assert cfg.matryoshka_prefixes == (8, 16)
-  assert SAEConfig(d_in=D, num_latents=N, k=K, architecture="batchtopk").candidates == 4 * K
+  assert SAEConfig(d_in=D, num_latents=N, k=K, architecture="batchtopk").num_selected == 4 * K
   for bad, message in [
       (dict(matryoshka_prefixes=(16, 8)), "matryoshka_prefixes=16,8 must increase"),
       (dict(matryoshka_prefixes=(0, 8)), "each in [1, num_latents=48)"),

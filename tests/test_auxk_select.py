@@ -16,7 +16,7 @@ import sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from sae_jax import sharding, step as step_lib
-from sae_jax.model import SAEConfig
+from sae_jax.config import SAEConfig
 
 M = int(sys.argv[1])  # latent shards of N / M = 16 latents
 D, N, K, K_AUX, B = 16, 16 * M, 3, 8, 48

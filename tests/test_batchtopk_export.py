@@ -14,6 +14,7 @@ import synthetic
 
 from interpret.sae import SAE
 from sae_jax import checkpoint, dictionary
+from sae_jax.architectures import batchtopk
 from sae_jax.store import Store
 
 START = 6  # the threshold is learned from optimizer step 6: checkpoint 5 has none, 10 has one
@@ -58,7 +59,7 @@ def test_the_torch_sae_runs_the_export_as_the_jax_model_encodes(workdir, tmp_pat
   assert threshold > 0
   data = Store(store)
   x = np.stack([data[i] for i in range(256)]).astype(np.float32)
-  z_jax = np.asarray(model.jumprelu_code(jnp.asarray(scale * x)), np.float64) / scale
+  z_jax = np.asarray(batchtopk.jumprelu_code(model, jnp.asarray(scale * x)), np.float64) / scale
   x_hat_jax = np.asarray(model(jnp.asarray(scale * x))) / scale  # the model sees scale * x
 
   sae = SAE.from_export(tmp_path)

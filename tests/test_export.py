@@ -9,7 +9,7 @@ import pytest
 
 import reference
 
-from sae_jax import dictionary
+from sae_jax import architectures, dictionary
 
 N, D, K = 48, 12, 5
 LAYOUTS = ["sparsify", "saelens"]
@@ -208,17 +208,17 @@ def test_input_scale_folds_the_threshold():
 def test_a_batchtopk_runs_threshold_goes_to_every_latent_folded():
   params = random_params()
   run = {"sae": {"architecture": "batchtopk", "threshold_start_step": 5}, "input_scale": 2.0}
-  exported = dictionary.from_training({**params, "threshold": np.float32(3.0)}, run, step=9)
+  exported = architectures.from_training({**params, "threshold": np.float32(3.0)}, run, step=9)
   np.testing.assert_array_equal(exported["threshold"], np.full(N, 1.5, np.float32))
   np.testing.assert_array_equal(exported["b_enc"], params["b_enc"] / np.float32(2.0))
-  topk = dictionary.from_training(params, {"sae": {"k": K}, "input_scale": 1.0}, step=9)
+  topk = architectures.from_training(params, {"sae": {"k": K}, "input_scale": 1.0}, step=9)
   assert set(topk) == set(dictionary.PARAM_NAMES)
 
 
 def test_an_unlearned_threshold_is_refused():
   run = {"sae": {"architecture": "batchtopk", "threshold_start_step": 50}, "input_scale": 1.0}
   with pytest.raises(dictionary.DictionaryError) as e:
-    dictionary.from_training({**random_params(), "threshold": np.float32(-1)}, run, step=20)
+    architectures.from_training({**random_params(), "threshold": np.float32(-1)}, run, step=20)
   message = str(e.value)
   assert "\n" not in message and "step 20" in message and "--threshold_start_step=50" in message
 

@@ -9,7 +9,8 @@ from flax import nnx
 from sae_jax import step as step_lib
 from sae_jax import topk as topk_lib
 from sae_jax.kernel_plan import KernelPlan
-from sae_jax.model import SAEConfig, TopKSAE, geometric_median, normalize_rows
+from sae_jax.config import SAEConfig
+from sae_jax.model import SparseAutoencoder, geometric_median, normalize_rows
 
 # The kernels of a CPU host where sae_jax.native could not be built (XLA gathers and scatters),
 # and of a GPU (dense products, grouped top-k), here compiled for the CPU.
@@ -19,9 +20,9 @@ ACCELERATOR = KernelPlan.for_platform("gpu")
 D, N, K, B = 12, 48, 3, 20
 
 
-def make_model(dead_latents: int = 0, plan=None, **overrides) -> TopKSAE:
+def make_model(dead_latents: int = 0, plan=None, **overrides) -> SparseAutoencoder:
   cfg = SAEConfig(d_in=D, num_latents=N, k=K, dead_tokens=100, **overrides)
-  model = TopKSAE(cfg, rngs=nnx.Rngs(0), plan=plan)
+  model = SparseAutoencoder(cfg, rngs=nnx.Rngs(0), plan=plan)
   rng = np.random.default_rng(1)
   model.b_enc[...] = jnp.asarray(rng.normal(0, 0.1, N), jnp.float32)
   model.b_dec[...] = jnp.asarray(rng.normal(0, 0.3, D), jnp.float32)
@@ -116,7 +117,7 @@ def test_encode_decode_and_dense_pre_activations_agree():
 
 
 def test_init_is_sparsify_like():
-  model = TopKSAE(SAEConfig(d_in=64, num_latents=256, k=8), rngs=nnx.Rngs(0))
+  model = SparseAutoencoder(SAEConfig(d_in=64, num_latents=256, k=8), rngs=nnx.Rngs(0))
   W_enc, W_dec = np.asarray(model.W_enc[...]), np.asarray(model.W_dec[...])
   assert np.abs(W_enc).max() <= 1 / 8 and np.abs(W_enc).max() > 0.95 / 8
   np.testing.assert_allclose(np.linalg.norm(W_dec, axis=1), 1, rtol=1e-6)

@@ -14,7 +14,7 @@ from flax import nnx
 from sae_jax import native
 from sae_jax import step as step_lib
 from sae_jax.kernel_plan import KernelPlan
-from sae_jax.model import SAEConfig
+from sae_jax.config import SAEConfig
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not native.available(),
                                 reason="the kernels are CPU-only; or no C++ compiler on this host")

@@ -9,7 +9,7 @@ import pytest
 import planted
 
 from sae_jax import step as step_lib
-from sae_jax.model import SAEConfig
+from sae_jax.config import SAEConfig
 
 D, M, N, K = 32, 64, 128, 4  # input dim, planted directions, latents, k
 ACTIVE, NOISE, ROWS, STEPS = 3, 0.01, 256, 2000  # per row: 3 features; batches of 256 rows

@@ -28,7 +28,7 @@ STEPS_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from sae_jax import sharding, step as step_lib
-from sae_jax.model import SAEConfig
+from sae_jax.config import SAEConfig
 
 def run(cfg, mesh, batches):
   tx = step_lib.make_optimizer(1e-2)
@@ -118,7 +118,7 @@ HLO_SCRIPT = """
 import re
 import jax, numpy as np
 from sae_jax import sharding, step as step_lib
-from sae_jax.model import SAEConfig
+from sae_jax.config import SAEConfig
 B, N, K, K_AUX, CAP = 32, 256, 4, 6, 12
 tx = step_lib.make_optimizer(1e-3)
 mesh = sharding.make_mesh("data:2,model:4")

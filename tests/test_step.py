@@ -12,7 +12,7 @@ from flax import nnx
 
 from sae_jax import step as step_lib
 from sae_jax.kernel_plan import KernelPlan
-from sae_jax.model import SAEConfig
+from sae_jax.config import SAEConfig
 
 D, N, K, B = 10, 40, 3, 16
 LR, B1, B2, EPS = 1e-2, 0.9, 0.99, 1e-4  # eps large enough that Adam is not sign(g) at step 1
@@ -155,7 +155,7 @@ def test_create_state_is_traceable_and_clipping_applies():
 MESH_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from sae_jax import sharding, step as step_lib
-from sae_jax.model import SAEConfig
+from sae_jax.config import SAEConfig
 # AuxK's exact selection, as on one device (per_shard is tested in tests/test_auxk_select.py).
 cfg = SAEConfig(d_in=16, num_latents=64, k=4, multi_topk=True, dead_tokens=40, k_aux=6,
                 auxk_select="exact")

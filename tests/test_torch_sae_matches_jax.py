@@ -8,13 +8,14 @@ from flax import nnx
 
 from interpret.sae import SAE as TorchSAE
 from sae_jax import dictionary
-from sae_jax.model import SAEConfig, TopKSAE
+from sae_jax.config import SAEConfig
+from sae_jax.model import SparseAutoencoder
 
 
 @pytest.mark.parametrize("layout", ["sparsify", "saelens"])
 def test_same_latents_and_reconstruction_as_jax(tmp_path, layout):
   cfg = SAEConfig(d_in=24, num_latents=96, k=6)
-  model = TopKSAE(cfg, rngs=nnx.Rngs(3))
+  model = SparseAutoencoder(cfg, rngs=nnx.Rngs(3))
   rng = np.random.default_rng(0)
   model.b_enc[...] = jnp.asarray(rng.normal(size=96) * 0.1, jnp.float32)
   model.b_dec[...] = jnp.asarray(rng.normal(size=24), jnp.float32)

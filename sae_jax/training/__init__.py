@@ -1,0 +1,1 @@
+"""Training: the members of a run, their setup, and the loop (sae_jax.train runs them)."""
