@@ -16,7 +16,7 @@ RunConfig knobs marked `resumable` (RESUMABLE_FLAGS). Adding a knob is one field
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 from absl import flags
 
@@ -27,7 +27,7 @@ from sae_jax.select import TOPK_METHODS
 @dataclasses.dataclass(frozen=True)
 class Knob:
   help: str
-  choices: tuple[str, ...] | None = None
+  choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None  # a callable: read late
   lower_bound: float | None = None
   upper_bound: float | None = None
   resumable: bool = False  # RunConfig: may change when a run resumes
@@ -39,6 +39,10 @@ def knob(default, help: str, **kw) -> Any:
   return dataclasses.field(default=default, metadata={"knob": Knob(help, **kw)})
 
 
+def choices(k: Knob) -> tuple[str, ...] | None:
+  return k.choices() if callable(k.choices) else k.choices
+
+
 def knobs(cls) -> list[tuple[dataclasses.Field, Knob]]:
   """The fields of `cls` that are flags, with their declarations."""
   return [(f, f.metadata["knob"]) for f in dataclasses.fields(cls) if "knob" in f.metadata]
@@ -48,8 +52,9 @@ def check_knobs(config) -> None:
   """Raises ValueError('name=value ...') for a value outside a knob's choices or bounds."""
   for field, k in knobs(type(config)):
     value = getattr(config, field.name)
-    if k.choices is not None and value not in k.choices:
-      raise ValueError(f"{field.name}={value!r}; expected one of {', '.join(k.choices)}")
+    allowed = choices(k)
+    if allowed is not None and value not in allowed:
+      raise ValueError(f"{field.name}={value!r}; expected one of {', '.join(allowed)}")
     if k.lower_bound is not None and value < k.lower_bound:
       raise ValueError(f"{field.name}={value} must be >= {k.lower_bound}")
     if k.upper_bound is not None and value > k.upper_bound:
@@ -65,7 +70,7 @@ class SAEConfig:
   architecture: str = knob(
       "topk", "topk: each token keeps its k largest latents. batchtopk: the batch keeps its "
       "batch_size * k largest (each token's top --batchtopk_max_k candidates); inference "
-      "thresholds at a learned value (a JumpReLU).", choices=architectures.names())
+      "thresholds at a learned value (a JumpReLU).", choices=architectures.names)
   multi_topk: bool = knob(False, "Add the Multi-TopK loss (top-4k FVU / 8).")
   auxk_alpha: float = knob(1 / 32, "AuxK loss coefficient (0 disables).", lower_bound=0)
   dead_tokens: int = knob(
@@ -255,7 +260,7 @@ def _define(field: dataclasses.Field, k: Knob, flag_values: flags.FlagValues):
   if kind.startswith("tuple"):
     return flags.DEFINE_list(**{**kw, "default": list(map(str, field.default))})
   if k.choices is not None:
-    return flags.DEFINE_enum(enum_values=list(k.choices), **kw)
+    return flags.DEFINE_enum(enum_values=list(choices(k)), **kw)
   definer = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float, "bool": flags.DEFINE_bool,
              "str": flags.DEFINE_string}[kind]
   return definer(**kw, **bounds)

@@ -68,30 +68,6 @@ def fold_input_scale(params: dict[str, np.ndarray], scale: float) -> dict[str, n
   return folded
 
 
-def from_training(variables: dict[str, np.ndarray], run: dict, step: int) -> dict[str, np.ndarray]:
-  """The exported parameters (acting on raw activations) of a trained model's variables.
-
-  `variables` holds PARAM_NAMES and, for a BatchTopK run, its scalar learned threshold, which
-  becomes the JumpReLU threshold of every latent (Bussmann et al.'s inference rule).
-  """
-  params = {name: np.asarray(variables[name], np.float32) for name in PARAM_NAMES}
-  if run["sae"].get("architecture", "topk") == "batchtopk":
-    threshold = float(np.asarray(variables[THRESHOLD]))
-    if threshold < 0:
-      raise DictionaryError(
-          f"step {step} has no learned BatchTopK threshold yet (it is estimated from "
-          f"--threshold_start_step={run['sae']['threshold_start_step']} on); export a later "
-          "--step or train past it")
-    params[THRESHOLD] = np.full(params["b_enc"].shape, threshold, np.float32)
-  return fold_input_scale(params, run["input_scale"])
-
-
-def model_variables(run: dict) -> tuple[str, ...]:
-  """The model variables `from_training` needs for the run recorded in `run`."""
-  batchtopk = run["sae"].get("architecture", "topk") == "batchtopk"
-  return PARAM_NAMES + ((THRESHOLD,) if batchtopk else ())
-
-
 def _check_shapes(params: dict[str, np.ndarray]) -> tuple[int, int]:
   n, d = params["W_enc"].shape
   expected = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
