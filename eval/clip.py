@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from sae_jax.store import atomic_write_bytes, sha256_file
+from sae_jax.files import atomic_write_bytes, sha256_file
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 

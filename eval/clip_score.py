@@ -36,7 +36,8 @@ from harvest.images import BadImage
 from interpret import explainers, jobs, prompts, sources
 from interpret import topacts as topacts_lib
 from sae_jax import cli
-from sae_jax.store import StoreError, atomic_write_bytes, atomic_write_json
+from sae_jax.store import StoreError
+from sae_jax.files import atomic_write_bytes, atomic_write_json
 
 FORMAT_NAME, FORMAT_VERSION = "clip-scores", 1
 

@@ -34,7 +34,7 @@ from harvest import images as images_lib
 from interpret import jobs
 from interpret import topacts as topacts_lib
 from sae_jax import cli
-from sae_jax.store import atomic_write_bytes, atomic_write_json
+from sae_jax.files import atomic_write_bytes, atomic_write_json
 
 FORMAT_NAME, FORMAT_VERSION = "concept-iou", 1
 

@@ -48,7 +48,8 @@ from interpret.sae import SAE
 from interpret import jobs, prompts, sources, visual
 from interpret import topacts as topacts_lib
 from sae_jax import cli
-from sae_jax.store import Store, StoreError, atomic_write_bytes, atomic_write_json
+from sae_jax.store import Store, StoreError
+from sae_jax.files import atomic_write_bytes, atomic_write_json
 
 FORMAT_NAME, FORMAT_VERSION = "grounded-iou", 1
 

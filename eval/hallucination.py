@@ -47,7 +47,7 @@ from harvest import images, llava
 from harvest.hooks import HookError
 from interpret import explainers, jobs, prompts, steering
 from sae_jax import cli
-from sae_jax.store import atomic_write_json
+from sae_jax.files import atomic_write_json
 
 _TASK = flags.DEFINE_enum("task", "pope", ["pope", "chair", "hallusionbench"], "pope: yes/no "
                           "questions; chair: captions scored against ground-truth objects; "

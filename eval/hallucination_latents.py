@@ -43,7 +43,7 @@ from eval import latent_separation as sep
 from harvest import llava
 from interpret import steering
 from sae_jax import cli
-from sae_jax.store import atomic_write_json
+from sae_jax.files import atomic_write_json
 
 _SPLIT = flags.DEFINE_float("split", 0.5, "Share of the images (POPE) or figures (HallusionBench) "
                             "whose items find the latents; the rest are held out.",

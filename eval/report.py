@@ -28,7 +28,7 @@ from eval import ground_truth, plots, scoring
 from eval.page import (Picture, ReportError, Section, Table, fmt, read_json, read_jsonl,
                         to_html, to_markdown)
 from sae_jax import cli
-from sae_jax.store import atomic_write_bytes, atomic_write_json
+from sae_jax.files import atomic_write_bytes, atomic_write_json
 
 # The paper's CLIP scores (ViT-B/32 openai, LLaVA-NeXT-8B, 131k latents, top-5 images).
 PAPER_CLIP_SCORES = (("layer 25 (model.layers.24, the released SAE)", 24.92),

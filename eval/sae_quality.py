@@ -39,7 +39,7 @@ from harvest.hooks import HookError
 from interpret import steering
 from interpret.sae import SAE
 from sae_jax import cli
-from sae_jax.store import atomic_write_json
+from sae_jax.files import atomic_write_json
 
 VARIANTS = ("sae", "sae_with_error", "zero")
 

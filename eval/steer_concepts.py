@@ -31,7 +31,7 @@ from harvest.hooks import HookError
 from interpret import steering
 from interpret import topacts as topacts_lib
 from sae_jax import cli
-from sae_jax.store import atomic_write_bytes, atomic_write_json
+from sae_jax.files import atomic_write_bytes, atomic_write_json
 
 FORMAT_NAME, FORMAT_VERSION = "steer-concepts", 1
 

@@ -22,7 +22,7 @@ from absl import flags
 from eval import plots, sweep
 from eval.page import Picture, ReportError, Section, Table, fmt, to_html, to_markdown
 from sae_jax import cli
-from sae_jax.store import atomic_write_bytes
+from sae_jax.files import atomic_write_bytes
 
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep folder of sae_jax.train (or its sweep.json).")
 _WORKDIRS = flags.DEFINE_list("workdirs", [], "Training workdirs of separately trained runs.")

@@ -34,7 +34,8 @@ from sae_lens.synthetic.synthetic_model import (LowRankCorrelationConfig, Orthog
                                                 SyntheticModel, SyntheticModelConfig)
 
 from sae_jax import cli, dictionary
-from sae_jax.store import DTYPES, META_DTYPE, Store, StoreError, StoreWriter, atomic_write_json
+from sae_jax.store import DTYPES, META_DTYPE, Store, StoreError, StoreWriter
+from sae_jax.files import atomic_write_json
 
 MODEL_DIR = "synthetic_model"  # STORE/synthetic_model/: SyntheticModel.save's files
 

@@ -41,7 +41,7 @@ from eval import tiny_clip
 from harvest import images as images_lib
 from harvest import llava, tiny
 from interpret import explainers, prompts, visual
-from sae_jax.store import atomic_write_json
+from sae_jax.files import atomic_write_json
 
 WORLD_FILE = "world.json"
 SUBJECT_DIR = "subject"

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sae_jax.store import atomic_write_bytes
+from sae_jax.files import atomic_write_bytes
 
 # PIL's own default, read before anything changes it: the default of --max_image_pixels.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS

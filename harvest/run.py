@@ -23,7 +23,8 @@ import tqdm
 from harvest import hooks, images, llava, pipeline, tokens
 from harvest.shards import BatchRows, ShardAssembler, ShardEnd
 from sae_jax.prefetch import prefetch
-from sae_jax.store import StoreWriter, join, json_bytes, open_location, parts
+from sae_jax.store import StoreWriter, join, open_location, parts
+from sae_jax.files import json_bytes
 
 FLAGS_FILE = "harvest_flags.json"
 # Batches prepared ahead / waiting to be written: enough to hide either stage, little memory.

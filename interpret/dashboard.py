@@ -36,7 +36,8 @@ from harvest.images import BadImage
 from interpret import jobs, site, sources, textctx, visual
 from interpret import topacts as topacts_lib
 from sae_jax import cli
-from sae_jax.store import StoreError, atomic_write_bytes
+from sae_jax.store import StoreError
+from sae_jax.files import atomic_write_bytes
 
 _TOPACTS = flags.DEFINE_string("topacts", None, "TOPACTS folder (sae_jax.scan output).", required=True)
 _EXPLANATIONS = flags.DEFINE_string("explanations", None, "explanations.jsonl of interpret.explain "

@@ -40,7 +40,8 @@ from harvest import workers
 from interpret import batchfile, explainers, jobs, prompts, sources, textctx
 from interpret import topacts as topacts_lib
 from sae_jax import cli
-from sae_jax.store import StoreError, atomic_write_json
+from sae_jax.store import StoreError
+from sae_jax.files import atomic_write_json
 
 _BEFORE = set(flags.FLAGS)
 

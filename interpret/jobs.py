@@ -28,7 +28,7 @@ from tqdm import tqdm
 from harvest.images import BadImage
 from interpret import prompts, visual
 from interpret.explainers import ExplainerError, TransientError
-from sae_jax.store import atomic_write_bytes, atomic_write_json
+from sae_jax.files import atomic_write_bytes, atomic_write_json
 
 FINISHED = (prompts.OK, prompts.UNABLE, prompts.PARSE_ERROR)
 STATUSES = (*FINISHED, prompts.FAILED)

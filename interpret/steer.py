@@ -23,7 +23,7 @@ from harvest import images, llava
 from harvest.hooks import HookError
 from interpret import steering
 from sae_jax import cli
-from sae_jax.store import atomic_write_json
+from sae_jax.files import atomic_write_json
 
 _LLAVA = llava.define_flags()  # --model --dtype --device --prompt_mode
 steering.define_flags()  # --sae --layer --latents --mode --values --strengths --positions

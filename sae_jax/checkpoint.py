@@ -22,7 +22,7 @@ from flax import nnx
 from sae_jax import sharding
 from sae_jax.config import SAEConfig
 from sae_jax.model import SparseAutoencoder
-from sae_jax.store import atomic_write_json
+from sae_jax.files import atomic_write_json
 
 RUN_FILE = "run.json"
 FLAGS_FILE = "flags.json"

@@ -33,7 +33,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from sae_jax.store import atomic_write_json, atomic_write_with
+from sae_jax.files import atomic_write_json, atomic_write_with
 
 SIDECAR = "sae_jax.json"
 WEIGHTS = {"sparsify": "sae.safetensors", "saelens": "sae_weights.safetensors"}

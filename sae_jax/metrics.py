@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_jax.store import atomic_write_bytes
+from sae_jax.files import atomic_write_bytes
 
 
 class MetricWriter:

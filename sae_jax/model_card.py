@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from sae_jax import dictionary
-from sae_jax.store import atomic_write_bytes
+from sae_jax.files import atomic_write_bytes
 
 REGISTRY_FILE = "pretrained_saes.yaml"
 CARD_FILE = "README.md"

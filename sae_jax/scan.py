@@ -47,7 +47,8 @@ from sae_jax import topk as topk_lib
 from sae_jax.config import SAEConfig
 from sae_jax.model import SparseAutoencoder
 from sae_jax.store import (KIND_IMAGE_BASE, KIND_IMAGE_OTHER, KIND_TEXT, Store, StoreError,
-                           absolute, atomic_write_with, from_disk)
+                           absolute, from_disk)
+from sae_jax.files import atomic_write_with
 
 STATE = "scan_state.npz"
 

@@ -18,7 +18,8 @@ from typing import NamedTuple, Sequence
 
 from absl import flags
 
-from sae_jax.store import absolute, atomic_write_json
+from sae_jax.store import absolute
+from sae_jax.files import atomic_write_json
 
 SWEEP_FILE = "sweep.json"
 PATH_FLAGS = ("store", "init_from")  # recorded absolute; a member's default name takes the basename

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_jax.store import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from sae_jax.files import atomic_save_npy, atomic_write_bytes, atomic_write_json
 
 FORMAT_NAME = "sae-topacts"
 FORMAT_VERSION = 1

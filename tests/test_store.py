@@ -149,8 +149,8 @@ def test_batches_cover_every_selected_row_once_per_epoch_and_resume_exactly(tmp_
 
 def test_a_corrupted_chunk_is_named_by_its_bytes_and_version_1_stores_still_read(tmp_path,
                                                                                 monkeypatch):
-  import sae_jax.store as store_lib
-  monkeypatch.setattr(store_lib, "CHECK_CHUNK_BYTES", 10 * 6 * 4)  # 10 float32 rows a chunk
+  from sae_jax.store import format as store_format
+  monkeypatch.setattr(store_format, "CHECK_CHUNK_BYTES", 10 * 6 * 4)  # 10 float32 rows a chunk
   rng = np.random.default_rng(4)
   writer = StoreWriter(tmp_path / "v2", header())
   written = [shard(rng, 35, image_id=i) for i in range(2)]

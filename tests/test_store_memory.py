@@ -19,8 +19,8 @@ import pytest
 
 import emulators
 from sae_jax import dictionary
-from sae_jax.store import (KIND_IMAGE_BASE, KIND_TEXT, META_DTYPE, Store, StoreWriter,
-                           npy_bytes, open_location)
+from sae_jax.store import KIND_IMAGE_BASE, KIND_TEXT, META_DTYPE, Store, StoreWriter, open_location
+from sae_jax.files import npy_bytes
 
 D, GRID, IMAGES_PER_SHARD = 1024, 8, 63  # float16: 65 rows an image, ~8 MiB a shard
 REAL_SHARDS, SMALL, LARGE = 2, 2, 16

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import tqdm
 
-from sae_jax.store import MANIFEST, Store, StoreError, json_bytes, open_location
+from sae_jax.files import json_bytes
+from sae_jax.store import MANIFEST, Store, StoreError, open_location
 from sae_jax.store.location import Local, sha256
 
 

@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 import google_crc32c
 import numpy as np
 
-from sae_jax.store import StoreError
+from sae_jax.files import atomic_write_bytes
+from sae_jax.store.format import StoreError
 
 REMOTE_SCHEMES = ("gs://", "s3://")
 # Bytes per read when a whole file is hashed or copied: with one read ahead, what a stream holds.
@@ -128,7 +129,6 @@ class Local:
     return read()
 
   def write(self, rel: str, data: bytes) -> None:
-    from sae_jax.store import atomic_write_bytes  # defined after the import of this module
     (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(self.root / rel, data)
 

@@ -22,8 +22,9 @@ import re
 
 import numpy as np
 
-from sae_jax.store import (MANIFEST, SHARD_DIR, ShardInfo, StoreError, join, json_bytes,
-                           manifest_json, npy_bytes, open_location)
+from sae_jax.files import json_bytes, npy_bytes
+from sae_jax.store.format import MANIFEST, SHARD_DIR, ShardInfo, StoreError, manifest_json
+from sae_jax.store.location import join, open_location
 
 PARTS_DIR = "parts"
 WORKER_KEY = "worker"  # the part's slice, in its header's settings; the committed store has none

@@ -19,7 +19,8 @@ from sae_jax.metrics import MetricWriter
 from sae_jax.model import geometric_median
 from sae_jax.programs import jit_inference, jit_update
 from sae_jax.step import create_state, default_learning_rate, lr_schedule, make_optimizer
-from sae_jax.store import Store, StoreError, atomic_write_json
+from sae_jax.store import Store, StoreError
+from sae_jax.files import atomic_write_json
 from sae_jax.training.members import Member, TrainError, check_resumed_plan, check_resumed_total
 
 
