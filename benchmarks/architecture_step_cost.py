@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import perf, step as step_lib
+from sae_jax.kernels import perf
+from sae_jax.training import step as step_lib
 from sae_jax.config import SAEConfig
 
 

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import planted  # noqa: E402
 
-from sae_jax import step as step_lib  # noqa: E402
+from sae_jax.training import step as step_lib# noqa: E402
 from sae_jax.model import SAEConfig  # noqa: E402
 
 D, M, N, K, ACTIVE, NOISE, ROWS, LR = 32, 64, 128, 4, 3, 0.01, 256, 3e-3

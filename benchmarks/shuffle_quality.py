@@ -4,7 +4,7 @@ shuffle, on a virtual store (only the order is computed: nothing is read).
   python benchmarks/shuffle_quality.py --images=100000 --rows_per_image=576 --batches=100
 
 The store holds each image's rows contiguously (as the harvest writes them), cut into chunks of
---read_chunk_kb; the order is sae_jax.order's, with the window size the trainer derives from
+--read_chunk_kb; the order is sae_jax.data.order's, with the window size the trainer derives from
 --shuffle_buffer_mb. Prints one JSON line per order: same-image row pairs per batch, distinct
 images per batch, and the largest number of rows of one image in a batch (means over batches).
 """
@@ -15,7 +15,7 @@ import json
 import numpy as np
 
 from sae_jax.data import WINDOWS_IN_FLIGHT
-from sae_jax.order import ChunkOrder
+from sae_jax.data.order import ChunkOrder
 
 
 def stats(image_of_batches: list[np.ndarray]) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_jax import dictionary
+from sae_jax.formats import dictionary
 from sae_jax.store import META_DTYPE, Store, StoreWriter, disk_dtype, disk_width
 
 DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn")

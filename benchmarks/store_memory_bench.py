@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_jax import dictionary
+from sae_jax.formats import dictionary
 from sae_jax.store import Store
 
 WRAPPER = ("import resource, subprocess, sys\n"

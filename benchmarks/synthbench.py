@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from eval import synthetic  # noqa: E402
-from sae_jax import data  # noqa: E402
+from sae_jax import data# noqa: E402
 from sae_jax.store import Store  # noqa: E402
 
 # Ours trains all four; SAELens has no Matryoshka TopK training SAE.

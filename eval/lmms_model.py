@@ -32,7 +32,7 @@ from lmms_eval.protocol import ChatMessages
 
 from interpret import steering
 from interpret.sae import SAE
-from sae_jax import dictionary
+from sae_jax.formats import dictionary
 
 
 def _numbers(name: str, value, kind: type) -> list:

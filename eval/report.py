@@ -208,7 +208,7 @@ def concepts_section(path: Path) -> Section:
 
 
 def modality_section(path: Path) -> Section:
-  from sae_jax import topacts as topacts_lib
+  from sae_jax.formats import topacts as topacts_lib
   try:
     acts = topacts_lib.TopActs(path)
   except topacts_lib.TopActsError as e:

@@ -33,7 +33,8 @@ from sae_lens.synthetic import (FoldedNormalMagnitudeConfig, HierarchyConfig,
 from sae_lens.synthetic.synthetic_model import (LowRankCorrelationConfig, OrthogonalizationConfig,
                                                 SyntheticModel, SyntheticModelConfig)
 
-from sae_jax import cli, dictionary
+from sae_jax import cli
+from sae_jax.formats import dictionary
 from sae_jax.store import DTYPES, META_DTYPE, Store, StoreError, StoreWriter
 from sae_jax.files import atomic_write_json
 

@@ -24,7 +24,7 @@ import torch
 import tqdm
 
 from harvest import images, llava, run
-from sae_jax.prefetch import prefetch
+from sae_jax.data.prefetch import prefetch
 
 
 def _timed(fn):

@@ -1,4 +1,4 @@
-"""The thread that writes the last batches while the next forward runs (sae_jax.prefetch is the
+"""The thread that writes the last batches while the next forward runs (sae_jax.data.prefetch is the
 one that prepares the next ones).
 
 Both hand work over through bounded queues, so memory holds a few batches whatever the input size,

@@ -22,7 +22,7 @@ import tqdm
 
 from harvest import hooks, images, llava, pipeline, tokens
 from harvest.shards import BatchRows, ShardAssembler, ShardEnd
-from sae_jax.prefetch import prefetch
+from sae_jax.data.prefetch import prefetch
 from sae_jax.store import StoreWriter, join, open_location, parts
 from sae_jax.files import json_bytes
 

@@ -4,10 +4,10 @@
     z = TopK_k(pre)                  (TopK)
     z = pre * (pre > threshold)      (JumpReLU: a BatchTopK SAE at inference, or e.g. Gemma Scope)
 
-Loading goes through `sae_jax.dictionary.read`, the one reader of both export layouts (sparsify and
-SAELens) and of dictionaries those libraries trained, so the key mapping and the folding or refusal
-of their options live in one place. It returns float32 arrays; casting them to bfloat16
-or float16 afterwards is exact for exports written in those dtypes.
+Loading goes through `sae_jax.formats.dictionary.read`, the one reader of both export layouts
+(sparsify and SAELens) and of dictionaries those libraries trained, so the key mapping and the
+folding or refusal of their options live in one place. It returns float32 arrays; casting them to
+bfloat16 or float16 afterwards is exact for exports written in those dtypes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sae_jax import dictionary
+from sae_jax.formats import dictionary
 
 
 class SAE(nn.Module):

@@ -193,7 +193,7 @@ def latent_page(latent, record: dict | None, scores: dict, images: list[dict], e
   random_iou} from eval.concepts), statistics, histogram and its top images.
 
   `images`: {id, score, source, files: {original, mask, heatmap} | None, error} per top image.
-  `modality`: {modality, image_share, text_share, both} of the latent (sae_jax.topacts);
+  `modality`: {modality, image_share, text_share, both} of the latent (sae_jax.formats.topacts);
   `text_html`: its top text contexts, from `text_contexts_html`.
   """
   e = html.escape

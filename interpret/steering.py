@@ -43,7 +43,7 @@ from transformers.cache_utils import Cache
 from harvest import llava
 from harvest.hooks import HookError, find_decoder_layers
 from interpret.sae import SAE
-from sae_jax import dictionary
+from sae_jax.formats import dictionary
 
 MODES = ("clamp", "add", "add_scaled", "ablate", "replace")
 POSITIONS = ("image", "text", "prompt", "generated", "all")

@@ -1,12 +1,12 @@
 """The choice of latents to work on, and its flags (shared by explain, dashboard and clip_score).
 
-TOPACTS itself (`sae_jax.scan`'s output) is defined and read in `sae_jax.topacts`; its reader and
-error are imported here for the code that selects from it.
+TOPACTS itself (`sae_jax.scan`'s output) is defined and read in `sae_jax.formats.topacts`; its
+reader and error are imported here for the code that selects from it.
 """
 
 from __future__ import annotations
 
-from sae_jax.topacts import TopActs, TopActsError
+from sae_jax.formats.topacts import TopActs, TopActsError
 
 
 def parse_latent_spec(spec: str) -> list[int]:

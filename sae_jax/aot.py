@@ -1,11 +1,11 @@
 """Plans a pod-scale run without the pod: the full training step compiled ahead of time.
 
-`plan` lowers and compiles the trainer's own jitted step (sae_jax.programs.jit_update, on batches
-of the store's dtype, as a run serves them) for a mesh of devices from abstract inputs (shapes,
-dtypes and shardings only: nothing is allocated), with the kernel plan of those devices, then
-reads the compiler's memory and cost analyses of the per-device program and lists the
-collectives it contains. The devices are a virtual CPU mesh (`jax_num_cpu_devices`, set before
-JAX starts its backend) or a TPU topology (`tpu_devices`: libtpu's compiler, no TPU needed).
+`plan` lowers and compiles the trainer's own jitted step (sae_jax.training.programs.jit_update, on
+batches of the store's dtype, as a run serves them) for a mesh of devices from abstract inputs
+(shapes, dtypes and shardings only: nothing is allocated), with the kernel plan of those devices,
+then reads the compiler's memory and cost analyses of the per-device program and lists the
+collectives it contains. The devices are a virtual CPU mesh (`jax_num_cpu_devices`, set before JAX
+starts its backend) or a TPU topology (`tpu_devices`: libtpu's compiler, no TPU needed).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import re
 import jax
 import jax.numpy as jnp
 
-from sae_jax import data, programs, sharding, step
-from sae_jax.kernel_plan import KernelPlan
+from sae_jax import data
+from sae_jax.kernels import sharding
+from sae_jax.training import programs, step
+from sae_jax.kernels.kernel_plan import KernelPlan
 from sae_jax.config import SAEConfig
 from sae_jax.store import disk_width
 

@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from sae_jax import aot, cli, config, logs, perf, sharding
-from sae_jax import step as step_lib
+from sae_jax import aot, cli, config, logs
+from sae_jax.kernels import perf, sharding
+from sae_jax.training import step as step_lib
 from sae_jax.config import RunConfig, SAEConfig
-from sae_jax.kernel_plan import KernelPlan
+from sae_jax.kernels.kernel_plan import KernelPlan
 
 FLAGS = flags.FLAGS
 

@@ -20,8 +20,9 @@ from typing import Any, Callable
 
 from absl import flags
 
-from sae_jax import architectures, rows, sharded
-from sae_jax.select import TOPK_METHODS
+from sae_jax.kernels import rows, sharded
+from sae_jax.model import architectures
+from sae_jax.kernels.select import TOPK_METHODS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ layout over the other is refused (a reader could not tell which weights are mean
 
 The SAELens layout is ready to publish: EXPORT/pretrained_saes.yaml is the folder's entry for
 SAELens's registry (--release, --hf_repo) and EXPORT/README.md its Hugging Face model card, both
-listing every dictionary exported into EXPORT (sae_jax/model_card.py); --evals adds evaluation
+listing every dictionary exported into EXPORT (sae_jax/formats/model_card.py); --evals adds evaluation
 results (e.g. eval.sae_quality --out) to this dictionary's sidecar and card.
 """
 
@@ -25,7 +25,10 @@ from pathlib import Path
 from absl import flags
 import numpy as np
 
-from sae_jax import architectures, checkpoint, cli, dictionary, logs, model_card
+from sae_jax import cli, logs
+from sae_jax.formats import dictionary, model_card
+from sae_jax.model import architectures
+from sae_jax.training import checkpoint
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Export folder (EXPORT/<hookpoint>/ is written).",

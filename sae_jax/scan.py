@@ -25,8 +25,8 @@ pass is not checkpointed: a scan killed during it repeats it when rerun.
 
 Every --save_every chunks the whole state goes to one file, TOPACTS/scan_state.npz, replaced
 atomically, and a rerun resumes from it: a kill at any moment leaves the state of one chunk
-boundary, never parts of two. The output (sae_jax.topacts, docs/formats.md) is written at the end,
-its header last; then the state file is removed.
+boundary, never parts of two. The output (sae_jax.formats.topacts, docs/formats.md) is written at
+the end, its header last; then the state file is removed.
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from sae_jax import architectures, checkpoint, dictionary, logs, topacts
-from sae_jax import topk as topk_lib
+from sae_jax import logs
+from sae_jax.formats import dictionary, topacts
+from sae_jax.model import architectures
+from sae_jax.training import checkpoint
+from sae_jax.kernels import topk as topk_lib
 from sae_jax.config import SAEConfig
 from sae_jax.model import SparseAutoencoder
 from sae_jax.store import (KIND_IMAGE_BASE, KIND_IMAGE_OTHER, KIND_TEXT, Store, StoreError,

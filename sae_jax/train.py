@@ -13,15 +13,15 @@ WORKDIR/tb/, and a one-line JSON summary is printed last ("preempted": true when
 run stopped by its inputs or a non-finite loss prints {"ok": false, "error": ...} instead and
 exits with status 1.
 
-A sweep trains several SAEs on one pass over the data (sae_jax.sweep): each `--sae='--k=16 ...'`
-(or line of `--sweep=FILE`) is one member, the command line with that member's overrides of the
-flags in config.SWEEP_FLAGS, trained in WORKDIR/<name> exactly as a run of those flags alone would be:
-its own jitted step, state, schedule, checkpoints and metrics. Every batch is read once, and
-members on other stores (other layers of one harvest) get the same rows of theirs, read in
-lockstep. A resume restores each member's own latest checkpoint and starts at the earliest. A
-member whose loss is not finite stops (its last good checkpoint stays) while the others go on;
-the sweep then ends with the error. A sweep prints one summary line per member (with "name"),
-then one of its own ({"workdir", "members", "step", "total_steps"}).
+A sweep trains several SAEs on one pass over the data (sae_jax.training.sweep): each
+`--sae='--k=16 ...'` (or line of `--sweep=FILE`) is one member, the command line with that member's
+overrides of the flags in config.SWEEP_FLAGS, trained in WORKDIR/<name> exactly as a run of those
+flags alone would be: its own jitted step, state, schedule, checkpoints and metrics. Every batch is
+read once, and members on other stores (other layers of one harvest) get the same rows of theirs,
+read in lockstep. A resume restores each member's own latest checkpoint and starts at the earliest.
+A member whose loss is not finite stops (its last good checkpoint stays) while the others go on; the
+sweep then ends with the error. A sweep prints one summary line per member (with "name"), then one
+of its own ({"workdir", "members", "step", "total_steps"}).
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from pathlib import Path
 from absl import flags
 import jax
 
-from sae_jax import cli, config, data, distributed, logs, sweep
+from sae_jax import cli, config, data, logs
+from sae_jax.training import distributed, sweep
 from sae_jax.config import RunConfig
-from sae_jax.dictionary import DictionaryError
+from sae_jax.formats.dictionary import DictionaryError
 from sae_jax.store import StoreError
 from sae_jax.training import loop, setup
 from sae_jax.training.loop import PREEMPTED_EXIT_CODE

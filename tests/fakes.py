@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sae_jax import topacts
+from sae_jax.formats import topacts
 
 RED_STEP = 20
 GRID = (4, 4)

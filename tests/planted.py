@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sae_jax import step as step_lib
+from sae_jax.training import step as step_lib
 from sae_jax.config import SAEConfig
 from sae_jax.model import geometric_median
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_jax import dictionary
+from sae_jax.formats import dictionary
 
 HOOKPOINT = "model.language_model.layers.0"  # the tiny models have decoder layers 0 and 1
 

@@ -78,8 +78,8 @@ def test_latent_split_divides_the_state_and_never_gathers_pre_activations():
 
 
 def test_the_plan_compiles_the_trainers_step_on_batches_of_the_stores_dtype():
-  """The trainer's own program (sae_jax.programs.jit_update) on fp8 rows as a run serves them:
-  d bytes and a float32 scale a row (the default, bfloat16, is checked in the test above)."""
+  """The trainer's own program (sae_jax.training.programs.jit_update) on fp8 rows as a run serves
+  them: d bytes and a float32 scale a row (the default, bfloat16, is checked in the test above)."""
   report = plan("data:8,model:1", "--store_dtype=float8_e4m3fn")
   assert report["program"] == "jit_scaled_step"
   assert report["config"]["store_dtype"] == "float8_e4m3fn"

@@ -11,8 +11,8 @@ from flax import nnx
 
 import reference
 
-from sae_jax.architectures import batchtopk
-from sae_jax import step as step_lib
+from sae_jax.model.architectures import batchtopk
+from sae_jax.training import step as step_lib
 from sae_jax.config import SAEConfig
 
 D, N, K, B = 12, 48, 3, 16

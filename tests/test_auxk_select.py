@@ -15,7 +15,8 @@ SCRIPT = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from sae_jax import sharding, step as step_lib
+from sae_jax.kernels import sharding
+from sae_jax.training import step as step_lib
 from sae_jax.config import SAEConfig
 
 M = int(sys.argv[1])  # latent shards of N / M = 16 latents

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from harvest import images
-from sae_jax import topacts
+from sae_jax.formats import topacts
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pytest
 import synthetic
 
 from sae_jax import data
-from sae_jax.order import ChunkOrder
+from sae_jax.data.order import ChunkOrder
 from sae_jax.store import META_DTYPE, Store, StoreError, StoreWriter
 
 

@@ -1,5 +1,5 @@
 """Export folders (one format each, usual file permissions) and foreign dictionaries read exactly or
-refused: what `sae_jax.dictionary` gives the torch side and `sae_jax.train --init_from`."""
+refused: what `sae_jax.formats.dictionary` gives the torch side and `sae_jax.train --init_from`."""
 
 import json
 import os
@@ -9,7 +9,8 @@ import pytest
 
 import reference
 
-from sae_jax import architectures, dictionary
+from sae_jax.formats import dictionary
+from sae_jax.model import architectures
 
 N, D, K = 48, 12, 5
 LAYOUTS = ["sparsify", "saelens"]

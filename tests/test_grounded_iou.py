@@ -12,7 +12,7 @@ from PIL import Image
 
 import fakes
 from eval import grounding, iou, tiny_grounding
-from sae_jax.topacts import TopActs
+from sae_jax.formats.topacts import TopActs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 import reference
 
 from interpret.sae import SAE
-from sae_jax import dictionary
+from sae_jax.formats import dictionary
 
 N, D, K = 64, 16, 6
 

@@ -4,13 +4,13 @@ import json
 import subprocess
 import sys
 
-from sae_jax.metrics import MetricWriter
+from sae_jax.training.metrics import MetricWriter
 
 # Reopens WORKDIR's metrics at step 1500 in a process that may not write files over 10 kB, as on a
 # full disk: the rewrite of the kept lines (about 50 kB) fails midway.
 REOPEN_WITH_A_FULL_DISK = """
 import resource, signal, sys
-from sae_jax.metrics import MetricWriter
+from sae_jax.training.metrics import MetricWriter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
 resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
 try:

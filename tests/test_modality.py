@@ -12,10 +12,11 @@ import pytest
 
 import reference
 
-from sae_jax import dictionary, scan as scan_lib, topacts as topacts_lib
+from sae_jax import scan as scan_lib
+from sae_jax.formats import dictionary, topacts as topacts_lib
 from sae_jax.store import (KIND_IMAGE_BASE, KIND_IMAGE_OTHER, KIND_TEXT, META_DTYPE, Store,
                            StoreWriter)
-from sae_jax.topacts import TopActs
+from sae_jax.formats.topacts import TopActs
 
 D, N_LATENTS, K, GRID, TOP_N = 8, 16, 3, (2, 2), 3
 TEXT_LATENT, IMAGE_LATENT = 0, 1  # planted: one fires on text rows only, one on image rows only

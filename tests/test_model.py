@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sae_jax import step as step_lib
-from sae_jax import topk as topk_lib
-from sae_jax.kernel_plan import KernelPlan
+from sae_jax.training import step as step_lib
+from sae_jax.kernels import topk as topk_lib
+from sae_jax.kernels.kernel_plan import KernelPlan
 from sae_jax.config import SAEConfig
 from sae_jax.model import SparseAutoencoder, geometric_median, normalize_rows
 
-# The kernels of a CPU host where sae_jax.native could not be built (XLA gathers and scatters),
-# and of a GPU (dense products, grouped top-k), here compiled for the CPU.
+# The kernels of a CPU host where sae_jax.kernels.native could not be built (XLA gathers and
+# scatters), and of a GPU (dense products, grouped top-k), here compiled for the CPU.
 XLA_CPU = KernelPlan.for_platform("cpu", use_native=False)
 ACCELERATOR = KernelPlan.for_platform("gpu")
 

@@ -1,4 +1,4 @@
-"""sae_jax.native's CPU kernels against float64 numpy, and how the library gets built."""
+"""sae_jax.kernels.native's CPU kernels against float64 numpy, and how the library gets built."""
 
 import os
 import subprocess
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sae_jax import native
-from sae_jax import step as step_lib
-from sae_jax.kernel_plan import KernelPlan
+from sae_jax.kernels import native
+from sae_jax.training import step as step_lib
+from sae_jax.kernels.kernel_plan import KernelPlan
 from sae_jax.config import SAEConfig
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not native.available(),

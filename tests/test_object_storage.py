@@ -11,7 +11,8 @@ import pytest
 import emulators
 import synthetic
 from harvest.run import HarvestConfig, harvest
-from sae_jax import data, dictionary
+from sae_jax import data
+from sae_jax.formats import dictionary
 from sae_jax.store import Store, StoreWriter, open_location
 
 TRAIN = ["--num_latents=64", "--k=4", "--batch_size=64", "--steps=8", "--log_every=4",

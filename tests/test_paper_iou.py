@@ -16,9 +16,9 @@ from PIL import Image
 
 import reference
 from eval import grounding, paper_iou, tiny_grounding
-from sae_jax import dictionary
+from sae_jax.formats import dictionary
 from sae_jax.store import KIND_IMAGE_BASE, KIND_TEXT, META_DTYPE, StoreWriter
-from sae_jax.topacts import TopActs
+from sae_jax.formats.topacts import TopActs
 
 ROOT = Path(__file__).resolve().parents[1]
 D, N_LATENTS, K, GRID = 8, 12, 3, (24, 24)

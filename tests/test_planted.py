@@ -8,7 +8,7 @@ import pytest
 
 import planted
 
-from sae_jax import step as step_lib
+from sae_jax.training import step as step_lib
 from sae_jax.config import SAEConfig
 
 D, M, N, K = 32, 64, 128, 4  # input dim, planted directions, latents, k

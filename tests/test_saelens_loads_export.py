@@ -8,7 +8,7 @@ import pytest
 
 import reference
 
-from sae_jax import dictionary
+from sae_jax.formats import dictionary
 
 sae_lens = pytest.importorskip("sae_lens")
 torch = pytest.importorskip("torch")

@@ -11,9 +11,10 @@ import pytest
 
 import reference
 
-from sae_jax import dictionary, scan as scan_lib
+from sae_jax import scan as scan_lib
+from sae_jax.formats import dictionary
 from sae_jax.store import KIND_IMAGE_BASE, KIND_TEXT, META_DTYPE, StoreWriter
-from sae_jax.topacts import TopActs, TopActsError
+from sae_jax.formats.topacts import TopActs, TopActsError
 
 D, N_LATENTS, K, GRID = 8, 32, 3, (2, 3)
 

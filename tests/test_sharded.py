@@ -27,7 +27,8 @@ def run_with_devices(args, num_devices: int = 8, timeout: int = 300, xla_flags: 
 STEPS_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from sae_jax import sharding, step as step_lib
+from sae_jax.kernels import sharding
+from sae_jax.training import step as step_lib
 from sae_jax.config import SAEConfig
 
 def run(cfg, mesh, batches):
@@ -100,7 +101,7 @@ for extra, specs in ((dict(), ["data:8,model:1", "data:2,model:4"]),
 # AuxK-decode products per shard, grouped top-k) compiled for CPU devices; tests/test_model.py
 # checks them against autodiff on one device.
 PLANS = {"cpu": "PLAN = None\n",
-         "accelerator": "from sae_jax.kernel_plan import KernelPlan\n"
+         "accelerator": "from sae_jax.kernels.kernel_plan import KernelPlan\n"
                         "PLAN = KernelPlan.for_platform('gpu')\n"}
 
 
@@ -117,7 +118,8 @@ def test_train_steps_on_every_mesh_shape_match_one_device(rules):
 HLO_SCRIPT = """
 import re
 import jax, numpy as np
-from sae_jax import sharding, step as step_lib
+from sae_jax.kernels import sharding
+from sae_jax.training import step as step_lib
 from sae_jax.config import SAEConfig
 B, N, K, K_AUX, CAP = 32, 256, 4, 6, 12
 tx = step_lib.make_optimizer(1e-3)
@@ -204,7 +206,7 @@ def test_every_program_the_trainer_compiles_on_a_mesh_moves_no_pre_activations(s
 def test_checkpoint_saved_on_one_mesh_resumes_on_others(store, tmp_path):
   """Saved on a 2x4 mesh at step N, resumed to 2N on 8x1 and on one device: both end where an
   uninterrupted one-device run does."""
-  from sae_jax import checkpoint
+  from sae_jax.training import checkpoint
   assert train(store, tmp_path / "straight", 2 * STEPS)["auxk_loss"] > 0  # latents died
   train(store, tmp_path / "resumed_8x1", STEPS, "data:2,model:4", num_devices=8)
   shutil.copytree(tmp_path / "resumed_8x1", tmp_path / "resumed_1")

@@ -14,7 +14,7 @@ from harvest import hooks, images, llava
 from interpret.sae import SAE
 from interpret.steering import (Edit, Steering, SteeringError, edit_configs,
                                 layer_of_hookpoint, load_sae, steering_for)
-from sae_jax import dictionary
+from sae_jax.formats import dictionary
 
 ALWAYS_ON = 3  # fires at every position with a pre-activation of about 20
 LAYER = 0

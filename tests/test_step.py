@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sae_jax import step as step_lib
-from sae_jax.kernel_plan import KernelPlan
+from sae_jax.training import step as step_lib
+from sae_jax.kernels.kernel_plan import KernelPlan
 from sae_jax.config import SAEConfig
 
 D, N, K, B = 10, 40, 3, 16
@@ -154,7 +154,8 @@ def test_create_state_is_traceable_and_clipping_applies():
 
 MESH_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
-from sae_jax import sharding, step as step_lib
+from sae_jax.kernels import sharding
+from sae_jax.training import step as step_lib
 from sae_jax.config import SAEConfig
 # AuxK's exact selection, as on one device (per_shard is tested in tests/test_auxk_select.py).
 cfg = SAEConfig(d_in=16, num_latents=64, k=4, multi_topk=True, dead_tokens=40, k_aux=6,
@@ -196,7 +197,7 @@ def test_shardings_come_from_the_variables_metadata_even_when_n_equals_d():
   moments) is split over "model"."""
   from jax.sharding import PartitionSpec as P
 
-  from sae_jax import sharding
+  from sae_jax.kernels import sharding
   cfg = SAEConfig(d_in=32, num_latents=32, k=4)
   tx = step_lib.make_optimizer(1e-3)
   abstract = jax.eval_shape(lambda: step_lib.create_state(cfg, tx, seed=0)[1])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sae_jax import data
-from sae_jax.order import ChunkOrder
+from sae_jax.data.order import ChunkOrder
 from sae_jax.store import (KIND_IMAGE_BASE, KIND_TEXT, META_DTYPE, Store, StoreError, StoreWriter)
 
 

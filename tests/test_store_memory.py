@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import emulators
-from sae_jax import dictionary
+from sae_jax.formats import dictionary
 from sae_jax.store import KIND_IMAGE_BASE, KIND_TEXT, META_DTYPE, Store, StoreWriter, open_location
 from sae_jax.files import npy_bytes
 

@@ -17,7 +17,8 @@ import synthetic
 from training import train
 
 from eval import sweep as sweep_lib
-from sae_jax import checkpoint, dictionary
+from sae_jax.formats import dictionary
+from sae_jax.training import checkpoint
 from sae_jax.store import Store
 
 # Members: another k, another learning rate, another width, another architecture.

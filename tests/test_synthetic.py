@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sae_lens")
 
 from eval import synthetic  # noqa: E402
-from sae_jax import dictionary  # noqa: E402
+from sae_jax.formats import dictionary# noqa: E402
 from sae_jax.store import Store, StoreError  # noqa: E402
 
 K, SAMPLES = 6, 2048

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import select
+from sae_jax.kernels import select
 
 
 @pytest.mark.parametrize("batch,num,k", [(64, 4096, 32), (33, 16384, 256), (8, 1024, 300),

@@ -7,7 +7,7 @@ import torch
 from flax import nnx
 
 from interpret.sae import SAE as TorchSAE
-from sae_jax import dictionary
+from sae_jax.formats import dictionary
 from sae_jax.config import SAEConfig
 from sae_jax.model import SparseAutoencoder
 

@@ -13,7 +13,8 @@ import reference
 import synthetic
 from training import train
 
-from sae_jax import data, dictionary
+from sae_jax import data
+from sae_jax.formats import dictionary
 from sae_jax.store import META_DTYPE, Store, StoreWriter
 
 D_MODEL = 16
@@ -77,7 +78,7 @@ def test_resume_after_kill_is_bit_identical(store, straight_params, tmp_path):
 
 
 def test_export_reproduces_the_jax_model_on_raw_activations(store, straight, tmp_path):
-  from sae_jax import checkpoint
+  from sae_jax.training import checkpoint
   model, run, _ = checkpoint.load_model(straight)
   scale = run["input_scale"]
   assert scale != pytest.approx(1.0)  # the test exercises the folding
@@ -361,7 +362,7 @@ def model_state(workdir):
   import jax
   from flax import nnx
 
-  from sae_jax import checkpoint
+  from sae_jax.training import checkpoint
   model, run, step = checkpoint.load_model(workdir)
   state = {jax.tree_util.keystr(path): np.asarray(value)
            for path, value in jax.tree.leaves_with_path(nnx.state(model))}

@@ -12,9 +12,11 @@ import time
 import jax
 from tqdm import tqdm
 
-from sae_jax import checkpoint, data, logs, perf, sharding
+from sae_jax import data, logs
+from sae_jax.kernels import perf, sharding
+from sae_jax.training import checkpoint
 from sae_jax.config import RunConfig, SAEConfig
-from sae_jax.kernel_plan import KernelPlan
+from sae_jax.kernels.kernel_plan import KernelPlan
 from sae_jax.training.members import Member
 
 # The status of a run stopped by SIGTERM after saving: 128 + SIGTERM, as a shell reports a process

@@ -16,10 +16,11 @@ from typing import Any, Sequence
 from absl import flags
 import optax
 
-from sae_jax import checkpoint, config, sweep
+from sae_jax import config
+from sae_jax.training import checkpoint, sweep
 from sae_jax.config import InitConfig, OptimizerConfig, SAEConfig
-from sae_jax.kernel_plan import KernelPlan
-from sae_jax.metrics import MetricWriter
+from sae_jax.kernels.kernel_plan import KernelPlan
+from sae_jax.training.metrics import MetricWriter
 from sae_jax.store import absolute
 
 

@@ -12,13 +12,16 @@ import numpy as np
 from flax import nnx
 import optax
 
-from sae_jax import checkpoint, config, data, dictionary, logs, sharding
+from sae_jax import config, data, logs
+from sae_jax.formats import dictionary
+from sae_jax.kernels import sharding
+from sae_jax.training import checkpoint
 from sae_jax.config import RunConfig, SAEConfig
-from sae_jax.kernel_plan import KernelPlan
-from sae_jax.metrics import MetricWriter
+from sae_jax.kernels.kernel_plan import KernelPlan
+from sae_jax.training.metrics import MetricWriter
 from sae_jax.model import geometric_median
-from sae_jax.programs import jit_inference, jit_update
-from sae_jax.step import create_state, default_learning_rate, lr_schedule, make_optimizer
+from sae_jax.training.programs import jit_inference, jit_update
+from sae_jax.training.step import create_state, default_learning_rate, lr_schedule, make_optimizer
 from sae_jax.store import Store, StoreError
 from sae_jax.files import atomic_write_json
 from sae_jax.training.members import Member, TrainError, check_resumed_plan, check_resumed_total

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sae_jax import rows, sharded
-from sae_jax import topk as topk_lib
+from sae_jax.kernels import rows, sharded
+from sae_jax.kernels import topk as topk_lib
 from sae_jax.config import SAEConfig
-from sae_jax.kernel_plan import KernelPlan
+from sae_jax.kernels.kernel_plan import KernelPlan
 
 INT32_MAX = np.iinfo(np.int32).max
 

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import sharded
-from sae_jax import topk as topk_lib
-from sae_jax.kernel_plan import KernelPlan
+from sae_jax.kernels import sharded
+from sae_jax.kernels import topk as topk_lib
+from sae_jax.kernels.kernel_plan import KernelPlan
 from sae_jax.config import SAEConfig
 
 

@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sae_jax import rows
-from sae_jax import topk as topk_lib
-from sae_jax.kernel_plan import KernelPlan
+from sae_jax.kernels import rows
+from sae_jax.kernels import topk as topk_lib
+from sae_jax.kernels.kernel_plan import KernelPlan
 
 AXIS = "model"
 

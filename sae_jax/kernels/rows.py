@@ -1,13 +1,14 @@
 """Row gathers, scatters and reductions of [n, d] matrices, in the forms the kernel plan picks:
-sae_jax.native's CPU kernels, XLA gathers and scatters, or dense [B, n] products on accelerators."""
+sae_jax.kernels.native's CPU kernels, XLA gathers and scatters, or dense [B, n] products on
+accelerators."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from sae_jax import native
-from sae_jax.kernel_plan import KernelPlan
+from sae_jax.kernels import native
+from sae_jax.kernels.kernel_plan import KernelPlan
 
 # The gathers (and the scatters on accelerators) run CHUNK picks at a time inside a loop. Done in
 # one go, XLA materialises a [B, k, d] tensor (the gathered rows, or the scatter's updates), and

@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from sae_jax import sharding
+from sae_jax.kernels import sharding
 from sae_jax.config import SAEConfig
 from sae_jax.model import SparseAutoencoder
 from sae_jax.files import atomic_write_json

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from sae_jax import native
+from sae_jax.kernels import native
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelPlan:
   platform: str  # "cpu", "gpu" or "tpu": the devices' platform
-  # The row gathers, scatters and reductions as sae_jax.native's hand-written CPU kernels.
+  # The row gathers, scatters and reductions as sae_jax.kernels.native's hand-written CPU kernels.
   native: bool
   # The exact top-k as two narrow selections (select.grouped_top_k): a top_k of large k sorts the
   # whole row on accelerators; XLA:CPU's TopK kernel is faster alone.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sae_jax.kernel_plan import KernelPlan
+from sae_jax.kernels.kernel_plan import KernelPlan
 
 TOPK_METHODS = ("exact", "approx")
 

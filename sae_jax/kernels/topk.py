@@ -1,19 +1,20 @@
 """The gradient rules of the TopK SAE: a dense encoder forward, everything else over the k winners.
 
 `sparse_encoder` computes `ReLU(W_enc (x - b_dec) + b_enc)` densely, selects the winners
-(sae_jax.select), and returns only their values and indices. Its backward never differentiates
-through the dense [B, n] pre-activations: it scatter-adds into the selected rows of W_enc and b_enc
-(as sparsify's FusedEncoder and OpenAI's kernels do). `sparse_decode` gathers k rows of W_dec per
-token; its backward scatter-adds into them. The row operations (sae_jax.rows) take the forms the
-kernel plan (sae_jax.kernel_plan) chose for the devices the step is compiled for.
+(sae_jax.kernels.select), and returns only their values and indices. Its backward never
+differentiates through the dense [B, n] pre-activations: it scatter-adds into the selected rows of
+W_enc and b_enc (as sparsify's FusedEncoder and OpenAI's kernels do). `sparse_decode` gathers k rows
+of W_dec per token; its backward scatter-adds into them. The row operations (sae_jax.kernels.rows)
+take the forms the kernel plan (sae_jax.kernels.kernel_plan) chose for the devices the step is
+compiled for.
 
 The encoder takes `x` and `b_dec` separately so that, when `x` is data (no gradient asked for it),
 the b_dec gradient of the centring is `-(sum_b g_pre) @ W_enc`, one [n] x [n, d] product, instead of
 a per-token gather of k encoder rows (OpenAI's trick). `symbolic_zeros` tells the rule which case
 it is in, and also lets it skip AuxK's backward when AuxK's outputs are unused.
 
-The pieces are shaped for a latent-sharded version (sae_jax.sharded): selection runs per shard,
-and the scatters and gathers work on shard-local indices.
+The pieces are shaped for a latent-sharded version (sae_jax.kernels.sharded): selection runs per
+shard, and the scatters and gathers work on shard-local indices.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from sae_jax import native, rows
-from sae_jax.kernel_plan import KernelPlan
-from sae_jax.select import select_top
+from sae_jax.kernels import native, rows
+from sae_jax.kernels.kernel_plan import KernelPlan
+from sae_jax.kernels.select import select_top
 
 
 def encoder_pre(xc: jax.Array, W_enc: jax.Array, b_enc: jax.Array,

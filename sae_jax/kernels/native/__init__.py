@@ -66,7 +66,7 @@ def _build() -> pathlib.Path:
   cache = pathlib.Path(os.environ.get("SAE_JAX_CACHE", pathlib.Path.home() / ".cache/sae_jax"))
   library = cache / f"sparse_rows-{key}.so"
   if not library.exists():
-    logging.info("sae_jax.native: compiling the CPU kernels into %s (once)", library)
+    logging.info("sae_jax.kernels.native: compiling the CPU kernels into %s (once)", library)
     cache.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed: concurrent processes never load a partial file.
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -87,8 +87,8 @@ def available() -> bool:
   try:
     library = ctypes.cdll.LoadLibrary(str(_build()))
   except (OSError, RuntimeError) as error:
-    logging.warning("sae_jax.native: CPU kernels unavailable, using the slower XLA gathers and "
-                    "scatters (%s)", error)
+    logging.warning("sae_jax.kernels.native: CPU kernels unavailable, using the slower XLA "
+                    "gathers and scatters (%s)", error)
     return False
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),

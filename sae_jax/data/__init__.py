@@ -1,7 +1,7 @@
 """The trainer's input: contiguous chunks of a store, many read at once, served as shuffled batches.
 
 A chunk is a run of contiguous rows of one shard (`--read_chunk_kb` of them, 1 MB by default): one
-read request, whatever the storage. `sae_jax.order` decides which chunks form each window (the
+read request, whatever the storage. `sae_jax.data.order` decides which chunks form each window (the
 shuffle buffer) and in which order their rows are served. Batches keep the store's dtype, so 16-bit
 rows travel to the device as 16 bits and become float32 there.
 
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax.order import ChunkOrder
-from sae_jax.prefetch import prefetch
+from sae_jax.data.order import ChunkOrder
+from sae_jax.data.prefetch import prefetch
 from sae_jax.store import (FP8, KIND_NAMES, SCALE_BYTES, Store, StoreError, disk_dtype,
                            disk_width, from_disk)
 
@@ -157,9 +157,9 @@ def check_lockstep(a: ChunkReader, b: ChunkReader) -> None:
 def lane_orders(reader: ChunkReader, *, lanes: int, buffer_bytes: int, seed: int,
                 process_index: int, process_count: int) -> list[ChunkOrder]:
   """The orders of this process's lanes: the global batch is `lanes` equal parts, part l from lane
-  l's own windows (sae_jax.order), and process p serves lanes [p * lanes / P, (p + 1) * lanes / P).
-  The batches depend on `lanes`, not on the number of processes reading them; the buffer is shared
-  by the process's lanes."""
+  l's own windows (sae_jax.data.order), and process p serves lanes
+  [p * lanes / P, (p + 1) * lanes / P). The batches depend on `lanes`, not on the number of
+  processes reading them; the buffer is shared by the process's lanes."""
   if lanes % process_count:
     raise ValueError(f"{lanes} data lanes cannot be split among {process_count} processes")
   mine = lanes // process_count

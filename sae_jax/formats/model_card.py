@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sae_jax import dictionary
+from sae_jax.formats import dictionary
 from sae_jax.files import atomic_write_bytes
 
 REGISTRY_FILE = "pretrained_saes.yaml"

@@ -7,8 +7,9 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from sae_jax import data, sharding
-from sae_jax.step import eval_metrics, train_step
+from sae_jax import data
+from sae_jax.kernels import sharding
+from sae_jax.training.step import eval_metrics, train_step
 
 
 def jit_update(graphdef: nnx.GraphDef, input_scale: float, store_dtype: str, state_sharding,

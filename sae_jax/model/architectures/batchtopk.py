@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sae_jax import dictionary
-from sae_jax import topk as topk_lib
-from sae_jax.architectures.base import Architecture
+from sae_jax.formats import dictionary
+from sae_jax.kernels import topk as topk_lib
+from sae_jax.model.architectures.base import Architecture
 
 THRESHOLD = dictionary.THRESHOLD
 

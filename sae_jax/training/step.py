@@ -14,10 +14,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sae_jax import sharded
-from sae_jax.architectures import matryoshka
+from sae_jax.kernels import sharded
+from sae_jax.model.architectures import matryoshka
 from sae_jax.config import SAEConfig
-from sae_jax.kernel_plan import KernelPlan
+from sae_jax.kernels.kernel_plan import KernelPlan
 from sae_jax.model import SparseAutoencoder, kernels, row_dots
 
 
