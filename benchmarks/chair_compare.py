@@ -13,7 +13,7 @@ dropped, with pattern.en's `singularize` taken from the pattern clone's `inflect
 singular section is executed: the rest of pattern does not import on Python 3), and with nltk's
 Treebank tokenizer on sentences split after ". ", '." ' and the like when nltk's punkt data is
 absent (word_tokenize needs it; that split is what punkt does on ordinary captions). Its
-`caption_to_words` is compared with eval.chair.mentions on built-in captions and, with --captions,
+`caption_to_words` is compared with eval.tasks.chair.mentions on built-in captions and, with --captions,
 on the `answer` (or `caption`) of each line of a JSONL file (eval.hallucination's answers.jsonl).
 Singulars are compared on every token and every synonym with common plural endings. Prints one JSON
 line; exit status 1 on any difference.
@@ -28,7 +28,8 @@ from pathlib import Path
 
 import nltk
 
-from eval import chair, singular
+from eval.metrics import singular
+from eval.tasks import chair
 
 CAPTIONS = [
     "A baby elephant walking behind an adult giraffe.",

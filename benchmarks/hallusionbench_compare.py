@@ -9,7 +9,7 @@ Not part of the project: it imports the official scorer from a clone of tianyi-l
 Each trial gives every question of HallusionBench.json a random correctness code ("1" correct,
 "0" incorrect, "2" unclear, as the official GPT judge writes them), runs the official
 assign_correctness, get_eval_all, get_eval_fig, get_eval_pair_all/_easy/_hard, and ours
-(eval/hallusionbench.py), and checks that aAcc, fAcc, qAcc, easy and hard agree to 1e-9. Prints
+(eval/tasks/hallusionbench.py), and checks that aAcc, fAcc, qAcc, easy and hard agree to 1e-9. Prints
 one JSON line per trial and a summary.
 """
 
@@ -23,7 +23,7 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eval import hallusionbench  # noqa: E402
+from eval.tasks import hallusionbench# noqa: E402
 
 ENTRY = "gpt4v_output_gpt_check"  # the official scripts' correctness field
 

@@ -1,4 +1,4 @@
-"""eval.paper_iou (`eval.grounded_iou --method=paper`) against the paper's own code, latent by latent.
+"""eval.metrics.paper_iou (`eval.grounded_iou --method=paper`) against the paper's own code, latent by latent.
 
 Not part of the project: it runs the paper's functions from a clone (nothing of theirs is stored here):
 
@@ -38,7 +38,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import AutoModelForMaskGeneration, AutoProcessor, pipeline
 
-from eval import grounding, paper_iou
+from eval.metrics import paper_iou
+from eval.models import grounding
 
 GRID = (24, 24)
 LABELS = ["red circle", "blue square", "green stripes", "red line", "a triangle", "blue circle"]

@@ -6,7 +6,7 @@
   python -m eval.clip_score ... --refine=openai:http://localhost:8001/v1 \
       --refine_model=meta-llama/Llama-3.1-8B-Instruct                          (the paper's labels)
 
-Per latent (see eval/scoring.py): the paper's CLIP score of the explanation (or its refined label)
+Per latent (see eval/metrics/scoring.py): the paper's CLIP score of the explanation (or its refined label)
 against the top images shown to the explainer, the same text against random images (30 draws),
 the shown images against another latent's text (shuffled), and the AUROC of the unshown top images
 against non-top images. Latents whose explanation is unable/parse_error/failed (or whose refinement
@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from absl import flags
 
-from eval import clip as clip_lib
-from eval import plots, refine, scoring, stats
+from eval.metrics import scoring, stats
+from eval.models import clip as clip_lib
+from eval.models import refine
+from eval.reports import plots
 from harvest.images import BadImage
-from interpret import explainers, jobs, prompts, sources
+from interpret import explainers, jobs, llm_flags, prompts, sources
 from interpret import topacts as topacts_lib
 from sae_jax import cli
 from sae_jax.store import StoreError
@@ -73,24 +74,14 @@ _HELDOUT_NEGATIVES = flags.DEFINE_integer("heldout_negatives", 100, "Random non-
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random images, the shuffle and the bootstrap.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples of the latents for the "
                                   "95% intervals (0: none).", lower_bound=0)
-_REFINE = flags.DEFINE_string("refine", None, "Rewrite each explanation into a short label before "
-                              "scoring, with openai:URL or hf:PATH (as interpret.explain's "
-                              "--explainer). Default: score the explanations as they are.")
-_REFINE_MODEL = flags.DEFINE_string("refine_model", None, "Model name sent to the OpenAI server "
-                                    "(default: the first model it lists).")
+_REFINE = llm_flags.define_endpoint(
+    "refine", "Rewrite each explanation into a short label before scoring, with openai:URL or "
+    "hf:PATH (as interpret.explain's --explainer). Default: score the explanations as they are.")
+_REQUESTS = llm_flags.define_requests("refinement", timeout_s=120.0, max_tokens=64)
 _REFINE_TEMPLATE = flags.DEFINE_string("refine_template", None, "Refinement prompt template "
                                        "(default: eval/templates/refine_label.txt), or paper:CLONE "
                                        "for the paper's prompt read from a clone of "
                                        "EvolvingLMMs-Lab/multimodal-sae.")
-_API_KEY_ENV = flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "Environment variable holding "
-                                   "the refinement server's API key.")
-_CONCURRENCY = flags.DEFINE_integer("concurrency", 16, "Refinement requests in flight.",
-                                    lower_bound=1)
-_MAX_RETRIES = flags.DEFINE_integer("max_retries", 4, "Retries per refinement request.",
-                                    lower_bound=0)
-_TIMEOUT_S = flags.DEFINE_float("timeout_s", 120.0, "Timeout of each refinement request.")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "Longest refinement answer, in tokens.",
-                                   lower_bound=1)
 
 topacts_lib.define_selection_flags(flags)
 _OURS = sorted(set(flags.FLAGS) - _BEFORE)
@@ -118,12 +109,10 @@ def device() -> str:
 
 def refine_labels(texts: dict[int, str], out: Path) -> tuple[dict[int, str], dict[int, str], dict]:
   """({latent: label}, {latent: why it has none}, summary) for the latents of `texts`."""
-  client = explainers.make_explainer(
-      _REFINE.value, _REFINE_MODEL.value, os.environ.get(_API_KEY_ENV.value),
-      timeout_s=_TIMEOUT_S.value, max_tokens=_MAX_TOKENS.value, temperature=0.0,
-      multi_images=False, device=device(), dtype="auto")
+  client = _REFINE.client(timeout_s=_REQUESTS.timeout_s.value,
+                          max_tokens=_REQUESTS.max_tokens.value, device=device())
   template = refine.load_template(_REFINE_TEMPLATE.value)
-  settings = jobs.JobSettings(concurrency=_CONCURRENCY.value, max_retries=_MAX_RETRIES.value)
+  settings = jobs.JobSettings(concurrency=_REQUESTS.concurrency.value, max_retries=_REQUESTS.max_retries.value)
   records, summary = refine.refine(texts, template, client, out, settings)
   labels, failures = {}, {}
   for i in texts:
@@ -139,7 +128,7 @@ def texts_to_score(records, latents, out: Path):
   """({latent: explanation}, {latent: label}, {latent: why it is excluded}, refinement summary)."""
   excluded = {i: records[i]["status"] for i in latents if records[i]["status"] != prompts.OK}
   explanations = {i: records[i]["explanation"] for i in latents if i not in excluded}
-  if not _REFINE.value:
+  if not _REFINE.spec.value:
     return explanations, {}, excluded, None
   labels, failures, summary = refine_labels(explanations, out)
   return explanations, labels, {**excluded, **failures}, summary

@@ -7,7 +7,7 @@
 
 As the reference (LisaAnne/Hallucination `utils/chair.py`, `get_annotations`) builds them: an
 image's objects are the canonical names of its instance annotations' categories, plus every object
-that eval/chair.py's matching finds in its reference captions. Several --instances/--captions files
+that eval/tasks/chair.py's matching finds in its reference captions. Several --instances/--captions files
 are merged (the reference reads train2014 and val2014 together). Writes one
 `{"image": file_name, "image_id", "objects"}` line per image, in image-id order, which
 `python -m eval.hallucination --task=chair --questions=OUT --image_root=coco/val2014` reads.
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from absl import flags
 
-from eval import chair
-from eval.pope import QuestionError
+from eval.tasks import chair
+from eval.tasks.pope import QuestionError
 from sae_jax import cli
 
 _INSTANCES = flags.DEFINE_list("instances", None, "COCO instance annotation files "

@@ -6,7 +6,7 @@
 `python -m harvest.images` records what it drew (IMAGES/concepts.jsonl, docs/formats.md): every
 shape, colour and background texture is a concept with a mask. Each latent's top images' patch maps
 are binarised (activation > --threshold) and compared with every concept's mask at the patch grid
-(eval/iou.py); the latent's IoU with a concept is the mean over its top images, and its match is the
+(eval/metrics/iou.py); the latent's IoU with a concept is the mean over its top images, and its match is the
 concept with the highest (latents with fewer than --min_images labelled top images are not
 scored). A planted concept (one that covers a patch of some scanned image) is matched when some
 latent reaches --match_iou on it.
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from absl import flags
 
-from eval import iou as iou_lib
-from eval import ground_truth, stats
+from eval.metrics import iou as iou_lib
+from eval.metrics import ground_truth, stats
 from harvest import images as images_lib
 from interpret import jobs
 from interpret import topacts as topacts_lib

@@ -7,10 +7,10 @@
       --grounding_dino=/models/grounding-dino-base --sam=/models/sam-vit-huge --out=GROUNDED_PATCH
 
 Both score each explained latent on the top images the explainer saw (the record's `images`, else
-the first --shown): GroundingDINO finds boxes, SAM segments them (eval/grounding.py), and the union
+the first --shown): GroundingDINO finds boxes, SAM segments them (eval/models/grounding.py), and the union
 of their masks is compared with the latent's map. A latent's IoU is the mean over its images.
 
---method=paper is the paper's computation, exactly (eval/paper_iou.py; the paper's 0.31 and random
+--method=paper is the paper's computation, exactly (eval/metrics/paper_iou.py; the paper's 0.31 and random
 0.005 are numbers of this method): pixel IoU at 336 x 336 of the map binarised at 1e-5 and upsampled
 bilinearly (pixels < 224), grounding the label refined from the explanation (--labels: labels.jsonl
 of `eval.clip_score --refine=... --refine_template=paper:CLONE`, the paper's prompt) in the squashed
@@ -18,7 +18,7 @@ of `eval.clip_score --refine=... --refine_template=paper:CLONE`, the paper's pro
 baseline: --random_draws trials of --shown random images of the whole image set per latent, scored with
 the latent's own maps there (computed from --store with --sae).
 
---method=patch is ours (eval/iou.py): the raw explanation is grounded in the whole image, the mask
+--method=patch is ours (eval/metrics/iou.py): the raw explanation is grounded in the whole image, the mask
 brought to the patch grid laid over the part of the image the model's base view covers (--base_view:
 the squashed whole for LLaVA-NeXT, the centre square for LLaVA-1.5; a patch is in the mask when at
 least half of it is) and compared
@@ -41,8 +41,9 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from eval import grounding, paper_iou, stats
-from eval import iou as iou_lib
+from eval.metrics import paper_iou, stats
+from eval.models import grounding
+from eval.metrics import iou as iou_lib
 from harvest.images import BadImage
 from interpret.sae import SAE
 from interpret import jobs, prompts, sources, visual
@@ -178,7 +179,7 @@ def score_paper(acts, records: dict[int, dict], labels: dict[int, str], latents:
 
 
 def read_labels(path: Path, latents: list[int]) -> tuple[dict[int, str], dict[int, str]]:
-  """({latent: refined label}, {latent: why it has none}) from labels.jsonl of eval.refine (the
+  """({latent: refined label}, {latent: why it has none}) from labels.jsonl of eval.models.refine (the
   last line of a latent wins)."""
   if not path.is_file():
     raise grounding.GroundingError(f"--labels={path}: no such file (labels.jsonl of "

@@ -5,11 +5,11 @@
       --sae=EXPORT/model.layers.24 --latents=36992 --mode=add_scaled --strengths=-0.2,-0.1 \
       --positions=generated --out=results/pope_adversarial
 
---task=pope (default): yes/no questions (eval/pope.py), answers parsed with POPE's rule and scored
+--task=pope (default): yes/no questions (eval/tasks/pope.py), answers parsed with POPE's rule and scored
 by accuracy, precision, recall, F1 ("yes" positive) and the yes ratio.
---task=chair: captions of `{image, objects}` items (eval/chair.py) scored by CHAIR_i, CHAIR_s,
+--task=chair: captions of `{image, objects}` items (eval/tasks/chair.py) scored by CHAIR_i, CHAIR_s,
 recall and length against an object vocabulary.
---task=hallusionbench: the official HallusionBench.json (eval/hallusionbench.py), questions with a
+--task=hallusionbench: the official HallusionBench.json (eval/tasks/hallusionbench.py), questions with a
 null filename asked without an image; answers judged by --judge (rule, or an LLM against
 gt_answer_details) and scored by aAcc, fAcc, qAcc and easy/hard question-pair accuracy, in percent.
 Each run's answers also go to the official result file, OUT/HallusionBench_result.json (plain) and
@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -42,10 +41,10 @@ import tqdm
 from absl import flags
 from PIL import Image
 
-from eval import chair, hallusionbench, pope
+from eval.tasks import chair, hallusionbench, pope
 from harvest import images, llava
 from harvest.hooks import HookError
-from interpret import explainers, jobs, prompts, steering
+from interpret import explainers, jobs, llm_flags, prompts, steering
 from sae_jax import cli
 from sae_jax.files import atomic_write_json
 
@@ -60,16 +59,13 @@ _QUESTIONS = flags.DEFINE_string("questions", None, "Items. pope: JSONL {image, 
                                  "official HallusionBench.json.")
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "hallusionbench: re-score this result "
                                    "file (rows with model_prediction) without a model.")
-_JUDGE = flags.DEFINE_string("judge", "rule", "hallusionbench: rule (yes/no/uncertain from the "
-                             "answer's words), or an LLM judge against gt_answer_details: "
-                             "openai:http://host:port/v1 (any chat model) or hf:PATH (an "
-                             "image-text checkpoint, as interpret.explain loads it).")
-_JUDGE_MODEL = flags.DEFINE_string("judge_model", None, "Model name sent to an openai: judge "
-                                   "(default: the server's only model).")
+_JUDGE = llm_flags.define_endpoint(
+    "judge", "hallusionbench: rule (yes/no/uncertain from the answer's words), or an LLM judge "
+    "against gt_answer_details: openai:http://host:port/v1 (any chat model) or hf:PATH (an "
+    "image-text checkpoint, as interpret.explain loads it).", default="rule",
+    model_help="(default: the server's only model)")
 _JUDGE_TEMPLATE = flags.DEFINE_string("judge_template", None, "Judge prompt template (default: "
                                       "eval/templates/hallusionbench_judge.txt).")
-_API_KEY_ENV = flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "Environment variable "
-                                   "holding an openai: judge's API key.")
 _JUDGE_CONCURRENCY = flags.DEFINE_integer("judge_concurrency", 16, "Judge requests in flight.",
                                           lower_bound=1)
 _IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Folder the image paths are relative to "
@@ -141,14 +137,12 @@ def judge_device() -> str:
 def judge_codes() -> Callable[[list, list[str]], list[tuple[str, str]]]:
   """(correctness code, judgment) per answer by --judge; an LLM judge is contacted now, so that
   a bad one fails before any work."""
-  if _JUDGE.value == "rule":
+  if _JUDGE.spec.value == "rule":
     return hallusionbench.rule_codes
   try:
-    client = explainers.make_explainer(
-        _JUDGE.value, _JUDGE_MODEL.value, os.environ.get(_API_KEY_ENV.value), timeout_s=120.0,
-        max_tokens=32, temperature=0.0, multi_images=False, device=judge_device(), dtype="auto")
+    client = _JUDGE.client(timeout_s=120.0, max_tokens=32, device=judge_device())
   except explainers.ExplainerError as e:
-    raise hallusionbench.JudgeError(f"--judge={_JUDGE.value}: {e}") from e
+    raise hallusionbench.JudgeError(f"--judge={_JUDGE.spec.value}: {e}") from e
   template = prompts.load_template(_JUDGE_TEMPLATE.value or
                                    hallusionbench.DEFAULT_JUDGE_TEMPLATE)
   settings = jobs.JobSettings(concurrency=_JUDGE_CONCURRENCY.value)
@@ -247,12 +241,12 @@ def rescore(task: Task) -> tuple[dict, list[dict], Task]:
                              "--model or --sae")
   items = hallusionbench.read_questions(_PREDICTIONS.value, predictions=True)
   metrics, records = task.score(items, [q.row["model_prediction"] for q in items])
-  return {"task": _TASK.value, "predictions": _PREDICTIONS.value, "judge": _JUDGE.value,
+  return {"task": _TASK.value, "predictions": _PREDICTIONS.value, "judge": _JUDGE.spec.value,
           "items": len(items), "runs": [{"label": "predictions", **metrics}]}, records, task
 
 
 def run() -> tuple[dict, list[dict], Task]:
-  if _TASK.value != "hallusionbench" and (_PREDICTIONS.value or _JUDGE.value != "rule"):
+  if _TASK.value != "hallusionbench" and (_PREDICTIONS.value or _JUDGE.spec.value != "rule"):
     raise pope.QuestionError("--predictions and --judge are for --task=hallusionbench")
   task = make_task(_TASK.value)
   if _PREDICTIONS.value:
@@ -285,7 +279,7 @@ def run() -> tuple[dict, list[dict], Task]:
     metrics, records = task.score(items, answers)
     results.append({"label": label, **metrics})
     answer_rows += [{"run": label, **record} for record in records]
-  judge = {"judge": _JUDGE.value} if _TASK.value == "hallusionbench" else {}
+  judge = {"judge": _JUDGE.spec.value} if _TASK.value == "hallusionbench" else {}
   return {"task": _TASK.value, "model": _LLAVA.model.value, "questions": _QUESTIONS.value,
           "items": len(items), "sae": FLAGS.sae, "mode": FLAGS.mode if configs else None,
           "positions": FLAGS.positions if configs else None, **judge, "runs": results}, \

@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from absl import flags
 
-from eval import hallucination, pope
-from eval import latent_separation as sep
+from eval import hallucination
+from eval.tasks import pope
+from eval.metrics import latent_separation as sep
 from harvest import llava
 from interpret import steering
 from sae_jax import cli

@@ -24,8 +24,9 @@ from pathlib import Path
 from absl import flags
 import numpy as np
 
-from eval import ground_truth, plots, scoring
-from eval.page import (Picture, ReportError, Section, Table, fmt, read_json, read_jsonl,
+from eval.metrics import ground_truth, scoring
+from eval.reports import plots
+from eval.reports.page import (Picture, ReportError, Section, Table, fmt, read_json, read_jsonl,
                         to_html, to_markdown)
 from sae_jax import cli
 from sae_jax.files import atomic_write_bytes, atomic_write_json
@@ -167,7 +168,7 @@ def clip_section(path: Path, out: Path) -> Section:
 
 
 def _metrics_table(metrics: list[tuple[str, dict]]) -> Table:
-  """One row per aggregate of eval.stats.summarize."""
+  """One row per aggregate of eval.metrics.stats.summarize."""
   return Table(["metric", "latents", "mean", "median", "95% CI of the mean"],
                [[name, m["n"], fmt(m["mean"]), fmt(m["median"]),
                  "" if not m["ci95"] else f"[{fmt(m['ci95'][0])}, {fmt(m['ci95'][1])}]"]
@@ -303,7 +304,7 @@ def _in_order(metrics: dict) -> list[tuple[str, dict]]:
 def ground_truth_section(headline: list[dict]) -> Section:
   return Section("Ground truth", [
       "What the pipeline found, named and steered, checked against what harvest.images drew "
-      "(eval.ground_truth; the same table heads the dashboard).",
+      "(eval.metrics.ground_truth; the same table heads the dashboard).",
       Table(["claim", "this run", "baseline", "target"],
             [[r["claim"], r["reached"], r["baseline"], r["target"]] for r in headline])])
 

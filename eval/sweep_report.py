@@ -19,8 +19,8 @@ from pathlib import Path
 
 from absl import flags
 
-from eval import plots, sweep
-from eval.page import Picture, ReportError, Section, Table, fmt, to_html, to_markdown
+from eval.reports import plots, sweep
+from eval.reports.page import Picture, ReportError, Section, Table, fmt, to_html, to_markdown
 from sae_jax import cli
 from sae_jax.files import atomic_write_bytes
 

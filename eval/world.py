@@ -35,8 +35,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from eval import clip as clip_lib
-from eval import iou as iou_lib
+from eval.models import clip as clip_lib
+from eval.metrics import iou as iou_lib
 from eval import tiny_clip
 from harvest import images as images_lib
 from harvest import llava, tiny

@@ -37,7 +37,7 @@ from pathlib import Path
 from absl import flags
 
 from harvest import workers
-from interpret import batchfile, explainers, jobs, prompts, sources, textctx
+from interpret import batchfile, explainers, jobs, llm_flags, prompts, sources, textctx
 from interpret import topacts as topacts_lib
 from sae_jax import cli
 from sae_jax.store import StoreError
@@ -51,13 +51,12 @@ _STORE = flags.DEFINE_string("store", None, "Activation store whose image table 
 _IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Folder that relative image paths of the "
                                   "image table are relative to (default: tried from here, the "
                                   "store and TOPACTS).")
-_EXPLAINER = flags.DEFINE_string("explainer", None, "openai:http://HOST:PORT/v1 (vLLM, SGLang or "
-                                 "any OpenAI-compatible server), several such separated by commas "
-                                 "(one model on several servers), or hf:PATH (a local "
-                                 "transformers image-text model). Not with --batch_file.")
-_EXPLAINER_MODEL = flags.DEFINE_string("explainer_model", None, "Model name sent to the OpenAI "
-                                       "server (default: the first model it lists; required with "
-                                       "--batch_file).")
+_EXPLAINER = llm_flags.define_endpoint(
+    "explainer", "openai:http://HOST:PORT/v1 (vLLM, SGLang or any OpenAI-compatible server), "
+    "several such separated by commas (one model on several servers), or hf:PATH (a local "
+    "transformers image-text model). Not with --batch_file.",
+    model_help="(default: the first model it lists; required with --batch_file)")
+_REQUESTS = llm_flags.define_requests("explanation", timeout_s=600.0, max_tokens=300)
 _BATCH_FILE = flags.DEFINE_string(
     "batch_file", None, "Instead of asking a server, write every unfinished latent's request to "
     "this OpenAI batch input file (the Batch API's and `vllm run-batch`'s format).")
@@ -69,8 +68,6 @@ _NUM_WORKERS = flags.DEFINE_integer(
     "--out); default: from SLURM_ARRAY_TASK_ID/COUNT, RANK/WORLD_SIZE or SLURM_PROCID/NTASKS, "
     "else 1.", lower_bound=0)
 _WORKER_INDEX = flags.DEFINE_integer("worker_index", -1, "This job's index among --num_workers.")
-_API_KEY_ENV = flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "Environment variable holding "
-                                   "the API key (unset: no Authorization header).")
 _OUT = flags.DEFINE_string("out", None, "Output folder: explanations.jsonl, cache/, flags.json.",
                            required=True)
 _PROMPT_TEMPLATE = flags.DEFINE_string("prompt_template", None, "Prompt template file (default: "
@@ -85,12 +82,7 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 336, "Side in pixels of each im
                                    lower_bound=16)
 _GRID = flags.DEFINE_boolean("grid", False, "Send the images tiled in one grid instead of "
                              "separately (fewer image tokens on explainers that expand each image).")
-_CONCURRENCY = flags.DEFINE_integer("concurrency", 16, "Requests in flight.", lower_bound=1)
-_MAX_RETRIES = flags.DEFINE_integer("max_retries", 4, "Retries per request on timeouts, "
-                                    "connection errors, 429 and 5xx.", lower_bound=0)
-_TIMEOUT_S = flags.DEFINE_float("timeout_s", 600.0, "Timeout of each socket operation of a request.")
 _BACKOFF_S = flags.DEFINE_float("backoff_s", 1.0, "First retry delay; doubles per retry (max 60 s).")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 300, "Longest answer, in tokens.", lower_bound=1)
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy, as the "
                                   "paper).")
 _MULTI_IMAGES = flags.DEFINE_boolean("multi_images", False, "SGLang: tag each image part "
@@ -123,7 +115,7 @@ def _worker_path(path: str, index: int, count: int) -> Path:
 
 def _batch_job(topacts, table, latents, template, settings, results, index, count) -> dict:
   """Reads the batch output back, then writes the input file of the latents still unfinished."""
-  model = _EXPLAINER_MODEL.value
+  model = _EXPLAINER.model.value
   results.parent.mkdir(parents=True, exist_ok=True)
   log = jobs.ResultsLog(results)
   summary = {"latents": len(latents)}
@@ -139,7 +131,7 @@ def _batch_job(topacts, table, latents, template, settings, results, index, coun
 
   def request(latent):
     prompt, _ = jobs.latent_prompt(latent, topacts, table, template, settings, model)
-    return explainers.chat_body(prompt, model, max_tokens=_MAX_TOKENS.value,
+    return explainers.chat_body(prompt, model, max_tokens=_REQUESTS.max_tokens.value,
                                 temperature=_TEMPERATURE.value, multi_images=_MULTI_IMAGES.value)
 
   batch_file = _worker_path(_BATCH_FILE.value, index, count)
@@ -158,10 +150,10 @@ def _batch_job(topacts, table, latents, template, settings, results, index, coun
 def main():
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
-  if bool(_EXPLAINER.value) == bool(_BATCH_FILE.value):
+  if bool(_EXPLAINER.spec.value) == bool(_BATCH_FILE.value):
     raise explainers.ExplainerError("pass either --explainer (ask servers now) or --batch_file "
                                     "(write a batch input file)")
-  if _BATCH_FILE.value and not _EXPLAINER_MODEL.value:
+  if _BATCH_FILE.value and not _EXPLAINER.model.value:
     raise explainers.ExplainerError("--batch_file needs --explainer_model (the model each "
                                     "request names)")
   if _BATCH_OUTPUT.value and not _BATCH_FILE.value:
@@ -177,7 +169,7 @@ def main():
   template = prompts.load_template(_PROMPT_TEMPLATE.value)
   if _ANSWER_PREFIX.value is not None:
     template = dataclasses.replace(template, assistant=_ANSWER_PREFIX.value)
-  settings = jobs.JobSettings(concurrency=_CONCURRENCY.value, max_retries=_MAX_RETRIES.value,
+  settings = jobs.JobSettings(concurrency=_REQUESTS.concurrency.value, max_retries=_REQUESTS.max_retries.value,
                               backoff_s=_BACKOFF_S.value, num_images=_NUM_IMAGES.value,
                               image_size=_IMAGE_SIZE.value, grid=_GRID.value,
                               text_contexts=textctx.prompt_lines_for(
@@ -186,14 +178,14 @@ def main():
                                   _NUM_TEXTS.value) if with_text else None)
   mine, results = jobs.worker_latents(latents, index, count), jobs.worker_results(out, index, count)
   if _BATCH_FILE.value:
-    model = _EXPLAINER_MODEL.value
+    model = _EXPLAINER.model.value
     summary = _batch_job(topacts, table, mine, template, settings, results, index, count)
     unfinished = len(mine) - sum(summary["by_status"].get(s, 0) for s in jobs.FINISHED)
   else:
-    explainer = explainers.make_explainer(
-        _EXPLAINER.value, _EXPLAINER_MODEL.value, os.environ.get(_API_KEY_ENV.value),
-        timeout_s=_TIMEOUT_S.value, max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
-        multi_images=_MULTI_IMAGES.value, device=_HF_DEVICE.value, dtype=_HF_DTYPE.value)
+    explainer = _EXPLAINER.client(
+        timeout_s=_REQUESTS.timeout_s.value, max_tokens=_REQUESTS.max_tokens.value,
+        temperature=_TEMPERATURE.value, multi_images=_MULTI_IMAGES.value, device=_HF_DEVICE.value,
+        dtype=_HF_DTYPE.value)
     model = explainer.name
     summary = jobs.run(topacts, table, mine, template, explainer, out, settings, results)
     # Failed latents (retries exhausted, unreadable images) are retried by the next run.

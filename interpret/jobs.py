@@ -106,7 +106,7 @@ def read_jsonl(path: Path, repair: bool = False) -> list[tuple[int, object]]:
 
 
 def _record_problem(record) -> str | None:
-  """Why `record` cannot be an explanation (or eval.refine label) record; None when it can."""
+  """Why `record` cannot be an explanation (or eval.models.refine label) record; None when it can."""
   if not isinstance(record, dict):
     return f"expected a JSON object, got {type(record).__name__}"
   for key in ("latent", "status"):

@@ -1,5 +1,5 @@
 """Masks and maps register with the model's base grid on a wide image: a known object's patches
-from eval.iou.mask_to_grid equal the patches where the real transformers processors put it
+from eval.metrics.iou.mask_to_grid equal the patches where the real transformers processors put it
 (LLaVA-1.5's centre-cropping CLIP processor, LLaVA-NeXT's any-res base image)."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 import transformers
 from PIL import Image, ImageDraw
 
-from eval import iou
+from eval.metrics import iou
 from interpret import visual
 
 GRID, SIZE, PATCH = (24, 24), 336, 14

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from eval import chair
-from eval.singular import singularize
+from eval.tasks import chair
+from eval.metrics.singular import singularize
 
 # The reference's synonyms.txt format, with its oddities: a doubled space (" motor bike" never
 # matches), a capital ("iPhone"), a three-word name, a repeated name.

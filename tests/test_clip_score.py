@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval import clip, refine, scoring, stats, tiny_clip
+from eval import tiny_clip
+from eval.metrics import scoring, stats
+from eval.models import clip, refine
 from interpret import jobs, prompts
 from interpret.explainers import OpenAIExplainer
 import fakes
@@ -101,7 +103,7 @@ def expected_scores(reference, latent, text, top):
   cos = lambda ids: np.array([reference["images"][int(i)] @ t for i in ids])
   score = lambda ids: float(np.mean(100 * np.maximum(cos(ids), 0)))
   shown, pool = top[:SHOWN], reference["pool"]
-  rng = np.random.default_rng([SEED, latent, 0])  # the seeding contract of eval/scoring.py
+  rng = np.random.default_rng([SEED, latent, 0])  # the seeding contract of eval/metrics/scoring.py
   drawn = np.concatenate([pool[rng.choice(len(pool), SHOWN, replace=False)] for _ in range(DRAWS)])
   rng = np.random.default_rng([SEED, latent, 1])
   candidates = pool[~np.isin(pool, top)]

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 import fakes
-from eval import grounding, iou, tiny_grounding
+from eval import tiny_grounding
+from eval.metrics import iou
+from eval.models import grounding
 from sae_jax.formats.topacts import TopActs
 
 ROOT = Path(__file__).resolve().parents[1]

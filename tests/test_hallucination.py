@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import steer_fixtures
-from eval import chair, pope
+from eval.tasks import chair, pope
 
 
 @pytest.mark.parametrize("answer,parsed", [

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import steer_fixtures
-from eval import latent_separation as sep
-from eval import pope, stats
+from eval.metrics import latent_separation as sep
+from eval.metrics import stats
+from eval.tasks import pope
 from harvest import llava
 from interpret.sae import SAE
 

@@ -11,7 +11,7 @@ import pytest
 
 import fakes
 import steer_fixtures
-from eval import hallusionbench
+from eval.tasks import hallusionbench
 from interpret import jobs, prompts
 from interpret.explainers import OpenAIExplainer
 

@@ -1,9 +1,9 @@
-"""eval.iou against hand-counted references."""
+"""eval.metrics.iou against hand-counted references."""
 
 import numpy as np
 import pytest
 
-from eval import iou
+from eval.metrics import iou
 
 
 def _patches(indices, size=16):

@@ -1,7 +1,7 @@
-"""The lmms-eval model `llava_sae` (eval/lmms_model.py) inside the real lmms-eval, on a small POPE
+"""The lmms-eval model `llava_sae` (eval/models/lmms_model.py) inside the real lmms-eval, on a small POPE
 task built here in lmms-eval's task format (lmms-eval's own POPE config and metrics, our images):
 unsteered, it answers as lmms-eval's llava_hf; steered, as interpret.steering on the same prompts;
-lmms-eval's POPE metrics of its answers are eval.pope's.
+lmms-eval's POPE metrics of its answers are eval.tasks.pope's.
 
 The tiny LLaVA (harvest/tiny.py) answers "yes" or "no": its output layer is set to score only those
 two tokens, +v.h and -v.h, with v the direction along which its last hidden states vary most, so
@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 
 import steer_fixtures  # noqa: E402
 
-from eval import pope  # noqa: E402
+from eval.tasks import pope# noqa: E402
 from harvest import llava  # noqa: E402
 from interpret import steering  # noqa: E402
 
@@ -135,7 +135,7 @@ def test_entry_point_names_the_manifest():
   assert manifest.model_id == "llava_sae" == name
   from lmms_eval.models import MODEL_REGISTRY_V2
   MODEL_REGISTRY_V2.register_manifest(manifest, overwrite=True)
-  from eval.lmms_model import LlavaSae
+  from eval.models.lmms_model import LlavaSae
   assert MODEL_REGISTRY_V2.get_model_class("llava_sae") is LlavaSae
 
 
@@ -158,7 +158,7 @@ def test_unsteered_answers_equal_llava_hf_and_steered_ones_interpret_steering(
   assert steered == expected
   assert steered != unsteered
 
-  # lmms-eval's POPE metrics of these answers are eval.pope's (its yes_ratio is that of the labels).
+  # lmms-eval's POPE metrics of these answers are eval.tasks.pope's (its yes_ratio is that of the labels).
   labels = [d["answer"] for d in docs]
   for answers, lmms in ((reference, reference_metrics), (steered, metrics)):
     ours = pope.metrics([pope.parse_answer(a) for a in answers], labels)
@@ -169,7 +169,7 @@ def test_unsteered_answers_equal_llava_hf_and_steered_ones_interpret_steering(
 
 
 def test_bad_model_args_are_named(yes_no_model, sae_export):
-  from eval.lmms_model import LlavaSae
+  from eval.models.lmms_model import LlavaSae
   common = dict(pretrained=str(yes_no_model), device="cpu", device_map="cpu", dtype="float32")
   with pytest.raises(steering.SteeringError, match="latents need sae"):
     LlavaSae(**common, latents="3")

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 import reference
-from eval import grounding, paper_iou, tiny_grounding
+from eval import tiny_grounding
+from eval.metrics import paper_iou
+from eval.models import grounding
 from sae_jax.formats import dictionary
 from sae_jax.store import KIND_IMAGE_BASE, KIND_TEXT, META_DTYPE, StoreWriter
 from sae_jax.formats.topacts import TopActs

@@ -16,7 +16,7 @@ from flax import nnx
 import synthetic
 from training import train
 
-from eval import sweep as sweep_lib
+from eval.reports import sweep as sweep_lib
 from sae_jax.formats import dictionary
 from sae_jax.training import checkpoint
 from sae_jax.store import Store

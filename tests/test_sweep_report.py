@@ -15,7 +15,7 @@ import pytest
 
 import synthetic
 
-from eval import sweep
+from eval.reports import sweep
 
 REPO = Path(__file__).resolve().parents[1]
 XSS = "<script>alert(1)</script>|$x$"

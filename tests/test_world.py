@@ -14,7 +14,8 @@ import pytest
 import torch
 import transformers
 
-from eval import ground_truth, world
+from eval import world
+from eval.metrics import ground_truth
 from harvest import images
 from interpret import topacts as topacts_lib
 

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from eval.page import ReportError, read_json, read_jsonl
+from eval.reports.page import ReportError, read_json, read_jsonl
 
 SWEEP_FILE = "sweep.json"
 TAIL_FRACTION = 0.1

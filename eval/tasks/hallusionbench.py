@@ -37,13 +37,13 @@ import json
 import re
 from pathlib import Path
 
-from eval.pope import QuestionError
+from eval.tasks.pope import QuestionError
 from interpret import jobs, prompts
 from interpret.explainers import ExplainerError
 
 KEY_FIELDS = ("category", "subcategory", "set_id", "figure_id", "question_id")
 SCORED = (*KEY_FIELDS, "visual_input", "question")  # what scoring reads (the judges add theirs)
-DEFAULT_JUDGE_TEMPLATE = Path(__file__).parent / "templates" / "hallusionbench_judge.txt"
+DEFAULT_JUDGE_TEMPLATE = Path(__file__).parents[1] / "templates" / "hallusionbench_judge.txt"
 CORRECT, INCORRECT, UNCLEAR = "1", "0", "2"
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from interpret import jobs, prompts
 from interpret.explainers import ExplainerError
 
-DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "refine_label.txt"
+DEFAULT_TEMPLATE = Path(__file__).parents[1] / "templates" / "refine_label.txt"
 PAPER_PREFIX = "paper:"
 PAPER_REFINER = Path("sae_auto_interp/agents/scorers/segment/label_refiner.py")
 # The last "[ANSWER] label" (or "[ANSWER]: label") line; tolerant of markdown bold and quotes.

@@ -73,7 +73,7 @@ def random_draws(num_images: int, shown: int, trials: int, num_latents: int, see
 def image_iou(grounder, image: Image.Image, label: str, patch_map: np.ndarray,
               grid: tuple[int, int]) -> tuple[list[list[int]], float | None]:
   """(boxes, IoU) of one image as their SegmentScorer computes it: None when no box is found (an
-  image they count 0), NaN when both masks are empty. `grounder`: eval.grounding.Grounder."""
+  image they count 0), NaN when both masks are empty. `grounder`: eval.models.grounding.Grounder."""
   image = base_image(image)
   boxes = whole_pixel_boxes(grounder.boxes(image, label))
   if not boxes:

@@ -8,7 +8,7 @@ import contextlib
 import numpy as np
 import torch
 
-from eval import stats
+from eval.metrics import stats
 
 PLACES = ("last_prompt", "answer", "image")
 ERRORS = ("false_yes", "false_no", "wrong")

@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from eval import stats
+from eval.metrics import stats
 
 RANDOM_IMAGES, NEGATIVE_IMAGES, DERANGEMENT = 0, 1, 2  # the purposes that seed the generators
 SCORE_NAMES = ("clip_score", "random_baseline", "shuffled_baseline", "heldout_auroc")

@@ -10,7 +10,7 @@ file is its own canonical name.
 Matching follows the reference's `utils/chair.py` `caption_to_words`, step by step:
   1. lowercase and tokenize (nltk's word_tokenize there: punctuation and clitics split off and
      stay tokens, a hyphen, slash or inner period joins, so "hot-dog" is one token and no object);
-  2. singularize every token with pattern.en's rules (eval/singular.py; "bus" -> "bu" included);
+  2. singularize every token with pattern.en's rules (eval/metrics/singular.py; "bus" -> "bu" included);
   3. merge two-token phrases, left to right: the reference's COCO double words ("hot dog",
      "teddy bear", "home plate", ...; "train track" and "home plate" count as no object),
      "baby/adult <animal>" -> the animal and "passenger jet/train" -> jet/train (not person),
@@ -35,8 +35,8 @@ import dataclasses
 import re
 from pathlib import Path
 
-from eval.pope import QuestionError, jsonl_rows
-from eval.singular import singularize
+from eval.tasks.pope import QuestionError, jsonl_rows
+from eval.metrics.singular import singularize
 
 ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe",
            "animal", "cub")

@@ -8,7 +8,7 @@ good and bad: "buses" -> "bus" but "bus" -> "bu" (so a lone "bus" is never an ob
 The rules are restated here rather than imported, so as not to depend on pattern (unmaintained since
 2018); the order of the checks and of the suffix rules is pattern's: the first that applies wins.
 
-The input is one lowercase token without apostrophes (eval/chair.py's tokenizer splits them off).
+The input is one lowercase token without apostrophes (eval/tasks/chair.py's tokenizer splits them off).
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eval import scoring
-from eval.page import fmt, read_json
+from eval.metrics import scoring
+from eval.reports.page import fmt, read_json
 
 HEADLINE_FILE = "headline.json"
 # The world's targets (issue 24): what a pipeline that works must reach on it.
