@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sae_jax.model.architectures import batchtopk, step as step_lib
+from sae_jax.architectures import batchtopk, step as step_lib
 from sae_jax.config import SAEConfig
 from sae_jax.model import geometric_median
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from absl import flags
 
 from sae_jax.kernels import rows, sharded
-from sae_jax.model import architectures
+from sae_jax import architectures
 from sae_jax.kernels.select import TOPK_METHODS
 
 

@@ -25,9 +25,8 @@ from pathlib import Path
 from absl import flags
 import numpy as np
 
-from sae_jax import cli, logs
+from sae_jax import architectures, cli, logs
 from sae_jax.formats import dictionary, model_card
-from sae_jax.model import architectures
 from sae_jax.training import checkpoint
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export.", required=True)

@@ -42,9 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from sae_jax import logs
+from sae_jax import architectures, logs
 from sae_jax.formats import dictionary, topacts
-from sae_jax.model import architectures
 from sae_jax.training import checkpoint
 from sae_jax.kernels import topk as topk_lib
 from sae_jax.config import SAEConfig

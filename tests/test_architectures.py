@@ -11,7 +11,7 @@ from flax import nnx
 
 import reference
 
-from sae_jax.model.architectures import batchtopk
+from sae_jax.architectures import batchtopk
 from sae_jax.training import step as step_lib
 from sae_jax.config import SAEConfig
 

@@ -15,7 +15,7 @@ import synthetic
 from interpret.sae import SAE
 from sae_jax.formats import dictionary
 from sae_jax.training import checkpoint
-from sae_jax.model.architectures import batchtopk
+from sae_jax.architectures import batchtopk
 from sae_jax.store import Store
 
 START = 6  # the threshold is learned from optimizer step 6: checkpoint 5 has none, 10 has one

@@ -1,4 +1,4 @@
-"""The knob schema (sae_jax.config) and the architecture registry (sae_jax.model.architectures).
+"""The knob schema (sae_jax.config) and the architecture registry (sae_jax.architectures).
 
 Every knob must reach the config it belongs to from every command that has it: sae_jax.train's
 flags, a sweep member's spec, and sae_jax.bench's flags (which the AOT planner uses); a value
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from sae_jax import config
-from sae_jax.model import architectures
+from sae_jax import architectures
 from sae_jax.training import step, sweep
-from sae_jax.model.architectures.topk import TopK
-from sae_jax.config import InitConfig, OptimizerConfig, RunConfig, SAEConfig
+from sae_jax.architectures.topk import TopK
+from sae_jax.config import RunConfig, SAEConfig
 from sae_jax.training.members import resolved_flags
 
 D_IN, NUM_LATENTS = 32, 256

@@ -10,7 +10,7 @@ import pytest
 import reference
 
 from sae_jax.formats import dictionary
-from sae_jax.model import architectures
+from sae_jax import architectures
 
 N, D, K = 48, 12, 5
 LAYOUTS = ["sparsify", "saelens"]

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 
 from sae_jax.kernels import sharded
-from sae_jax.model.architectures import matryoshka
+from sae_jax.architectures import matryoshka
 from sae_jax.config import SAEConfig
 from sae_jax.kernels.kernel_plan import KernelPlan
 from sae_jax.model import SparseAutoencoder, kernels, row_dots

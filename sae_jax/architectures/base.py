@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 if TYPE_CHECKING:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from sae_jax.formats import dictionary
-from sae_jax.model.architectures.base import Architecture
-from sae_jax.model.architectures.batchtopk import BatchTopK
-from sae_jax.model.architectures.topk import TopK
+from sae_jax.architectures.base import Architecture
+from sae_jax.architectures.batchtopk import BatchTopK
+from sae_jax.architectures.topk import TopK
 
 _REGISTRY: dict[str, Architecture] = {}
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from sae_jax.formats import dictionary
 from sae_jax.kernels import topk as topk_lib
-from sae_jax.model.architectures.base import Architecture
+from sae_jax.architectures.base import Architecture
 
 THRESHOLD = dictionary.THRESHOLD
 

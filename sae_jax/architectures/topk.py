@@ -3,7 +3,7 @@ inference. With --multi_topk the encoder selects 4k, and the step also reconstru
 
 from __future__ import annotations
 
-from sae_jax.model.architectures.base import Architecture
+from sae_jax.architectures.base import Architecture
 
 
 class TopK(Architecture):
