@@ -130,6 +130,10 @@ class SAEConfig:
                        f"strictly, each in [1, num_latents={self.num_latents})")
     if self.multi_topk and 4 * self.k > self.num_latents:
       raise ValueError(f"multi_topk needs 4k={4 * self.k} <= num_latents={self.num_latents}")
+    if self.multi_topk and prefixes:
+      raise ValueError("multi_topk needs architecture=topk and no matryoshka_prefixes")
+    if self.threshold_beta >= 1:
+      raise ValueError(f"threshold_beta={self.threshold_beta} must be in [0, 1)")
     if self.batchtopk_max_k > self.num_latents:
       raise ValueError(f"batchtopk_max_k={self.batchtopk_max_k} must be in [0, num_latents="
                        f"{self.num_latents}]")

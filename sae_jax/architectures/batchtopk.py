@@ -87,8 +87,6 @@ class BatchTopK(Architecture):
       raise ValueError("multi_topk needs architecture=topk")
     if candidates(cfg) < cfg.k:
       raise ValueError(f"batchtopk_max_k={cfg.batchtopk_max_k} must be 0 or >= k={cfg.k}")
-    if cfg.threshold_beta >= 1:
-      raise ValueError(f"threshold_beta={cfg.threshold_beta} must be in [0, 1)")
 
   def selection_width(self, cfg) -> int:
     return candidates(cfg)
