@@ -18,11 +18,19 @@ selection), and quantiles of the encoder row norms of latents selected and never
 Variants (see docs/benchmarks.md, "Why BatchTopK fell behind"): topk, batchtopk, and batchtopk
 with one change each: tied_init (W_enc = W_dec, unit rows), dead_20k / dead_50k (AuxK's dead
 window in tokens), auxk_1 (AuxK weight 1, dead after 100k tokens, as SAELens weighs it), cap_12 /
-cap_16 (--batchtopk_max_k), lr_2e-3 / lr_1.5e-4 (Adam's rate), relative (the batch cut ranks each value divided by its token's
-|x - b_dec|, so loud tokens no longer win the budget), topk_then_batchtopk (TopK for the first
-half); dense_topk / dense_batchtopk are the plain dense method in a few lines of JAX; oracle
-trains nothing: the planted directions as encoder and decoder (b_enc -0.5, the offset as b_dec),
-FVU of 4096 rows selected by TopK and by BatchTopK at k.
+cap_16 (--batchtopk_max_k), lr_2e-3 / lr_1.5e-4 (Adam's rate), b_dec_zero / b_dec_mean (b_dec's
+init), b_dec_not_subtracted (the encoder reads x, not x - b_dec), normalize_inputs (one constant
+input scale, as --normalize_inputs), group_64 / group_256 (the cut over each group of rows),
+relative (the cut ranks each value divided by its token's |x - b_dec|), encoder_norm (divided by
+its latent's encoder row norm), topk_then_batchtopk / topk_then_batchtopk_90 (TopK for the first
+half / 90% of the steps). Besides the held-out FVU as the run exports (its JumpReLU), each prints
+that of two JumpReLUs calibrated on other rows (one threshold; one per latent, matching each
+latent's count under the training selection). dense_topk / dense_batchtopk are the plain dense
+method in a few lines of JAX; saelens_topk_median / saelens_batchtopk_median /
+saelens_batchtopk_zero are SAELens's SAETrainer on the same batches (b_dec at the geometric median
+or at SAELens's zero). Trains nothing: oracle (the planted directions as encoder and decoder,
+b_enc -0.5, the offset as b_dec; FVU of 4096 rows cut by TopK, BatchTopK and BatchTopK over
+groups of rows, at k), data (what dominates the rows' norms).
 """
 
 import argparse
@@ -35,9 +43,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sae_jax.architectures import batchtopk, step as step_lib
+from sae_jax.architectures import batchtopk
 from sae_jax.config import SAEConfig
-from sae_jax.model import geometric_median
+from sae_jax.kernels import topk as topk_lib
+from sae_jax.model import SparseAutoencoder, geometric_median
+from sae_jax.training import step as step_lib
 
 D, M, N, K, ROWS = 64, 1024, 2048, 8, 1024
 VARIANTS = {
@@ -53,6 +63,18 @@ VARIANTS = {
     "lr_2e-3": dict(architecture="batchtopk"),
     "lr_1.5e-4": dict(architecture="batchtopk"),
     "topk_then_batchtopk": dict(architecture="batchtopk"),
+    "topk_then_batchtopk_90": dict(architecture="batchtopk"),
+    "encoder_norm": dict(architecture="batchtopk"),
+    "group_64": dict(architecture="batchtopk"),
+    "group_256": dict(architecture="batchtopk"),
+    "b_dec_zero": dict(architecture="batchtopk"),
+    "b_dec_mean": dict(architecture="batchtopk"),
+    "b_dec_not_subtracted": dict(architecture="batchtopk"),
+    "normalize_inputs": dict(architecture="batchtopk"),
+    "saelens_topk_median": None,
+    "saelens_batchtopk_median": None,
+    "saelens_batchtopk_zero": None,
+    "data": None,
     "dense_topk": None,
     "dense_batchtopk": None,
     "oracle": None,
@@ -70,6 +92,7 @@ class Planted:
     self.log_share = jnp.log(jnp.asarray(share, jnp.float32))
     self.prob = jnp.asarray(np.minimum(4 * share, 1.0), jnp.float32)
     self.kind = kind
+    self.scale = 1.0  # normalize_inputs: the trainer's --normalize_inputs factor
 
   def batch(self, key, rows: int = ROWS) -> jax.Array:
     pick, mag, noise = jax.random.split(key, 3)
@@ -80,7 +103,7 @@ class Planted:
       _, picks = jax.lax.top_k(self.log_share + jax.random.gumbel(pick, (rows, M)), 4)
       coefs = jnp.exp(0.5 * jax.random.normal(mag, (rows, 4)))
       x = jnp.einsum("bj,bjd->bd", coefs, self.directions[picks])
-    return x + self.offset + 0.02 * jax.random.normal(noise, x.shape)
+    return self.scale * (x + self.offset + 0.02 * jax.random.normal(noise, x.shape))
 
   def recovery(self, W_dec) -> tuple[float, float]:
     W = np.asarray(W_dec, np.float64)
@@ -89,31 +112,76 @@ class Planted:
     return float(found.mean()), float(found[M // 2:].mean())
 
 
-def relative_losses(losses):
-  """step.losses with BatchTopK's cut taken over value / |x - b_dec| of the value's token."""
+def scaled_cut_losses(losses, divisor):
+  """step.losses with BatchTopK's cut ranking each candidate value divided by
+  divisor(model, x, candidate indices) (broadcast to [B, c]); the kept values stay unscaled."""
   def patched(model, x, dead):
-    norms = jnp.linalg.norm(x.astype(jnp.float32) - model.b_dec[...], axis=1, keepdims=True)
-    select = batchtopk.select
+    select, cut_select, seen = SparseAutoencoder.select, batchtopk.select, {}
 
-    def relative_select(values, k):
-      scaled = values / norms
+    def recording_select(m, x, dead=None):
+      picked = select(m, x, dead)
+      seen["indices"] = picked[1]
+      return picked
+
+    def scaled_select(values, k):
+      scaled = values / jax.lax.stop_gradient(divisor(model, x, seen["indices"]))
       kept = jnp.where(scaled >= batchtopk.kth_largest(scaled, values.shape[0] * k), values, 0.0)
       return kept, jnp.mean((kept[:, -1] > 0).astype(jnp.float32))
 
-    batchtopk.select = relative_select
+    SparseAutoencoder.select, batchtopk.select = recording_select, scaled_select
     try:
       return losses(model, x, dead)
     finally:
-      batchtopk.select = select
+      SparseAutoencoder.select, batchtopk.select = select, cut_select
   return patched
 
 
+def token_norms(model, x, indices=None):
+  """|x - b_dec| of each token, [B, 1]: the relative cut's divisor."""
+  return jnp.linalg.norm(x.astype(jnp.float32) - model.b_dec[...], axis=1, keepdims=True)
+
+
+def encoder_norms(model, x=None, indices=None):
+  """|W_enc row| of each candidate's latent ([B, c]), or of every latent ([n]) without indices."""
+  norms = jnp.linalg.norm(model.W_enc[...], axis=1)
+  return norms if indices is None else norms[indices]
+
+
+def grouped_select(rows: int):
+  """batchtopk.select with the cut taken over each group of `rows` consecutive rows."""
+  def select(values, k):
+    groups = values.reshape(-1, rows, values.shape[1])
+    cuts = jax.vmap(lambda g: batchtopk.kth_largest(g, rows * k))(groups)
+    kept = jnp.where(groups >= cuts[:, None, None], groups, 0.0).reshape(values.shape)
+    return kept, jnp.mean((kept[:, -1] > 0).astype(jnp.float32))
+  return select
+
+
+def encoder_without_b_dec():
+  """Patches SparseAutoencoder so the encoder reads x itself, not x - b_dec (SAELens's
+  apply_b_dec_to_input=False); b_dec stays the decoder's output bias."""
+  select, pre_activations = SparseAutoencoder.select, SparseAutoencoder.pre_activations
+
+  def patched_select(model, x, dead=None):
+    b_dec = model.b_dec[...]
+    model.b_dec[...] = jnp.zeros_like(b_dec)
+    try:
+      return select(model, x, dead)
+    finally:
+      model.b_dec[...] = b_dec
+
+  SparseAutoencoder.select = patched_select
+  SparseAutoencoder.pre_activations = lambda model, x: topk_lib.encoder_pre(
+      x.astype(jnp.float32), model.W_enc[...], model.b_enc[...], jnp.float32)
+
+
 def train_ours(data: Planted, cfg: SAEConfig, steps: int, first_step: int = 0, init=None,
-               lr: float | None = None):
+               lr: float | None = None, b_dec_init: str = "median"):
   lr = lr or step_lib.default_learning_rate(N)
   sample = data.batch(jax.random.PRNGKey(10**6), 4096)
-  graphdef, state = step_lib.create_state(cfg, step_lib.make_optimizer(lr), seed=0,
-                                          b_dec=geometric_median(sample))
+  b_dec = {"median": geometric_median, "mean": lambda s: s.mean(0),
+           "zero": lambda s: jnp.zeros(D)}[b_dec_init](sample)
+  graphdef, state = step_lib.create_state(cfg, step_lib.make_optimizer(lr), seed=0, b_dec=b_dec)
   if init is not None:
     model, optimizer = nnx.merge(graphdef, state)
     for name, value in init.items():
@@ -138,17 +206,26 @@ def measure_ours(data: Planted, variant: str, steps: int) -> dict:
     model, _ = nnx.merge(*step_lib.create_state(cfg, optax.sgd(0), seed=0))
     init = {"W_enc": model.W_dec[...]}
   if variant == "relative":
-    step_lib.losses = relative_losses(step_lib.losses)
-  if variant == "topk_then_batchtopk":
-    graphdef, state, _ = train_ours(data, SAEConfig(d_in=D, num_latents=N, k=K), steps // 2)
+    step_lib.losses = scaled_cut_losses(step_lib.losses, token_norms)
+  if variant == "encoder_norm":
+    step_lib.losses = scaled_cut_losses(step_lib.losses, encoder_norms)
+  if variant.startswith("group_"):
+    batchtopk.select = grouped_select(int(variant[6:]))
+  if variant == "b_dec_not_subtracted":
+    encoder_without_b_dec()
+  if variant.startswith("topk_then_batchtopk"):
+    topk_steps = steps * 9 // 10 if variant.endswith("_90") else steps // 2
+    graphdef, state, _ = train_ours(data, SAEConfig(d_in=D, num_latents=N, k=K), topk_steps)
     model, _ = nnx.merge(graphdef, state)
     init = {n: getattr(model, n)[...] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     cfg = SAEConfig(d_in=D, num_latents=N, k=K, architecture="batchtopk",
-                    threshold_start_step=steps // 4)
-    graphdef, state, metrics = train_ours(data, cfg, steps - steps // 2, steps // 2, init)
+                    threshold_start_step=(steps - topk_steps) // 2)
+    graphdef, state, metrics = train_ours(data, cfg, steps - topk_steps, topk_steps, init)
   else:
     lr = float(variant[3:]) if variant.startswith("lr_") else None
-    graphdef, state, metrics = train_ours(data, cfg, steps, init=init, lr=lr)
+    b_dec_init = variant[6:] if variant in ("b_dec_zero", "b_dec_mean") else "median"
+    graphdef, state, metrics = train_ours(data, cfg, steps, init=init, lr=lr,
+                                          b_dec_init=b_dec_init)
   model, _ = nnx.merge(graphdef, state)
   held_out = data.batch(jax.random.PRNGKey(10**7), 4096)
   evaluated = step_lib.eval_metrics(graphdef, state, held_out)
@@ -157,9 +234,49 @@ def measure_ours(data: Planted, variant: str, steps: int) -> dict:
     selected = pre >= batchtopk.kth_largest(pre, len(pre) * K)
   else:
     selected = pre >= jax.lax.top_k(pre, K)[0][:, -1:]
+  calibration = data.batch(jax.random.PRNGKey(10**7 + 1), 4096)
+  calibrated = calibrated_jumprelus(
+      model, held_out, calibration, training_selection(variant, model, calibration))
   return summary(data, np.asarray(model.W_dec[...]), np.asarray(model.W_enc[...]),
                  np.asarray(selected.any(0)), train_fvu=float(metrics["fvu"]),
-                 heldout_fvu=float(evaluated["fvu"]), heldout_l0=float(evaluated["l0"]))
+                 heldout_fvu=float(evaluated["fvu"]), heldout_l0=float(evaluated["l0"]),
+                 **calibrated)
+
+
+def training_selection(variant: str, model: SparseAutoencoder, x) -> np.ndarray:
+  """Which latents the variant's training selection keeps on the rows x, [B, n] bool."""
+  pre = model.pre_activations(x)
+  if model.cfg.architecture == "topk":
+    return np.asarray(pre >= jax.lax.top_k(pre, K)[0][:, -1:])
+  if variant == "relative":
+    pre = pre / token_norms(model, x)
+  if variant == "encoder_norm":
+    pre = pre / encoder_norms(model)
+  if variant.startswith("group_"):
+    return np.asarray(grouped_select(int(variant[6:]))(pre, K)[0] > 0)
+  return np.asarray(pre >= batchtopk.kth_largest(pre, len(pre) * K))
+
+
+def calibrated_jumprelus(model: SparseAutoencoder, held_out, calibration, selected: np.ndarray) -> dict:
+  """Held-out FVU / L0 of two JumpReLUs on absolute pre-activations, calibrated on other rows:
+  one threshold for all latents (the calibration batch's B*k-th largest value), and one per
+  latent (latent i keeps as many calibration rows as the training selection gave it)."""
+  cal_pre = np.asarray(model.pre_activations(calibration))
+  per_latent = np.sort(cal_pre, axis=0)[::-1]
+  counts = selected.sum(0)
+  thresholds = {
+      "global": np.sort(cal_pre.ravel())[-len(cal_pre) * K],
+      "per_latent": np.where(counts > 0, per_latent[np.maximum(counts - 1, 0), np.arange(N)],
+                             np.inf)}
+  x = np.asarray(held_out, np.float64)
+  pre = np.asarray(model.pre_activations(held_out), np.float64)
+  W_dec, b_dec = np.asarray(model.W_dec[...], np.float64), np.asarray(model.b_dec[...])
+  out = {}
+  for name, threshold in thresholds.items():
+    code = np.where(pre >= threshold, pre, 0.0)
+    fvu = ((x - code @ W_dec - b_dec) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    out[f"{name}_jumprelu_fvu_l0"] = [round(float(fvu), 4), round(float((code > 0).sum(1).mean()), 2)]
+  return out
 
 
 def measure_dense(data: Planted, architecture: str, steps: int) -> dict:
@@ -197,14 +314,86 @@ def measure_dense(data: Planted, architecture: str, steps: int) -> dict:
                  heldout_fvu=float(fvu(p, held_out)))
 
 
+def measure_data(data: Planted) -> dict:
+  """What dominates a row's norm: the shared offset, one large magnitude, a few loud rows."""
+  rows = 8192
+  pick, mag, _ = jax.random.split(jax.random.PRNGKey(10**7), 3)  # the coefficients of .batch
+  if data.kind == "varying":
+    coefs = np.asarray(jnp.exp(0.5 * jax.random.normal(mag, (rows, M)))
+                       * (jax.random.uniform(pick, (rows, M)) < data.prob), np.float64)
+  else:
+    _, picks = jax.lax.top_k(data.log_share + jax.random.gumbel(pick, (rows, M)), 4)
+    coefs = np.zeros((rows, M))
+    np.put_along_axis(coefs, np.asarray(picks),
+                      np.asarray(jnp.exp(0.5 * jax.random.normal(mag, (rows, 4)))), 1)
+  x = np.asarray(data.batch(jax.random.PRNGKey(10**7), rows), np.float64)
+  offset = np.asarray(data.offset, np.float64)
+  energy = np.linalg.norm(x - offset, axis=1) ** 2
+  top_share = coefs.max(1) ** 2 / np.maximum((coefs ** 2).sum(1), 1e-12)
+  quantiles = lambda v: np.quantile(v, [0.1, 0.5, 0.9]).round(3).tolist()
+  return {"row_norm_q10_50_90": quantiles(np.linalg.norm(x, axis=1)),
+          "offset_share_of_squared_norm_q10_50_90": quantiles(
+              offset @ offset / np.linalg.norm(x, axis=1) ** 2),
+          "norm_without_offset_q10_50_90": quantiles(np.sqrt(energy)),
+          "loudest_tenth_share_of_energy": float(np.sort(energy)[-rows // 10:].sum() / energy.sum()),
+          "rows_with_one_magnitude_over_half": float((top_share[coefs.any(1)] > 0.5).mean()),
+          "l0_q10_50_90": quantiles((coefs > 0).sum(1))}
+
+
 def measure_oracle(data: Planted) -> dict:
   x = np.asarray(data.batch(jax.random.PRNGKey(10**7), 4096), np.float64)
   P, b_dec = np.asarray(data.directions, np.float64), np.asarray(data.offset, np.float64)
   pre = np.maximum((x - b_dec) @ P.T - 0.5, 0)
-  per_token = np.where(pre >= -np.sort(-pre, axis=1)[:, K - 1:K], pre, 0)
-  batch = np.where(pre >= np.sort(pre.ravel())[-len(x) * K], pre, 0)
   fvu = lambda z: float(((x - z @ P - b_dec) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
-  return {"topk_fvu": fvu(per_token), "batchtopk_fvu": fvu(batch)}
+
+  def cut_per_group(rows: int) -> np.ndarray:  # rows=1: TopK; rows=len(x): BatchTopK
+    groups = pre.reshape(-1, rows * pre.shape[1])
+    cuts = -np.sort(-groups, axis=1)[:, rows * K - 1:rows * K]
+    return np.where(groups >= cuts, groups, 0).reshape(pre.shape)
+
+  return {"topk_fvu": fvu(cut_per_group(1)), "batchtopk_fvu": fvu(cut_per_group(len(x))),
+          **{f"groups_of_{rows}_fvu": fvu(cut_per_group(rows)) for rows in (16, 64, 256)}}
+
+
+def measure_saelens(data: Planted, architecture: str, steps: int, b_dec_init: str) -> dict:
+  """SAELens 6.54's SAETrainer and its own training SAE on the same batches in the same order, at
+  our default lr, with b_dec at the geometric median of the same 4096 rows ("median") or at its
+  own zero ("zero"); held-out numbers from its saved inference model (BatchTopK: its JumpReLU)."""
+  import tempfile
+
+  import torch
+  from sae_lens import (SAE, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, LoggingConfig,
+                        SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig)
+  from sae_lens.config import SAETrainerConfig
+
+  torch.manual_seed(0)
+  common = dict(d_in=D, d_sae=N, k=K, device="cpu")
+  sae = (BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common)) if architecture == "batchtopk"
+         else TopKTrainingSAE(TopKTrainingSAEConfig(**common)))
+  if b_dec_init == "median":
+    with torch.no_grad():
+      sae.b_dec.copy_(torch.from_numpy(np.array(
+          geometric_median(data.batch(jax.random.PRNGKey(10**6), 4096)))))
+  batch = jax.jit(data.batch)
+  provider = (torch.from_numpy(np.array(batch(jax.random.PRNGKey(i)))) for i in range(steps))
+  lr = step_lib.default_learning_rate(N)
+  cfg = SAETrainerConfig(
+      total_training_samples=steps * ROWS, train_batch_size_samples=ROWS, lr=lr, lr_end=lr,
+      lr_scheduler_name="constant", lr_warm_up_steps=0, device="cpu", n_checkpoints=0,
+      save_final_checkpoint=False,
+      logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2 ** 31 - 1))
+  trained = SAETrainer(cfg=cfg, sae=sae, data_provider=provider).fit()
+  with tempfile.TemporaryDirectory() as folder:
+    trained.save_inference_model(folder)
+    inference = SAE.load_from_disk(folder, device="cpu")
+  x = torch.from_numpy(np.array(data.batch(jax.random.PRNGKey(10**7), 4096)))
+  with torch.no_grad():
+    code, x_hat = inference.encode(x), inference(x)
+  fvu = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+  W_dec = inference.W_dec.detach().numpy()
+  return summary(data, W_dec, inference.W_enc.detach().numpy().T,
+                 (code > 0).any(0).numpy(), heldout_fvu=fvu,
+                 heldout_l0=float((code > 0).sum(1).float().mean()))
 
 
 def summary(data, W_dec, W_enc, ever_selected, **numbers) -> dict:
@@ -224,9 +413,17 @@ def main():
   parser.add_argument("--steps", type=int, default=3000)
   args = parser.parse_args()
   data = Planted(args.data)
+  if args.variant == "normalize_inputs":  # mean squared norm d_in, as --normalize_inputs scales
+    data.scale = float(jnp.sqrt(D / jnp.mean(jnp.sum(data.batch(jax.random.PRNGKey(10**6),
+                                                                  4096) ** 2, axis=1))))
   start = time.perf_counter()
   if args.variant == "oracle":
     result = measure_oracle(data)
+  elif args.variant == "data":
+    result = measure_data(data)
+  elif args.variant.startswith("saelens_"):
+    _, architecture, b_dec_init = args.variant.split("_")
+    result = measure_saelens(data, architecture, args.steps, b_dec_init)
   elif args.variant.startswith("dense_"):
     result = measure_dense(data, args.variant.removeprefix("dense_"), args.steps)
   else:

@@ -36,11 +36,28 @@ def batch(key, planted: jax.Array, log_freq: jax.Array, rows: int, active: int,
   return x + noise * jax.random.normal(noise_key, x.shape)
 
 
+def independent_batch(key, planted: jax.Array, prob: jax.Array, rows: int, offset: jax.Array,
+                      noise: float) -> jax.Array:
+  """The harder data of issue 20: feature i fires in a row on its own with probability prob[i]
+  (so L0 varies from row to row), log-normal(0, 0.5) magnitudes, a shared offset, Gaussian noise."""
+  pick_key, coef_key, noise_key = jax.random.split(key, 3)
+  on = jax.random.uniform(pick_key, (rows, len(prob))) < prob
+  coefs = jnp.exp(0.5 * jax.random.normal(coef_key, (rows, len(prob)))) * on
+  x = coefs @ planted + offset
+  return x + noise * jax.random.normal(noise_key, x.shape)
+
+
 def train(cfg: SAEConfig, planted: jax.Array, freq: np.ndarray, *, steps: int, rows: int,
           active: int, noise: float, lr: float, seed: int = 0):
   """Trains on `steps` fresh batches in one jitted loop: (graphdef, state, last step's metrics)."""
   log_freq = jnp.log(jnp.asarray(freq, jnp.float32))
-  make = lambda i: batch(jax.random.PRNGKey(i), planted, log_freq, rows, active, noise)
+  return train_on(cfg, lambda i: batch(jax.random.PRNGKey(i), planted, log_freq, rows, active,
+                                       noise), steps=steps, lr=lr, seed=seed)
+
+
+def train_on(cfg: SAEConfig, make, *, steps: int, lr: float, seed: int = 0):
+  """Trains on the batches make(0), ..., make(steps - 1) in one jitted loop (b_dec at the geometric
+  median of make(10**6)): (graphdef, state, last step's metrics)."""
   sample = make(10**6)
   graphdef, state = step_lib.create_state(cfg, step_lib.make_optimizer(lr), seed=seed,
                                           b_dec=geometric_median(sample))

@@ -43,3 +43,30 @@ def test_training_recovers_frequent_and_rare_planted_features(extra, frequent, r
   if cfg.matryoshka_prefixes:  # the most frequent features live in the first prefix
     best = planted.best_latent(graphdef, state, directions)
     assert np.median(best[:16]) < 16, best
+
+
+# The harder data of issue 20 (docs/benchmarks.md, "Why BatchTopK fell behind"), scaled down: 256
+# directions in R^32 (8x more than dimensions), each firing on its own (L0 varies, 4 on average),
+# log-normal magnitudes, a shared offset of norm ~11. TopK-8 recovers 0.76 of the frequent half and
+# 0.44 of the rarest quarter in 1500 steps; BatchTopK 0.13 and 0.
+HARD_D, HARD_M, HARD_N, HARD_K, HARD_ROWS, HARD_STEPS = 32, 256, 512, 8, 512, 1500
+
+
+@pytest.mark.parametrize("architecture", [
+    "topk",
+    pytest.param("batchtopk", marks=pytest.mark.xfail(
+        strict=True, reason="loud rows take BatchTopK's batch budget on this data (issue 20)")),
+])
+def test_recovery_on_superposed_features_with_varying_l0(architecture):
+  directions = planted.directions(HARD_M, HARD_D)
+  prob = np.minimum(4 * planted.frequencies(HARD_M, 1.0), 1.0).astype(np.float32)
+  offset = 2 * np.random.default_rng(1).normal(size=HARD_D).astype(np.float32)
+  cfg = SAEConfig(d_in=HARD_D, num_latents=HARD_N, k=HARD_K, architecture=architecture,
+                  dead_tokens=50 * HARD_ROWS, threshold_start_step=HARD_STEPS // 4)
+  graphdef, state, metrics = planted.train_on(
+      cfg, lambda i: planted.independent_batch(jax.random.PRNGKey(i), directions, prob,
+                                               HARD_ROWS, offset, 0.02),
+      steps=HARD_STEPS, lr=3e-3)
+  found = planted.recovery(graphdef, state, directions)
+  summary = (found[:HARD_M // 2].mean(), found[-HARD_M // 4:].mean(), float(metrics["fvu"]))
+  assert found[:HARD_M // 2].mean() >= 0.6 and found[-HARD_M // 4:].mean() >= 0.25, summary
