@@ -37,7 +37,7 @@ from interpret import topacts as topacts_lib
 from sae_jax import cli
 from sae_jax.store import atomic_write_bytes, atomic_write_json
 
-FORMAT_NAME, FORMAT_VERSION = "steer-concepts", 1
+FORMAT_NAME, FORMAT_VERSION = "steer-concepts", 2
 
 _LLAVA = llava.define_flags(dtype="float32")  # --model --dtype --device --prompt_mode
 steering.define_sae_flags()  # --sae --layer
@@ -61,7 +61,7 @@ _MAX_IMAGES = flags.DEFINE_integer("max_images", 64, "Images tried per colour (t
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 12, "Caption length in tokens.",
                                        lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Images per generate call.", lower_bound=1)
-_RANDOM_LATENTS = flags.DEFINE_integer("random_latents", 4, "Random latents per colour (the "
+_RANDOM_LATENTS = flags.DEFINE_integer("random_latents", 8, "Random latents per colour (the "
                                       "control); the colour's images are dealt among them.",
                                       lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random latents.")

@@ -52,7 +52,7 @@ python -m eval.sae_quality --model="$OUT/world/subject" --sae="$SAE" --images="$
   --max_images=64 --tokens=base_patches --dtype=float32 --prompt_mode=chat \
   --prompt="Describe the image." --out="$OUT/quality.json"
 python -m eval.steer_concepts --model="$OUT/world/subject" --sae="$SAE" --concepts="$OUT/concepts" \
-  --images="$OUT/images" --topacts="$OUT/topacts" --scale=10 --max_images=32 --out="$OUT/steering"
+  --images="$OUT/images" --topacts="$OUT/topacts" --scale=5 --max_images=32 --out="$OUT/steering"
 
 # --- One page with every number, and the feature browser headed by the same claims. ---
 python -m eval.report --workdir="$OUT/sae" --clip_scores="$OUT/scores" \
