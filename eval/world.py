@@ -59,7 +59,6 @@ SIZES = tiny.Sizes(image_size=images_lib.WORLD_SIZE, patch_size=8, hidden=64, nu
 # The explainer sees five images per prompt: 16 px patches (a 4x4 grid each) keep it fast; it
 # still sees which 8 px patches of the subject's grid are highlighted, at half the resolution.
 EXPLAINER_SIZES = dataclasses.replace(SIZES, patch_size=16)
-GRID = (SIZES.image_size // SIZES.patch_size,) * 2  # the subject's patch grid, rows x columns
 HARVEST_LAYER = 0  # the decoder block whose output the quickstart harvests and steers
 # A small open_clip CLIP on 32 px images; texts are short, so 16 tokens of context suffice.
 CLIP_CFG = {
@@ -79,7 +78,7 @@ class Settings:
   subject_steps: int = 800
   clip_steps: int = 300
   clip_batch_size: int = 64
-  explainer_steps: int = 800
+  explainer_steps: int = 1600
   explainer_batch_size: int = 8
   batch_size: int = 16
   lr: float = 3e-3
@@ -304,7 +303,8 @@ class GridConcepts:
   """Each scene's concept masks at the subject's patch grid, and which scenes show each concept."""
 
   def __init__(self, records: list[dict]):
-    grid = self.grid = GRID
+    grid = (SIZES.image_size // SIZES.patch_size,) * 2
+    self.grid = grid
     self.masks = [{name: iou_lib.mask_to_grid(mask, grid)
                    for name, mask in images_lib.concept_masks(r).items()} for r in records]
     names = sorted({n for m in self.masks for n, grid_mask in m.items() if grid_mask.any()})
@@ -323,26 +323,11 @@ def explanation_prompt(pictures: list, maps: list[np.ndarray], grid: tuple[int, 
 
 
 def _latent_like(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """A concept's grid mask as an SAE latent's map might be: some patches missed, a few extra,
-  and half the time the patches around it too (a latent's map spills into its neighbours, which
-  show other shapes or the background: the explainer must name what all highlights share)."""
-  if rng.random() < 0.5:
-    mask = _grown(mask)
+  """A concept's grid mask as an SAE latent's map might be: some patches missed, a few extra."""
   kept = mask & (rng.random(mask.shape) >= rng.uniform(0, 0.3))
   extra = ~mask & (rng.random(mask.shape) < rng.uniform(0, 0.05))
   out = kept | extra
   return out if out.any() else mask
-
-
-def _grown(mask: np.ndarray) -> np.ndarray:
-  """A flat [patches] mask of the subject's grid with its patches' 4-neighbours added."""
-  square = mask.reshape(GRID)
-  grown = square.copy()
-  grown[1:] |= square[:-1]
-  grown[:-1] |= square[1:]
-  grown[:, 1:] |= square[:, :-1]
-  grown[:, :-1] |= square[:, 1:]
-  return grown.reshape(mask.shape)
 
 
 def train_explainer(settings: Settings, out: Path, log=print) -> dict:

@@ -80,7 +80,7 @@ def small_world(tmp_path_factory):
   steering = run("eval.steer_concepts", f"--model={root / 'subject'}",
                  f"--sae={out / 'export' / 'model.language_model.layers.0'}",
                  f"--concepts={out / 'concepts'}", f"--images={out / 'images'}",
-                 f"--topacts={out / 'topacts'}", "--scale=10", "--max_images=8",
+                 f"--topacts={out / 'topacts'}", "--scale=5", "--max_images=8",
                  f"--out={out / 'steering'}")
   return subject, out, concepts, steering
 
@@ -112,10 +112,18 @@ def test_its_sae_finds_the_planted_colours_where_they_are_drawn(small_world):
 
 
 def test_clamping_a_colour_latent_makes_the_caption_name_it(small_world):
-  *_, steering = small_world
+  _, out, _, steering = small_world
   # Held at this size: >= 0.4 of captions name the clamped colour, 0.25 more than random latents.
   assert steering["changed_rate"] >= 0.4
   assert steering["changed_rate"] > steering["random_rate"] + 0.25
+  # The control's latents are none of those eval.concepts matched to the colour they stand in for.
+  summary = json.loads((out / "steering" / "steer_concepts.json").read_text())
+  rows = [json.loads(line)
+          for line in (out / "concepts" / "per_latent.jsonl").read_text().splitlines()]
+  for colour, got in summary["per_colour"].items():
+    own = {r["latent"] for r in rows if r["concept"] == f"colour:{colour}" and r["iou"] >= 0.5}
+    assert not own & set(got["random_latents"]), (colour, got, own)
+    assert len(set(got["random_latents"])) == len(got["random_latents"]) == 8
 
 
 def test_the_trained_clip_ranks_scenes_by_the_colours_they_show(tmp_path):
