@@ -142,6 +142,9 @@ def main():
               if colour not in {s["colour"] for s in scenes[f]["shapes"]}
               and not names(baseline[f], colour)][:_MAX_IMAGES.value]
     others = sorted(set(with_images) - matched_to(per_latent, f"colour:{colour}", match_iou))
+    if not others:
+      raise steering.SteeringError(f"--topacts={_TOPACTS.value}: no latent with top images is "
+                                   f"left for the random control of {colour}")
     randoms = [int(i) for i in rng.choice(others, min(_RANDOM_LATENTS.value, len(others)),
                                           replace=False)]
     random_values = [_SCALE.value * top_activation(acts, i) for i in randoms]
