@@ -80,7 +80,7 @@ def small_world(tmp_path_factory):
   steering = run("eval.steer_concepts", f"--model={root / 'subject'}",
                  f"--sae={out / 'export' / 'model.language_model.layers.0'}",
                  f"--concepts={out / 'concepts'}", f"--images={out / 'images'}",
-                 f"--topacts={out / 'topacts'}", "--scale=5", "--max_images=8",
+                 f"--topacts={out / 'topacts'}", "--scale=10", "--max_images=8",
                  f"--out={out / 'steering'}")
   return subject, out, concepts, steering
 
@@ -113,8 +113,11 @@ def test_its_sae_finds_the_planted_colours_where_they_are_drawn(small_world):
 
 def test_clamping_a_colour_latent_makes_the_caption_name_it(small_world):
   _, out, _, steering = small_world
-  # Held at this size: >= 0.4 of captions name the clamped colour, 0.25 more than random latents.
+  # Measured at this size (scale 10, 8 random latents per colour, 56 trials): 0.55 of captions name
+  # the clamped colour, 0.18 with random latents (this subject, 150 steps, names few colours right;
+  # at scale 5 it gave 0.32 against 0.14, so the test keeps 10).
   assert steering["changed_rate"] >= 0.4
+  assert steering["random_rate"] <= 0.3
   assert steering["changed_rate"] > steering["random_rate"] + 0.25
   # The control's latents are none of those eval.concepts matched to the colour they stand in for.
   summary = json.loads((out / "steering" / "steer_concepts.json").read_text())
