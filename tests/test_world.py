@@ -4,6 +4,7 @@ latent makes it say the colour, and a trained CLIP ranks scenes by the colours t
 reference is what harvest.images drew (concepts.jsonl), never the pipeline's own output. The
 thresholds sit below the numbers measured at this size (docs/benchmarks.md, "Miniature world")."""
 
+import collections
 import json
 import subprocess
 import sys
@@ -127,6 +128,13 @@ def test_clamping_a_colour_latent_makes_the_caption_name_it(small_world):
     own = {r["latent"] for r in rows if r["concept"] == f"colour:{colour}" and r["iou"] >= 0.5}
     assert not own & set(got["random_latents"]), (colour, got, own)
     assert len(set(got["random_latents"])) == len(got["random_latents"]) == 8
+  # Each colour's images are dealt among its random latents: counts differ by at most one.
+  lines = [json.loads(line)
+           for line in (out / "steering" / "captions.jsonl").read_text().splitlines()]
+  for colour, got in summary["per_colour"].items():
+    dealt = collections.Counter(line["random_latent"] for line in lines if line["colour"] == colour)
+    counts = [dealt[latent] for latent in got["random_latents"]]
+    assert sum(counts) == got["images"] and max(counts) - min(counts) <= 1, (colour, counts)
 
 
 def test_the_trained_clip_ranks_scenes_by_the_colours_they_show(tmp_path):
