@@ -15,7 +15,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # Two processes of one thread each use two cores better than one process of two threads on models
 # this small. One lane trains the subject and CLIP, then harvests the subject's layer 0 on held-out
 # scenes, verifies the store, trains a TopK SAE, exports and scans it; the other trains the
-# explainer, the longest model. The last eval.world call only checks the parts and writes world.json.
+# explainer, the longest model. The last eval.world call only checks the parts and writes
+# world.json.
 # The scenes the pipeline looks at were never trained on: they start after the training seeds.
 seed=$(python -c "from eval import world; print(world.held_out_seed(world.Settings()))")
 SAE="$OUT/export/model.language_model.layers.0"
