@@ -8,12 +8,16 @@ For each colour concept that eval.concepts matched to a latent (CONCEPTS/concept
 latent is clamped (interpret.steering, --mode at --positions) to --scale times its top activation
 (TOPACTS) on the images (of the first --pool, at most --max_images) that do not show the colour,
 and the model's caption (greedy, --prompt in the model's chat template) is read: a success is a caption that names the colour, which the
-unsteered caption did not. The control clamps a random latent (one per colour, drawn from the
-latents with top images that matched no colour) to its own top activation times --scale, on the
-same images, and counts the same colour word. Writes:
-  steer_concepts.json   settings, per colour {latent, value, images, changed, random_latent,
-                        random_changed}, pooled rates with 95% Wilson intervals
-  captions.jsonl        every caption: image, colour, baseline, steered, random
+unsteered caption did not. The control clamps random latents by the same rule (--scale times
+each one's own top activation) on the same images and counts the same colour word: per colour,
+--random_latents latents drawn uniformly from those with top images that eval.concepts did not
+match to that colour (CONCEPTS/per_latent.jsonl: best concept the colour at IoU >= its
+--match_iou), the images dealt among them in turn. Several draws per colour, because one latent
+that happens to fire on the colour, or to blot out the image, would otherwise decide the rate.
+Writes:
+  steer_concepts.json   settings, per colour {latent, value, images, changed, random_latents,
+                        random_values, random_changed}, pooled rates with 95% Wilson intervals
+  captions.jsonl        every caption: image, colour, baseline, steered, random, random_latent
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from interpret import topacts as topacts_lib
 from sae_jax import cli
 from sae_jax.files import atomic_write_bytes, atomic_write_json
 
-FORMAT_NAME, FORMAT_VERSION = "steer-concepts", 1
+FORMAT_NAME, FORMAT_VERSION = "steer-concepts", 2
 
 _LLAVA = llava.define_flags(dtype="float32")  # --model --dtype --device --prompt_mode
 steering.define_sae_flags()  # --sae --layer
@@ -57,6 +61,9 @@ _MAX_IMAGES = flags.DEFINE_integer("max_images", 64, "Images tried per colour (t
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 12, "Caption length in tokens.",
                                        lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Images per generate call.", lower_bound=1)
+_RANDOM_LATENTS = flags.DEFINE_integer("random_latents", 8, "Random latents per colour (the "
+                                      "control); the colour's images are dealt among them.",
+                                      lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random latents.")
 
 FLAGS = flags.FLAGS
@@ -96,6 +103,17 @@ def names(caption: str, colour: str) -> bool:
   return colour in caption.split()
 
 
+def matched_to(per_latent: list[dict], concept: str, match_iou: float) -> set[int]:
+  """Latents whose best concept (eval.concepts) is `concept` at IoU >= match_iou."""
+  return {int(r["latent"]) for r in per_latent
+          if r["concept"] == concept and r["iou"] is not None and r["iou"] >= match_iou}
+
+
+def dealt(items: list, groups: int) -> list[list]:
+  """items dealt in turn into `groups` lists (item i into list i % groups)."""
+  return [items[g::groups] for g in range(groups)]
+
+
 def main():
   if not FLAGS.sae:
     raise steering.SteeringError("--sae is required")
@@ -105,9 +123,10 @@ def main():
   acts = topacts_lib.TopActs(_TOPACTS.value)
   matched = {name.split(":", 1)[1]: c["latent"] for name, c in summary_in["concepts"].items()
              if name.startswith("colour:") and c["matched"]}
-  colour_latents = {c["latent"] for name, c in summary_in["concepts"].items()
-                    if name.startswith("colour:")}
-  others = [int(i) for i in np.flatnonzero(acts.has_images()) if int(i) not in colour_latents]
+  per_latent = [json.loads(line) for line in
+                (Path(_CONCEPTS.value) / "per_latent.jsonl").read_text().splitlines()]
+  match_iou = summary_in["settings"]["match_iou"]
+  with_images = [int(i) for i in np.flatnonzero(acts.has_images())]
   rng = np.random.default_rng(_SEED.value)
   loaded = _LLAVA.load()
   sae, layer = steering.load_sae(loaded, FLAGS.sae, FLAGS.layer)
@@ -122,20 +141,31 @@ def main():
     absent = [f for f in files
               if colour not in {s["colour"] for s in scenes[f]["shapes"]}
               and not names(baseline[f], colour)][:_MAX_IMAGES.value]
-    random_latent = int(rng.choice(others))
+    others = sorted(set(with_images) - matched_to(per_latent, f"colour:{colour}", match_iou))
+    if not others:
+      raise steering.SteeringError(f"--topacts={_TOPACTS.value}: no latent with top images is "
+                                   f"left for the random control of {colour}")
+    randoms = [int(i) for i in rng.choice(others, min(_RANDOM_LATENTS.value, len(others)),
+                                          replace=False)]
+    random_values = [_SCALE.value * top_activation(acts, i) for i in randoms]
     value = _SCALE.value * top_activation(acts, latent)
-    random_value = _SCALE.value * top_activation(acts, random_latent)
-    shown = [pictures[f] for f in absent]
-    steered = _captions(loaded, shown, text, [steering.Edit(latent, value)], sae, layer)
-    control = _captions(loaded, shown, text, [steering.Edit(random_latent, random_value)], sae,
-                        layer)
+    steered = _captions(loaded, [pictures[f] for f in absent], text,
+                        [steering.Edit(latent, value)], sae, layer)
+    control, control_latent = {}, {}
+    for random_latent, random_value, group in zip(randoms, random_values,
+                                                  dealt(absent, len(randoms))):
+      captions = _captions(loaded, [pictures[f] for f in group], text,
+                           [steering.Edit(random_latent, random_value)], sae, layer)
+      control.update(zip(group, captions))
+      control_latent.update(dict.fromkeys(group, random_latent))
     per_colour[colour] = {
         "latent": latent, "value": value, "images": len(absent),
         "changed": sum(names(c, colour) for c in steered),
-        "random_latent": random_latent, "random_value": random_value,
-        "random_changed": sum(names(c, colour) for c in control)}
-    lines += [{"image": f, "colour": colour, "baseline": baseline[f], "steered": s, "random": r}
-              for f, s, r in zip(absent, steered, control)]
+        "random_latents": randoms, "random_values": random_values,
+        "random_changed": sum(names(control[f], colour) for f in absent)}
+    lines += [{"image": f, "colour": colour, "baseline": baseline[f], "steered": s,
+               "random": control[f], "random_latent": control_latent[f]}
+              for f, s in zip(absent, steered)]
   trials = sum(c["images"] for c in per_colour.values())
   changed = sum(c["changed"] for c in per_colour.values())
   random_changed = sum(c["random_changed"] for c in per_colour.values())
@@ -144,7 +174,7 @@ def main():
       "settings": {"model": _LLAVA.model.value, "sae": FLAGS.sae, "layer": layer,
                    "mode": _MODE.value, "positions": _POSITIONS.value, "scale": _SCALE.value,
                    "prompt": _PROMPT.value, "pool": _POOL.value, "max_images": _MAX_IMAGES.value,
-                   "seed": _SEED.value},
+                   "random_latents": _RANDOM_LATENTS.value, "seed": _SEED.value},
       "colours": len(per_colour), "trials": trials,
       "changed_rate": changed / trials if trials else None, "changed_ci": wilson(changed, trials),
       "random_rate": random_changed / trials if trials else None,

@@ -78,7 +78,7 @@ class Settings:
   subject_steps: int = 800
   clip_steps: int = 300
   clip_batch_size: int = 64
-  explainer_steps: int = 800
+  explainer_steps: int = 1600
   explainer_batch_size: int = 8
   batch_size: int = 16
   lr: float = 3e-3

@@ -11,32 +11,38 @@ NUM_IMAGES=${NUM_IMAGES:-1024}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
-# --- The world: subject, explainer and CLIP, trained on world scenes (minutes, once). ---
+# --- The world (minutes, once), and the SAE on the subject while the explainer still trains. ---
 # Two processes of one thread each use two cores better than one process of two threads on models
-# this small; the last call only checks the cached parts and writes world.json.
-python -m eval.world --out="$OUT/world" --parts=subject --parts=clip --torch_threads=1 &
-subject_and_clip=$!
-python -m eval.world --out="$OUT/world" --parts=explainer --torch_threads=1
-wait "$subject_and_clip"
-python -m eval.world --out="$OUT/world"
+# this small. One lane trains the subject and CLIP, then harvests the subject's layer 0 on held-out
+# scenes, verifies the store, trains a TopK SAE, exports and scans it; the other trains the
+# explainer, the longest model. The last eval.world call only checks the parts and writes
+# world.json.
 # The scenes the pipeline looks at were never trained on: they start after the training seeds.
-seed=$(python -c "import json; print(json.load(open('$OUT/world/world.json'))['held_out_seed'])")
-python -m harvest.images --out="$OUT/images" --num="$NUM_IMAGES" --seed="$seed" --style=world
-
-# --- Harvest the subject's layer 0 on the scenes, verify, train a TopK SAE, export it. ---
-python -m harvest --model="$OUT/world/subject" --layers=0 --images="$OUT/images" \
-  --out="$OUT/store" --tokens=base_patches --prompt_mode=chat --prompt="Describe the image." \
-  --batch_size=16 --shard_images=128 --store_dtype=float32 --torch_threads=1
-python -m sae_jax.store --store="$OUT/store/layer_0"
-# 256 latents for the world's 16 concepts (at 512, more of them split a concept by place).
-python -m sae_jax.train --flagfile=launch/configs/tiny_cpu.flags --store="$OUT/store/layer_0" \
-  --workdir="$OUT/sae" --expansion_factor=4
-python -m sae_jax.export --workdir="$OUT/sae" --out="$OUT/export" --format=sparsify
+seed=$(python -c "from eval import world; print(world.held_out_seed(world.Settings()))")
 SAE="$OUT/export/model.language_model.layers.0"
+subject_lane() {
+  python -m eval.world --out="$OUT/world" --parts=subject --parts=clip --torch_threads=1
+  python -m harvest.images --out="$OUT/images" --num="$NUM_IMAGES" --seed="$seed" --style=world
+  python -m harvest --model="$OUT/world/subject" --layers=0 --images="$OUT/images" \
+    --out="$OUT/store" --tokens=base_patches --prompt_mode=chat --prompt="Describe the image." \
+    --batch_size=16 --shard_images=128 --store_dtype=float32 --torch_threads=1
+  python -m sae_jax.store --store="$OUT/store/layer_0"
+  # 256 latents for the world's 16 concepts (at 512, more of them split a concept by place).
+  python -m sae_jax.train --flagfile=launch/configs/tiny_cpu.flags --store="$OUT/store/layer_0" \
+    --workdir="$OUT/sae" --expansion_factor=4
+  python -m sae_jax.export --workdir="$OUT/sae" --out="$OUT/export" --format=sparsify
+  python -m sae_jax.scan --sae="$OUT/export" --store="$OUT/store/layer_0" --out="$OUT/topacts" \
+    --top_n=8
+}
+subject_lane &
+lane=$!
+python -m eval.world --out="$OUT/world" --parts=explainer --torch_threads=1
+wait "$lane"
+python -m eval.world --out="$OUT/world"
+python -c "import json, sys; seed = json.load(open('$OUT/world/world.json'))['held_out_seed']
+sys.exit(seed != $seed and f'world.json: held_out_seed {seed}, but the scenes started at $seed')"
 
-# --- Top images per latent, explanations by the world's explainer, CLIP scores, concepts. ---
-python -m sae_jax.scan --sae="$OUT/export" --store="$OUT/store/layer_0" --out="$OUT/topacts" \
-  --top_n=8
+# --- Explanations by the world's explainer, CLIP scores, concepts. ---
 python -m interpret.explain --topacts="$OUT/topacts" --explainer="hf:$OUT/world/explainer" \
   --out="$OUT/explanations" --num_images=5 --image_size=64 --max_tokens=4 \
   --answer_prefix="[EXPLANATION]:" --concurrency=1  # what eval.world trained the explainer on
@@ -52,7 +58,7 @@ python -m eval.sae_quality --model="$OUT/world/subject" --sae="$SAE" --images="$
   --max_images=64 --tokens=base_patches --dtype=float32 --prompt_mode=chat \
   --prompt="Describe the image." --out="$OUT/quality.json"
 python -m eval.steer_concepts --model="$OUT/world/subject" --sae="$SAE" --concepts="$OUT/concepts" \
-  --images="$OUT/images" --topacts="$OUT/topacts" --scale=10 --max_images=32 --out="$OUT/steering"
+  --images="$OUT/images" --topacts="$OUT/topacts" --scale=5 --max_images=32 --out="$OUT/steering"
 
 # --- One page with every number, and the feature browser headed by the same claims. ---
 python -m eval.report --workdir="$OUT/sae" --clip_scores="$OUT/scores" \

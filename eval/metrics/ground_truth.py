@@ -97,7 +97,8 @@ def rows(concepts: Path | None = None, clip_scores: Path | None = None,
                          "without it)",
                 "reached": f"{fmt(summary['changed_rate'])} {_interval(summary['changed_ci'])} "
                            f"of {summary['trials']}",
-                "baseline": f"random latent {fmt(summary['random_rate'])} "
+                "baseline": f"random latents ({summary['settings'].get('random_latents', 1)} "
+                            f"per colour) {fmt(summary['random_rate'])} "
                             f"{_interval(summary['random_ci'])}",
                 "target": TARGETS["steering"]})
   return out
