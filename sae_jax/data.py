@@ -269,7 +269,8 @@ class _LanePartsIterator(grain.DatasetIterator):
   def get_state(self) -> dict:
     """The window being served (as the state of grain's window iterator before it was taken) and
     how many of its rows were served: a Position."""
-    return {"windows": self._windows_state, "offset": self._at}
+    return {"windows": self._windows_state,
+            "offset": self._skip if self._rows is None else self._at}
 
   def set_state(self, state: dict) -> None:
     self._parent.set_state(state["windows"])

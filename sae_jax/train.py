@@ -620,6 +620,13 @@ def main() -> None:
                                   jax.process_count(), start_step=first_step,
                                   prefetch_batches=_PREFETCH_BATCHES.value)
                for path, reader in readers.items()}
+    for m in [m for m in members if first_step and m.start_step == first_step][:1]:
+      b = batches[m.flags["store"]]  # grain's position saved with the step: the order's for it
+      expected = b.get_state()
+      if checkpoint.restore_data(m.mngr, first_step, b) and b.get_state() != expected:
+        raise TrainError(f"--workdir={m.workdir}: the data position saved with step "
+                         f"{first_step} is not where the data order puts that step: the store "
+                         "or the order changed since it was saved; train in a new --workdir")
 
     ############################################################################################
     # The loop.                                                                                 #
@@ -673,7 +680,7 @@ def main() -> None:
         if step % _CHECKPOINT_EVERY.value == 0 or step == total_steps or preempted:
           for m in active:  # never save a diverged state
             if not m.failed and check_finite(m, step, m.step_metrics):
-              checkpoint.save(m.mngr, step, m.state)
+              checkpoint.save(m.mngr, step, m.state, batches[m.flags["store"]])
               m.last_good = step
         if preempted:
           write_note(f"SIGTERM: saved step {step}, exiting with status {PREEMPTED_EXIT_CODE}; "
