@@ -61,7 +61,9 @@ def start_gcs() -> Server:
   process = _start([_binary("gcp-storage-emulator"), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
                    port)
   _request(f"http://127.0.0.1:{port}/storage/v1/b?project=test", "POST", {"name": BUCKET})
+  # A test token: tensorstore sends no credentials of this host to the emulator.
   return Server("gs", process, {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+                                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
                                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
 
 

@@ -16,16 +16,16 @@ from __future__ import annotations
 import collections
 from concurrent import futures
 import functools
-import itertools
+import sys
 import threading
 from typing import Iterator, Sequence
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax.data.order import ChunkOrder
-from sae_jax.data.prefetch import prefetch
+from sae_jax.data.order import ChunkOrder, Position
 from sae_jax.store import (FP8, KIND_NAMES, SCALE_BYTES, Store, StoreError, disk_dtype,
                            disk_width, from_disk)
 
@@ -170,53 +170,113 @@ def lane_orders(reader: ChunkReader, *, lanes: int, buffer_bytes: int, seed: int
 
 
 def batches(reader: ChunkReader, orders: Sequence[ChunkOrder], *, batch_rows: int,
-            start_step: int = 0, prefetch_batches: int = 0) -> Iterator[np.ndarray]:
+            start_step: int = 0, prefetch_batches: int = 0) -> grain.DatasetIterator:
   """This process's batches from step `start_step` on, [batch_rows, d] in the store's dtype: the
-  parts of its lanes (`orders`), concatenated.
+  parts of its lanes (`orders`), concatenated. A grain iterator: `get_state()` is where it is.
 
-  With `prefetch_batches` > 0 a thread per lane reads its next window while another assembles up
-  to that many batches ahead of the consumer; with 0 everything happens when a batch is due.
+  With `prefetch_batches` > 0 grain reads each lane's next windows (WINDOWS_IN_FLIGHT - 1 of them,
+  one thread a lane) while a thread assembles up to that many batches ahead of the consumer; with
+  0 everything happens when a batch is due.
   """
   if batch_rows % len(orders):
     raise ValueError(f"a batch of {batch_rows} rows cannot be split among {len(orders)} lanes")
-  lanes = [_lane(reader, order, batch_rows // len(orders), start_step, bool(prefetch_batches))
+  part_rows = batch_rows // len(orders)
+  lanes = [_LaneParts(_lane_windows(reader, order, bool(prefetch_batches)),
+                      order.locate(start_step * part_rows), order, part_rows, reader.store.dtype)
            for order in orders]
-  parts = (np.concatenate([next(lane) for lane in lanes]) if len(lanes) > 1 else next(lanes[0])
-           for _ in itertools.count())
-  return prefetch(parts, prefetch_batches, "store-batches") if prefetch_batches else parts
+  parts = lanes[0] if len(lanes) == 1 else grain.experimental.ZipIterDataset(lanes).map(
+      np.concatenate)
+  if prefetch_batches:
+    parts = grain.experimental.ThreadPrefetchIterDataset(parts,
+                                                         prefetch_buffer_size=prefetch_batches)
+  return iter(parts)
 
 
-def _lane(reader: ChunkReader, order: ChunkOrder, part_rows: int, start_step: int,
-          read_ahead: bool) -> Iterator[np.ndarray]:
-  start = order.locate(start_step * part_rows)
-  # Windows are read into these buffers in turn: written once, they cost no page faults again, and
-  # the buffer of window j is reused for window j + WINDOWS_IN_FLIGHT, once j has been served.
+class _Windows(grain.MapDataset):
+  """A lane's windows, epoch after epoch, as grain's random access dataset: element i is window i
+  of its stream (window i % n of epoch i // n), its rows (read into buffer i of `buffers`, modulo
+  their number) and the order in which they are served."""
+
+  def __init__(self, reader: ChunkReader, order: ChunkOrder, buffers: list):
+    super().__init__()
+    self._reader, self._order, self._buffers = reader, order, buffers
+
+  def __len__(self) -> int:
+    return sys.maxsize  # endless: epoch after epoch
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, window = divmod(index, self._order.windows_per_epoch)
+    rows = self._reader.read(self._order.windows(epoch)[window],
+                             self._buffers[index % len(self._buffers)])
+    return rows, self._order.row_order(epoch, window)
+
+
+def _lane_windows(reader: ChunkReader, order: ChunkOrder, read_ahead: bool) -> grain.IterDataset:
+  """The windows of a lane, read ahead by grain (a bounded buffer of WINDOWS_IN_FLIGHT - 1
+  windows, one thread) if `read_ahead`."""
+  # Windows are read into these buffers in turn: written once, they cost no page faults again. The
+  # buffer of window j is reused for window j + WINDOWS_IN_FLIGHT: grain starts reading that one
+  # when window j + 1 is taken, once j has been served.
   buffers = [np.empty((order.window_chunks * reader.chunk_rows, reader.width), reader.dtype)
              for _ in range(WINDOWS_IN_FLIGHT if read_ahead else 1)]
+  ahead = len(buffers) - 1
+  return _Windows(reader, order, buffers).to_iter_dataset(grain.ReadOptions(num_threads=min(ahead, 1),
+                                                   prefetch_buffer_size=ahead))
 
-  def windows():
-    epoch, first, n = start.epoch, start.window, 0
-    while True:
-      chunk_lists = order.windows(epoch)
-      for w in range(first, len(chunk_lists)):
-        yield (reader.read(chunk_lists[w], buffers[n % len(buffers)]),
-               order.row_order(epoch, w))
-        n += 1
-      epoch, first = epoch + 1, 0
 
-  skip, pending, have = start.offset, [], 0
-  for rows, row_order in prefetch(windows(), 1, "store-windows") if read_ahead else windows():
-    row_order, skip = row_order[skip:], 0
-    while len(row_order):
-      take = row_order[:part_rows - have]
-      row_order = row_order[len(take):]
-      pending.append(rows[take])
-      have += len(take)
-      if have == part_rows:
-        batch = pending[0] if len(pending) == 1 else np.concatenate(pending)
-        # Gathered as uint16: 4x faster than as bfloat16. fp8 rows go to the device packed.
-        yield batch if reader.store.dtype == FP8 else from_disk(batch, reader.store.dtype)
-        pending, have = [], 0
+class _LaneParts(grain.IterDataset):
+  """A lane's parts of the batches from `start` on: `part_rows` rows at a time from its windows,
+  each window's rows in their order."""
+
+  def __init__(self, windows: grain.IterDataset, start: Position, order: ChunkOrder,
+               part_rows: int, store_dtype: str):
+    super().__init__(windows)
+    self._state = {"windows": {"next_index": start.epoch * order.windows_per_epoch +
+                               start.window}, "offset": start.offset}
+    self._part_rows, self._store_dtype = part_rows, store_dtype
+
+  def __iter__(self) -> grain.DatasetIterator:
+    parts = _LanePartsIterator(self._parent.__iter__(), self._part_rows, self._store_dtype)
+    parts.set_state(self._state)  # before the first read: nothing read ahead yet
+    return parts
+
+
+class _LanePartsIterator(grain.DatasetIterator):
+
+  def __init__(self, windows: grain.DatasetIterator, part_rows: int, store_dtype: str):
+    super().__init__(windows)
+    self._part_rows, self._store_dtype = part_rows, store_dtype
+    self._rows, self._row_order, self._at, self._skip = None, np.zeros(0, np.int64), 0, 0
+    self._windows_state = windows.get_state()  # before the window being served was taken
+
+  def __next__(self) -> np.ndarray:
+    pending, have = [], 0
+    while have < self._part_rows:
+      if self._at == len(self._row_order):
+        self._windows_state = self._parent.get_state()
+        self._rows, self._row_order = next(self._parent)
+        self._at, self._skip = self._skip, 0
+        continue
+      take = self._row_order[self._at:self._at + self._part_rows - have]
+      pending.append(self._rows[take])
+      have, self._at = have + len(take), self._at + len(take)
+    batch = pending[0] if len(pending) == 1 else np.concatenate(pending)
+    # Gathered as uint16: 4x faster than as bfloat16. fp8 rows go to the device packed.
+    return batch if self._store_dtype == FP8 else from_disk(batch, self._store_dtype)
+
+  def get_state(self) -> dict:
+    """The window being served (as the state of grain's window iterator before it was taken) and
+    how many of its rows were served: a Position."""
+    return {"windows": self._windows_state,
+            "offset": self._skip if self._rows is None else self._at}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["windows"])
+    self._windows_state = state["windows"]
+    self._rows, self._row_order, self._at = None, np.zeros(0, np.int64), 0
+    self._skip = state["offset"]
 
 
 def batch_dtype(store_dtype: str) -> np.dtype:

@@ -51,6 +51,11 @@ class ChunkOrder:
     starts = range(self.lane * self.window_chunks, len(perm), self.lanes * self.window_chunks)
     return tuple(perm[i:i + self.window_chunks] for i in starts)
 
+  @property
+  def windows_per_epoch(self) -> int:
+    """This lane's windows in each epoch (the same number every epoch)."""
+    return len(self.windows(0))
+
   def window_rows(self, epoch: int) -> np.ndarray:
     return np.array([self.counts[w].sum() for w in self.windows(epoch)], np.int64)
 

@@ -4,10 +4,12 @@ Buckets go through tensorstore's kvstore (installed with orbax-checkpoint alread
 local drivers, asynchronous: a read is a future, so many are in flight without a thread each).
 An object is written by one PUT, so it appears whole or not at all: no temporary names needed. The
 usual emulator variables are honoured: STORAGE_EMULATOR_HOST for gs://, AWS_ENDPOINT_URL (or
-AWS_ENDPOINT_URL_S3) for s3://. The S3 endpoint goes in the kvstore spec; tensorstore's GCS driver
-has no spec member for one (tensorstore 0.1.x refuses "endpoint"), so for STORAGE_EMULATOR_HOST the
-library sets TENSORSTORE_GCS_HTTP_URL (and a test token) in os.environ when they are unset: the
-one place it writes the environment.
+AWS_ENDPOINT_URL_S3) for s3://. Nothing is written into os.environ. The S3 endpoint goes in the
+kvstore spec; tensorstore's GCS driver has no spec member for one (up to 0.1.86 at least: it takes
+its URL from its flag --tensorstore_gcs_http_url, else from TENSORSTORE_GCS_HTTP_URL), so for
+STORAGE_EMULATOR_HOST the library sets that flag through `tensorstore.parse_tensorstore_flags`.
+Credentials stay tensorstore's to find; it would send real ones to the emulator, so an emulator
+needs GOOGLE_AUTH_TOKEN_FOR_TESTING set by whoever starts the command (a one-line error says so).
 """
 
 from __future__ import annotations
@@ -64,6 +66,23 @@ def _status(e: Exception) -> str:
 
 class LocationError(StoreError):
   """A store location that cannot be read or written; the message names the path."""
+
+
+def _point_gcs_driver(url: str) -> None:
+  """Points tensorstore's GCS driver (which reads the URL when a bucket is opened) at
+  STORAGE_EMULATOR_HOST, else at TENSORSTORE_GCS_HTTP_URL or Google's endpoint: the flag is
+  process-wide, so every opening sets it, and a later bucket goes where the environment says now."""
+  import tensorstore as ts
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+  if emulator and not os.environ.get("GOOGLE_AUTH_TOKEN_FOR_TESTING"):
+    raise LocationError(f"{url}: STORAGE_EMULATOR_HOST is set but GOOGLE_AUTH_TOKEN_FOR_TESTING "
+                        "is not: set it (any value, e.g. emulator), else tensorstore sends this "
+                        "host's Google credentials to the emulator")
+  if emulator:
+    endpoint = emulator if "://" in emulator else f"http://{emulator}"
+  else:
+    endpoint = os.environ.get("TENSORSTORE_GCS_HTTP_URL") or "https://storage.googleapis.com"
+  ts.parse_tensorstore_flags(["sae_jax", f"--tensorstore_gcs_http_url={endpoint}"])
 
 
 def is_remote(path) -> bool:
@@ -153,11 +172,8 @@ class Bucket:
       raise LocationError(f"{url}: no bucket name")
     spec = {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket,
             "path": prefix + "/" if prefix else ""}
-    if scheme == "gs" and os.environ.get("STORAGE_EMULATOR_HOST"):
-      host = os.environ["STORAGE_EMULATOR_HOST"]
-      os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL",
-                            host if "://" in host else f"http://{host}")
-      os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # it checks no token
+    if scheme == "gs":
+      _point_gcs_driver(url)
     if scheme == "s3":
       endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
       if endpoint:

@@ -4,7 +4,9 @@ A workdir holds:
   run.json         the SAE config, input scale and data provenance (written once, at the start)
   flags.json       the resolved flags of the latest start (secrets never reach it)
   checkpoints/N/   orbax: items "model" (the SparseAutoencoder state: parameters and dead-latent counters)
-                   and "optimizer" (Adam moments and step), saved asynchronously
+                   and "optimizer" (Adam moments and step), saved asynchronously, and "data":
+                   grain's iterator state of the input pipeline after N batches (sae_jax.data;
+                   grain's own orbax handler, one JSON file a process)
 The state is `nnx.split((model, optimizer))`, so state[0] is the model and state[1] the optimizer.
 Saving them as separate items lets `export` and `scan` restore the model without the optimizer.
 """
@@ -15,6 +17,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -41,9 +44,22 @@ def manager(workdir: str | Path, *, keep: int, barrier_prefix: str | None = None
               barrier_sync_key_prefix=barrier_prefix)))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State) -> bool:
-  return mngr.save(step, force=True, args=ocp.args.Composite(
-      model=ocp.args.StandardSave(state[0]), optimizer=ocp.args.StandardSave(state[1])))
+def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State,
+         data: grain.DatasetIterator | None = None) -> bool:
+  """Saves `state`, and the position of the input pipeline `data` (after `step` batches)."""
+  items = {"model": ocp.args.StandardSave(state[0]), "optimizer": ocp.args.StandardSave(state[1])}
+  if data is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data)
+  return mngr.save(step, force=True, args=ocp.args.Composite(**items))
+
+
+def restore_data(mngr: ocp.CheckpointManager, step: int, data: grain.DatasetIterator) -> bool:
+  """Sets the input pipeline `data` to the position saved with `step`; False if that checkpoint
+  has none (saved before the "data" item existed)."""
+  if not (Path(mngr.directory) / str(step) / "data").is_dir():
+    return False
+  mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data)))
+  return True
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: nnx.State,

@@ -74,7 +74,7 @@ def train(run: RunConfig, members: list[Member], batches: dict, mesh: jax.shardi
       if step % run.checkpoint_every == 0 or step == total_steps or preempted:
         for m in active:  # never save a diverged state
           if not m.failed and check_finite(m, step, m.step_metrics):
-            checkpoint.save(m.mngr, step, m.state)
+            checkpoint.save(m.mngr, step, m.state, batches[m.init.store])
             m.last_good = step
       if preempted:
         logs.note(f"SIGTERM: saved step {step}, exiting with status {PREEMPTED_EXIT_CODE}; "
