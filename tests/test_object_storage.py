@@ -11,8 +11,9 @@ import pytest
 import emulators
 import synthetic
 from harvest.run import HarvestConfig, harvest
-from sae_jax import data
+from sae_jax import architectures, data
 from sae_jax.formats import dictionary
+from sae_jax.training import checkpoint
 from sae_jax.store import Store, StoreWriter, open_location
 
 TRAIN = ["--num_latents=64", "--k=4", "--batch_size=64", "--steps=8", "--log_every=4",
@@ -34,9 +35,12 @@ def error_of(result) -> str:
   return last["error"]
 
 
-def trained(workdir, tmp_path, name) -> dict:
-  run("sae_jax.export", f"--workdir={workdir}", f"--out={tmp_path / name}", "--format=sparsify")
-  return dictionary.read(next((tmp_path / name).iterdir()))[0]
+def trained(workdir) -> dict:
+  """The parameters sae_jax.export writes for `workdir` (input scale folded in), in-process."""
+  model, run_record, step = checkpoint.load_model(workdir)
+  return architectures.from_training({name: np.asarray(getattr(model, name)[...])
+                                   for name in architectures.model_variables(run_record)},
+                                  run_record, step)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +146,7 @@ def test_harvest_by_two_workers_to_a_bucket_trains_like_its_local_copy(
   two_processes(url, tmp_path / "remote2")
   two_processes(tmp_path / "copy", tmp_path / "local2")
   for a, b in (("remote", "local"), ("remote2", "local2")):
-    first, second = (trained(tmp_path / n, tmp_path, f"e_{n}") for n in (a, b))
+    first, second = (trained(tmp_path / n) for n in (a, b))
     for name in dictionary.PARAM_NAMES:
       np.testing.assert_array_equal(first[name], second[name], err_msg=f"{a} {name}")
 
