@@ -39,8 +39,8 @@ def trained(workdir) -> dict:
   """The parameters sae_jax.export writes for `workdir` (input scale folded in), in-process."""
   model, run_record, step = checkpoint.load_model(workdir)
   return architectures.from_training({name: np.asarray(getattr(model, name)[...])
-                                   for name in architectures.model_variables(run_record)},
-                                  run_record, step)
+                                      for name in architectures.model_variables(run_record)},
+                                     run_record, step)
 
 
 @pytest.fixture(scope="module")
