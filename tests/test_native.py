@@ -114,12 +114,12 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_switched_off_by_the_environment():
-  check = "from sae_jax import native; print(native.available())"
+  check = "from sae_jax.kernels import native; print(native.available())"
   assert run_python(check, SAE_JAX_NATIVE="0").stdout.strip() == "False"
 
 
 def test_a_failed_build_warns_and_falls_back(tmp_path):
-  check = "from sae_jax import native; print(native.available())"
+  check = "from sae_jax.kernels import native; print(native.available())"
   result = run_python(check, CXX="false", SAE_JAX_CACHE=str(tmp_path))
   assert result.stdout.strip() == "False"
   assert "CPU kernels unavailable" in result.stderr and "false -O3" in result.stderr

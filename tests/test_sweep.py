@@ -276,9 +276,10 @@ def test_bad_specs_get_one_line_errors(store, tmp_path, specs, message):
 
 
 def test_the_example_sweep_file_parses():
-  code = ("from absl import flags\nfrom sae_jax import sweep, train\n"
+  code = ("from absl import flags\nfrom sae_jax import config, train\n"
+          "from sae_jax.training import sweep\n"
           "print([m.name for m in sweep.read_specs([], 'launch/configs/sweep_example.txt', "
-          "train.SWEEP_FLAGS, flags.FLAGS)])")
+          "config.SWEEP_FLAGS, flags.FLAGS)])")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, cwd=Path(__file__).resolve().parents[1])
   assert result.stdout.strip() == "['k4', 'k16', 'k8_fast', 'k8_expansion_factor16']", (
