@@ -78,6 +78,7 @@ _REFINE = llm_flags.define_endpoint(
     "refine", "Rewrite each explanation into a short label before scoring, with openai:URL or "
     "hf:PATH (as interpret.explain's --explainer). Default: score the explanations as they are.")
 _REQUESTS = llm_flags.define_requests("refinement", timeout_s=120.0, max_tokens=64)
+flags.adopt_module_key_flags(llm_flags)  # so that --help lists them as this command's
 _REFINE_TEMPLATE = flags.DEFINE_string("refine_template", None, "Refinement prompt template "
                                        "(default: eval/templates/refine_label.txt), or paper:CLONE "
                                        "for the paper's prompt read from a clone of "

@@ -64,6 +64,7 @@ _JUDGE = llm_flags.define_endpoint(
     "against gt_answer_details: openai:http://host:port/v1 (any chat model) or hf:PATH (an "
     "image-text checkpoint, as interpret.explain loads it).", default="rule",
     model_help="(default: the server's only model)")
+flags.adopt_module_key_flags(llm_flags)  # so that --help lists them as this command's
 _JUDGE_TEMPLATE = flags.DEFINE_string("judge_template", None, "Judge prompt template (default: "
                                       "eval/templates/hallusionbench_judge.txt).")
 _JUDGE_CONCURRENCY = flags.DEFINE_integer("judge_concurrency", 16, "Judge requests in flight.",

@@ -57,6 +57,7 @@ _EXPLAINER = llm_flags.define_endpoint(
     "transformers image-text model). Not with --batch_file.",
     model_help="(default: the first model it lists; required with --batch_file)")
 _REQUESTS = llm_flags.define_requests("explanation", timeout_s=600.0, max_tokens=300)
+flags.adopt_module_key_flags(llm_flags)  # so that --help lists them as this command's
 _BATCH_FILE = flags.DEFINE_string(
     "batch_file", None, "Instead of asking a server, write every unfinished latent's request to "
     "this OpenAI batch input file (the Batch API's and `vllm run-batch`'s format).")

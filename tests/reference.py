@@ -16,7 +16,7 @@ def decode_numpy(params: dict[str, np.ndarray], values: np.ndarray, indices: np.
 
 
 def saelens_rescaled_numpy(params: dict[str, np.ndarray], x: np.ndarray, k: int):
-  """SAELens's SparseAutoencoder with rescale_acts_by_decoder_norm, in float64: (dense z [B,n], x_hat [B,d]).
+  """SAELens's TopKSAE with rescale_acts_by_decoder_norm, in float64: (dense z [B,n], x_hat [B,d]).
 
   As in sae_lens/saes/topk_sae.py: the pre-activations are scaled by the decoder row norms, then
   TopK and ReLU; decoding divides z by the norms again.

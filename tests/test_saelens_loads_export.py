@@ -40,7 +40,7 @@ def test_saelens_loads_our_export_with_its_metadata(tmp_path):
                             sidecar={"source": source})
   sae = sae_lens.SAE.load_from_disk(folder)
 
-  assert type(sae).__name__ == "SparseAutoencoder" and sae.cfg.k == K
+  assert type(sae).__name__ == "TopKSAE" and sae.cfg.k == K
   assert sae.cfg.metadata.hook_name == HOOKPOINT
   assert sae.cfg.metadata.model_name == source["model"]
   assert sae.cfg.metadata.dataset_path == source["store"]
