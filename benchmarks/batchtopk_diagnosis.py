@@ -160,7 +160,7 @@ def grouped_select(rows: int):
 def encoder_without_b_dec():
   """Patches SparseAutoencoder so the encoder reads x itself, not x - b_dec (SAELens's
   apply_b_dec_to_input=False); b_dec stays the decoder's output bias."""
-  select, pre_activations = SparseAutoencoder.select, SparseAutoencoder.pre_activations
+  select = SparseAutoencoder.select
 
   def patched_select(model, x, dead=None):
     b_dec = model.b_dec[...]
