@@ -80,6 +80,7 @@ def main() -> None:
     # The states (born sharded, or restored) and their jitted steps; data from the earliest step.
     first_step = setup.init_states(run, members, inp, mesh, plan)
     batches = setup.open_batches(run, inp, first_step)
+    setup.check_data_position(members, batches, first_step)
     # The loop.
     step, preempted = loop.train(run, members, batches, mesh, plan, inp.store.dtype, first_step,
                                  inp.total_steps)

@@ -52,6 +52,27 @@ def test_the_reader_stays_a_bounded_distance_ahead_of_a_slow_consumer(store, mon
     assert settled_count(read, consumed + 6) == consumed + 6
 
 
+@pytest.mark.parametrize("lanes, prefetch_batches", [(1, 0), (2, 3)])
+def test_the_position_after_each_step_is_the_one_a_resume_builds(store, lanes, prefetch_batches):
+  """grain's iterator state after N batches (what a checkpoint saves) equals the state of the
+  pipeline built at step N from the order (what a resume builds and compares), at every step:
+  steps that end a window inside an epoch, at an epoch's end, and in the middle of a window."""
+  rows = data.ChunkReader(Store(store), chunk_bytes=16 * 16 * 4)  # 16 rows a chunk: 64 chunks
+  orders = [ChunkOrder(rows.counts, window_chunks=3, seed=0, lane=lane, lanes=lanes)
+            for lane in range(lanes)]  # windows of 48 rows (the last of an epoch shorter)
+  part_rows = 24
+  stream = data.batches(rows, orders, batch_rows=part_rows * lanes,
+                        prefetch_batches=prefetch_batches)
+  ends = {0: 0, 1: 0}  # steps that end a window (offset 0 after them), then the others
+  for step in range(1, 4 * rows.num_rows // (part_rows * lanes)):  # four epochs
+    next(stream)
+    built = data.batches(rows, orders, batch_rows=part_rows * lanes, start_step=step)
+    assert stream.get_state() == built.get_state(), step
+    position = orders[0].locate(step * part_rows)
+    ends[position.offset == 0] += 1
+  assert ends[True] >= 8 and ends[False] >= 8, ends
+
+
 def test_16_bit_rows_are_served_as_stored(tmp_path):
   rng = np.random.default_rng(0)
   acts = rng.normal(size=(64, 8)).astype(np.float32)

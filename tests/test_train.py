@@ -417,7 +417,7 @@ def test_run_json_without_the_architecture_fields_still_loads(straight):
   assert SAEConfig(**old).architecture == "topk"
 
 
-def test_each_checkpoint_holds_the_data_position_of_its_step(store, straight):
+def test_each_checkpoint_holds_the_data_position_of_its_step(store, straight, tmp_path):
   """grain's iterator state saved with step N (the checkpoint's "data" item) is where the input
   pipeline stands after N batches: consumed here one by one from step 0, and built at step N."""
   reader = data.ChunkReader(Store(store))  # the trainer's defaults: 1 MiB chunks, 1 GiB buffer
@@ -433,3 +433,11 @@ def test_each_checkpoint_holds_the_data_position_of_its_step(store, straight):
       assert json.loads(saved.read_text()) == stream.get_state()
       assert stream.get_state() == data.batches(reader, orders, batch_rows=64,
                                                 start_step=step).get_state()
+  # A saved position that the order does not give for its step is refused, not trained on.
+  moved = shutil.copytree(straight, tmp_path / "moved")
+  saved = moved / "checkpoints" / "20" / "data" / "process_0-of-1.json"
+  state = json.loads(saved.read_text())
+  state["parents"][0]["offset"] += 1
+  saved.write_text(json.dumps(state))
+  assert "data position saved with step 20" in error_of(train(store, moved, "--steps=25",
+                                                               check=False))

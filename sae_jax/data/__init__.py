@@ -268,7 +268,10 @@ class _LanePartsIterator(grain.DatasetIterator):
 
   def get_state(self) -> dict:
     """The window being served (as the state of grain's window iterator before it was taken) and
-    how many of its rows were served: a Position."""
+    how many of its rows were served: a Position. A window served to its last row is the next
+    window at row 0, as `ChunkOrder.locate` puts that position."""
+    if self._rows is not None and self._at == len(self._row_order):
+      return {"windows": self._parent.get_state(), "offset": 0}
     return {"windows": self._windows_state,
             "offset": self._skip if self._rows is None else self._at}
 

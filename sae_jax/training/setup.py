@@ -243,3 +243,14 @@ def open_batches(run: RunConfig, inp: Input, first_step: int) -> dict:
                              start_step=first_step, prefetch_batches=run.prefetch_batches)
           for path, reader in inp.readers.items()}
 
+
+def check_data_position(members: list[Member], batches: dict, first_step: int) -> None:
+  """Refuses a resume whose saved data position (grain's iterator state, saved with the step) is
+  not where the data order puts that step: the store or the order changed since."""
+  for m in [m for m in members if first_step and m.start_step == first_step][:1]:
+    b = batches[m.init.store]
+    expected = b.get_state()
+    if checkpoint.restore_data(m.mngr, first_step, b) and b.get_state() != expected:
+      raise TrainError(f"--workdir={m.workdir}: the data position saved with step "
+                       f"{first_step} is not where the data order puts that step: the store "
+                       "or the order changed since it was saved; train in a new --workdir")
