@@ -1,0 +1,138 @@
+"""Why SAELens's TopK leads ours after one pass of scaled SynthSAEBench: a plain-JAX TopK (dense
+codes, jax.grad, optax Adam) trained on the batches of one of synthbench.py's runs, in its order,
+with SAELens's choices switched on one at a time, each scored by `eval.synthetic score`.
+
+  python benchmarks/synthbench.py --workdir=/tmp/synthbench --architectures=topk --lrs=5e-3
+  python benchmarks/topk_parametrization.py --workdir=/tmp/synthbench --lr=5e-3
+
+Variants (name: decoder, init, loss and Adam eps, b_dec, gradient clip):
+  ours:               unit decoder rows (gradient projected, renormalised after each step), our
+                      init (W_enc uniform +-1/sqrt(d), W_dec its unit rows), FVU and eps 6.25e-10,
+                      b_dec the geometric median, no clip: what sae_jax.train does
+  saelens_init:       unit rows, SAELens's init (kaiming-uniform W_dec rows at norm 0.1, W_enc =
+                      W_dec^T), its loss (squared error summed over dims, mean over the batch) and
+                      eps 1e-8, b_dec the mean
+  saelens_init_clip:  the same and SAELens's global gradient-norm clip at 1
+  free:               free decoder norms, the top k ranked by pre-activation x decoder norm and
+                      decoded by the unit rows (SAELens's rescale_acts_by_decoder_norm), our init
+                      (W_dec starts as W_enc itself, rows of norm ~0.58), loss, eps and b_dec
+  free_saelens_init:  free norms with SAELens's init, loss, eps and b_dec
+  saelens:            free norms, SAELens's init, loss, eps, b_dec and clip: its TopK trainer
+Prints one JSON line per variant (F1, MCC, dead latents); free norms are folded into the exported
+dictionary (the same function with unit rows).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from synthbench import our_batches  # noqa: E402
+from sae_jax.formats import dictionary  # noqa: E402
+from sae_jax.model import geometric_median  # noqa: E402
+
+VARIANTS = {  # name: (free decoder norms, SAELens's init/loss/eps/b_dec, gradient clip)
+    "ours": (False, False, 0.0),
+    "saelens_init": (False, True, 0.0),
+    "saelens_init_clip": (False, True, 1.0),
+    "free": (True, False, 0.0),
+    "free_saelens_init": (True, True, 0.0),
+    "saelens": (True, True, 1.0),
+}
+
+
+def train(x: jax.Array, *, k: int, num_latents: int, lr: float, warmup: int, free: bool,
+          saelens: bool, clip: float) -> dict:
+  """The trained dictionary with unit decoder rows."""
+  steps, _, d = x.shape
+  sample = x[:16].reshape(-1, d)[:16384]
+  key = jax.random.PRNGKey(0)
+  if saelens:
+    bound = np.sqrt(6 / d)
+    W_dec = jax.random.uniform(key, (num_latents, d), jnp.float32, -bound, bound)
+    W_dec = 0.1 * W_dec / jnp.linalg.norm(W_dec, axis=1, keepdims=True)
+    W_enc = W_dec
+    b_dec = sample.mean(0)
+  else:
+    bound = 1 / np.sqrt(d)
+    W_enc = jax.random.uniform(key, (num_latents, d), jnp.float32, -bound, bound)
+    W_dec = W_enc
+    b_dec = geometric_median(sample)
+  if not free:
+    W_dec = W_dec / jnp.linalg.norm(W_dec, axis=1, keepdims=True)
+  params = {"W_enc": W_enc, "b_enc": jnp.zeros(num_latents), "W_dec": W_dec, "b_dec": b_dec}
+  schedule = optax.join_schedules([optax.linear_schedule(0, lr, warmup),
+                                   optax.constant_schedule(lr)], [warmup])
+  tx = optax.adam(schedule, eps=1e-8 if saelens else 6.25e-10)
+  if clip:
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+
+  def reconstruct(p, rows):
+    norms = jnp.linalg.norm(p["W_dec"], axis=1)
+    pre = (rows - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]
+    pre = pre * norms if free else pre
+    values, indices = jax.lax.top_k(pre, k)
+    code = jnp.zeros_like(pre).at[jnp.arange(len(rows))[:, None], indices].set(
+        jax.nn.relu(values))
+    return code @ (p["W_dec"] / norms[:, None]) + p["b_dec"]
+
+  def loss(p, rows):
+    error = jnp.sum((rows - reconstruct(p, rows)) ** 2)
+    return error / len(rows) if saelens else error / jnp.sum((rows - rows.mean(0)) ** 2)
+
+  def step(i, carry):
+    p, opt = carry
+    g = jax.grad(loss)(p, x[i])
+    if not free:  # the gradient along each unit row would only change its norm
+      g["W_dec"] -= (g["W_dec"] * p["W_dec"]).sum(1, keepdims=True) * p["W_dec"]
+    updates, opt = tx.update(g, opt, p)
+    p = optax.apply_updates(p, updates)
+    if not free:
+      p["W_dec"] /= jnp.linalg.norm(p["W_dec"], axis=1, keepdims=True)
+    return p, opt
+
+  p, _ = jax.jit(lambda p: jax.lax.fori_loop(0, steps, step, (p, tx.init(p))))(params)
+  p = {name: np.asarray(v) for name, v in p.items()}
+  norms = np.linalg.norm(p["W_dec"], axis=1)  # 1 unless free: fold them into the encoder
+  return {"W_enc": p["W_enc"] * norms[:, None], "b_enc": p["b_enc"] * norms,
+          "W_dec": p["W_dec"] / norms[:, None], "b_dec": p["b_dec"]}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", type=Path, required=True, help="synthbench.py's workdir")
+  parser.add_argument("--run", default="ours-topk-0.005", help="the run whose batches to use")
+  parser.add_argument("--lr", type=float, default=5e-3)
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  args = parser.parse_args()
+  flags = json.loads((args.workdir / args.run / "flags.json").read_text())
+  batches = our_batches(args.workdir / args.run)
+  x = jnp.asarray(np.stack([np.asarray(next(batches), np.float32)
+                            for _ in range(flags["steps"])]))
+  for name in args.variants.split(","):
+    free, saelens, clip = VARIANTS[name]
+    params = train(x, k=flags["k"], num_latents=flags["num_latents"], lr=args.lr,
+                   warmup=flags["lr_warmup_steps"], free=free, saelens=saelens, clip=clip)
+    out = dictionary.write(args.workdir / "parametrization" / name, "topk", params,
+                           k=flags["k"], layout="saelens")
+    scored = subprocess.run([sys.executable, "-m", "eval.synthetic", "score", f"--sae={out}",
+                             f"--store={args.workdir / 'store'}", "--samples=16384", "--seed=0"],
+                            capture_output=True, text=True, cwd=ROOT, check=True)
+    result = json.loads(scored.stdout.splitlines()[-1])
+    print(json.dumps({"variant": name, "lr": args.lr, "f1": round(result["f1"], 3),
+                      "mcc": round(result["mcc"], 3), "dead": result["dead_latents"]}),
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()
