@@ -63,7 +63,7 @@ def test_the_position_after_each_step_is_the_one_a_resume_builds(store, lanes, p
   part_rows = 24
   stream = data.batches(rows, orders, batch_rows=part_rows * lanes,
                         prefetch_batches=prefetch_batches)
-  ends = {0: 0, 1: 0}  # steps that end a window (offset 0 after them), then the others
+  ends = {True: 0, False: 0}  # steps that end a window (row 0 of the next one), and the others
   for step in range(1, 4 * rows.num_rows // (part_rows * lanes)):  # four epochs
     next(stream)
     built = data.batches(rows, orders, batch_rows=part_rows * lanes, start_step=step)
