@@ -18,8 +18,9 @@ Variants (name: decoder, init, loss and Adam eps, b_dec, gradient clip):
                       (W_dec starts as W_enc itself, rows of norm ~0.58), loss, eps and b_dec
   free_saelens_init:  free norms with SAELens's init, loss, eps and b_dec
   saelens:            free norms, SAELens's init, loss, eps, b_dec and clip: its TopK trainer
-Prints one JSON line per variant (F1, MCC, dead latents); free norms are folded into the exported
-dictionary (the same function with unit rows).
+Prints one JSON line per variant (F1, MCC, dead latents) and appends it to
+WORKDIR/parametrization/results.jsonl (a rerun skips the variants scored there); free norms are
+folded into the exported dictionary (the same function with unit rows).
 """
 
 import argparse
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,23 +53,25 @@ VARIANTS = {  # name: (free decoder norms, SAELens's init/loss/eps/b_dec, gradie
 }
 
 
-def train(x: jax.Array, *, k: int, num_latents: int, lr: float, warmup: int, free: bool,
+def train(batches, *, steps: int, k: int, num_latents: int, lr: float, warmup: int, free: bool,
           saelens: bool, clip: float) -> dict:
-  """The trained dictionary with unit decoder rows."""
-  steps, _, d = x.shape
-  sample = x[:16].reshape(-1, d)[:16384]
+  """The dictionary trained on `steps` batches of `batches()` (a fresh iterator of the run's
+  batches, in its order), with unit decoder rows."""
+  rows = batches()
+  sample = np.concatenate([np.asarray(next(rows), np.float32) for _ in range(16)])[:16384]
+  d = sample.shape[1]
   key = jax.random.PRNGKey(0)
   if saelens:
     bound = np.sqrt(6 / d)
     W_dec = jax.random.uniform(key, (num_latents, d), jnp.float32, -bound, bound)
     W_dec = 0.1 * W_dec / jnp.linalg.norm(W_dec, axis=1, keepdims=True)
     W_enc = W_dec
-    b_dec = sample.mean(0)
+    b_dec = jnp.asarray(sample.mean(0))
   else:
     bound = 1 / np.sqrt(d)
     W_enc = jax.random.uniform(key, (num_latents, d), jnp.float32, -bound, bound)
     W_dec = W_enc
-    b_dec = geometric_median(sample)
+    b_dec = geometric_median(jnp.asarray(sample))
   if not free:
     W_dec = W_dec / jnp.linalg.norm(W_dec, axis=1, keepdims=True)
   params = {"W_enc": W_enc, "b_enc": jnp.zeros(num_latents), "W_dec": W_dec, "b_dec": b_dec}
@@ -77,22 +81,21 @@ def train(x: jax.Array, *, k: int, num_latents: int, lr: float, warmup: int, fre
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
 
-  def reconstruct(p, rows):
+  def reconstruct(p, x):
     norms = jnp.linalg.norm(p["W_dec"], axis=1)
-    pre = (rows - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]
+    pre = (x - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]
     pre = pre * norms if free else pre
     values, indices = jax.lax.top_k(pre, k)
-    code = jnp.zeros_like(pre).at[jnp.arange(len(rows))[:, None], indices].set(
-        jax.nn.relu(values))
+    code = jnp.zeros_like(pre).at[jnp.arange(len(x))[:, None], indices].set(jax.nn.relu(values))
     return code @ (p["W_dec"] / norms[:, None]) + p["b_dec"]
 
-  def loss(p, rows):
-    error = jnp.sum((rows - reconstruct(p, rows)) ** 2)
-    return error / len(rows) if saelens else error / jnp.sum((rows - rows.mean(0)) ** 2)
+  def loss(p, x):
+    error = jnp.sum((x - reconstruct(p, x)) ** 2)
+    return error / len(x) if saelens else error / jnp.sum((x - x.mean(0)) ** 2)
 
-  def step(i, carry):
-    p, opt = carry
-    g = jax.grad(loss)(p, x[i])
+  @jax.jit
+  def step(p, opt, x):
+    g = jax.grad(loss)(p, x)
     if not free:  # the gradient along each unit row would only change its norm
       g["W_dec"] -= (g["W_dec"] * p["W_dec"]).sum(1, keepdims=True) * p["W_dec"]
     updates, opt = tx.update(g, opt, p)
@@ -101,7 +104,9 @@ def train(x: jax.Array, *, k: int, num_latents: int, lr: float, warmup: int, fre
       p["W_dec"] /= jnp.linalg.norm(p["W_dec"], axis=1, keepdims=True)
     return p, opt
 
-  p, _ = jax.jit(lambda p: jax.lax.fori_loop(0, steps, step, (p, tx.init(p))))(params)
+  p, opt, rows = params, tx.init(params), batches()
+  for _ in tqdm(range(steps), unit="step", leave=False):
+    p, opt = step(p, opt, jnp.asarray(next(rows), jnp.float32))
   p = {name: np.asarray(v) for name, v in p.items()}
   norms = np.linalg.norm(p["W_dec"], axis=1)  # 1 unless free: fold them into the encoder
   return {"W_enc": p["W_enc"] * norms[:, None], "b_enc": p["b_enc"] * norms,
@@ -116,22 +121,28 @@ def main():
   parser.add_argument("--variants", default=",".join(VARIANTS))
   args = parser.parse_args()
   flags = json.loads((args.workdir / args.run / "flags.json").read_text())
-  batches = our_batches(args.workdir / args.run)
-  x = jnp.asarray(np.stack([np.asarray(next(batches), np.float32)
-                            for _ in range(flags["steps"])]))
+  out_dir = args.workdir / "parametrization"
+  results = out_dir / "results.jsonl"
+  done = {(r["run"], r["variant"], r["lr"]) for r in map(
+      json.loads, results.read_text().splitlines() if results.exists() else [])}
   for name in args.variants.split(","):
+    if (args.run, name, args.lr) in done:  # a rerun goes on after the last scored variant
+      continue
     free, saelens, clip = VARIANTS[name]
-    params = train(x, k=flags["k"], num_latents=flags["num_latents"], lr=args.lr,
+    params = train(lambda: our_batches(args.workdir / args.run), steps=flags["steps"],
+                   k=flags["k"], num_latents=flags["num_latents"], lr=args.lr,
                    warmup=flags["lr_warmup_steps"], free=free, saelens=saelens, clip=clip)
-    out = dictionary.write(args.workdir / "parametrization" / name, "topk", params,
+    out = dictionary.write(out_dir / f"{args.run}-{name}-{args.lr:g}", "topk", params,
                            k=flags["k"], layout="saelens")
     scored = subprocess.run([sys.executable, "-m", "eval.synthetic", "score", f"--sae={out}",
                              f"--store={args.workdir / 'store'}", "--samples=16384", "--seed=0"],
                             capture_output=True, text=True, cwd=ROOT, check=True)
     result = json.loads(scored.stdout.splitlines()[-1])
-    print(json.dumps({"variant": name, "lr": args.lr, "f1": round(result["f1"], 3),
-                      "mcc": round(result["mcc"], 3), "dead": result["dead_latents"]}),
-          flush=True)
+    row = {"run": args.run, "variant": name, "lr": args.lr, "f1": round(result["f1"], 3),
+           "mcc": round(result["mcc"], 3), "dead": result["dead_latents"]}
+    with results.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

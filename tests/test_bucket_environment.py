@@ -22,6 +22,7 @@ def bucket(request, monkeypatch):
     monkeypatch.setenv(name, value)
   yield server
   server.process.kill()
+  server.process.wait()
 
 
 def test_a_bucket_round_trip_writes_nothing_into_the_environment(bucket, tmp_path):
