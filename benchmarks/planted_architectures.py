@@ -1,6 +1,6 @@
 """TopK, BatchTopK and their Matryoshka versions on one planted dictionary, at one token budget.
 
-  python benchmarks/planted_architectures.py --steps=3000 --seeds=0,1,2
+  python benchmarks/planted_architectures.py --steps=3000 --seeds=0,1,2 [--decoder_norm=unit]
 
 The data (tests/planted.py): 64 unit directions in R^32 fire at Zipf frequencies (the rarest
 1/64th as often as the most frequent), 3 per row with coefficients in [0.5, 1.5], plus noise of
@@ -35,16 +35,18 @@ ARCHITECTURES = {
 }
 
 
-def config(name: str, steps: int) -> SAEConfig:
+def config(name: str, steps: int, decoder_norm: str) -> SAEConfig:
   return SAEConfig(d_in=D, num_latents=N, k=K, dead_tokens=50 * ROWS,
-                   threshold_start_step=steps // 4, **ARCHITECTURES[name])
+                   threshold_start_step=steps // 4, decoder_norm=decoder_norm,
+                   **ARCHITECTURES[name])
 
 
-def measure(name: str, steps: int, seed: int) -> dict:
+def measure(name: str, steps: int, seed: int, decoder_norm: str) -> dict:
   """One SAE trained on the planted data (data and init from `seed`), scored."""
   directions = planted.directions(M, D, seed)
   freq = planted.frequencies(M, 1.0)
-  graphdef, state, metrics = planted.train(config(name, steps), directions, freq, steps=steps,
+  graphdef, state, metrics = planted.train(config(name, steps, decoder_norm), directions, freq,
+                                           steps=steps,
                                            rows=ROWS, active=ACTIVE, noise=NOISE, lr=LR,
                                            seed=seed)
   found = planted.recovery(graphdef, state, directions)
@@ -63,11 +65,13 @@ def main():
   parser.add_argument("--steps", type=int, default=3000)
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--architectures", default=",".join(ARCHITECTURES))
+  parser.add_argument("--decoder_norm", default="free", choices=["unit", "free"])
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   for name in args.architectures.split(","):
-    runs = [measure(name, args.steps, seed) for seed in seeds]
-    print(json.dumps({"architecture": name, "steps": args.steps, "tokens": args.steps * ROWS,
+    runs = [measure(name, args.steps, seed, args.decoder_norm) for seed in seeds]
+    print(json.dumps({"architecture": name, "decoder_norm": args.decoder_norm,
+                      "steps": args.steps, "tokens": args.steps * ROWS,
                       "seeds": seeds, **{key: round(float(np.mean([r[key] for r in runs])), 4)
                                          for key in runs[0]}}), flush=True)
 

@@ -60,7 +60,7 @@ def train_ours(args, arch: str, lr: float, workdir: Path) -> Path:
   flags = [f"--store={args.workdir / 'store'}", f"--workdir={workdir}",
            f"--num_latents={args.num_latents}", f"--k={args.k}", f"--batch_size={args.batch_size}",
            f"--steps={args.steps}", f"--lr={lr}", f"--lr_warmup_steps={args.warmup}",
-           f"--seed={args.seed}", "--log_every=50"]
+           f"--seed={args.seed}", f"--decoder_norm={args.decoder_norm}", "--log_every=50"]
   if "batchtopk" in arch:  # its threshold is learned from a quarter of the run on
     flags += ["--architecture=batchtopk", f"--threshold_start_step={max(1, args.steps // 4)}"]
   if arch.startswith("matryoshka"):
@@ -135,6 +135,9 @@ def main():
   parser.add_argument("--lrs", default="1e-3,2e-3,3e-3,5e-3,1e-2,2e-2")
   parser.add_argument("--architectures", default=",".join(ARCHITECTURES))
   parser.add_argument("--sides", default="ours,saelens")
+  parser.add_argument("--decoder_norm", default="unit", choices=["unit", "free"],
+                      help="our trainer's --decoder_norm (SAELens's TopK and BatchTopK trainers "
+                      "always have free norms)")
   parser.add_argument("--samples", type=int, default=16_384, help="score samples")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--device", default="cpu", help="torch device of SAELens and the "
@@ -146,13 +149,17 @@ def main():
   synthetic.write_store(store, synthetic.MODELS[args.model](), args.rows, name=args.model,
                         dtype=args.dtype, device=args.device)
   results = args.workdir / "results.jsonl"
-  done = {(r["side"], r["architecture"], r["lr"]): r for r in map(
+  done = {run_key(r): r for r in map(
       json.loads, results.read_text().splitlines() if results.exists() else [])}
+  free = args.decoder_norm == "free"
   for arch in args.architectures.split(","):
     for lr in map(float, args.lrs.split(",")):
-      workdir = args.workdir / f"ours-{arch}-{lr:g}"
+      workdir = args.workdir / f"ours-{'free-' * free}{arch}-{lr:g}"
       for side in args.sides.split(","):
-        if (side, arch, lr) in done or (side == "saelens" and arch == "matryoshka-topk"):
+        row = {"side": side, "architecture": arch, "lr": lr}
+        if side == "ours":
+          row["decoder_norm"] = args.decoder_norm
+        if run_key(row) in done or (side == "saelens" and arch == "matryoshka-topk"):
           continue
         start = time.time()
         if side == "ours" or not (workdir / "flags.json").exists():
@@ -161,22 +168,32 @@ def main():
           export = train_saelens(args, arch, lr, workdir, args.workdir / f"saelens-{arch}-{lr:g}")
         scored = synthetic.score(export, store, samples=args.samples, batch_size=4096,
                                  seed=args.seed, device=args.device)
-        row = {"side": side, "architecture": arch, "lr": lr, "steps": args.steps,
+        row = {**row, "steps": args.steps,
                "samples_trained": args.steps * args.batch_size,
                "seconds": round(time.time() - start),
                **{k: scored[k] for k in ("f1", "mcc", "precision", "recall", "uniqueness",
                                          "explained_variance", "l0", "dead_latents")}}
-        done[(side, arch, lr)] = row
+        done[run_key(row)] = row
         with results.open("a") as f:
           f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
   write_table(args, done)
 
 
+def run_key(row: dict) -> tuple:
+  """A result's identity: side, architecture, lr and (ours) the decoder norm."""
+  norm = row.get("decoder_norm", "unit") if row["side"] == "ours" else None
+  return row["side"], row["architecture"], row["lr"], norm
+
+
+def side_name(row: dict) -> str:
+  return "ours, free norms" if row.get("decoder_norm") == "free" else row["side"]
+
+
 def write_table(args, done: dict) -> None:
   best = {}
   for row in done.values():
-    key = (row["architecture"], row["side"])
+    key = (row["architecture"], side_name(row))
     if key not in best or row["f1"] > best[key]["f1"]:
       best[key] = row
   lines = [f"Scaled SynthSAEBench (`{args.model}`, {args.rows:,} rows), width {args.num_latents}, "

@@ -73,6 +73,12 @@ class SAEConfig:
       "batch_size * k largest (each token's top --batchtopk_max_k candidates); inference "
       "thresholds at a learned value (a JumpReLU).", choices=architectures.names)
   multi_topk: bool = knob(False, "Add the Multi-TopK loss (top-4k FVU / 8).")
+  decoder_norm: str = knob(
+      "free", "unit: decoder rows renormalised to norm 1 after every step, their gradient "
+      "projected (OpenAI's recipe, sparsify). free: rows keep their norms, a latent's value is "
+      "its pre-activation times its row's norm (so the top k rank by both) and the decode divides "
+      "the norm out (SAELens's rescale_acts_by_decoder_norm); the export folds the norms in.",
+      choices=("unit", "free"))
   auxk_alpha: float = knob(1 / 32, "AuxK loss coefficient (0 disables).", lower_bound=0)
   dead_tokens: int = knob(
       10_000_000, "A latent that has not fired for this many tokens is dead (0: every latent "
@@ -142,8 +148,10 @@ class SAEConfig:
   @classmethod
   def from_record(cls, record: dict) -> SAEConfig:
     """The config of a run.json or export sidecar, also one written before a knob existed (or
-    with k_aux None, as runs before the schema recorded the default)."""
-    return cls(**{**record, "k_aux": record.get("k_aux") or 0})
+    with k_aux None, as runs before the schema recorded the default; runs before decoder_norm
+    had unit rows)."""
+    return cls(**{**record, "k_aux": record.get("k_aux") or 0,
+                  "decoder_norm": record.get("decoder_norm", "unit")})
 
   @property
   def arch(self) -> architectures.Architecture:

@@ -73,13 +73,19 @@ def train_on(cfg: SAEConfig, make, *, steps: int, lr: float, seed: int = 0):
   return graphdef, state, metrics
 
 
+def cosines(graphdef, state, planted: jax.Array) -> np.ndarray:
+  """[planted features, latents]: the cosine of each unit planted direction with each decoder row
+  (free decoder norms included)."""
+  model, _ = nnx.merge(graphdef, state)
+  rows = np.asarray(model.W_dec[...])
+  return np.asarray(planted) @ (rows / np.linalg.norm(rows, axis=1, keepdims=True)).T
+
+
 def recovery(graphdef, state, planted: jax.Array, cosine: float = 0.9) -> np.ndarray:
   """Per planted feature: whether some decoder row has cosine > `cosine` with it."""
-  model, _ = nnx.merge(graphdef, state)
-  return np.asarray(planted @ model.W_dec[...].T).max(axis=1) > cosine  # rows are unit norm
+  return cosines(graphdef, state, planted).max(axis=1) > cosine
 
 
 def best_latent(graphdef, state, planted: jax.Array) -> np.ndarray:
   """Per planted feature, the index of the decoder row closest to it."""
-  model, _ = nnx.merge(graphdef, state)
-  return np.asarray(planted @ model.W_dec[...].T).argmax(axis=1)
+  return cosines(graphdef, state, planted).argmax(axis=1)

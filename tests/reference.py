@@ -47,6 +47,13 @@ def pre_numpy(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
   return np.maximum((np.asarray(x, np.float64) - p["b_dec"]) @ p["W_enc"].T + p["b_enc"], 0.0)
 
 
+def decoder_norms_numpy(params: dict[str, np.ndarray], decoder_norm: str) -> np.ndarray:
+  """Each decoder row's norm with free decoder norms (a latent's value is its pre-activation times
+  it, and its decode weight the value over it), ones with unit rows."""
+  W_dec = np.asarray(params["W_dec"], np.float64)
+  return np.linalg.norm(W_dec, axis=1) if decoder_norm == "free" else np.ones(len(W_dec))
+
+
 def batchtopk_mask_numpy(pre: np.ndarray, k: int, cap: int):
   """BatchTopK's picks as a dense [B, n] bool mask: each token's top `cap`, then the B*k largest
   of all those candidates (flattened). Also the cut (the (B*k)-th largest candidate) and the

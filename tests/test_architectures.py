@@ -45,13 +45,18 @@ def params_of(model):
   return {name: np.asarray(getattr(model, name)[...], np.float64) for name in PARAMS}
 
 
+def values_numpy(p, x, cfg):
+  """The latents' values in float64: pre-activations, times the decoder norms when free."""
+  return reference.pre_numpy(p, x) * reference.decoder_norms_numpy(p, cfg.decoder_norm)
+
+
 @pytest.mark.parametrize("cap", [0, 4, 16, N])
 def test_batchtopk_picks_the_batch_largest_candidates(cap):
   cfg = SAEConfig(d_in=D, num_latents=N, k=K, architecture="batchtopk", batchtopk_max_k=cap)
   model, _, x = model_and_batch(cfg)
   values, indices, _, _ = model.select(x)
   kept, capped = jax.jit(batchtopk.select, static_argnums=1)(values, K)
-  pre = reference.pre_numpy(params_of(model), x)
+  pre = values_numpy(params_of(model), x, cfg)
   mask, cut, want_capped = reference.batchtopk_mask_numpy(pre, K, cfg.num_selected)
   got = np.zeros((B, N), bool)
   np.put_along_axis(got, np.asarray(indices), np.asarray(kept) > 0, 1)
@@ -73,26 +78,36 @@ def dense_loss(p, x, mask, aux_mask, cfg, num_dead):
   """FVU averaged over the Matryoshka levels, plus AuxK on the full reconstruction, with the
   picks given as dense masks."""
   pre = jax.nn.relu((x - p["b_dec"]) @ p["W_enc"].T + p["b_enc"])
-  z = jnp.where(mask, pre, 0.0)
+  # Free norms as SAELens writes them (gradients through the norms included): values pre * s,
+  # decoded as values / s.
+  norms = jnp.linalg.norm(p["W_dec"], axis=1) if cfg.decoder_norm == "free" else 1.0
+  z = jnp.where(mask, pre * norms, 0.0) / norms
   total_variance = jnp.sum(jnp.square(x - x.mean(0)))
   widths = (*cfg.matryoshka_prefixes, cfg.num_latents)
   latents = jnp.arange(cfg.num_latents)
   fvus = [jnp.sum(jnp.square(jnp.where(latents < w, z, 0.0) @ p["W_dec"] + p["b_dec"] - x))
           / total_variance for w in widths]
   residual = jax.lax.stop_gradient(x - (z @ p["W_dec"] + p["b_dec"]))
-  e_hat = jnp.where(aux_mask, pre, 0.0) @ p["W_dec"]
+  e_hat = (jnp.where(aux_mask, pre * norms, 0.0) / norms) @ p["W_dec"]
   aux = min(num_dead / cfg.num_aux, 1.0) * jnp.sum(jnp.square(e_hat - residual)) / total_variance
   return sum(fvus) / len(fvus) + cfg.auxk_alpha * aux, fvus
 
 
+@pytest.mark.parametrize("decoder_norm", ["free", "unit"])
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
-def test_matryoshka_loss_and_gradients_match_a_dense_float64_formulation(architecture):
+def test_matryoshka_loss_and_gradients_match_a_dense_float64_formulation(architecture,
+                                                                         decoder_norm):
   cfg = SAEConfig(d_in=D, num_latents=N, k=K, architecture=architecture, batchtopk_max_k=5,
-                  matryoshka_prefixes=(9, 21), auxk_alpha=0.25, k_aux=4, dead_tokens=10)
+                  matryoshka_prefixes=(9, 21), auxk_alpha=0.25, k_aux=4, dead_tokens=10,
+                  decoder_norm=decoder_norm)
   model, optimizer, x = model_and_batch(cfg, seed=1)
   dead = np.zeros(N, bool)
   dead[np.random.default_rng(2).permutation(N)[:8]] = True
   model.tokens_since_fired[...] = jnp.asarray(np.where(dead, 100, 0), jnp.int32)
+  if decoder_norm == "free":  # norms that change the picks, and the levels' first latents win
+    scale = np.random.default_rng(3).uniform(0.5, 2.0, (N, 1))
+    scale[list(cfg.matryoshka_prefixes)] = 4.0
+    model.W_dec[...] *= jnp.asarray(scale, jnp.float32)
   graphdef, state = nnx.split((model, optimizer))
 
   def loss(params):
@@ -104,7 +119,7 @@ def test_matryoshka_loss_and_gradients_match_a_dense_float64_formulation(archite
       nnx.state(model, nnx.Param))
 
   p = params_of(model)
-  pre = reference.pre_numpy(p, x)
+  pre = values_numpy(p, x, cfg)
   if architecture == "batchtopk":
     mask = reference.batchtopk_mask_numpy(pre, K, cfg.num_selected)[0]
   else:
@@ -145,7 +160,7 @@ def test_threshold_ema_and_the_jumprelu_inference():
   for t in range(5):
     x = rng.normal(0.2, 1.0, (B, D)).astype(np.float32)
     model, _ = nnx.merge(graphdef, state)
-    pre = reference.pre_numpy(params_of(model), x)
+    pre = values_numpy(params_of(model), x, cfg)
     mask = reference.batchtopk_mask_numpy(pre, K, cfg.num_selected)[0]
     smallest = pre[mask & (pre > 0)].min()
     if t >= start:
@@ -156,10 +171,10 @@ def test_threshold_ema_and_the_jumprelu_inference():
   assert float(model.threshold[...]) == float(metrics["threshold"])
   p = params_of(model)
   x[:4] *= 8  # loud rows: more latents above the threshold than the training candidates
-  pre = reference.pre_numpy(p, x)
+  pre = values_numpy(p, x, cfg)
   code = np.where(pre > want, pre, 0.0)  # every latent above the threshold, no cap
   assert (code > 0).sum(1).max() > cfg.num_selected  # the test exercises rows past the old cap
-  x_hat = code @ p["W_dec"] + p["b_dec"]
+  x_hat = (code / reference.decoder_norms_numpy(p, cfg.decoder_norm)) @ p["W_dec"] + p["b_dec"]
   evaluated = step_lib.eval_metrics(graphdef, state, jnp.asarray(x))
   np.testing.assert_allclose(evaluated["fvu"], np.sum((x - x_hat) ** 2) /
                              np.sum((x - x.mean(0)) ** 2), rtol=1e-5)

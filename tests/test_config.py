@@ -186,10 +186,12 @@ def test_a_registered_architecture_trains_through_the_shared_step(monkeypatch):
   W_dec, b_dec = np.asarray(model["W_dec"][...], np.float64), np.asarray(model["b_dec"][...])
   _, metrics = jax.jit(step.train_step, static_argnums=0)(graphdef, state, x)
 
-  # float64 reference: each row reconstructed from its one largest ReLU pre-activation.
+  # float64 reference: each row reconstructed from its one largest value (the ReLU
+  # pre-activation times the decoder row's norm, the default --decoder_norm=free), decoded by the
+  # pre-activation times the raw row.
   xs = np.asarray(x, np.float64)
   pre = np.maximum((xs - b_dec) @ W_enc.T + b_enc, 0)
-  best = pre.argmax(1)
+  best = (pre * np.linalg.norm(W_dec, axis=1)).argmax(1)
   x_hat = pre[np.arange(len(xs)), best][:, None] * W_dec[best] + b_dec
   fvu = ((xs - x_hat) ** 2).sum() / ((xs - xs.mean(0)) ** 2).sum()
   assert float(metrics["l0"]) == 1.0 and float(metrics["kept_per_token"]) == 1.0

@@ -29,6 +29,8 @@ def make_model(dead_latents: int = 0, plan=None, **overrides) -> SparseAutoencod
   count = np.zeros(N, np.int32)
   count[rng.permutation(N)[:dead_latents]] = 1000
   model.tokens_since_fired[...] = jnp.asarray(count)
+  if model.cfg.decoder_norm == "free":  # norms far enough apart to change which latents win
+    model.W_dec[...] *= jnp.asarray(rng.uniform(0.3, 3.0, (N, 1)), jnp.float32)
   return model
 
 
@@ -37,14 +39,17 @@ def batch(seed: int = 2) -> jax.Array:
 
 
 def dense_loss(params, x, cfg: SAEConfig, dead):
-  """The same loss with a dense [B, n] code, a dense decoder matmul and plain autodiff."""
+  """The same loss with a dense [B, n] code, a dense decoder matmul and plain autodiff. Free
+  decoder norms as SAELens writes them, gradients through the norms included: values pre * s,
+  the top k of those, decoded as values / s."""
   W_enc, b_enc, W_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
-  pre = jax.nn.relu((x - b_dec) @ W_enc.T + b_enc)
+  norms = jnp.linalg.norm(W_dec, axis=1) if cfg.decoder_norm == "free" else 1.0
+  pre = jax.nn.relu((x - b_dec) @ W_enc.T + b_enc) * norms
   rows = jnp.arange(x.shape[0])[:, None]
 
   def code(scores, k):
     _, idx = jax.lax.top_k(scores, k)
-    return jnp.zeros_like(pre).at[rows, idx].set(pre[rows, idx])
+    return jnp.zeros_like(pre).at[rows, idx].set(pre[rows, idx]) / norms
 
   total_variance = jnp.sum((x - x.mean(0)) ** 2)
   x_hat = code(pre, cfg.k) @ W_dec + b_dec
@@ -72,15 +77,16 @@ def params_of(model):
     (True, 0.5, 30),  # everything at once, more dead latents than k_aux
 ])
 @pytest.mark.parametrize("weight_grads", ["scatter", "xla_scatter", "matmul", "accelerator"])
+@pytest.mark.parametrize("decoder_norm", ["free", "unit"])
 def test_sparse_gradients_match_dense_autodiff(multi_topk, auxk_alpha, dead_latents, weight_grads,
-                                               ):
+                                               decoder_norm):
   plan = None
   if weight_grads == "accelerator":  # "auto" as on a GPU: dense decodes and weight gradients
     plan, weight_grads = ACCELERATOR, "auto"
   if weight_grads == "xla_scatter":  # a CPU host without the native kernels
     plan, weight_grads = XLA_CPU, "scatter"
   model = make_model(dead_latents, plan, multi_topk=multi_topk, auxk_alpha=auxk_alpha, k_aux=5,
-                     weight_grads=weight_grads)
+                     weight_grads=weight_grads, decoder_norm=decoder_norm)
   x, dead = batch(), model.dead_mask()
   graphdef, state = nnx.split(model)
 
@@ -102,26 +108,37 @@ def test_sparse_gradients_match_dense_autodiff(multi_topk, auxk_alpha, dead_late
   np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-7)
 
 
-def test_encode_decode_and_dense_pre_activations_agree():
-  model, x = make_model(), batch()
+@pytest.mark.parametrize("decoder_norm", ["free", "unit"])
+def test_encode_decode_and_dense_pre_activations_agree(decoder_norm):
+  model, x = make_model(decoder_norm=decoder_norm), batch()
   values, indices = model.encode(x)
   assert values.shape == indices.shape == (B, K) and indices.dtype == jnp.int32
   pre = np.asarray(model.pre_activations(x))
   assert pre.shape == (B, N) and (pre >= 0).all()
+  W_dec = np.asarray(model.W_dec[...])
+  norms = np.linalg.norm(W_dec, axis=1) if decoder_norm == "free" else np.ones(N)
+  raw = np.maximum((np.asarray(x) - np.asarray(model.b_dec[...])) @ np.asarray(model.W_enc[...]).T
+                   + np.asarray(model.b_enc[...]), 0)
+  np.testing.assert_allclose(pre, raw * norms, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(indices, np.argsort(-pre, axis=1, kind="stable")[:, :K])
   np.testing.assert_allclose(values, np.take_along_axis(pre, np.asarray(indices), 1), rtol=1e-6)
   z = np.zeros((B, N), np.float32)
   np.put_along_axis(z, np.asarray(indices), np.asarray(values), 1)
-  want = z @ np.asarray(model.W_dec[...]) + np.asarray(model.b_dec[...])
-  np.testing.assert_allclose(model(x), want, rtol=1e-5, atol=1e-6)
+  want = (z / norms) @ W_dec + np.asarray(model.b_dec[...])
+  np.testing.assert_allclose(model(x), want, rtol=1e-5, atol=1e-5)
 
 
-def test_init_is_sparsify_like():
-  model = SparseAutoencoder(SAEConfig(d_in=64, num_latents=256, k=8), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("decoder_norm", ["free", "unit"])
+def test_init_is_sparsify_like(decoder_norm):
+  cfg = SAEConfig(d_in=64, num_latents=256, k=8, decoder_norm=decoder_norm)
+  model = SparseAutoencoder(cfg, rngs=nnx.Rngs(0))
   W_enc, W_dec = np.asarray(model.W_enc[...]), np.asarray(model.W_dec[...])
   assert np.abs(W_enc).max() <= 1 / 8 and np.abs(W_enc).max() > 0.95 / 8
-  np.testing.assert_allclose(np.linalg.norm(W_dec, axis=1), 1, rtol=1e-6)
-  np.testing.assert_allclose(W_dec, normalize_rows(XLA_CPU, W_enc), rtol=1e-6)
+  if decoder_norm == "unit":
+    np.testing.assert_allclose(np.linalg.norm(W_dec, axis=1), 1, rtol=1e-6)
+    np.testing.assert_allclose(W_dec, normalize_rows(XLA_CPU, W_enc), rtol=1e-6)
+  else:  # the encoder's rows, at their norm (~sqrt(1/3) for uniform entries)
+    np.testing.assert_array_equal(W_dec, W_enc)
   assert not np.asarray(model.b_enc[...]).any() and not np.asarray(model.b_dec[...]).any()
   assert not isinstance(model.tokens_since_fired, nnx.Param)
 

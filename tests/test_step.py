@@ -23,6 +23,8 @@ def reference_losses_and_grads(p, x, cfg: SAEConfig, dead):
   W_enc, b_enc, W_dec, b_dec = p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"]
   xc = x - b_dec
   pre = np.maximum(xc @ W_enc.T + b_enc, 0)
+  # Free decoder norms rank by pre-activation x row norm and decode pre-activation x raw row.
+  norms = np.linalg.norm(W_dec, axis=1) if cfg.decoder_norm == "free" else np.ones(len(W_dec))
   rows = np.arange(len(x))[:, None]
   g = {name: np.zeros_like(value) for name, value in p.items()}
 
@@ -40,20 +42,20 @@ def reference_losses_and_grads(p, x, cfg: SAEConfig, dead):
     g["b_dec"] -= (g_pre @ W_enc).sum(0)
 
   total_variance = np.sum((x - x.mean(0)) ** 2)
-  z = code(pre, cfg.k)
+  z = code(pre * norms, cfg.k)
   x_hat = z @ W_dec + b_dec
   loss = np.sum((x_hat - x) ** 2) / total_variance
   backprop(z, 2 * (x_hat - x) / total_variance)
   g["b_dec"] += (2 * (x_hat - x) / total_variance).sum(0)
   if cfg.multi_topk:
-    z4 = code(pre, 4 * cfg.k)
+    z4 = code(pre * norms, 4 * cfg.k)
     r4 = z4 @ W_dec + b_dec - x
     loss += np.sum(r4 ** 2) / total_variance / 8
     backprop(z4, 2 * r4 / total_variance / 8)
     g["b_dec"] += (2 * r4 / total_variance / 8).sum(0)
   num_dead = dead.sum()
   if cfg.num_aux and num_dead:
-    z_aux = code(np.where(dead, pre, -1.0), cfg.num_aux) * dead
+    z_aux = code(np.where(dead, pre * norms, -1.0), cfg.num_aux) * dead
     residual = x - x_hat
     e_hat = z_aux @ W_dec
     coef = cfg.auxk_alpha * min(num_dead / cfg.num_aux, 1.0)
@@ -63,30 +65,36 @@ def reference_losses_and_grads(p, x, cfg: SAEConfig, dead):
 
 
 def reference_update(p, mu, nu, t, count, x, cfg):
-  """One step: grads, decoder-parallel projection, Adam, row renorm, dead counter."""
+  """One step: grads, decoder-parallel projection, Adam, row renorm (the two with unit rows),
+  dead counter."""
   dead = count > cfg.dead_tokens
   loss, g, z = reference_losses_and_grads(p, x, cfg, dead)
+  unit = cfg.decoder_norm == "unit"
   W = p["W_dec"]
-  g["W_dec"] = g["W_dec"] - np.sum(g["W_dec"] * W, axis=1, keepdims=True) * W
+  if unit:
+    g["W_dec"] = g["W_dec"] - np.sum(g["W_dec"] * W, axis=1, keepdims=True) * W
   new = {}
   for name in p:
     mu[name] = B1 * mu[name] + (1 - B1) * g[name]
     nu[name] = B2 * nu[name] + (1 - B2) * g[name] ** 2
     m_hat, v_hat = mu[name] / (1 - B1 ** t), nu[name] / (1 - B2 ** t)
     new[name] = p[name] - LR * m_hat / (np.sqrt(v_hat) + EPS)
-  new["W_dec"] /= np.linalg.norm(new["W_dec"], axis=1, keepdims=True)
+  if unit:
+    new["W_dec"] /= np.linalg.norm(new["W_dec"], axis=1, keepdims=True)
   count = np.where((z > 0).any(0), 0, count + len(x))
   return loss, g, new, count
 
 
-@pytest.mark.parametrize("multi_topk,weight_grads", [(False, "scatter"), (True, "scatter"),
-                                                    (True, "xla_scatter"), (True, "matmul")])
-def test_train_step_matches_float64_reference(multi_topk, weight_grads):
+@pytest.mark.parametrize("multi_topk,weight_grads,decoder_norm", [
+    (False, "scatter", "unit"), (True, "scatter", "unit"), (True, "xla_scatter", "unit"),
+    (True, "matmul", "unit"), (True, "scatter", "free"), (True, "xla_scatter", "free"),
+    (True, "matmul", "free")])
+def test_train_step_matches_float64_reference(multi_topk, weight_grads, decoder_norm):
   plan = None
   if weight_grads == "xla_scatter":  # a CPU host without the native kernels
     plan, weight_grads = KernelPlan.for_platform("cpu", use_native=False), "scatter"
   cfg = SAEConfig(d_in=D, num_latents=N, k=K, multi_topk=multi_topk, auxk_alpha=0.25, k_aux=4,
-                  dead_tokens=2 * B, weight_grads=weight_grads)
+                  dead_tokens=2 * B, weight_grads=weight_grads, decoder_norm=decoder_norm)
   rng = np.random.default_rng(0)
   tx = step_lib.make_optimizer(LR, b1=B1, b2=B2, eps=EPS)
   graphdef, state = step_lib.create_state(cfg, tx, seed=0, b_dec=rng.normal(0, 0.2, D), plan=plan)
@@ -97,10 +105,18 @@ def test_train_step_matches_float64_reference(multi_topk, weight_grads):
   count[:6] = 10 * B
   count[6] = B + 1
   model.tokens_since_fired[...] = jnp.asarray(count)
+  if decoder_norm == "free":  # norms far enough apart that ranking by them changes the picks
+    model.W_dec[...] *= jnp.asarray(rng.uniform(0.3, 3.0, (N, 1)), jnp.float32)
   graphdef, state = nnx.split((model, optimizer))
 
   p = {name: np.asarray(getattr(model, name)[...], np.float64)
        for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+  if decoder_norm == "free":
+    x = rng.normal(0.3, 1.0, (B, D))
+    pre = np.maximum((x - p["b_dec"]) @ p["W_enc"].T + p["b_enc"], 0)
+    by_value = np.sort(np.argsort(-pre, axis=1)[:, :K], axis=1)
+    by_norm = np.sort(np.argsort(-pre * np.linalg.norm(p["W_dec"], axis=1), axis=1)[:, :K], axis=1)
+    assert (by_value != by_norm).any(axis=1).mean() > 0.5
   mu = {name: np.zeros_like(v) for name, v in p.items()}
   nu = {name: np.zeros_like(v) for name, v in p.items()}
   step = jax.jit(step_lib.train_step, donate_argnums=1)

@@ -417,6 +417,25 @@ def test_run_json_without_the_architecture_fields_still_loads(straight):
   assert SAEConfig(**old).architecture == "topk"
 
 
+def test_a_run_from_before_free_decoder_norms_resumes_with_unit_rows(store, straight, tmp_path):
+  """A workdir written before --decoder_norm existed had unit rows: resuming it under today's
+  default (free) is refused with the knob to pass, and it resumes with that knob."""
+  from sae_jax.model import SAEConfig
+  workdir = shutil.copytree(straight, tmp_path / "old")
+  for name in ("run.json", "flags.json"):
+    record = json.loads((workdir / name).read_text())
+    (record["sae"] if name == "run.json" else record).pop("decoder_norm")
+    (workdir / name).write_text(json.dumps(record))
+  assert SAEConfig.from_record(json.loads((workdir / "run.json").read_text())["sae"]
+                               ).decoder_norm == "unit"
+  error = error_of(train(store, workdir, "--steps=25", check=False))
+  assert error == (f"{workdir} holds a run with another SAE config (--decoder_norm=free (the "
+                   "run: unit)); rerun with its values to resume it, or use a new --workdir")
+  summary = json.loads(train(store, workdir, "--steps=25", "--decoder_norm=unit"
+                             ).stdout.splitlines()[-1])
+  assert summary["step"] == 25
+
+
 def test_each_checkpoint_holds_the_data_position_of_its_step(store, straight, tmp_path):
   """grain's iterator state saved with step N (the checkpoint's "data" item) is where the input
   pipeline stands after N batches: consumed here one by one from step 0, and built at step N."""

@@ -49,8 +49,10 @@ def model_variables(run: dict) -> tuple[str, ...]:
 
 def from_training(variables: dict[str, np.ndarray], run: dict, step: int) -> dict[str, np.ndarray]:
   """The exported parameters (acting on raw activations) of a trained model's variables: the
-  four parameters and what the architecture adds (BatchTopK: its learned threshold on every
-  latent, Bussmann et al.'s inference rule)."""
+  four parameters, free decoder norms folded in, and what the architecture adds (BatchTopK: its
+  learned threshold on every latent, Bussmann et al.'s inference rule)."""
   params = {name: np.asarray(variables[name], np.float32) for name in dictionary.PARAM_NAMES}
+  if run["sae"].get("decoder_norm", "unit") == "free":
+    params = dictionary.fold_decoder_norms(params)
   params.update(of_run(run).exported(variables, run["sae"], step))
   return dictionary.fold_input_scale(params, run["input_scale"])

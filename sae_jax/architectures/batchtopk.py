@@ -105,7 +105,7 @@ class BatchTopK(Architecture):
 
   def reconstruct(self, model, x):
     code = jumprelu_code(model, x)
-    return code @ model.W_dec[...] + model.b_dec[...], code
+    return model.decode_dense(code), code
 
   def loggable(self, scalars: dict) -> dict:
     if scalars[THRESHOLD] < 0:  # before the threshold is learned there is no JumpReLU

@@ -4,6 +4,10 @@
   z     = TopK_k(pre)                          values [B, k] and indices [B, k]
   x_hat = sum_j z_j W_dec[i_j] + b_dec         a gather of k decoder rows per token
 
+With --decoder_norm=free (SAELens's rescale_acts_by_decoder_norm) the decoder rows keep their
+norms s: z = TopK_k(pre * s) and x_hat = sum_j (z_j / s_j) W_dec[i_j] + b_dec, the unit-row
+dictionary W_enc * s, b_enc * s, W_dec / s at export.
+
 Weights are latent-major (row i of W_enc and of W_dec belong to latent i), so the latent axis is
 the leading axis of every per-latent array and shards as P("model", None).
 """
@@ -57,7 +61,9 @@ class SparseAutoencoder(nnx.Module):
     W_enc = jax.random.uniform(rngs.params(), (n, d), jnp.float32, -bound, bound)
     self.W_enc = nnx.Param(W_enc, **LATENT_ROWS)
     self.b_enc = nnx.Param(jnp.zeros((n,), jnp.float32), **LATENTS)
-    self.W_dec = nnx.Param(normalize_rows(self.plan, W_enc), **LATENT_ROWS)
+    # Free rows start as the encoder's, at its norm (~0.58), as measured in docs/benchmarks.md.
+    W_dec = normalize_rows(self.plan, W_enc) if cfg.decoder_norm == "unit" else W_enc
+    self.W_dec = nnx.Param(W_dec, **LATENT_ROWS)
     self.b_dec = nnx.Param(jnp.zeros((d,), jnp.float32))
     self.tokens_since_fired = DeadCounter(jnp.zeros((n,), jnp.int32), **LATENTS)
     for name, variable in cfg.arch.variables(cfg).items():
@@ -71,6 +77,29 @@ class SparseAutoencoder(nnx.Module):
                                     auxk_select=cfg.auxk_select)
     return topk_lib.sparse_encoder(*args)
 
+  def decoder_norms(self) -> jax.Array | None:
+    """The decoder rows' norms with --decoder_norm=free (None with unit rows), without gradient:
+    they cancel between a latent's value and its decode, so the loss depends on them only through
+    which latents are picked."""
+    if self.cfg.decoder_norm == "unit":
+      return None
+    W = jax.lax.stop_gradient(self.W_dec[...])
+    return jnp.maximum(jnp.sqrt(row_dots(self.plan, W, W)), 1e-8)
+
+  def encoder_weights(self) -> tuple[jax.Array, jax.Array]:
+    """(W_enc, b_enc) whose pre-activations are the latents' values: with free decoder norms,
+    each row scaled by its decoder row's norm, so the top k rank by value times norm."""
+    norms = self.decoder_norms()
+    if norms is None:
+      return self.W_enc[...], self.b_enc[...]
+    return self.W_enc[...] * norms[:, None], self.b_enc[...] * norms
+
+  def decoding_weights(self, values: jax.Array, indices: jax.Array) -> jax.Array:
+    """The weights of the decoder rows `indices` for latent `values` (with free norms, the values
+    over their rows' norms: the decode is by the unit rows)."""
+    norms = self.decoder_norms()
+    return values if norms is None else values / norms[indices]
+
   def dead_mask(self) -> jax.Array:
     return self.tokens_since_fired[...] > self.cfg.dead_tokens
 
@@ -79,19 +108,20 @@ class SparseAutoencoder(nnx.Module):
     cfg = self.cfg
     dead = jnp.zeros((cfg.num_latents,), bool) if dead is None else dead
     encode = self._sparse_encoder(cfg.num_selected, cfg.num_aux)
-    return encode(x, self.b_dec[...], self.W_enc[...], self.b_enc[...], dead)
+    return encode(x, self.b_dec[...], *self.encoder_weights(), dead)
 
   def encode(self, x) -> tuple[jax.Array, jax.Array]:
     """Top-k values [B, k] (float32, >= 0) and latent indices [B, k] int32, largest first."""
     cfg = self.cfg
     encode = self._sparse_encoder(cfg.k, 0)
-    values, indices, _, _ = encode(x, self.b_dec[...], self.W_enc[...], self.b_enc[...],
+    values, indices, _, _ = encode(x, self.b_dec[...], *self.encoder_weights(),
                                    jnp.zeros((cfg.num_latents,), bool))
     return values, indices
 
   def decode(self, values, indices) -> jax.Array:
-    """sum_j values_j W_dec[indices_j] + b_dec, [B, d]."""
-    values = values.astype(jnp.float32)
+    """The reconstruction from `encode`'s values and indices: sum_j values_j W_dec[indices_j] +
+    b_dec with unit rows, [B, d]."""
+    values = self.decoding_weights(values.astype(jnp.float32), indices)
     return kernels().sparse_decode(self.plan, values, indices, self.W_dec[...],
                                    self.cfg.weight_grads, self.cfg.compute_dtype) + self.b_dec[...]
 
@@ -100,13 +130,20 @@ class SparseAutoencoder(nnx.Module):
     return self.cfg.arch.reconstruct(self, x)[0]
 
   def pre_activations(self, x) -> jax.Array:
-    """Dense ReLU(W_enc (x - b_dec) + b_enc), [B, n] float32."""
+    """Dense ReLU(W_enc (x - b_dec) + b_enc), the latents' values, [B, n] float32."""
     xc = x.astype(jnp.float32) - self.b_dec[...]
-    return topk_lib.encoder_pre(xc, self.W_enc[...], self.b_enc[...],
-                                jnp.dtype(self.cfg.compute_dtype))
+    return topk_lib.encoder_pre(xc, *self.encoder_weights(), jnp.dtype(self.cfg.compute_dtype))
+
+  def decode_dense(self, code: jax.Array) -> jax.Array:
+    """The reconstruction from dense latent values [B, n], as `decode`."""
+    norms = self.decoder_norms()
+    weights = code if norms is None else code / norms
+    return weights @ self.W_dec[...] + self.b_dec[...]
 
   def normalize_decoder(self) -> None:
-    self.W_dec[...] = normalize_rows(self.plan, self.W_dec[...])
+    """Unit decoder rows (--decoder_norm=unit) after each update; free rows keep their norms."""
+    if self.cfg.decoder_norm == "unit":
+      self.W_dec[...] = normalize_rows(self.plan, self.W_dec[...])
 
   def record_firing(self, indices, values, num_tokens: int) -> None:
     """Adds `num_tokens` to every counter (saturating at int32 max) and zeroes the counters of the

@@ -108,11 +108,18 @@ def read_members(workdir: Path, values: dict, sae_specs: Sequence[str],
 
 def flag_text(value) -> str:
   """A flag value as it is written on a command line."""
-  if isinstance(value, list):
+  if isinstance(value, (list, tuple)):
     return ",".join(map(str, value))
   if isinstance(value, bool):
     return str(value).lower()
   return "" if value is None else str(value)
+
+
+def changed_knobs(old, new) -> str:
+  """The fields in which config `new` differs from `old`, as '--name=new (the run: old)'."""
+  return ", ".join(f"--{f.name}={flag_text(getattr(new, f.name))} (the run: "
+                   f"{flag_text(getattr(old, f.name))})" for f in dataclasses.fields(new)
+                   if getattr(old, f.name) != getattr(new, f.name))
 
 
 def check_resumed_flags(workdir: Path, old: dict, new: dict) -> None:

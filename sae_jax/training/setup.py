@@ -24,7 +24,8 @@ from sae_jax.training.programs import jit_inference, jit_update
 from sae_jax.training.step import create_state, default_learning_rate, lr_schedule, make_optimizer
 from sae_jax.store import Store, StoreError
 from sae_jax.files import atomic_write_json
-from sae_jax.training.members import Member, TrainError, check_resumed_plan, check_resumed_total
+from sae_jax.training.members import (Member, TrainError, changed_knobs, check_resumed_plan,
+                                      check_resumed_total)
 
 
 @dataclasses.dataclass
@@ -120,8 +121,9 @@ def build_models(members: list[Member], inp: Input) -> None:
     except ValueError as e:  # each message starts with the flag's name
       raise m.error(f"--{e}") from e
     if m.run is not None and SAEConfig.from_record(m.run["sae"]) != m.cfg:
-      raise TrainError(f"{m.workdir} holds a run with another SAE config ({m.run['sae']}); "
-                       "use a new --workdir")
+      raise TrainError(f"{m.workdir} holds a run with another SAE config "
+                       f"({changed_knobs(SAEConfig.from_record(m.run['sae']), m.cfg)}); rerun "
+                       "with its values to resume it, or use a new --workdir")
     o = m.optim
     m.peak_lr = o.lr or default_learning_rate(num_latents)
     m.schedule = lr_schedule(m.peak_lr, o.lr_warmup_steps, inp.total_steps, o.lr_decay)

@@ -1,4 +1,5 @@
-"""The pure training step: losses, sparse gradients, decoder-parallel projection, Adam, renorm.
+"""The pure training step: losses, sparse gradients, decoder-parallel projection, Adam, renorm
+(the last two only with unit decoder rows).
 
 State is `nnx.split((model, optimizer))`, so a step is a pure function of (graphdef, state, batch)
 that the trainer jits with `donate_argnums=1` and any shardings it likes.
@@ -70,16 +71,18 @@ def losses(model: SparseAutoencoder, x: jax.Array, dead: jax.Array):
 
   top_values, top_indices, extra = cfg.arch.select(cfg, values, indices)
   widths = cfg.matryoshka_prefixes
-  picks = matryoshka.group_picks(widths, top_values, top_indices)
+  picks = matryoshka.group_picks(widths, model.decoding_weights(top_values, top_indices),
+                                 top_indices)
 
   num_dead = jnp.sum(dead)
   if cfg.num_aux:
     # AuxK's decode (and its backward) runs only while some latent is dead; e_hat is 0 otherwise.
     if sharded.active():
       decoding["auxk_select"] = cfg.auxk_select
-    decoded, e_hat = kernels().decode_with_aux(model.plan, picks(len(widths)), top_indices,
-                                               aux_values, aux_indices, num_dead > 0, W_dec,
-                                               **decoding)
+    decoded, e_hat = kernels().decode_with_aux(
+        model.plan, picks(len(widths)), top_indices,
+        model.decoding_weights(aux_values, aux_indices), aux_indices, num_dead > 0, W_dec,
+        **decoding)
   else:
     decoded = sparse_decode(picks(len(widths)), top_indices, W_dec)
   inner = matryoshka.inner_reconstructions(lambda p: sparse_decode(p, top_indices, W_dec),
@@ -94,7 +97,8 @@ def losses(model: SparseAutoencoder, x: jax.Array, dead: jax.Array):
   multi_topk_fvu = jnp.float32(0)
   if cfg.multi_topk:
     # The top-4k reconstruction is the top-k one plus the next 3k picks.
-    x_hat_4k = x_hat + sparse_decode(values[:, cfg.k:], indices[:, cfg.k:], W_dec)
+    x_hat_4k = x_hat + sparse_decode(model.decoding_weights(values[:, cfg.k:], indices[:, cfg.k:]),
+                                     indices[:, cfg.k:], W_dec)
     multi_topk_fvu = jnp.sum(jnp.square(x - x_hat_4k)) / total_variance
     loss = loss + multi_topk_fvu / 8
   metrics["multi_topk_fvu"] = multi_topk_fvu
@@ -129,9 +133,10 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array
 
   (_, (metrics, (top_indices, top_values))), grads = nnx.value_and_grad(
       loss_fn, has_aux=True)(model)
-  # Adam must not move a decoder row along itself: the renorm below would undo it.
-  g, W = grads["W_dec"][...], model.W_dec[...]
-  grads["W_dec"][...] = g - row_dots(model.plan, g, W)[:, None] * W
+  if model.cfg.decoder_norm == "unit":
+    # Adam must not move a decoder row along itself: the renorm below would undo it.
+    g, W = grads["W_dec"][...], model.W_dec[...]
+    grads["W_dec"][...] = g - row_dots(model.plan, g, W)[:, None] * W
   metrics["grad_norm"] = global_norm(model.plan, grads)
   if not model.plan.accelerator:
     # XLA:CPU otherwise wrote each gradient's square out as one more [n, d] array for Adam's
