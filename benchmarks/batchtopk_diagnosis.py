@@ -199,8 +199,8 @@ def train_ours(data: Planted, cfg: SAEConfig, steps: int, first_step: int = 0, i
   return graphdef, state, metrics
 
 
-def measure_ours(data: Planted, variant: str, steps: int) -> dict:
-  cfg = SAEConfig(d_in=D, num_latents=N, k=K, **VARIANTS[variant])
+def measure_ours(data: Planted, variant: str, steps: int, decoder_norm: str) -> dict:
+  cfg = SAEConfig(d_in=D, num_latents=N, k=K, decoder_norm=decoder_norm, **VARIANTS[variant])
   init = None
   if variant == "tied_init":
     model, _ = nnx.merge(*step_lib.create_state(cfg, optax.sgd(0), seed=0))
@@ -215,11 +215,12 @@ def measure_ours(data: Planted, variant: str, steps: int) -> dict:
     encoder_without_b_dec()
   if variant.startswith("topk_then_batchtopk"):
     topk_steps = steps * 9 // 10 if variant.endswith("_90") else steps // 2
-    graphdef, state, _ = train_ours(data, SAEConfig(d_in=D, num_latents=N, k=K), topk_steps)
+    graphdef, state, _ = train_ours(data, SAEConfig(d_in=D, num_latents=N, k=K,
+                                                    decoder_norm=decoder_norm), topk_steps)
     model, _ = nnx.merge(graphdef, state)
     init = {n: getattr(model, n)[...] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     cfg = SAEConfig(d_in=D, num_latents=N, k=K, architecture="batchtopk",
-                    threshold_start_step=(steps - topk_steps) // 2)
+                    threshold_start_step=(steps - topk_steps) // 2, decoder_norm=decoder_norm)
     graphdef, state, metrics = train_ours(data, cfg, steps - topk_steps, topk_steps, init)
   else:
     lr = float(variant[3:]) if variant.startswith("lr_") else None
@@ -411,6 +412,8 @@ def main():
   parser.add_argument("--variant", choices=sorted(VARIANTS), required=True)
   parser.add_argument("--data", choices=("fixed", "varying"), default="fixed")
   parser.add_argument("--steps", type=int, default=3000)
+  parser.add_argument("--decoder_norm", choices=("unit", "free"), default="free",
+                      help="our trainer's variants (docs/benchmarks.md's table: unit)")
   args = parser.parse_args()
   data = Planted(args.data)
   if args.variant == "normalize_inputs":  # mean squared norm d_in, as --normalize_inputs scales
@@ -427,8 +430,9 @@ def main():
   elif args.variant.startswith("dense_"):
     result = measure_dense(data, args.variant.removeprefix("dense_"), args.steps)
   else:
-    result = measure_ours(data, args.variant, args.steps)
-  print(json.dumps({"variant": args.variant, "data": args.data, "steps": args.steps, **result,
+    result = measure_ours(data, args.variant, args.steps, args.decoder_norm)
+  print(json.dumps({"variant": args.variant, "data": args.data, "steps": args.steps,
+                    "decoder_norm": args.decoder_norm, **result,
                     "seconds": round(time.perf_counter() - start, 1)}))
 
 

@@ -3,11 +3,11 @@ architecture, so that a refactor can show it left the programs unchanged.
 
   python benchmarks/hlo_fingerprint.py [--out=DIR]
 
-prints one JSON line {config: sha256 of the program text} for TopK, Multi-TopK, BatchTopK and
-Matryoshka on each (d_in 64, 1024 latents, k 8, batch 256, this machine's kernel plan). The text is
-XLA's optimized module with the source locations removed (file and line numbers change when code
-moves; the program does not). Compare fingerprints from the same jax version and machine; --out
-also writes the texts, for a diff.
+prints one JSON line {config: sha256 of the program text} for TopK (free decoder norms, the
+default, and unit rows), Multi-TopK, BatchTopK and Matryoshka on each (d_in 64, 1024 latents,
+k 8, batch 256, this machine's kernel plan). The text is XLA's optimized module with the source
+locations removed (file and line numbers change when code moves; the program does not). Compare
+fingerprints from the same jax version and machine; --out also writes the texts, for a diff.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from sae_jax.training import step
 
 CONFIGS = {
     "topk": {},
+    "topk_unit_rows": {"decoder_norm": "unit"},
     "topk_multi": {"multi_topk": True},
     "batchtopk": {"architecture": "batchtopk"},
     "matryoshka_topk": {"matryoshka_prefixes": (64, 256)},

@@ -8,7 +8,8 @@
 1. `eval.synthetic write` writes --rows samples of the --model (default: `small`, SynthSAEBench's
    structure at 4096 features in d=256) into WORKDIR/store (reused when present).
 2. Ours, per architecture and --lrs value: `python -m sae_jax.train` on the store (one pass,
-   --batch_size rows a step), `sae_jax.export --format=saelens` (BatchTopK exports as JumpReLU).
+   --batch_size rows a step, --decoder_norm: free by default, as the trainer's),
+   `sae_jax.export --format=saelens` (BatchTopK exports as JumpReLU).
 3. SAELens's, the same: its SAETrainer (TopKTrainingSAE, BatchTopKTrainingSAE,
    MatryoshkaBatchTopKTrainingSAE) fed the SAME batches in the SAME order (our trainer's own data
    reader and order, from the resolved flags.json of our run at that lr), same width, k, steps,
@@ -135,9 +136,9 @@ def main():
   parser.add_argument("--lrs", default="1e-3,2e-3,3e-3,5e-3,1e-2,2e-2")
   parser.add_argument("--architectures", default=",".join(ARCHITECTURES))
   parser.add_argument("--sides", default="ours,saelens")
-  parser.add_argument("--decoder_norm", default="unit", choices=["unit", "free"],
+  parser.add_argument("--decoder_norm", default="free", choices=["unit", "free"],
                       help="our trainer's --decoder_norm (SAELens's TopK and BatchTopK trainers "
-                      "always have free norms)")
+                      "have free norms)")
   parser.add_argument("--samples", type=int, default=16_384, help="score samples")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--device", default="cpu", help="torch device of SAELens and the "
@@ -151,7 +152,7 @@ def main():
   results = args.workdir / "results.jsonl"
   done = {run_key(r): r for r in map(
       json.loads, results.read_text().splitlines() if results.exists() else [])}
-  free = args.decoder_norm == "free"
+  free = args.decoder_norm == "free"  # runs with unit rows predate the knob: named without it
   for arch in args.architectures.split(","):
     for lr in map(float, args.lrs.split(",")):
       workdir = args.workdir / f"ours-{'free-' * free}{arch}-{lr:g}"
@@ -187,7 +188,7 @@ def run_key(row: dict) -> tuple:
 
 
 def side_name(row: dict) -> str:
-  return "ours, free norms" if row.get("decoder_norm") == "free" else row["side"]
+  return "ours, unit rows" if run_key(row)[3] == "unit" else row["side"]
 
 
 def write_table(args, done: dict) -> None:

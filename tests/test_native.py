@@ -94,8 +94,8 @@ def test_results_do_not_depend_on_the_run():
     np.testing.assert_array_equal(got, want)
 
 
-def step_hlo(plan) -> str:
-  cfg = SAEConfig(d_in=8, num_latents=32, k=2)
+def step_hlo(plan, decoder_norm: str = "free") -> str:
+  cfg = SAEConfig(d_in=8, num_latents=32, k=2, decoder_norm=decoder_norm)
   graphdef, state = step_lib.create_state(cfg, step_lib.make_optimizer(1e-3), seed=0, plan=plan)
   return jax.jit(step_lib.train_step).lower(graphdef, state, jnp.zeros((4, 8))).as_text()
 
@@ -104,8 +104,11 @@ def test_the_cpu_plan_uses_the_kernels_unless_told_not_to():
   native_plan = KernelPlan.for_devices(jax.devices("cpu"))
   assert native_plan.native
   assert "sae_row_grads_and_dots" in step_hlo(native_plan)
-  assert "sae_normalize_rows" in step_hlo(native_plan)
-  assert "sae_" not in step_hlo(KernelPlan.for_platform("cpu", use_native=False))
+  assert "sae_row_dots" in step_hlo(native_plan)  # the free decoder norms
+  assert "sae_normalize_rows" in step_hlo(native_plan, "unit")  # the renorm of unit rows
+  assert "sae_normalize_rows" not in step_hlo(native_plan)
+  for decoder_norm in ("free", "unit"):
+    assert "sae_" not in step_hlo(KernelPlan.for_platform("cpu", use_native=False), decoder_norm)
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
