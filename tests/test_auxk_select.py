@@ -35,11 +35,14 @@ def shard_picks(s):
   return K_AUX // M + (s < K_AUX % M)
 
 def reference(p, dead, per_shard, picks=shard_picks):
-  # float64: the top-k reconstruction, then AuxK's picks among dead latents and its loss.
+  # float64: the top-k reconstruction, then AuxK's picks among dead latents and its loss. Free
+  # decoder norms (the default): values are pre-activations times the norms, decoded by unit rows.
   xf = x.astype(np.float64)
-  pre = np.maximum((xf - p["b_dec"]) @ p["W_enc"].T + p["b_enc"], 0)
+  norms = np.linalg.norm(p["W_dec"], axis=1)
+  rows = p["W_dec"] / norms[:, None]
+  pre = np.maximum((xf - p["b_dec"]) @ p["W_enc"].T + p["b_enc"], 0) * norms
   idx = np.argsort(-pre, axis=1, kind="stable")[:, :K]
-  x_hat = np.einsum("bk,bkd->bd", np.take_along_axis(pre, idx, 1), p["W_dec"][idx]) + p["b_dec"]
+  x_hat = np.einsum("bk,bkd->bd", np.take_along_axis(pre, idx, 1), rows[idx]) + p["b_dec"]
   masked = np.where(dead, pre, -1.0)
   if per_shard:
     local = N // M
@@ -49,14 +52,14 @@ def reference(p, dead, per_shard, picks=shard_picks):
   else:
     aux_idx = np.argsort(-masked, axis=1, kind="stable")[:, :K_AUX]
   aux_val = np.maximum(np.take_along_axis(masked, aux_idx, 1), 0)
-  e_hat = np.einsum("bk,bkd->bd", aux_val, p["W_dec"][aux_idx])
+  e_hat = np.einsum("bk,bkd->bd", aux_val, rows[aux_idx])
   variance = np.sum((xf - xf.mean(0)) ** 2)
   scale = min(dead.sum() / K_AUX, 1.0)
   return scale * np.sum((e_hat - (xf - x_hat)) ** 2) / variance
 
 def auxk_loss(auxk_select, dead):
   cfg = SAEConfig(d_in=D, num_latents=N, k=K, k_aux=K_AUX, dead_tokens=10,
-                  auxk_select=auxk_select)
+                  auxk_select=auxk_select, decoder_norm="free")
   graphdef, state = step_lib.create_state(cfg, step_lib.make_optimizer(1e-3), seed=0)
   model, optimizer = nnx.merge(graphdef, state)
   model.b_enc[...] = jnp.asarray(init_b_enc)

@@ -153,6 +153,18 @@ def test_metrics_and_eval():
                                 np.asarray(model.tokens_since_fired[...]) == B)
 
 
+@pytest.mark.parametrize("decoder_norm", ["free", "unit"])
+def test_a_state_built_outside_jit_can_be_donated(decoder_norm):
+  """Free rows start equal to the encoder's: as two buffers, or donating the state fails (as
+  sae_jax.bench does with a state built eagerly)."""
+  cfg = SAEConfig(d_in=D, num_latents=N, k=K, decoder_norm=decoder_norm)
+  graphdef, state = step_lib.create_state(cfg, step_lib.make_optimizer(1e-3), seed=0)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(B, D)), jnp.float32)
+  state, metrics = jax.jit(step_lib.train_step, static_argnums=0, donate_argnums=1)(
+      graphdef, state, x)
+  assert np.isfinite(float(metrics["loss"]))
+
+
 def test_create_state_is_traceable_and_clipping_applies():
   cfg = SAEConfig(d_in=D, num_latents=N, k=K)
   tx = step_lib.make_optimizer(step_lib.default_learning_rate(N), grad_clip=1e-3)

@@ -5,8 +5,9 @@
   x_hat = sum_j z_j W_dec[i_j] + b_dec         a gather of k decoder rows per token
 
 With --decoder_norm=free (SAELens's rescale_acts_by_decoder_norm) the decoder rows keep their
-norms s: z = TopK_k(pre * s) and x_hat = sum_j (z_j / s_j) W_dec[i_j] + b_dec, the unit-row
-dictionary W_enc * s, b_enc * s, W_dec / s at export.
+norms s: z = TopK_k(pre * s) and x_hat = sum_j (z_j / s_j) W_dec[i_j] + b_dec. The model computes
+both in the unit-row form the export writes: the encoder W_enc * s, b_enc * s and the decoder
+rows W_dec / s.
 
 Weights are latent-major (row i of W_enc and of W_dec belong to latent i), so the latent axis is
 the leading axis of every per-latent array and shards as P("model", None).
@@ -61,8 +62,9 @@ class SparseAutoencoder(nnx.Module):
     W_enc = jax.random.uniform(rngs.params(), (n, d), jnp.float32, -bound, bound)
     self.W_enc = nnx.Param(W_enc, **LATENT_ROWS)
     self.b_enc = nnx.Param(jnp.zeros((n,), jnp.float32), **LATENTS)
-    # Free rows start as the encoder's, at its norm (~0.58), as measured in docs/benchmarks.md.
-    W_dec = normalize_rows(self.plan, W_enc) if cfg.decoder_norm == "unit" else W_enc
+    # Free rows start as the encoder's, at its norm (~0.58), as measured in docs/benchmarks.md;
+    # a copy, so that a step donating the state never donates one buffer twice.
+    W_dec = normalize_rows(self.plan, W_enc) if cfg.decoder_norm == "unit" else jnp.copy(W_enc)
     self.W_dec = nnx.Param(W_dec, **LATENT_ROWS)
     self.b_dec = nnx.Param(jnp.zeros((d,), jnp.float32))
     self.tokens_since_fired = DeadCounter(jnp.zeros((n,), jnp.int32), **LATENTS)
@@ -94,11 +96,11 @@ class SparseAutoencoder(nnx.Module):
       return self.W_enc[...], self.b_enc[...]
     return self.W_enc[...] * norms[:, None], self.b_enc[...] * norms
 
-  def decoding_weights(self, values: jax.Array, indices: jax.Array) -> jax.Array:
-    """The weights of the decoder rows `indices` for latent `values` (with free norms, the values
-    over their rows' norms: the decode is by the unit rows)."""
+  def decoder_rows(self) -> jax.Array:
+    """W_dec with unit rows, the rows the latents' values decode by (with free norms, each row
+    over its norm: computed where the row lives, so nothing of the latent width crosses chips)."""
     norms = self.decoder_norms()
-    return values if norms is None else values / norms[indices]
+    return self.W_dec[...] if norms is None else self.W_dec[...] / norms[:, None]
 
   def dead_mask(self) -> jax.Array:
     return self.tokens_since_fired[...] > self.cfg.dead_tokens
@@ -121,8 +123,8 @@ class SparseAutoencoder(nnx.Module):
   def decode(self, values, indices) -> jax.Array:
     """The reconstruction from `encode`'s values and indices: sum_j values_j W_dec[indices_j] +
     b_dec with unit rows, [B, d]."""
-    values = self.decoding_weights(values.astype(jnp.float32), indices)
-    return kernels().sparse_decode(self.plan, values, indices, self.W_dec[...],
+    values = values.astype(jnp.float32)
+    return kernels().sparse_decode(self.plan, values, indices, self.decoder_rows(),
                                    self.cfg.weight_grads, self.cfg.compute_dtype) + self.b_dec[...]
 
   def __call__(self, x) -> jax.Array:
@@ -136,9 +138,7 @@ class SparseAutoencoder(nnx.Module):
 
   def decode_dense(self, code: jax.Array) -> jax.Array:
     """The reconstruction from dense latent values [B, n], as `decode`."""
-    norms = self.decoder_norms()
-    weights = code if norms is None else code / norms
-    return weights @ self.W_dec[...] + self.b_dec[...]
+    return code @ self.decoder_rows() + self.b_dec[...]
 
   def normalize_decoder(self) -> None:
     """Unit decoder rows (--decoder_norm=unit) after each update; free rows keep their norms."""

@@ -66,23 +66,21 @@ def losses(model: SparseAutoencoder, x: jax.Array, dead: jax.Array):
   values, indices, aux_values, aux_indices = model.select(x, dead)
   decoding = dict(weight_grads=cfg.weight_grads, compute_dtype=cfg.compute_dtype)
   sparse_decode = functools.partial(kernels().sparse_decode, model.plan, **decoding)
-  W_dec, b_dec = model.W_dec[...], model.b_dec[...]
+  W_dec, b_dec = model.decoder_rows(), model.b_dec[...]  # unit rows (free norms divided out)
   total_variance = jnp.sum(jnp.square(x - x.mean(0)))
 
   top_values, top_indices, extra = cfg.arch.select(cfg, values, indices)
   widths = cfg.matryoshka_prefixes
-  picks = matryoshka.group_picks(widths, model.decoding_weights(top_values, top_indices),
-                                 top_indices)
+  picks = matryoshka.group_picks(widths, top_values, top_indices)
 
   num_dead = jnp.sum(dead)
   if cfg.num_aux:
     # AuxK's decode (and its backward) runs only while some latent is dead; e_hat is 0 otherwise.
     if sharded.active():
       decoding["auxk_select"] = cfg.auxk_select
-    decoded, e_hat = kernels().decode_with_aux(
-        model.plan, picks(len(widths)), top_indices,
-        model.decoding_weights(aux_values, aux_indices), aux_indices, num_dead > 0, W_dec,
-        **decoding)
+    decoded, e_hat = kernels().decode_with_aux(model.plan, picks(len(widths)), top_indices,
+                                               aux_values, aux_indices, num_dead > 0, W_dec,
+                                               **decoding)
   else:
     decoded = sparse_decode(picks(len(widths)), top_indices, W_dec)
   inner = matryoshka.inner_reconstructions(lambda p: sparse_decode(p, top_indices, W_dec),
@@ -97,8 +95,7 @@ def losses(model: SparseAutoencoder, x: jax.Array, dead: jax.Array):
   multi_topk_fvu = jnp.float32(0)
   if cfg.multi_topk:
     # The top-4k reconstruction is the top-k one plus the next 3k picks.
-    x_hat_4k = x_hat + sparse_decode(model.decoding_weights(values[:, cfg.k:], indices[:, cfg.k:]),
-                                     indices[:, cfg.k:], W_dec)
+    x_hat_4k = x_hat + sparse_decode(values[:, cfg.k:], indices[:, cfg.k:], W_dec)
     multi_topk_fvu = jnp.sum(jnp.square(x - x_hat_4k)) / total_variance
     loss = loss + multi_topk_fvu / 8
   metrics["multi_topk_fvu"] = multi_topk_fvu
