@@ -187,7 +187,7 @@ def test_a_diverging_member_stops_alone(store, tmp_path):
   result = train(store, tmp_path / "sweep", *flags, f"--sae=--store={huge} --name=huge",
                  "--sae=--name=sane", check=False)
   lines = [json.loads(line) for line in result.stdout.splitlines()]
-  message = ("sweep member huge: loss is nan at step 4; the last good checkpoint is none (no "
+  message = ("sweep member huge: loss is nan at step 1; the last good checkpoint is none (no "
              "checkpoint was saved)")
   assert error_of(result) == message
   assert lines[0] == {"name": "huge", "workdir": str(tmp_path / "sweep" / "huge"), "ok": False,

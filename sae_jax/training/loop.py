@@ -10,6 +10,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 from tqdm import tqdm
 
 from sae_jax import data, logs
@@ -58,6 +59,7 @@ def train(run: RunConfig, members: list[Member], batches: dict, mesh: jax.shardi
             if step > first_step + 1:
               m.tick = (time.perf_counter(), m.start_step)
           m.state, m.step_metrics = m.update(m.state, x)
+          m.nonfinite = track_nonfinite(m.nonfinite, m.step_metrics["loss"], step)
       for m in active:
         if m.pending is not None:
           m.summary = log_metrics(m, run.batch_size, *m.pending)
@@ -68,12 +70,12 @@ def train(run: RunConfig, members: list[Member], batches: dict, mesh: jax.shardi
             evaluated = m.inference(m.state, xs[m.init.store])
             m.step_metrics = {**m.step_metrics, "inference_fvu": evaluated["fvu"],
                               "inference_l0": evaluated["l0"]}
-          m.pending = (step, m.step_metrics)
+          m.pending = (step, m.step_metrics, m.nonfinite)
       progress.update(1)
       preempted = members[0].mngr.reached_preemption(step) or bool(sigterm)
       if step % run.checkpoint_every == 0 or step == total_steps or preempted:
         for m in active:  # never save a diverged state
-          if not m.failed and check_finite(m, step, m.step_metrics):
+          if not m.failed and check_finite(m, step, m.step_metrics, m.nonfinite):
             checkpoint.save(m.mngr, step, m.state, batches[m.init.store])
             m.last_good = step
       if preempted:
@@ -95,11 +97,26 @@ def train(run: RunConfig, members: list[Member], batches: dict, mesh: jax.shardi
   return step, preempted
 
 
-def check_finite(m: Member, step: int, metrics: dict) -> bool:
-  """Whether the loss is finite. If not, the member stops: a single run with an error; a sweep
+@jax.jit
+def _first_nonfinite(first_step, first_loss, loss, step):
+  new = (first_step < 0) & ~jnp.isfinite(loss)
+  return jnp.where(new, step, first_step), jnp.where(new, loss, first_loss)
+
+
+def track_nonfinite(nonfinite: tuple | None, loss: jax.Array, step: int) -> tuple:
+  """The member's (first step with a non-finite loss or -1, its loss) after `step`, on the device
+  (dispatched, never waited for)."""
+  first_step, first_loss = nonfinite or (-1, 0.0)
+  return _first_nonfinite(first_step, first_loss, loss, step)
+
+
+def check_finite(m: Member, step: int, metrics: dict, nonfinite: tuple) -> bool:
+  """Whether every loss up to `step` was finite (`nonfinite`: track_nonfinite's record as of that
+  step). If not, the member stops at the first bad step: a single run with an error; a sweep
   member keeps its last good checkpoint while the others go on, and the sweep ends with its
   error."""
-  loss = float(metrics["loss"])
+  first_step, first_loss = (float(v) for v in jax.device_get(nonfinite))
+  step, loss = (int(first_step), first_loss) if first_step >= 0 else (step, float(metrics["loss"]))
   if math.isfinite(loss):
     return True
   saved = (f"step {m.last_good} in {m.workdir / 'checkpoints'}" if m.last_good else
@@ -112,11 +129,12 @@ def check_finite(m: Member, step: int, metrics: dict) -> bool:
   return False
 
 
-def log_metrics(m: Member, batch_size: int, step: int, device_metrics: dict) -> dict:
-  """Fetches a step's metrics (already computed: this runs one step late), stops the member if the
-  loss is not finite, and writes them."""
+def log_metrics(m: Member, batch_size: int, step: int, device_metrics: dict,
+                nonfinite: tuple) -> dict:
+  """Fetches a step's metrics (already computed: this runs one step late), stops the member if a
+  loss so far was not finite, and writes them."""
   scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-  if not check_finite(m, step, scalars):
+  if not check_finite(m, step, scalars, nonfinite):
     return m.summary
   scalars = m.cfg.arch.loggable(scalars)
   scalars["lr"] = float(m.schedule(step - 1))  # the rate that step's update used

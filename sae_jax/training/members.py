@@ -55,7 +55,10 @@ class Member:
   floor_ms: float = 0.0
   tick: tuple[float, int] = (0.0, 0)  # (time, step) that tokens_per_s counts from
   step_metrics: Any = None
-  pending: tuple | None = None  # (step, device metrics), fetched one step late
+  # On the device: (the first step whose loss was not finite, or -1; that loss), every step's
+  # loss checked without waiting for it, so a step between log steps is caught too.
+  nonfinite: tuple | None = None
+  pending: tuple | None = None  # (step, device metrics, nonfinite), fetched one step late
   summary: dict = dataclasses.field(default_factory=dict)
   failed: str | None = None  # the error of a sweep member stopped by a non-finite loss
 
