@@ -46,9 +46,8 @@ def measure(name: str, steps: int, seed: int, decoder_norm: str) -> dict:
   directions = planted.directions(M, D, seed)
   freq = planted.frequencies(M, 1.0)
   graphdef, state, metrics = planted.train(config(name, steps, decoder_norm), directions, freq,
-                                           steps=steps,
-                                           rows=ROWS, active=ACTIVE, noise=NOISE, lr=LR,
-                                           seed=seed)
+                                           steps=steps, rows=ROWS, active=ACTIVE, noise=NOISE,
+                                           lr=LR, seed=seed)
   found = planted.recovery(graphdef, state, directions)
   held_out = planted.batch(jax.random.PRNGKey(10**7 + seed), directions, np.log(freq), 4096,
                            ACTIVE, NOISE)

@@ -107,10 +107,8 @@ def train(batches, *, steps: int, k: int, num_latents: int, lr: float, warmup: i
   p, opt, rows = params, tx.init(params), batches()
   for _ in tqdm(range(steps), unit="step", leave=False):
     p, opt = step(p, opt, jnp.asarray(next(rows), jnp.float32))
-  p = {name: np.asarray(v) for name, v in p.items()}
-  norms = np.linalg.norm(p["W_dec"], axis=1)  # 1 unless free: fold them into the encoder
-  return {"W_enc": p["W_enc"] * norms[:, None], "b_enc": p["b_enc"] * norms,
-          "W_dec": p["W_dec"] / norms[:, None], "b_dec": p["b_dec"]}
+  # Norms are 1 unless free: folded into the encoder either way.
+  return dictionary.fold_decoder_norms({name: np.asarray(v) for name, v in p.items()})
 
 
 def main():

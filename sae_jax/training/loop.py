@@ -4,7 +4,6 @@ checkpoints, non-finite losses, fault injection, and preemption (SIGTERM) on one
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -75,7 +74,7 @@ def train(run: RunConfig, members: list[Member], batches: dict, mesh: jax.shardi
       preempted = members[0].mngr.reached_preemption(step) or bool(sigterm)
       if step % run.checkpoint_every == 0 or step == total_steps or preempted:
         for m in active:  # never save a diverged state
-          if not m.failed and check_finite(m, step, m.step_metrics, m.nonfinite):
+          if not m.failed and check_finite(m, m.nonfinite):
             checkpoint.save(m.mngr, step, m.state, batches[m.init.store])
             m.last_good = step
       if preempted:
@@ -110,18 +109,18 @@ def track_nonfinite(nonfinite: tuple | None, loss: jax.Array, step: int) -> tupl
   return _first_nonfinite(first_step, first_loss, loss, step)
 
 
-def check_finite(m: Member, step: int, metrics: dict, nonfinite: tuple) -> bool:
-  """Whether every loss up to `step` was finite (`nonfinite`: track_nonfinite's record as of that
+def check_finite(m: Member, nonfinite: tuple) -> bool:
+  """Whether every loss so far was finite (`nonfinite`: track_nonfinite's record as of some
   step). If not, the member stops at the first bad step: a single run with an error; a sweep
   member keeps its last good checkpoint while the others go on, and the sweep ends with its
   error."""
-  first_step, first_loss = (float(v) for v in jax.device_get(nonfinite))
-  step, loss = (int(first_step), first_loss) if first_step >= 0 else (step, float(metrics["loss"]))
-  if math.isfinite(loss):
+  first_step, first_loss = jax.device_get(nonfinite)
+  if first_step < 0:
     return True
   saved = (f"step {m.last_good} in {m.workdir / 'checkpoints'}" if m.last_good else
            "none (no checkpoint was saved)")
-  error = m.error(f"loss is {loss} at step {step}; the last good checkpoint is {saved}")
+  error = m.error(f"loss is {float(first_loss)} at step {int(first_step)}; the last good "
+                  f"checkpoint is {saved}")
   if m.name is None:
     raise error
   m.failed = str(error)
@@ -134,7 +133,7 @@ def log_metrics(m: Member, batch_size: int, step: int, device_metrics: dict,
   """Fetches a step's metrics (already computed: this runs one step late), stops the member if a
   loss so far was not finite, and writes them."""
   scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-  if not check_finite(m, step, scalars, nonfinite):
+  if not check_finite(m, nonfinite):
     return m.summary
   scalars = m.cfg.arch.loggable(scalars)
   scalars["lr"] = float(m.schedule(step - 1))  # the rate that step's update used
