@@ -15,25 +15,27 @@ alone), the last step's training FVU, held-out FVU and L0 as a user encodes (Bat
 JumpReLU, no cap), the fraction of latents never selected on 4096 held-out rows (the training
 selection), and quantiles of the encoder row norms of latents selected and never selected.
 
-Variants (see docs/benchmarks.md, "Why BatchTopK fell behind"): topk, batchtopk, and batchtopk
-with one change each: tied_init (W_enc = W_dec, unit rows), dead_20k / dead_50k (AuxK's dead
-window in tokens), auxk_1 (AuxK weight 1, dead after 100k tokens, as SAELens weighs it), cap_12 /
-cap_16 (--batchtopk_max_k), lr_2e-3 / lr_1.5e-4 (Adam's rate), b_dec_zero / b_dec_mean (b_dec's
-init), b_dec_not_subtracted (the encoder reads x, not x - b_dec), normalize_inputs (one constant
-input scale, as --normalize_inputs), group_64 / group_256 (the cut over each group of rows),
-relative (the cut ranks each value divided by its token's |x - b_dec|), encoder_norm (divided by
-its latent's encoder row norm), topk_then_batchtopk / topk_then_batchtopk_90 (TopK for the first
-half / 90% of the steps). Besides the held-out FVU as the run exports (its JumpReLU), each prints
-that of two JumpReLUs calibrated on other rows (one threshold; one per latent, matching each
-latent's count under the training selection). dense_topk / dense_batchtopk are the plain dense
-method in a few lines of JAX; saelens_topk_median / saelens_batchtopk_median /
+Variants (see docs/benchmarks.md, "Why BatchTopK fell behind"): topk, batchtopk, and batchtopk with
+one change each: tied_init (W_enc = W_dec, unit rows), dead_20k / dead_50k (AuxK's dead window in
+tokens), auxk_1 (AuxK weight 1, dead after 100k tokens, as SAELens weighs it), cap_12 / cap_16
+(--batchtopk_max_k), lr_2e-3 / lr_1.5e-4 (Adam's rate), b_dec_zero / b_dec_mean (b_dec's init),
+b_dec_not_subtracted (the encoder reads x, not x - b_dec), normalize_inputs (one constant input
+scale, as --normalize_inputs), group_64 / group_256 (the cut over each group of rows), relative (the
+cut ranks each value divided by its token's |x - b_dec|), encoder_norm (divided by its latent's
+encoder row norm), topk_then_batchtopk / topk_then_batchtopk_90 (TopK for the first half / 90% of
+the steps), k_anneal_50 / k_anneal_90 (the cut's k falling from d_in to k over the first half / 90%
+of the steps, as dictionary_learning's k_anneal_steps). Besides the held-out FVU as the run exports
+(its JumpReLU), each prints that of two JumpReLUs calibrated on other rows (one threshold; one per
+latent, matching each latent's count under the training selection). dense_topk / dense_batchtopk are
+the plain dense method in a few lines of JAX; saelens_topk_median / saelens_batchtopk_median /
 saelens_batchtopk_zero are SAELens's SAETrainer on the same batches (b_dec at the geometric median
-or at SAELens's zero). Trains nothing: oracle (the planted directions as encoder and decoder,
-b_enc -0.5, the offset as b_dec; FVU of 4096 rows cut by TopK, BatchTopK and BatchTopK over
-groups of rows, at k), data (what dominates the rows' norms).
+or at SAELens's zero). Trains nothing: oracle (the planted directions as encoder and decoder, b_enc
+-0.5, the offset as b_dec; FVU of 4096 rows cut by TopK, BatchTopK and BatchTopK over groups of
+rows, at k), data (what dominates the rows' norms).
 """
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -71,6 +73,8 @@ VARIANTS = {
     "b_dec_mean": dict(architecture="batchtopk"),
     "b_dec_not_subtracted": dict(architecture="batchtopk"),
     "normalize_inputs": dict(architecture="batchtopk"),
+    "k_anneal_50": dict(architecture="batchtopk", batchtopk_max_k=D),
+    "k_anneal_90": dict(architecture="batchtopk", batchtopk_max_k=D),
     "saelens_topk_median": None,
     "saelens_batchtopk_median": None,
     "saelens_batchtopk_zero": None,
@@ -136,6 +140,21 @@ def scaled_cut_losses(losses, divisor):
   return patched
 
 
+# The step of the train_step being traced, for annealed_select (set by train_ours's loop).
+TRACED_STEP = {}
+
+
+def annealed_select(anneal_steps: int):
+  """batchtopk.select with k annealed linearly from d_in down to k over the first anneal_steps
+  steps (dictionary_learning's BatchTopKTrainer with k_anneal_steps); needs d_in candidates."""
+  def select(values, k):
+    ratio = jnp.minimum(TRACED_STEP.get("step", anneal_steps), anneal_steps) / anneal_steps
+    count = values.shape[0] * (D * (1 - ratio) + k * ratio).astype(jnp.int32)
+    kept = jnp.where(values >= batchtopk.kth_largest(values, count), values, 0.0)
+    return kept, jnp.mean((kept[:, -1] > 0).astype(jnp.float32))
+  return select
+
+
 def token_norms(model, x, indices=None):
   """|x - b_dec| of each token, [B, 1]: the relative cut's divisor."""
   return jnp.linalg.norm(x.astype(jnp.float32) - model.b_dec[...], axis=1, keepdims=True)
@@ -192,10 +211,13 @@ def train_ours(data: Planted, cfg: SAEConfig, steps: int, first_step: int = 0, i
   def loop(state):
     metrics = jax.eval_shape(lambda s: step_lib.train_step(graphdef, s, sample[:ROWS])[1], state)
     start = (state, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics))
-    return jax.lax.fori_loop(0, steps, lambda i, c: step_lib.train_step(
-        graphdef, c[0], data.batch(jax.random.PRNGKey(first_step + i))), start)
+    def body(i, carry):
+      TRACED_STEP["step"] = first_step + i
+      return step_lib.train_step(graphdef, carry[0], data.batch(jax.random.PRNGKey(first_step + i)))
+    return jax.lax.fori_loop(0, steps, body, start)
 
   state, metrics = loop(state)
+  TRACED_STEP.pop("step", None)
   return graphdef, state, metrics
 
 
@@ -213,6 +235,10 @@ def measure_ours(data: Planted, variant: str, steps: int, decoder_norm: str) -> 
     batchtopk.select = grouped_select(int(variant[6:]))
   if variant == "b_dec_not_subtracted":
     encoder_without_b_dec()
+  if variant.startswith("k_anneal_"):  # the threshold is learned once k is reached
+    anneal_steps = steps * int(variant[9:]) // 100
+    batchtopk.select = annealed_select(anneal_steps)
+    cfg = dataclasses.replace(cfg, threshold_start_step=anneal_steps)
   if variant.startswith("topk_then_batchtopk"):
     topk_steps = steps * 9 // 10 if variant.endswith("_90") else steps // 2
     graphdef, state, _ = train_ours(data, SAEConfig(d_in=D, num_latents=N, k=K,
