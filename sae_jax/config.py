@@ -108,8 +108,8 @@ class SAEConfig:
       "GPU/TPU when latents (per shard) <= 1024 * k in bfloat16, 64 * k in float32.",
       choices=rows.WEIGHT_GRADS)
   batchtopk_max_k: int = knob(
-      0, "BatchTopK: candidates per token (0: min(4k, num_latents)); the capped_fraction metric "
-      "says how often a token might have had more.", lower_bound=0)
+      0, "BatchTopK: candidates per token, per latent shard on a mesh (0: min(4k, num_latents)); "
+      "the capped_fraction metric says how often a token might have had more.", lower_bound=0)
   threshold_beta: float = knob(0.999, "BatchTopK: EMA weight of the old inference threshold.",
                                lower_bound=0, upper_bound=1)
   threshold_start_step: int = knob(

@@ -54,15 +54,19 @@ def decoder_norms_numpy(params: dict[str, np.ndarray], decoder_norm: str) -> np.
   return np.linalg.norm(W_dec, axis=1) if decoder_norm == "free" else np.ones(len(W_dec))
 
 
-def batchtopk_mask_numpy(pre: np.ndarray, k: int, cap: int):
-  """BatchTopK's picks as a dense [B, n] bool mask: each token's top `cap`, then the B*k largest
-  of all those candidates (flattened). Also the cut (the (B*k)-th largest candidate) and the
-  fraction of tokens whose cap-th candidate is kept (and positive)."""
+def batchtopk_mask_numpy(pre: np.ndarray, k: int, cap: int, shards: int = 1):
+  """BatchTopK's picks as a dense [B, n] bool mask: each token's top `cap` (of each of `shards`
+  equal blocks of latents), then the B*k largest of all those candidates (flattened). Also the cut
+  (the (B*k)-th largest candidate) and the fraction of tokens with a block whose cap-th candidate
+  is kept (and positive)."""
   rows = np.arange(len(pre))[:, None]
-  idx = np.argsort(-pre, axis=1, kind="stable")[:, :cap]
+  width = pre.shape[1] // shards
+  blocks = [s * width + np.argsort(-pre[:, s * width:(s + 1) * width], axis=1, kind="stable")[
+      :, :cap] for s in range(shards)]
+  idx = np.concatenate(blocks, axis=1)
   candidates = np.full_like(pre, -np.inf)
   candidates[rows, idx] = pre[rows, idx]
   cut = np.sort(pre[rows, idx].ravel())[-len(pre) * k]
   mask = candidates >= cut
-  last = idx[:, -1]
-  return mask, cut, (mask & (pre > 0))[rows[:, 0], last].mean()
+  capped = np.any([(mask & (pre > 0))[rows[:, 0], block[:, -1]] for block in blocks], axis=0)
+  return mask, cut, capped.mean()

@@ -24,6 +24,10 @@ class Architecture:
   inference_differs: bool = False
   # The model variables, beyond the four parameters, that an export reads.
   exported_variables: tuple[str, ...] = ()
+  # Whether the training selection needs each token's candidates in one global order. If not, on
+  # latent shards each shard's own candidates stay where they are (`sharded.sparse_encoder`),
+  # [B, shards * per-shard count], and `select` sees them so.
+  merges_shard_candidates: bool = True
 
   def validate(self, cfg: SAEConfig) -> None:
     """Raises ValueError('knob=value ...') for a config this architecture cannot train."""

@@ -1,11 +1,12 @@
 """BatchTopK (Bussmann et al. 2024): the batch keeps its B*k largest pre-activations, not each token
 its k; inference uses a learned threshold instead (a JumpReLU).
 
-The candidates are each token's top `SAEConfig.candidates`, from the same sparse encoder as TopK
-(per latent shard on a mesh). The batch's cut is the (B*k)-th largest candidate, found exactly by
-bisection on the float32 bit patterns: 31 rounds of a count over [B, c] and a scalar sum, which
-XLA turns into an all-reduce when the batch is split over "data". A sort or a top_k over the
-flattened batch would gather all B*c candidates on every device.
+The candidates are each token's top `SAEConfig.candidates`, from the same sparse encoder as TopK;
+on latent shards, each shard's own top c, left where they are (the cut needs no order across
+shards, so nothing is gathered). The batch's cut is the (B*k)-th largest candidate, found exactly
+by bisection on the float32 bit patterns: 31 rounds of a count over the candidates and a scalar
+sum, which XLA turns into an all-reduce over the mesh. A sort or a top_k over the flattened batch
+would gather all B*c candidates on every device.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from sae_jax.formats import dictionary
+from sae_jax.kernels import sharded
 from sae_jax.kernels import topk as topk_lib
 from sae_jax.architectures.base import Architecture
 
@@ -47,18 +49,20 @@ def kth_largest(values: jax.Array, count: int) -> jax.Array:
   return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
-def select(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """(values [B, c] with all but the batch's B*k largest set to 0, capped_fraction).
+def select(values: jax.Array, k: int, blocks: int = 1) -> tuple[jax.Array, jax.Array]:
+  """(values [B, c] with all but the batch's B*k largest set to 0, capped_fraction). `values`
+  holds `blocks` equal blocks of candidates per token, each sorted (one per latent shard).
 
-  Ties at the cut are all kept. When capped_fraction (the fraction of tokens whose last candidate
-  is kept) is 0, the selection is exactly that of the whole flattened [B, n] batch: every value a
-  token has above the cut is then among its c candidates (its c-th is below the cut, and the rest
-  are smaller still), so the candidates and the full batch count the same entries above any value
-  >= the cut, and their (B*k)-th largest agree. A positive capped_fraction says the cap may have
-  changed the cut; raise --batchtopk_max_k then."""
+  Ties at the cut are all kept. When capped_fraction (the fraction of tokens with a block whose
+  last candidate is kept) is 0, the selection is exactly that of the whole flattened [B, n] batch:
+  every value a token has above the cut is then among its candidates (each block's last is below
+  the cut, and the rest of that block's latents are smaller still), so the candidates and the full
+  batch count the same entries above any value >= the cut, and their (B*k)-th largest agree. A
+  positive capped_fraction says the cap may have changed the cut; raise --batchtopk_max_k then."""
   cut = kth_largest(values, values.shape[0] * k)
   kept = jnp.where(values >= cut, values, 0.0)
-  return kept, jnp.mean((kept[:, -1] > 0).astype(jnp.float32))
+  last = kept.reshape(kept.shape[0], blocks, -1)[:, :, -1]
+  return kept, jnp.mean(jnp.any(last > 0, axis=1).astype(jnp.float32))
 
 
 def updated_threshold(cfg, threshold: jax.Array, kept: jax.Array, step: jax.Array) -> jax.Array:
@@ -81,6 +85,7 @@ class BatchTopK(Architecture):
   name = "batchtopk"
   inference_differs = True
   exported_variables = (THRESHOLD,)
+  merges_shard_candidates = False
 
   def validate(self, cfg) -> None:
     if cfg.multi_topk:
@@ -92,7 +97,7 @@ class BatchTopK(Architecture):
     return candidates(cfg)
 
   def select(self, cfg, values, indices):
-    kept, capped_fraction = select(values, cfg.k)
+    kept, capped_fraction = select(values, cfg.k, sharded.shard_count())
     return kept, indices, {"capped_fraction": capped_fraction}
 
   def variables(self, cfg) -> dict:

@@ -6,6 +6,8 @@ matrix. Here every shard instead runs topk.py's kernels on its own n/m latents:
   select: local dense pre-activations and local top-k (topk.sparse_encoder, so the backward stays
           a sparse scatter into this shard's rows); all-gather of the k candidates (values and
           global indices) over "model"; global top-k of the m*k candidates, the same on every shard.
+          A selection that needs no per-token order across shards (BatchTopK's cut over the
+          batch, `merge_shards=False`) keeps each shard's own candidates where they are.
   decode: each shard decodes the winners it owns (the others masked to weight 0, indices made
           shard-local) with topk.sparse_decode; the partial sums are psum'd over "model".
 
@@ -13,8 +15,8 @@ matrix. Here every shard instead runs topk.py's kernels on its own n/m latents:
           one more on the first k_aux % m shards), and decodes them where they are
           (`auxk_select`): no candidates move.
 
-Forward, per selection (top-k or 4k; AuxK only with auxk_select="exact") one all-gather of
-[B/d, m*k] values and indices over "model", and per decode one psum of [B/d, d_in]; the backward
+Forward, per merged selection (top-k or 4k; AuxK only with auxk_select="exact") one all-gather
+of [B/d, m*k] values and indices over "model", and per decode one psum of [B/d, d_in]; the backward
 runs their transposes (a reduce-scatter of the candidates' cotangent, a psum of the decode's).
 Nothing of size [B, n] moves.
 The functions take the same arguments as their topk.py counterparts and must run under a mesh with
@@ -82,10 +84,14 @@ AUXK_SELECTS = ("per_shard", "exact")
 def sparse_encoder(plan: KernelPlan, k: int, k_aux: int, method: str = "exact",
                    recall: float = 0.95, compute_dtype: str = "float32",
                    weight_grads: str = "auto", capacity: float = 0.0,
-                   auxk_select: str = "per_shard"):
+                   auxk_select: str = "per_shard", merge_shards: bool = True):
   """topk.sparse_encoder over latent shards: f(x, b_dec, W_enc, b_enc, dead) -> (values [B,k],
   indices [B,k], aux_values, aux_indices), indices global. `capacity`: see
   SAEConfig.shard_capacity (0: exact).
+
+  `merge_shards=False`: no global top-k; each shard's own k candidates (as many as `capacity`
+  lets it offer, each block sorted) stay on it, [B, m * per-shard count] split over "model" along
+  the pick axis (decoded with `picks_per_shard=True`). Nothing is gathered.
 
   AuxK (`auxk_select`): "exact" gathers every shard's top-k_aux dead candidates and selects the
   global top k_aux ([B, k_aux] outputs, replicated over "model"). "per_shard" keeps each shard's
@@ -112,7 +118,9 @@ def sparse_encoder(plan: KernelPlan, k: int, k_aux: int, method: str = "exact",
     encode = topk_lib.sparse_encoder(plan, candidates(k, num_local), aux_budget(num_local),
                                      method, recall, compute_dtype, weight_grads)
     values, indices, aux_values, aux_indices = encode(x, b_dec, W_enc, b_enc, dead)
-    values, indices = _global_top(values, indices + offset, k)
+    indices = indices + offset
+    if merge_shards:
+      values, indices = _global_top(values, indices, k)
     aux_indices = aux_indices + offset
     if k_aux and auxk_select == "exact":
       # Masked picks (live latents, or shards with nothing dead) are value 0 and stay inert.
@@ -127,8 +135,9 @@ def sparse_encoder(plan: KernelPlan, k: int, k_aux: int, method: str = "exact",
   def encode(x, b_dec, W_enc, b_enc, dead):
     batch = _batch_spec()
     aux = _aux_spec(auxk_select)
+    picks = batch if merge_shards else _per_shard_spec()
     return jax.shard_map(local, in_specs=(batch, P(), P(AXIS, None), P(AXIS), P(AXIS)),
-                         out_specs=(batch, batch, aux, aux), check_vma=False)(
+                         out_specs=(picks, picks, aux, aux), check_vma=False)(
                              x, b_dec, W_enc, b_enc, dead)
 
   if auxk_select not in AUXK_SELECTS:
@@ -136,9 +145,19 @@ def sparse_encoder(plan: KernelPlan, k: int, k_aux: int, method: str = "exact",
   return encode
 
 
+def _per_shard_spec() -> P:
+  """Picks that stay on the shard of their latents: split over "model" along the pick axis."""
+  return P(_batch_spec()[0], AXIS)
+
+
 def _aux_spec(auxk_select: str) -> P:
   """Where AuxK's picks live: replicated over "model" (exact), or each shard's own (per_shard)."""
-  return P(_batch_spec()[0], AXIS if auxk_select == "per_shard" else None)
+  return _per_shard_spec() if auxk_select == "per_shard" else _batch_spec()
+
+
+def shard_count() -> int:
+  """The number of latent shards ("model"'s size; 1 without sharded kernels)."""
+  return jax.sharding.get_abstract_mesh().shape[AXIS] if active() else 1
 
 
 def _local_picks(values: jax.Array, indices: jax.Array, num_local: int):
@@ -150,8 +169,10 @@ def _local_picks(values: jax.Array, indices: jax.Array, num_local: int):
 
 
 def sparse_decode(plan: KernelPlan, values: jax.Array, indices: jax.Array, W_dec: jax.Array,
-                  weight_grads: str = "auto", compute_dtype: str = "float32") -> jax.Array:
-  """topk.sparse_decode with W_dec [n, d] split over "model" and global indices [B, k]."""
+                  weight_grads: str = "auto", compute_dtype: str = "float32",
+                  picks_per_shard: bool = False) -> jax.Array:
+  """topk.sparse_decode with W_dec [n, d] split over "model" and global indices [B, k]
+  (`picks_per_shard`: as `sparse_encoder(..., merge_shards=False)` lays them out)."""
 
   def local(values, indices, W_dec):
     part = topk_lib.sparse_decode(plan, *_local_picks(values, indices, W_dec.shape[0]), W_dec,
@@ -159,16 +180,17 @@ def sparse_decode(plan: KernelPlan, values: jax.Array, indices: jax.Array, W_dec
     return jax.lax.psum(part, AXIS)
 
   batch = _batch_spec()
-  return jax.shard_map(local, in_specs=(batch, batch, P(AXIS, None)), out_specs=batch,
+  picks = _per_shard_spec() if picks_per_shard else batch
+  return jax.shard_map(local, in_specs=(picks, picks, P(AXIS, None)), out_specs=batch,
                        check_vma=False)(values, indices, W_dec)
 
 
 def decode_with_aux(plan: KernelPlan, values: jax.Array, indices: jax.Array,
                     aux_values: jax.Array, aux_indices: jax.Array, aux_on: jax.Array,
                     W_dec: jax.Array, weight_grads: str = "auto", compute_dtype: str = "float32",
-                    auxk_select: str = "per_shard"):
-  """topk.decode_with_aux with W_dec [n, d] split over "model", global indices, and AuxK's picks
-  laid out as `sparse_encoder(..., auxk_select)` returns them."""
+                    auxk_select: str = "per_shard", picks_per_shard: bool = False):
+  """topk.decode_with_aux with W_dec [n, d] split over "model", global indices, and the picks
+  laid out as `sparse_encoder(..., auxk_select, merge_shards=not picks_per_shard)` returns them."""
 
   def local(values, indices, aux_values, aux_indices, aux_on, W_dec):
     num_local = W_dec.shape[0]
@@ -178,9 +200,26 @@ def decode_with_aux(plan: KernelPlan, values: jax.Array, indices: jax.Array,
     return jax.lax.psum(parts, AXIS)
 
   batch, aux = _batch_spec(), _aux_spec(auxk_select)
-  return jax.shard_map(local, in_specs=(batch, batch, aux, aux, P(), P(AXIS, None)),
+  picks = _per_shard_spec() if picks_per_shard else batch
+  return jax.shard_map(local, in_specs=(picks, picks, aux, aux, P(), P(AXIS, None)),
                        out_specs=(batch, batch), check_vma=False)(
                            values, indices, aux_values, aux_indices, aux_on, W_dec)
+
+
+def fired(indices: jax.Array, values: jax.Array, num_latents: int) -> jax.Array:
+  """Which latents ([n] bool, split over "model") the picks of `sparse_encoder(...,
+  merge_shards=False)` fire with a positive value: each shard marks its own, nothing gathered."""
+
+  def local(indices, values):
+    values, indices = _local_picks(values, indices, num_latents // jax.lax.axis_size(AXIS))
+    hit = jnp.zeros((num_latents // jax.lax.axis_size(AXIS),), jnp.int32).at[
+        indices.reshape(-1)].max((values.reshape(-1) > 0).astype(jnp.int32))
+    data = _batch_spec()[0]
+    return jax.lax.pmax(hit, data) if data else hit
+
+  picks = _per_shard_spec()
+  return jax.shard_map(local, in_specs=(picks, picks), out_specs=P(AXIS), check_vma=False)(
+      indices, values) > 0
 
 
 # Row-local ops of [n, d] matrices split over "model": per shard, without collectives. Outside

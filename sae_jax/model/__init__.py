@@ -71,12 +71,12 @@ class SparseAutoencoder(nnx.Module):
     for name, variable in cfg.arch.variables(cfg).items():
       setattr(self, name, variable)
 
-  def _sparse_encoder(self, k: int, k_aux: int):
+  def _sparse_encoder(self, k: int, k_aux: int, merge_shards: bool = True):
     cfg = self.cfg
     args = (self.plan, k, k_aux, cfg.topk, cfg.topk_recall, cfg.compute_dtype, cfg.weight_grads)
     if sharded.active():
       return sharded.sparse_encoder(*args, capacity=cfg.shard_capacity,
-                                    auxk_select=cfg.auxk_select)
+                                    auxk_select=cfg.auxk_select, merge_shards=merge_shards)
     return topk_lib.sparse_encoder(*args)
 
   def decoder_norms(self) -> jax.Array | None:
@@ -106,10 +106,13 @@ class SparseAutoencoder(nnx.Module):
     return self.tokens_since_fired[...] > self.cfg.dead_tokens
 
   def select(self, x, dead=None):
-    """(values, indices, aux_values, aux_indices) of the main (k or 4k) and AuxK selections."""
+    """(values, indices, aux_values, aux_indices) of the main (k or 4k) and AuxK selections. On
+    latent shards, the main selection is each token's merged top, or, for an architecture that
+    does not merge (`Architecture.merges_shard_candidates`), each shard's own candidates."""
     cfg = self.cfg
     dead = jnp.zeros((cfg.num_latents,), bool) if dead is None else dead
-    encode = self._sparse_encoder(cfg.num_selected, cfg.num_aux)
+    encode = self._sparse_encoder(cfg.num_selected, cfg.num_aux,
+                                  cfg.arch.merges_shard_candidates)
     return encode(x, self.b_dec[...], *self.encoder_weights(), dead)
 
   def encode(self, x) -> tuple[jax.Array, jax.Array]:
@@ -145,11 +148,18 @@ class SparseAutoencoder(nnx.Module):
     if self.cfg.decoder_norm == "unit":
       self.W_dec[...] = normalize_rows(self.plan, self.W_dec[...])
 
+  def picks_per_shard(self) -> bool:
+    """Whether `select`'s main picks stay on their latent shards (see `select`)."""
+    return sharded.active() and not self.cfg.arch.merges_shard_candidates
+
   def record_firing(self, indices, values, num_tokens: int) -> None:
     """Adds `num_tokens` to every counter (saturating at int32 max) and zeroes the counters of the
     latents picked with a positive value."""
-    fired = jnp.zeros((self.cfg.num_latents,), jnp.int32).at[indices.reshape(-1)].max(
-        (values.reshape(-1) > 0).astype(jnp.int32)) > 0
+    if self.picks_per_shard():
+      fired = sharded.fired(indices, values, self.cfg.num_latents)
+    else:
+      fired = jnp.zeros((self.cfg.num_latents,), jnp.int32).at[indices.reshape(-1)].max(
+          (values.reshape(-1) > 0).astype(jnp.int32)) > 0
     count = self.tokens_since_fired[...]
     count = count + jnp.minimum(jnp.int32(num_tokens), INT32_MAX - count)
     self.tokens_since_fired[...] = jnp.where(fired, 0, count)

@@ -65,6 +65,8 @@ def losses(model: SparseAutoencoder, x: jax.Array, dead: jax.Array):
   x = x.astype(jnp.float32)
   values, indices, aux_values, aux_indices = model.select(x, dead)
   decoding = dict(weight_grads=cfg.weight_grads, compute_dtype=cfg.compute_dtype)
+  if model.picks_per_shard():
+    decoding["picks_per_shard"] = True
   sparse_decode = functools.partial(kernels().sparse_decode, model.plan, **decoding)
   W_dec, b_dec = model.decoder_rows(), model.b_dec[...]  # unit rows (free norms divided out)
   total_variance = jnp.sum(jnp.square(x - x.mean(0)))
