@@ -211,9 +211,10 @@ def fired(indices: jax.Array, values: jax.Array, num_latents: int) -> jax.Array:
   merge_shards=False)` fire with a positive value: each shard marks its own, nothing gathered."""
 
   def local(indices, values):
-    values, indices = _local_picks(values, indices, num_latents // jax.lax.axis_size(AXIS))
-    hit = jnp.zeros((num_latents // jax.lax.axis_size(AXIS),), jnp.int32).at[
-        indices.reshape(-1)].max((values.reshape(-1) > 0).astype(jnp.int32))
+    num_local = num_latents // jax.lax.axis_size(AXIS)
+    values, indices = _local_picks(values, indices, num_local)
+    hit = jnp.zeros((num_local,), jnp.int32).at[indices.reshape(-1)].max(
+        (values.reshape(-1) > 0).astype(jnp.int32))
     data = _batch_spec()[0]
     return jax.lax.pmax(hit, data) if data else hit
 
