@@ -18,6 +18,9 @@ Variants (name: decoder, init, loss and Adam eps, b_dec, gradient clip):
                       (W_dec starts as W_enc itself, rows of norm ~0.58), loss, eps and b_dec
   free_saelens_init:  free norms with SAELens's init, loss, eps and b_dec
   saelens:            free norms, SAELens's init, loss, eps, b_dec and clip: its TopK trainer
+  free_b2_0.98:       free norms with Adam's beta2 at 0.98 (0.999 in all the others)
+  free_rising_b2:     free norms with beta2 rising as 1 - t^-0.8 (Adafactor's; 0.98 at step
+                      130, 0.996 at step 1024), without bias correction of the second moment
 Prints one JSON line per variant (F1, MCC, dead latents) and appends it to
 WORKDIR/parametrization/results.jsonl (a rerun skips the variants scored there); free norms are
 folded into the exported dictionary (the same function with unit rows).
@@ -43,18 +46,41 @@ from synthbench import our_batches  # noqa: E402
 from sae_jax.formats import dictionary  # noqa: E402
 from sae_jax.model import geometric_median  # noqa: E402
 
-VARIANTS = {  # name: (free decoder norms, SAELens's init/loss/eps/b_dec, gradient clip)
-    "ours": (False, False, 0.0),
-    "saelens_init": (False, True, 0.0),
-    "saelens_init_clip": (False, True, 1.0),
-    "free": (True, False, 0.0),
-    "free_saelens_init": (True, True, 0.0),
-    "saelens": (True, True, 1.0),
+VARIANTS = {  # name: (free decoder norms, SAELens's init/loss/eps/b_dec, gradient clip, beta2)
+    "ours": (False, False, 0.0, 0.999),
+    "saelens_init": (False, True, 0.0, 0.999),
+    "saelens_init_clip": (False, True, 1.0, 0.999),
+    "free": (True, False, 0.0, 0.999),
+    "free_saelens_init": (True, True, 0.0, 0.999),
+    "saelens": (True, True, 1.0, 0.999),
+    "free_b2_0.98": (True, False, 0.0, 0.98),
+    "free_rising_b2": (True, False, 0.0, "rising"),
 }
 
 
+def adam_rising_b2(learning_rate: optax.Schedule, eps: float, b1: float = 0.9,
+                   decay: float = 0.8) -> optax.GradientTransformation:
+  """Adam whose beta2 at step t (from 1) is 1 - t^-decay, as Adafactor's: the second moment
+  averages all steps so far with a memory that grows, so needs no bias correction."""
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return zeros, zeros, jnp.zeros((), jnp.int32)
+
+  def update(grads, state, params=None):
+    m, v, count = state
+    t = (count + 1).astype(jnp.float32)
+    b2 = 1 - t ** -decay
+    m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
+    v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, grads)
+    lr = learning_rate(count)
+    updates = jax.tree.map(lambda m, v: -lr * m / (1 - b1 ** t) / (jnp.sqrt(v) + eps), m, v)
+    return updates, (m, v, count + 1)
+
+  return optax.GradientTransformation(init, update)
+
+
 def train(batches, *, steps: int, k: int, num_latents: int, lr: float, warmup: int, free: bool,
-          saelens: bool, clip: float) -> dict:
+          saelens: bool, clip: float, b2: float | str) -> dict:
   """The dictionary trained on `steps` batches of `batches()` (a fresh iterator of the run's
   batches, in its order), with unit decoder rows."""
   rows = batches()
@@ -77,7 +103,8 @@ def train(batches, *, steps: int, k: int, num_latents: int, lr: float, warmup: i
   params = {"W_enc": W_enc, "b_enc": jnp.zeros(num_latents), "W_dec": W_dec, "b_dec": b_dec}
   schedule = optax.join_schedules([optax.linear_schedule(0, lr, warmup),
                                    optax.constant_schedule(lr)], [warmup])
-  tx = optax.adam(schedule, eps=1e-8 if saelens else 6.25e-10)
+  eps = 1e-8 if saelens else 6.25e-10
+  tx = (adam_rising_b2(schedule, eps) if b2 == "rising" else optax.adam(schedule, b2=b2, eps=eps))
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
 
@@ -126,10 +153,11 @@ def main():
   for name in args.variants.split(","):
     if (args.run, name, args.lr) in done:  # a rerun goes on after the last scored variant
       continue
-    free, saelens, clip = VARIANTS[name]
+    free, saelens, clip, b2 = VARIANTS[name]
     params = train(lambda: our_batches(args.workdir / args.run), steps=flags["steps"],
                    k=flags["k"], num_latents=flags["num_latents"], lr=args.lr,
-                   warmup=flags["lr_warmup_steps"], free=free, saelens=saelens, clip=clip)
+                   warmup=flags["lr_warmup_steps"], free=free, saelens=saelens, clip=clip,
+                   b2=b2)
     out = dictionary.write(out_dir / f"{args.run}-{name}-{args.lr:g}", "topk", params,
                            k=flags["k"], layout="saelens")
     scored = subprocess.run([sys.executable, "-m", "eval.synthetic", "score", f"--sae={out}",
