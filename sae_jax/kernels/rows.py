@@ -64,6 +64,13 @@ def add_picks(dense: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.A
   return dense.at[rows, indices].add(weights.astype(dense.dtype))
 
 
+def fired(indices: jax.Array, values: jax.Array, num_rows: int) -> jax.Array:
+  """Which of `num_rows` rows the picks (indices, values) hit with a positive value, [num_rows]
+  bool."""
+  return jnp.zeros((num_rows,), jnp.int32).at[indices.reshape(-1)].max(
+      (values.reshape(-1) > 0).astype(jnp.int32)) > 0
+
+
 def picked_weight_grads(picked: jax.Array, rows: jax.Array):
   """(picked^T rows [n, d], picked's column sums [n]), float32, from a dense [B, n] pick matrix:
   the backward of a dense layer, one matmul in picked's dtype."""

@@ -213,14 +213,13 @@ def fired(indices: jax.Array, values: jax.Array, num_latents: int) -> jax.Array:
   def local(indices, values):
     num_local = num_latents // jax.lax.axis_size(AXIS)
     values, indices = _local_picks(values, indices, num_local)
-    hit = jnp.zeros((num_local,), jnp.int32).at[indices.reshape(-1)].max(
-        (values.reshape(-1) > 0).astype(jnp.int32))
-    data = _batch_spec()[0]
-    return jax.lax.pmax(hit, data) if data else hit
+    hit = rows.fired(indices, values, num_local)
+    data = _batch_spec()[0]  # the batch's rows on the other data shards fire latents too
+    return jax.lax.pmax(hit.astype(jnp.int32), data) > 0 if data else hit
 
   picks = _per_shard_spec()
   return jax.shard_map(local, in_specs=(picks, picks), out_specs=P(AXIS), check_vma=False)(
-      indices, values) > 0
+      indices, values)
 
 
 # Row-local ops of [n, d] matrices split over "model": per shard, without collectives. Outside

@@ -155,11 +155,8 @@ class SparseAutoencoder(nnx.Module):
   def record_firing(self, indices, values, num_tokens: int) -> None:
     """Adds `num_tokens` to every counter (saturating at int32 max) and zeroes the counters of the
     latents picked with a positive value."""
-    if self.picks_per_shard():
-      fired = sharded.fired(indices, values, self.cfg.num_latents)
-    else:
-      fired = jnp.zeros((self.cfg.num_latents,), jnp.int32).at[indices.reshape(-1)].max(
-          (values.reshape(-1) > 0).astype(jnp.int32)) > 0
+    fired = (sharded.fired if self.picks_per_shard() else rows.fired)(
+        indices, values, self.cfg.num_latents)
     count = self.tokens_since_fired[...]
     count = count + jnp.minimum(jnp.int32(num_tokens), INT32_MAX - count)
     self.tokens_since_fired[...] = jnp.where(fired, 0, count)
