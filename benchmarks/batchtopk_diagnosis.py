@@ -5,7 +5,7 @@
   python benchmarks/batchtopk_diagnosis.py --variant=dense_batchtopk   # plain JAX, jax.grad
 
 The data: 1024 random unit directions in R^64 (16x more directions than dimensions), Zipf(1.0)
-frequencies, log-normal(0, 0.5) magnitudes, a shared offset of 2 N(0, I) (norm ~16), noise 0.02.
+frequencies, log-normal(0, --magnitude_std = 0.5) magnitudes, a shared offset of 2 N(0, I) (norm ~16), noise 0.02.
 `--data=fixed`: 4 distinct directions per row (Gumbel top-k by frequency); `--data=varying`: each
 direction fires on its own with probability 4 x its Zipf share (4 per row on average). Each SAE:
 n = 2048, k = 8, batches of 1024 fresh rows, `--steps` steps (3000: 3.1M tokens), Adam at the
@@ -27,7 +27,8 @@ the steps), k_anneal_50 / k_anneal_90 (the cut's k falling from d_in to k over t
 of the steps, as dictionary_learning's k_anneal_steps). Besides the held-out FVU as the run exports
 (its JumpReLU), each prints that of two JumpReLUs calibrated on other rows (one threshold; one per
 latent, matching each latent's count under the training selection). dense_topk / dense_batchtopk are
-the plain dense method in a few lines of JAX; saelens_topk_median / saelens_batchtopk_median /
+the plain dense method in a few lines of JAX; dense_planted_decoder_topk / _batchtopk the same with
+the planted directions as a frozen decoder (the loss each cut reaches with the planted dictionary); saelens_topk_median / saelens_batchtopk_median /
 saelens_batchtopk_zero are SAELens's SAETrainer on the same batches (b_dec at the geometric median
 or at SAELens's zero). Trains nothing: oracle (the planted directions as encoder and decoder, b_enc
 -0.5, the offset as b_dec; FVU of 4096 rows cut by TopK, BatchTopK and BatchTopK over groups of
@@ -81,12 +82,14 @@ VARIANTS = {
     "data": None,
     "dense_topk": None,
     "dense_batchtopk": None,
+    "dense_planted_decoder_topk": None,
+    "dense_planted_decoder_batchtopk": None,
     "oracle": None,
 }
 
 
 class Planted:
-  def __init__(self, kind: str, seed: int = 0):
+  def __init__(self, kind: str, seed: int = 0, magnitude_std: float = 0.5):
     rng = np.random.default_rng(seed)
     w = rng.normal(size=(M, D))
     self.directions = jnp.asarray(w / np.linalg.norm(w, axis=1, keepdims=True), jnp.float32)
@@ -96,16 +99,17 @@ class Planted:
     self.log_share = jnp.log(jnp.asarray(share, jnp.float32))
     self.prob = jnp.asarray(np.minimum(4 * share, 1.0), jnp.float32)
     self.kind = kind
+    self.magnitude_std = magnitude_std
     self.scale = 1.0  # normalize_inputs: the trainer's --normalize_inputs factor
 
   def batch(self, key, rows: int = ROWS) -> jax.Array:
     pick, mag, noise = jax.random.split(key, 3)
     if self.kind == "varying":
       on = jax.random.uniform(pick, (rows, M)) < self.prob
-      x = (jnp.exp(0.5 * jax.random.normal(mag, (rows, M))) * on) @ self.directions
+      x = (jnp.exp(self.magnitude_std * jax.random.normal(mag, (rows, M))) * on) @ self.directions
     else:
       _, picks = jax.lax.top_k(self.log_share + jax.random.gumbel(pick, (rows, M)), 4)
-      coefs = jnp.exp(0.5 * jax.random.normal(mag, (rows, 4)))
+      coefs = jnp.exp(self.magnitude_std * jax.random.normal(mag, (rows, 4)))
       x = jnp.einsum("bj,bjd->bd", coefs, self.directions[picks])
     return self.scale * (x + self.offset + 0.02 * jax.random.normal(noise, x.shape))
 
@@ -306,14 +310,23 @@ def calibrated_jumprelus(model: SparseAutoencoder, held_out, calibration, select
   return out
 
 
-def measure_dense(data: Planted, architecture: str, steps: int) -> dict:
-  """The plain method: dense [B, n] codes, jax.grad, optax Adam, the same init and data."""
+def measure_dense(data: Planted, architecture: str, steps: int, lr: float | None = None) -> dict:
+  """The plain method: dense [B, n] codes, jax.grad, optax Adam, the same init and data. With
+  architecture "planted_decoder_<cut>", the decoder is the planted directions themselves, frozen
+  (n = 1024 latents, one per direction; the encoder starts as them, b_dec as the offset): the
+  lowest loss that cut reaches with the planted dictionary, against what free training reaches."""
+  planted = architecture.startswith("planted_decoder_")
+  architecture = architecture.removeprefix("planted_decoder_")
   bound = 1 / np.sqrt(D)
-  W_enc = jax.random.uniform(jax.random.PRNGKey(0), (N, D), jnp.float32, -bound, bound)
-  p = {"W_enc": W_enc, "b_enc": jnp.zeros(N),
-       "W_dec": W_enc / jnp.linalg.norm(W_enc, axis=1, keepdims=True),
-       "b_dec": geometric_median(data.batch(jax.random.PRNGKey(10**6), 4096))}
-  tx = optax.adam(step_lib.default_learning_rate(N), eps=6.25e-10)
+  if planted:
+    p = {"W_enc": data.directions, "b_enc": jnp.zeros(M), "W_dec": data.directions,
+         "b_dec": data.offset}
+  else:
+    W_enc = jax.random.uniform(jax.random.PRNGKey(0), (N, D), jnp.float32, -bound, bound)
+    p = {"W_enc": W_enc, "b_enc": jnp.zeros(N),
+         "W_dec": W_enc / jnp.linalg.norm(W_enc, axis=1, keepdims=True),
+         "b_dec": geometric_median(data.batch(jax.random.PRNGKey(10**6), 4096))}
+  tx = optax.adam(lr or step_lib.default_learning_rate(N), eps=6.25e-10)
 
   def code(p, x):
     pre = jax.nn.relu((x - p["b_dec"]) @ p["W_enc"].T + p["b_enc"])
@@ -328,6 +341,8 @@ def measure_dense(data: Planted, architecture: str, steps: int) -> dict:
   def body(i, carry):
     p, opt, _ = carry
     loss, g = jax.value_and_grad(fvu)(p, data.batch(jax.random.PRNGKey(i)))
+    if planted:
+      g["W_dec"] = jnp.zeros_like(g["W_dec"])
     g["W_dec"] -= (g["W_dec"] * p["W_dec"]).sum(1, keepdims=True) * p["W_dec"]
     updates, opt = tx.update(g, opt, p)
     p = optax.apply_updates(p, updates)
@@ -338,7 +353,8 @@ def measure_dense(data: Planted, architecture: str, steps: int) -> dict:
   held_out = data.batch(jax.random.PRNGKey(10**7), 4096)
   return summary(data, np.asarray(p["W_dec"]), np.asarray(p["W_enc"]),
                  np.asarray((code(p, held_out) > 0).any(0)), train_fvu=float(loss),
-                 heldout_fvu=float(fvu(p, held_out)))
+                 heldout_fvu=float(fvu(p, held_out)),
+                 heldout_l0=float((code(p, held_out) > 0).sum(1).mean()))
 
 
 def measure_data(data: Planted) -> dict:
@@ -346,13 +362,14 @@ def measure_data(data: Planted) -> dict:
   rows = 8192
   pick, mag, _ = jax.random.split(jax.random.PRNGKey(10**7), 3)  # the coefficients of .batch
   if data.kind == "varying":
-    coefs = np.asarray(jnp.exp(0.5 * jax.random.normal(mag, (rows, M)))
+    coefs = np.asarray(jnp.exp(data.magnitude_std * jax.random.normal(mag, (rows, M)))
                        * (jax.random.uniform(pick, (rows, M)) < data.prob), np.float64)
   else:
     _, picks = jax.lax.top_k(data.log_share + jax.random.gumbel(pick, (rows, M)), 4)
     coefs = np.zeros((rows, M))
     np.put_along_axis(coefs, np.asarray(picks),
-                      np.asarray(jnp.exp(0.5 * jax.random.normal(mag, (rows, 4)))), 1)
+                      np.asarray(jnp.exp(data.magnitude_std * jax.random.normal(mag, (rows, 4)))),
+                      1)
   x = np.asarray(data.batch(jax.random.PRNGKey(10**7), rows), np.float64)
   offset = np.asarray(data.offset, np.float64)
   energy = np.linalg.norm(x - offset, axis=1) ** 2
@@ -438,10 +455,14 @@ def main():
   parser.add_argument("--variant", choices=sorted(VARIANTS), required=True)
   parser.add_argument("--data", choices=("fixed", "varying"), default="fixed")
   parser.add_argument("--steps", type=int, default=3000)
+  parser.add_argument("--lr", type=float, default=None,
+                      help="dense_* variants: Adam's rate (default: the trainer's default)")
+  parser.add_argument("--magnitude_std", type=float, default=0.5,
+                      help="sigma of the log-normal magnitudes (0: every magnitude is 1)")
   parser.add_argument("--decoder_norm", choices=("unit", "free"), default="free",
                       help="our trainer's variants (docs/benchmarks.md's table: unit)")
   args = parser.parse_args()
-  data = Planted(args.data)
+  data = Planted(args.data, magnitude_std=args.magnitude_std)
   if args.variant == "normalize_inputs":  # mean squared norm d_in, as --normalize_inputs scales
     data.scale = float(jnp.sqrt(D / jnp.mean(jnp.sum(data.batch(jax.random.PRNGKey(10**6),
                                                                   4096) ** 2, axis=1))))
@@ -454,10 +475,11 @@ def main():
     _, architecture, b_dec_init = args.variant.split("_")
     result = measure_saelens(data, architecture, args.steps, b_dec_init)
   elif args.variant.startswith("dense_"):
-    result = measure_dense(data, args.variant.removeprefix("dense_"), args.steps)
+    result = measure_dense(data, args.variant.removeprefix("dense_"), args.steps, args.lr)
   else:
     result = measure_ours(data, args.variant, args.steps, args.decoder_norm)
   print(json.dumps({"variant": args.variant, "data": args.data, "steps": args.steps,
+                    "magnitude_std": args.magnitude_std, "lr": args.lr,
                     "decoder_norm": args.decoder_norm, **result,
                     "seconds": round(time.perf_counter() - start, 1)}))
 
