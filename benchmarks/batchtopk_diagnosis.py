@@ -5,7 +5,8 @@
   python benchmarks/batchtopk_diagnosis.py --variant=dense_batchtopk   # plain JAX, jax.grad
 
 The data: 1024 random unit directions in R^64 (16x more directions than dimensions), Zipf(1.0)
-frequencies, log-normal(0, --magnitude_std = 0.5) magnitudes, a shared offset of 2 N(0, I) (norm ~16), noise 0.02.
+frequencies, log-normal(0, --magnitude_std = 0.5) magnitudes, a shared offset of 2 N(0, I) (norm
+~16), noise 0.02.
 `--data=fixed`: 4 distinct directions per row (Gumbel top-k by frequency); `--data=varying`: each
 direction fires on its own with probability 4 x its Zipf share (4 per row on average). Each SAE:
 n = 2048, k = 8, batches of 1024 fresh rows, `--steps` steps (3000: 3.1M tokens), Adam at the
@@ -28,11 +29,11 @@ of the steps, as dictionary_learning's k_anneal_steps). Besides the held-out FVU
 (its JumpReLU), each prints that of two JumpReLUs calibrated on other rows (one threshold; one per
 latent, matching each latent's count under the training selection). dense_topk / dense_batchtopk are
 the plain dense method in a few lines of JAX; dense_planted_decoder_topk / _batchtopk the same with
-the planted directions as a frozen decoder (the loss each cut reaches with the planted dictionary); saelens_topk_median / saelens_batchtopk_median /
-saelens_batchtopk_zero are SAELens's SAETrainer on the same batches (b_dec at the geometric median
-or at SAELens's zero). Trains nothing: oracle (the planted directions as encoder and decoder, b_enc
--0.5, the offset as b_dec; FVU of 4096 rows cut by TopK, BatchTopK and BatchTopK over groups of
-rows, at k), data (what dominates the rows' norms).
+the planted directions as a frozen decoder (the loss each cut reaches with the planted dictionary);
+saelens_topk_median / saelens_batchtopk_median / saelens_batchtopk_zero are SAELens's SAETrainer on
+the same batches (b_dec at the geometric median or at SAELens's zero). Trains nothing: oracle (the
+planted directions as encoder and decoder, b_enc -0.5, the offset as b_dec; FVU of 4096 rows cut by
+TopK, BatchTopK and BatchTopK over groups of rows, at k), data (what dominates the rows' norms).
 """
 
 import argparse
@@ -351,10 +352,10 @@ def measure_dense(data: Planted, architecture: str, steps: int, lr: float | None
 
   p, _, loss = jax.jit(lambda p: jax.lax.fori_loop(0, steps, body, (p, tx.init(p), 0.0)))(p)
   held_out = data.batch(jax.random.PRNGKey(10**7), 4096)
-  return summary(data, np.asarray(p["W_dec"]), np.asarray(p["W_enc"]),
-                 np.asarray((code(p, held_out) > 0).any(0)), train_fvu=float(loss),
-                 heldout_fvu=float(fvu(p, held_out)),
-                 heldout_l0=float((code(p, held_out) > 0).sum(1).mean()))
+  fired = code(p, held_out) > 0
+  return summary(data, np.asarray(p["W_dec"]), np.asarray(p["W_enc"]), np.asarray(fired.any(0)),
+                 train_fvu=float(loss), heldout_fvu=float(fvu(p, held_out)),
+                 heldout_l0=float(fired.sum(1).mean()))
 
 
 def measure_data(data: Planted) -> dict:

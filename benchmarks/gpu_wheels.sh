@@ -9,7 +9,7 @@ set -eu
 grep -qx '/.whl/' .git/info/exclude 2> /dev/null || echo /.whl/ >> .git/info/exclude
 mkdir -p .whl
 WHEELS=(
-  eai-sparsify==1.3.3 natsort schedulefree
+  eai-sparsify==1.3.3 natsort==8.4.0 schedulefree==1.4.1
   sae-lens==6.54.12 transformer-lens==3.9.0 beartype==0.23.1 better-abc==0.0.3 datasets==5.2.0
   dill==0.4.1 multiprocess==0.70.19 fancy-einsum==0.0.3 transformers-stream-generator==0.0.5
   typeguard==4.6.1 wandb==0.31.0 cwevals==0.0.1b1 distro==1.9.0 pydantic==2.13.4
