@@ -9,11 +9,14 @@
    structure at 4096 features in d=256) into WORKDIR/store (reused when present).
 2. Ours, per architecture and --lrs value: `python -m sae_jax.train` on the store (one pass,
    --batch_size rows a step, --decoder_norm: free by default, as the trainer's),
-   `sae_jax.export --format=saelens` (BatchTopK exports as JumpReLU).
+   `sae_jax.export --format=saelens` (BatchTopK exports as JumpReLU). Matryoshka prefixes are
+   SynthSAEBench's own (128, 512, 2048 below the width, then the width) unless
+   --matryoshka_prefixes says otherwise.
 3. SAELens's, the same: its SAETrainer (TopKTrainingSAE, BatchTopKTrainingSAE,
    MatryoshkaBatchTopKTrainingSAE) fed the SAME batches in the SAME order (our trainer's own data
    reader and order, from the resolved flags.json of our run at that lr), same width, k, steps,
-   warmup and constant lr, a latent dead after as many steps as ours (--dead_tokens / batch);
+   warmup and constant lr, a latent dead after as many steps as ours (--dead_tokens / batch),
+   its Matryoshka with the same prefixes and its per-level AuxK (as SynthSAEBench trains it);
    b_dec starts at the mean of 16,384 store rows (its bare trainer starts it at zero; ours starts
    at the geometric median); saved as its inference SAE.
 4. Every SAE is scored by `eval.synthetic score` (SAELens's eval_sae_on_synthetic_data, the same
@@ -54,7 +57,11 @@ def run(*args: str) -> str:
 
 
 def prefixes(args) -> list[int]:
-  return [args.num_latents // 4, args.num_latents]
+  """--matryoshka_prefixes, or SynthSAEBench's own: 128, 512 and 2048 where below the width, then
+  the width (its experiments' get_matryoshka_config)."""
+  if args.matryoshka_prefixes:
+    return [int(p) for p in args.matryoshka_prefixes.split(",")]
+  return [p for p in (128, 512, 2048) if p < args.num_latents] + [args.num_latents]
 
 
 def train_ours(args, arch: str, lr: float, workdir: Path) -> Path:
@@ -62,6 +69,8 @@ def train_ours(args, arch: str, lr: float, workdir: Path) -> Path:
            f"--num_latents={args.num_latents}", f"--k={args.k}", f"--batch_size={args.batch_size}",
            f"--steps={args.steps}", f"--lr={lr}", f"--lr_warmup_steps={args.warmup}",
            f"--seed={args.seed}", f"--decoder_norm={args.decoder_norm}", "--log_every=50"]
+  if args.dead_tokens:
+    flags.append(f"--dead_tokens={args.dead_tokens}")
   if "batchtopk" in arch:  # its threshold is learned from a quarter of the run on
     flags += ["--architecture=batchtopk", f"--threshold_start_step={max(1, args.steps // 4)}"]
   if arch.startswith("matryoshka"):
@@ -97,7 +106,7 @@ def train_saelens(args, arch: str, lr: float, ours: Path, out: Path) -> Path:
     sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
   elif arch == "matryoshka-batchtopk":
     sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
-        **common, matryoshka_widths=prefixes(args)))
+        **common, matryoshka_widths=prefixes(args), use_matryoshka_aux_loss=True))
   else:
     raise ValueError(f"SAELens has no {arch} training SAE")
   batches = our_batches(ours)
@@ -139,6 +148,12 @@ def main():
   parser.add_argument("--decoder_norm", default="free", choices=["unit", "free"],
                       help="our trainer's --decoder_norm (SAELens's TopK and BatchTopK trainers "
                       "have free norms)")
+  parser.add_argument("--matryoshka_prefixes", default="", help="comma-separated prefix widths "
+                      "of both sides' Matryoshkas (default: SynthSAEBench's 128,512,2048 below the "
+                      "width, then the width)")
+  parser.add_argument("--dead_tokens", type=int, default=0, help="our trainer's --dead_tokens, "
+                      "and SAELens's dead window in steps from it (0: our default, 10M; "
+                      "SynthSAEBench trains with 1000 steps of 1024)")
   parser.add_argument("--samples", type=int, default=16_384, help="score samples")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--device", default="cpu", help="torch device of SAELens and the "
@@ -155,9 +170,15 @@ def main():
   free = args.decoder_norm == "free"  # runs with unit rows predate the knob: named without it
   for arch in args.architectures.split(","):
     for lr in map(float, args.lrs.split(",")):
-      workdir = args.workdir / f"ours-{'free-' * free}{arch}-{lr:g}"
+      variant = run_variant(args, arch)
+      suffix = f"{arch}-{lr:g}"  # run folders named for what the row's identity adds
+      if "prefixes" in variant:
+        suffix += "-p" + ".".join(map(str, variant["prefixes"]))
+      if args.dead_tokens:
+        suffix += f"-dead{args.dead_tokens}"
+      workdir = args.workdir / f"ours-{'free-' * free}{suffix}"
       for side in args.sides.split(","):
-        row = {"side": side, "architecture": arch, "lr": lr}
+        row = {"side": side, "architecture": arch, "lr": lr, **variant}
         if side == "ours":
           row["decoder_norm"] = args.decoder_norm
         if run_key(row) in done or (side == "saelens" and arch == "matryoshka-topk"):
@@ -166,7 +187,7 @@ def main():
         if side == "ours" or not (workdir / "flags.json").exists():
           export = train_ours(args, arch, lr, workdir)
         if side == "saelens":
-          export = train_saelens(args, arch, lr, workdir, args.workdir / f"saelens-{arch}-{lr:g}")
+          export = train_saelens(args, arch, lr, workdir, args.workdir / f"saelens-{suffix}")
         scored = synthetic.score(export, store, samples=args.samples, batch_size=4096,
                                  seed=args.seed, device=args.device)
         row = {**row, "steps": args.steps,
@@ -181,25 +202,49 @@ def main():
   write_table(args, done)
 
 
+def run_variant(args, arch: str) -> dict:
+  """What a run's identity holds beyond side, architecture, lr and decoder norm."""
+  variant = {"prefixes": prefixes(args)} if arch.startswith("matryoshka") else {}
+  if args.dead_tokens:
+    variant["dead_tokens"] = args.dead_tokens
+  return variant
+
+
 def run_key(row: dict) -> tuple:
-  """A result's identity: side, architecture, lr and (ours) the decoder norm."""
+  """A result's identity: side, architecture, lr, (ours) the decoder norm, the Matryoshka prefixes
+  and the dead window (rows from before those two were flags have neither)."""
   norm = row.get("decoder_norm", "unit") if row["side"] == "ours" else None
-  return row["side"], row["architecture"], row["lr"], norm
+  return (row["side"], row["architecture"], row["lr"], norm, *variant_key(row))
+
+
+def variant_key(row: dict) -> tuple:
+  return tuple(row.get("prefixes", ())), row.get("dead_tokens")
 
 
 def side_name(row: dict) -> str:
   return "ours, unit rows" if run_key(row)[3] == "unit" else row["side"]
 
 
+def variant_words(args) -> str:
+  words = ""
+  if any(a.startswith("matryoshka") for a in args.architectures.split(",")):
+    words += "; Matryoshka prefixes " + ",".join(map(str, prefixes(args)))
+  if args.dead_tokens:
+    words += f"; a latent dead after {args.dead_tokens:,} tokens"
+  return words
+
+
 def write_table(args, done: dict) -> None:
   best = {}
   for row in done.values():
+    if variant_key(row) != variant_key(run_variant(args, row["architecture"])):
+      continue  # another variant's run in the same folder
     key = (row["architecture"], side_name(row))
     if key not in best or row["f1"] > best[key]["f1"]:
       best[key] = row
   lines = [f"Scaled SynthSAEBench (`{args.model}`, {args.rows:,} rows), width {args.num_latents}, "
            f"k {args.k}, {args.steps} steps of {args.batch_size}; lrs {args.lrs}, best by F1; "
-           f"scored on {args.samples:,} samples.", "",
+           f"scored on {args.samples:,} samples{variant_words(args)}.", "",
            "| architecture | side | best lr | F1 | MCC | precision | recall | uniqueness | "
            "explained variance | L0 | dead |", "| --- | --- | --- | --- | --- | --- | --- | --- | "
            "--- | --- | --- |"]

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # SynthSAEBench at the published size on a lent GPU machine (docs/benchmarks.md, "SynthSAEBench"):
-# the rebuilt SynthSAEBench-16k model, width 4096, k 25, 200M training samples, batch 1024, lr 3e-4
-# (the published settings), ours and SAELens's trainers on the same batches, scored on 100,000
-# samples by SAELens's eval_sae_on_synthetic_data.
+# the rebuilt SynthSAEBench-16k model, width 4096, k 25, 200M training samples, batch 1024, constant
+# lr 3e-4 without warmup, Matryoshka widths 128,512,2048,4096 with per-level AuxK, a latent dead
+# after 1000 steps (the published settings: synth-sae-bench-experiments' sweeps/common.py and
+# SAELens's SyntheticSAERunnerConfig defaults), ours and SAELens's trainers on the same batches,
+# scored on 100,000 samples by SAELens's eval_sae_on_synthetic_data.
 #
 #   OUT=/tmp/synthbench16k ARCHS=batchtopk,matryoshka-batchtopk bash benchmarks/synthbench_gpu.sh
 #
@@ -14,7 +16,7 @@ set -eu
 OUT=${OUT:-/tmp/synthbench16k}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 benchmarks/synthbench.py --workdir="$OUT" --model=synth16k --rows="${ROWS:-25000000}" \
-  --dtype=bfloat16 --num_latents=4096 --k=25 --batch_size=1024 --steps=195312 --warmup=1000 \
-  --lrs="${LRS:-3e-4}" --samples=100000 --device=cuda \
+  --dtype=bfloat16 --num_latents=4096 --k=25 --batch_size=1024 --steps=195312 --warmup=0 \
+  --dead_tokens=1024000 --lrs="${LRS:-3e-4}" --samples=100000 --device=cuda \
   --architectures="${ARCHS:-topk,batchtopk,matryoshka-topk,matryoshka-batchtopk}"
 cat "$OUT/table.md"
