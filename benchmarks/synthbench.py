@@ -15,8 +15,9 @@
 3. SAELens's, the same: its SAETrainer (TopKTrainingSAE, BatchTopKTrainingSAE,
    MatryoshkaBatchTopKTrainingSAE) fed the SAME batches in the SAME order (our trainer's own data
    reader and order, from the resolved flags.json of our run at that lr), same width, k, steps,
-   warmup and constant lr, a latent dead after as many steps as ours (--dead_tokens / batch),
-   its Matryoshka with the same prefixes and its per-level AuxK (as SynthSAEBench trains it);
+   warmup and lr (constant, or --lr_decay=linear to 0 at the last step on both), a latent dead
+   after as many steps as ours (--dead_tokens / batch), its Matryoshka with the same prefixes and
+   its per-level AuxK (as SynthSAEBench trains it);
    b_dec starts at the mean of 16,384 store rows (its bare trainer starts it at zero; ours starts
    at the geometric median); saved as its inference SAE.
 4. Every SAE is scored by `eval.synthetic score` (SAELens's eval_sae_on_synthetic_data, the same
@@ -68,7 +69,8 @@ def train_ours(args, arch: str, lr: float, workdir: Path) -> Path:
   flags = [f"--store={args.workdir / 'store'}", f"--workdir={workdir}",
            f"--num_latents={args.num_latents}", f"--k={args.k}", f"--batch_size={args.batch_size}",
            f"--steps={args.steps}", f"--lr={lr}", f"--lr_warmup_steps={args.warmup}",
-           f"--seed={args.seed}", f"--decoder_norm={args.decoder_norm}", "--log_every=50"]
+           f"--seed={args.seed}", f"--decoder_norm={args.decoder_norm}", "--log_every=50",
+           f"--lr_decay={args.lr_decay}"]
   if args.dead_tokens:
     flags.append(f"--dead_tokens={args.dead_tokens}")
   if "batchtopk" in arch:  # its threshold is learned from a quarter of the run on
@@ -120,6 +122,8 @@ def train_saelens(args, arch: str, lr: float, ours: Path, out: Path) -> Path:
   cfg = SAETrainerConfig(
       total_training_samples=args.steps * args.batch_size, train_batch_size_samples=args.batch_size,
       lr=lr, lr_end=lr, lr_scheduler_name="constant", lr_warm_up_steps=args.warmup,
+      # --lr_decay=linear: from the end of the warmup down to 0 at the last step, as ours
+      lr_decay_steps=(args.steps - args.warmup) if args.lr_decay == "linear" else 0,
       dead_feature_window=max(1, dead_tokens // args.batch_size),  # ours: --dead_tokens
       device=args.device, n_checkpoints=0, save_final_checkpoint=False,
       logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2 ** 31 - 1))
@@ -154,6 +158,9 @@ def main():
   parser.add_argument("--dead_tokens", type=int, default=0, help="our trainer's --dead_tokens, "
                       "and SAELens's dead window in steps from it (0: our default, 10M; "
                       "SynthSAEBench trains with 1000 steps of 1024)")
+  parser.add_argument("--lr_decay", default="constant", choices=["constant", "linear"],
+                      help="both sides' lr after the warmup: constant, or a linear decay to 0 at "
+                      "the last step")
   parser.add_argument("--samples", type=int, default=16_384, help="score samples")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--device", default="cpu", help="torch device of SAELens and the "
@@ -176,6 +183,8 @@ def main():
         suffix += "-p" + ".".join(map(str, variant["prefixes"]))
       if args.dead_tokens:
         suffix += f"-dead{args.dead_tokens}"
+      if args.lr_decay != "constant":
+        suffix += f"-{args.lr_decay}"
       workdir = args.workdir / f"ours-{'free-' * free}{suffix}"
       for side in args.sides.split(","):
         row = {"side": side, "architecture": arch, "lr": lr, **variant}
@@ -207,18 +216,20 @@ def run_variant(args, arch: str) -> dict:
   variant = {"prefixes": prefixes(args)} if arch.startswith("matryoshka") else {}
   if args.dead_tokens:
     variant["dead_tokens"] = args.dead_tokens
+  if args.lr_decay != "constant":
+    variant["lr_decay"] = args.lr_decay
   return variant
 
 
 def run_key(row: dict) -> tuple:
-  """A result's identity: side, architecture, lr, (ours) the decoder norm, the Matryoshka prefixes
-  and the dead window (rows from before those two were flags have neither)."""
+  """A result's identity: side, architecture, lr, (ours) the decoder norm, the Matryoshka prefixes,
+  the dead window and the lr decay (rows from before those were flags have none of them)."""
   norm = row.get("decoder_norm", "unit") if row["side"] == "ours" else None
   return (row["side"], row["architecture"], row["lr"], norm, *variant_key(row))
 
 
 def variant_key(row: dict) -> tuple:
-  return tuple(row.get("prefixes", ())), row.get("dead_tokens")
+  return tuple(row.get("prefixes", ())), row.get("dead_tokens"), row.get("lr_decay")
 
 
 def side_name(row: dict) -> str:
@@ -231,6 +242,8 @@ def variant_words(args) -> str:
     words += "; Matryoshka prefixes " + ",".join(map(str, prefixes(args)))
   if args.dead_tokens:
     words += f"; a latent dead after {args.dead_tokens:,} tokens"
+  if args.lr_decay != "constant":
+    words += f"; lr decayed {args.lr_decay}ly to 0"
   return words
 
 
