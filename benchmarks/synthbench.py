@@ -122,7 +122,8 @@ def train_saelens(args, arch: str, lr: float, ours: Path, out: Path) -> Path:
   cfg = SAETrainerConfig(
       total_training_samples=args.steps * args.batch_size, train_batch_size_samples=args.batch_size,
       lr=lr, lr_end=lr, lr_scheduler_name="constant", lr_warm_up_steps=args.warmup,
-      # --lr_decay=linear: from the end of the warmup down to 0 at the last step, as ours
+      # --lr_decay=linear: from the end of the warmup down to 0 at the last step, as ours (its
+      # warmup starts at lr / warmup where ours starts at 0: one step ahead)
       lr_decay_steps=(args.steps - args.warmup) if args.lr_decay == "linear" else 0,
       dead_feature_window=max(1, dead_tokens // args.batch_size),  # ours: --dead_tokens
       device=args.device, n_checkpoints=0, save_final_checkpoint=False,
@@ -178,13 +179,7 @@ def main():
   for arch in args.architectures.split(","):
     for lr in map(float, args.lrs.split(",")):
       variant = run_variant(args, arch)
-      suffix = f"{arch}-{lr:g}"  # run folders named for what the row's identity adds
-      if "prefixes" in variant:
-        suffix += "-p" + ".".join(map(str, variant["prefixes"]))
-      if args.dead_tokens:
-        suffix += f"-dead{args.dead_tokens}"
-      if args.lr_decay != "constant":
-        suffix += f"-{args.lr_decay}"
+      suffix = f"{arch}-{lr:g}{variant_suffix(variant)}"
       workdir = args.workdir / f"ours-{'free-' * free}{suffix}"
       for side in args.sides.split(","):
         row = {"side": side, "architecture": arch, "lr": lr, **variant}
@@ -221,6 +216,18 @@ def run_variant(args, arch: str) -> dict:
   return variant
 
 
+def variant_suffix(variant: dict) -> str:
+  """Run folders are named for what the variant adds to a run's identity."""
+  suffix = ""
+  if "prefixes" in variant:
+    suffix += "-p" + ".".join(map(str, variant["prefixes"]))
+  if "dead_tokens" in variant:
+    suffix += f"-dead{variant['dead_tokens']}"
+  if "lr_decay" in variant:
+    suffix += f"-{variant['lr_decay']}"
+  return suffix
+
+
 def run_key(row: dict) -> tuple:
   """A result's identity: side, architecture, lr, (ours) the decoder norm, the Matryoshka prefixes,
   the dead window and the lr decay (rows from before those were flags have none of them)."""
@@ -237,13 +244,15 @@ def side_name(row: dict) -> str:
 
 
 def variant_words(args) -> str:
+  """The table header's words for the variant (the Matryoshka prefixes where one ran)."""
+  variant = run_variant(args, "matryoshka" if "matryoshka" in args.architectures else "")
   words = ""
-  if any(a.startswith("matryoshka") for a in args.architectures.split(",")):
-    words += "; Matryoshka prefixes " + ",".join(map(str, prefixes(args)))
-  if args.dead_tokens:
-    words += f"; a latent dead after {args.dead_tokens:,} tokens"
-  if args.lr_decay != "constant":
-    words += f"; lr decayed {args.lr_decay}ly to 0"
+  if "prefixes" in variant:
+    words += "; Matryoshka prefixes " + ",".join(map(str, variant["prefixes"]))
+  if "dead_tokens" in variant:
+    words += f"; a latent dead after {variant['dead_tokens']:,} tokens"
+  if "lr_decay" in variant:
+    words += f"; lr decayed {variant['lr_decay']}ly to 0"
   return words
 
 
