@@ -3,7 +3,7 @@
   python -m eval.synthetic write --model=small --rows=1000000 --out=STORE [--dtype=float16]
   python -m sae_jax.train --store=STORE --workdir=RUN ...
   python -m sae_jax.export --workdir=RUN --out=EXPORT --format=saelens
-  python -m eval.synthetic score --sae=EXPORT --store=STORE [--out=SCORE.json]
+  python -m eval.synthetic score --sae=EXPORT --store=STORE [--l0=K] [--out=SCORE.json]
 
 `write` builds a SAELens SyntheticModel (`--model`: MODELS below) and writes --rows of its samples
 as an ordinary activation STORE (docs/formats.md), one shard of --shard_rows at a time (a killed
@@ -12,8 +12,11 @@ the model beside the rows in STORE/synthetic_model/ (SAELens's own safetensors +
 
 `score` loads an EXPORT (SAELens layout; a BatchTopK export is a JumpReLU) with SAELens, rebuilds
 the store's synthetic model and prints SAELens's own metrics (eval_sae_on_synthetic_data, on
---samples fresh samples of the model, seeded): MCC, F1, precision, recall, uniqueness, explained
-variance, L0 (and the model's true L0), dead latents, shrinkage. One JSON line; --out writes it too.
+--samples fresh samples of the model, never rows of the store: SCORE_SEEDS below): MCC, F1,
+precision, recall, uniqueness, explained variance, L0 (and the model's true L0), dead latents,
+shrinkage. One JSON line; --out writes it too. F1, precision and recall move with the L0, so
+compare SAEs at one L0: `--l0=K` scores a JumpReLU export with its thresholds scaled by the one
+factor that gives mean L0 K on --calibration_samples other fresh samples.
 """
 
 from __future__ import annotations
@@ -39,6 +42,24 @@ from sae_jax.store import DTYPES, META_DTYPE, Store, StoreError, StoreWriter
 from sae_jax.files import atomic_write_json
 
 MODEL_DIR = "synthetic_model"  # STORE/synthetic_model/: SyntheticModel.save's files
+# Three streams of seeds, so that no sample is in two of them: `write` seeds its shards in
+# [0, 2^31), `score --l0` its calibration samples in [2^31, 2^31 + 2^30) and `score` its scored
+# samples above. Torch's CPU generator is seeded with a seed's low 32 bits only, so each stream
+# stays below 2^32.
+CALIBRATION_SEEDS, SCORE_SEEDS = 2 ** 31, 2 ** 31 + 2 ** 30
+
+
+def shard_seed(seed: int, index: int) -> int:
+  value = seed * 1_000_003 + index
+  if not 0 <= value < CALIBRATION_SEEDS:
+    raise StoreError(f"--seed={seed} is out of range: shard seeds lie in [0, 2^31)")
+  return value
+
+
+def stream_seed(stream: int, seed: int) -> int:
+  if not 0 <= seed < 2 ** 30:
+    raise StoreError(f"--seed={seed} is out of range: [0, 2^30)")
+  return stream + seed
 
 
 def synthsaebench_config(num_features: int, hidden_dim: int, roots: int) -> SyntheticModelConfig:
@@ -98,15 +119,14 @@ def write_store(out: str | Path, config: SyntheticModelConfig, rows: int, *, dty
   else:
     model = SyntheticModel(config, device=device)
     save_model(model, folder)
-  chunk = max(1, min(shard_rows, 2 ** 24 // config.num_features))  # dense features: ~64 MiB
   with tqdm.tqdm(total=rows, initial=writer.rows, unit="row", disable=not progress) as bar:
     while writer.rows < rows:
       index = len(writer.shards)
-      torch.manual_seed(seed * 1_000_003 + index)  # a resumed shard is the one a whole run writes
+      torch.manual_seed(shard_seed(seed, index))  # a resumed shard is the one a whole run writes
       count = min(shard_rows, rows - writer.rows)
       parts = []
-      for start in range(0, count, chunk):
-        parts.append(model.sample(min(chunk, count - start)).float().cpu().numpy())
+      for n in chunks(count, model):
+        parts.append(model.sample(n).float().cpu().numpy())
         bar.update(len(parts[-1]))
       meta = np.zeros(count, META_DTYPE)
       meta["image_id"], meta["patch"] = index, np.arange(count)
@@ -117,8 +137,14 @@ def write_store(out: str | Path, config: SyntheticModelConfig, rows: int, *, dty
 
 
 def score(sae_path: str | Path, store: str | Path, *, samples: int = 100_000,
-          batch_size: int = 4096, seed: int = 0, device: str = "cpu") -> dict:
-  """SAELens's SynthSAEBench metrics of the export at `sae_path` on the model beside `store`."""
+          batch_size: int = 4096, seed: int = 0, device: str = "cpu", l0: float | None = None,
+          calibration_samples: int = 16_384) -> dict:
+  """SAELens's SynthSAEBench metrics of the export at `sae_path` on the model beside `store`.
+
+  With `l0`, a JumpReLU export is scored at that mean L0: its thresholds are first scaled by the
+  one factor that gives that L0 on `calibration_samples` other samples of the model. F1,
+  precision and recall move with the L0 (SynthSAEBench publishes them at L0 20 and 25), so SAEs
+  are compared at one L0."""
   from sae_lens import SAE
   manifest = Store(store).manifest
   model = load_model(store, device)
@@ -133,7 +159,17 @@ def score(sae_path: str | Path, store: str | Path, *, samples: int = 100_000,
         f"{folder / 'cfg.json'} has d_in {d_in} but {Path(store) / 'manifest.json'} has d_model "
         f"{manifest['d_model']}: the export was not trained on this store")
   sae = SAE.load_from_disk(str(folder), device=device)
-  torch.manual_seed(seed)
+  calibration = {}
+  if l0 is not None:
+    torch.manual_seed(stream_seed(CALIBRATION_SEEDS, seed))
+    with torch.no_grad():
+      rows = torch.cat([model.sample(n) for n in chunks(calibration_samples, model)])
+    scale = l0_threshold_scale(sae, rows, l0, folder)
+    with torch.no_grad():
+      sae.threshold.mul_(scale)
+    calibration = {"l0_target": l0, "threshold_scale": scale,
+                   "calibration_samples": calibration_samples}
+  torch.manual_seed(stream_seed(SCORE_SEEDS, seed))
   result = eval_sae_on_synthetic_data(sae, model.feature_dict, model.activation_generator,
                                       num_samples=samples, batch_size=batch_size)
   c = result.classification
@@ -142,7 +178,38 @@ def score(sae_path: str | Path, store: str | Path, *, samples: int = 100_000,
           "l0": result.sae_l0, "true_l0": result.true_l0, "dead_latents": result.dead_latents,
           "shrinkage": result.shrinkage, "num_latents": int(sae.W_dec.shape[0]),
           "architecture": sae.cfg.architecture(), "samples": samples, "sae": str(folder),
-          "store": str(store)}
+          "store": str(store), **calibration}
+
+
+def chunks(samples: int, model: SyntheticModel) -> list[int]:
+  """`samples` in draws of the size `write` draws (its dense features take ~64 MiB)."""
+  size = max(1, 2 ** 24 // model.cfg.num_features)
+  return [min(size, samples - start) for start in range(0, samples, size)]
+
+
+def l0_threshold_scale(sae, rows: torch.Tensor, l0: float, folder: Path) -> float:
+  """The one factor on every threshold of the JumpReLU `sae` that gives mean L0 `l0` on `rows`.
+  Latent i fires where pre_i > c * threshold_i, that is where pre_i / threshold_i > c, so c lies
+  between the m-th and the (m+1)-th largest of those ratios, m = round(l0 * rows)."""
+  if sae.cfg.architecture() != "jumprelu":
+    raise dictionary.DictionaryError(f"{folder} is a {sae.cfg.architecture()} SAE: only a "
+                                     "JumpReLU's L0 can be set (a TopK's is its k); drop --l0")
+  with torch.no_grad():
+    threshold = sae.threshold.float()
+    if not bool((threshold > 0).all()):
+      raise dictionary.DictionaryError(f"{folder} has thresholds <= 0: --l0 scales positive ones")
+    pre = sae.process_sae_in(rows.to(sae.W_enc)) @ sae.W_enc + sae.b_enc
+    ratios = (pre.float() / threshold).flatten()
+  m = round(l0 * len(rows))
+  if not 0 < m < ratios.numel():
+    raise dictionary.DictionaryError(f"--l0={l0} is out of range for the "
+                                     f"{ratios.numel() // len(rows)} latents of {folder}")
+  top = torch.topk(ratios, m + 1).values
+  scale = float((top[-2] + top[-1]) / 2)
+  if scale <= 0:
+    raise dictionary.DictionaryError(
+        f"{folder} cannot reach L0 {l0}: fewer pre-activations than that are positive per row")
+  return scale
 
 
 if __name__ == "__main__":
@@ -151,7 +218,8 @@ if __name__ == "__main__":
   _ROWS = flags.DEFINE_integer("rows", 1_000_000, "write: samples to write.", lower_bound=1)
   _DTYPE = flags.DEFINE_enum("dtype", "float32", list(DTYPES), "write: the store's dtype.")
   _SHARD_ROWS = flags.DEFINE_integer("shard_rows", 65_536, "write: rows per shard.", lower_bound=1)
-  _SEED = flags.DEFINE_integer("seed", 0, "write: seed of the samples; score: of the eval samples.")
+  _SEED = flags.DEFINE_integer("seed", 0, "write: seed of the samples; score: of the eval samples (a stream apart from "
+                               "every store's rows).")
   _OUT = flags.DEFINE_string("out", None, "write: the STORE folder (required); score: also write "
                              "the JSON line to this file.")
   _SAE = flags.DEFINE_string("sae", None, "score: EXPORT folder (SAELens layout) or its hookpoint "
@@ -160,6 +228,12 @@ if __name__ == "__main__":
   _SAMPLES = flags.DEFINE_integer("samples", 100_000, "score: fresh samples of the model to score "
                                   "on (SAELens's default).", lower_bound=1)
   _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4096, "score: samples per batch.", lower_bound=1)
+  _L0 = flags.DEFINE_float("l0", None, "score: score a JumpReLU export at this mean L0, its "
+                           "thresholds scaled by the one factor that gives it on "
+                           "--calibration_samples other samples (compare SAEs at one L0: F1 moves "
+                           "with it).", lower_bound=0)
+  _CALIBRATION_SAMPLES = flags.DEFINE_integer("calibration_samples", 16_384, "score: samples "
+                                              "that --l0 calibrates on.", lower_bound=1)
   _DEVICE = flags.DEFINE_string("device", "cpu", "Torch device of the generator (and of the SAE in "
                                 "score), e.g. cuda: the rows are the same on any device only up to "
                                 "its random numbers.")
@@ -177,7 +251,8 @@ if __name__ == "__main__":
     if not _SAE.value or not _STORE.value:
       raise StoreError("score needs --sae=EXPORT and --store=STORE")
     result = score(_SAE.value, _STORE.value, samples=_SAMPLES.value,
-                   batch_size=_BATCH_SIZE.value, seed=_SEED.value, device=_DEVICE.value)
+                   batch_size=_BATCH_SIZE.value, seed=_SEED.value, device=_DEVICE.value,
+                   l0=_L0.value, calibration_samples=_CALIBRATION_SAMPLES.value)
     if _OUT.value:
       atomic_write_json(Path(_OUT.value), result)
     print(json.dumps(result))

@@ -37,18 +37,28 @@ def export(tmp_path, params):
   return dictionary.write(tmp_path, "synthetic", params, k=K, layout="saelens")
 
 
+def pre_activations(params, x):
+  return (x.astype(np.float64) - params["b_dec"]) @ params["W_enc"].T.astype(np.float64) \
+      + params["b_enc"]
+
+
 def numpy_metrics(params, store, seed=0):
-  """SynthSAEBench's metrics in float64 numpy, on the samples `score` draws (one seeded batch)."""
+  """SynthSAEBench's metrics in float64 numpy, on the samples `score` draws (one seeded batch):
+  of a TopK-K dictionary, or of a JumpReLU where `params` has a threshold."""
   model = synthetic.load_model(store)
   truth = model.feature_dict.feature_vectors.detach().double().numpy()
-  torch.manual_seed(seed)
+  torch.manual_seed(2 ** 31 + 2 ** 30 + seed)  # the scored samples' stream
   acts = model.activation_generator.sample(SAMPLES).double().numpy()
   x = acts @ truth + model.feature_dict.bias.detach().double().numpy()
-  values, indices = reference.encode_numpy(params, x, K)
-  z = np.zeros((SAMPLES, len(params["W_dec"])))
-  np.put_along_axis(z, indices, values, 1)
-  x_hat = reference.decode_numpy(params, values, indices)
+  if "threshold" in params:
+    pre = pre_activations(params, x)
+    z = np.where(pre > params["threshold"], np.maximum(pre, 0), 0)
+  else:
+    values, indices = reference.encode_numpy(params, x, K)
+    z = np.zeros((SAMPLES, len(params["W_dec"])))
+    np.put_along_axis(z, indices, values, 1)
   w = params["W_dec"].astype(np.float64)
+  x_hat = z @ w + params["b_dec"]
   cos = np.abs((w / np.linalg.norm(w, axis=1, keepdims=True))
                @ (truth / np.linalg.norm(truth, axis=1, keepdims=True)).T)
   rows, cols = linear_sum_assignment(-cos)
@@ -117,6 +127,39 @@ def test_score_is_saelens_metrics_as_numpy_computes_them(tmp_path, store):
   assert scored["mcc"] < 0.7 and scored["uniqueness"] < 1.0
 
 
+def test_l0_scores_a_jumprelu_at_that_l0(tmp_path, store):
+  """--l0 scales every threshold by one factor, found on other samples of the model: there the
+  scaled JumpReLU fires exactly l0 * samples times (counted in float64 numpy), and the metrics are
+  those of the scaled dictionary as numpy computes them on the scored samples."""
+  rng = np.random.default_rng(2)
+  params = random_params(store)
+  params["threshold"] = rng.uniform(0.5, 2.0, len(params["W_enc"])).astype(np.float32)
+  folder = dictionary.write(tmp_path / "jumprelu", "synthetic", params, k=None, layout="saelens")
+  samples, target = 2000, 5.0
+  scored = synthetic.score(folder, store, samples=SAMPLES, batch_size=SAMPLES, l0=target,
+                           calibration_samples=samples)
+  model = synthetic.load_model(store)
+  torch.manual_seed(2 ** 31)  # the calibration samples' stream
+  with torch.no_grad():
+    x = model.sample(samples).numpy()
+  pre = pre_activations(params, x)
+  assert scored["calibration_samples"] == samples and scored["l0_target"] == target
+  scale = scored["threshold_scale"]
+  assert (pre > scale * params["threshold"].astype(np.float64)).sum() == target * samples
+  assert (pre > params["threshold"]).sum(1).mean() != pytest.approx(target, abs=0.5)  # it moved
+  scaled = {**params, "threshold": params["threshold"] * np.float32(scale)}
+  for key, value in numpy_metrics(scaled, store).items():
+    assert scored[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+  assert scored["l0"] == pytest.approx(target, rel=0.15)  # other samples, the same distribution
+
+  topk = export(tmp_path / "topk", random_params(store))
+  with pytest.raises(dictionary.DictionaryError, match="topk SAE") as error:
+    synthetic.score(topk, store, samples=SAMPLES, l0=target)
+  assert str(topk) in str(error.value)
+  with pytest.raises(dictionary.DictionaryError, match="out of range"):
+    synthetic.score(folder, store, samples=SAMPLES, l0=1000.0)
+
+
 def test_bad_inputs_are_refused_naming_the_file(tmp_path, store):
   d = Store(store).d_model
   narrow = {k: v[..., : d // 2] if k in ("W_enc", "W_dec", "b_dec") else v
@@ -137,6 +180,29 @@ def test_bad_inputs_are_refused_naming_the_file(tmp_path, store):
   with pytest.raises(dictionary.DictionaryError, match="format=saelens") as error:
     synthetic.score(sparsify, store)
   assert str(sparsify) in str(error.value)
+
+
+def test_scored_and_calibration_samples_are_never_store_rows(store):
+  """The three seed streams (the store's shards, --l0's calibration, the scored samples) draw
+  different samples: the first rows of seed 0's stream (shard 0) are all in the store, while of
+  those of the other two streams where a feature fires (the others are the model's bias alone)
+  few are near a stored row (a single feature firing at about the same magnitude), by chance."""
+  s = Store(store)
+  rows = np.concatenate([np.asarray(s.shard_acts(i), np.float32) for i in range(len(s.shards))])
+  model = synthetic.load_model(store)
+  bias = model.feature_dict.bias.detach().numpy()
+
+  def stored_share(seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+      drawn = model.sample(s.shards[0].rows).numpy()[:64]  # drawn as `write` draws a shard
+    drawn = drawn[np.abs(drawn - bias).max(1) > 0.1]
+    assert len(drawn) > 32
+    # the same sample stored in float16: within its rounding (< 0.008 here) in every dimension
+    return (np.abs(drawn[:, None] - rows[None]).max(2).min(1) < 0.01).mean()
+
+  assert stored_share(2 ** 31) < 0.2 and stored_share(2 ** 31 + 2 ** 30) < 0.2
+  assert stored_share(0) == 1
 
 
 def test_rewriting_resumes_and_other_settings_are_refused(store):
