@@ -21,7 +21,10 @@
    b_dec starts at the mean of 16,384 store rows (its bare trainer starts it at zero; ours starts
    at the geometric median); saved as its inference SAE.
 4. Every SAE is scored by `eval.synthetic score` (SAELens's eval_sae_on_synthetic_data, the same
-   --samples fresh seeded samples for all); each side's row is its best lr by F1.
+   --samples fresh seeded samples for all) as trained, and at mean L0 k (`--l0`: a JumpReLU's
+   threshold scaled to fire k times a row on the store's rows; F1 moves with the L0, so the sides
+   are compared there); each side's row is its best lr by F1 at L0 k. Runs in results.jsonl from
+   before the L0-k scores are scored at L0 k when their export is still there.
 Writes WORKDIR/results.jsonl (every run) and WORKDIR/table.md (the best per side), beside SAELens's
 published SynthSAEBench-16k numbers, which are at full size (width 4096, L0 25, 200M samples).
 """
@@ -65,7 +68,7 @@ def prefixes(args) -> list[int]:
   return [p for p in (128, 512, 2048) if p < args.num_latents] + [args.num_latents]
 
 
-def train_ours(args, arch: str, lr: float, workdir: Path) -> Path:
+def train_ours(args, arch: str, lr: float, workdir: Path) -> None:
   flags = [f"--store={args.workdir / 'store'}", f"--workdir={workdir}",
            f"--num_latents={args.num_latents}", f"--k={args.k}", f"--batch_size={args.batch_size}",
            f"--steps={args.steps}", f"--lr={lr}", f"--lr_warmup_steps={args.warmup}",
@@ -80,7 +83,6 @@ def train_ours(args, arch: str, lr: float, workdir: Path) -> Path:
   run("-m", "sae_jax.train", *flags)
   run("-m", "sae_jax.export", f"--workdir={workdir}", f"--out={workdir / 'export'}",
       "--format=saelens")
-  return workdir / "export"
 
 
 def our_batches(workdir: Path):
@@ -95,7 +97,7 @@ def our_batches(workdir: Path):
   return data.batches(reader, orders, batch_rows=flags["batch_size"])
 
 
-def train_saelens(args, arch: str, lr: float, ours: Path, out: Path) -> Path:
+def train_saelens(args, arch: str, lr: float, ours: Path, out: Path) -> None:
   from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, LoggingConfig,
                         MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig,
                         SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig)
@@ -131,7 +133,6 @@ def train_saelens(args, arch: str, lr: float, ours: Path, out: Path) -> Path:
   torch.manual_seed(args.seed)
   trained = SAETrainer(cfg=cfg, sae=sae, data_provider=provider).fit()
   trained.save_inference_model(out)
-  return out
 
 
 def main():
@@ -185,25 +186,49 @@ def main():
         row = {"side": side, "architecture": arch, "lr": lr, **variant}
         if side == "ours":
           row["decoder_norm"] = args.decoder_norm
-        if run_key(row) in done or (side == "saelens" and arch == "matryoshka-topk"):
+        export = workdir / "export" if side == "ours" else args.workdir / f"saelens-{suffix}"
+        if side == "saelens" and arch == "matryoshka-topk":
           continue
-        start = time.time()
-        if side == "ours" or not (workdir / "flags.json").exists():
-          export = train_ours(args, arch, lr, workdir)
-        if side == "saelens":
-          export = train_saelens(args, arch, lr, workdir, args.workdir / f"saelens-{suffix}")
-        scored = synthetic.score(export, store, samples=args.samples, batch_size=4096,
-                                 seed=args.seed, device=args.device)
-        row = {**row, "steps": args.steps,
-               "samples_trained": args.steps * args.batch_size,
-               "seconds": round(time.time() - start),
-               **{k: scored[k] for k in ("f1", "mcc", "precision", "recall", "uniqueness",
-                                         "explained_variance", "l0", "dead_latents")}}
+        if run_key(row) in done:
+          row = done[run_key(row)]
+          if row.get("scoring") == SCORING or not export.exists():
+            continue
+          row = {**row, **scores(args, export)}  # a run scored before SCORING: scored again
+        else:
+          start = time.time()
+          if side == "ours" or not (workdir / "flags.json").exists():
+            train_ours(args, arch, lr, workdir)
+          if side == "saelens":
+            train_saelens(args, arch, lr, workdir, export)
+          row = {**row, "steps": args.steps, "samples_trained": args.steps * args.batch_size,
+                 **scores(args, export), "seconds": round(time.time() - start)}
         done[run_key(row)] = row
         with results.open("a") as f:
           f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
   write_table(args, done)
+
+
+# Rows scored before version 2 were scored on samples that were the store's first rows, and at
+# their trained threshold only: they are scored again while their export is there.
+SCORING = 2
+AT_K = ("f1", "precision", "recall", "explained_variance", "l0")
+
+
+def scores(args, export: Path) -> dict:
+  """SAELens's scores of an export as trained and at mean L0 k: a JumpReLU export (BatchTopK's)
+  is scored again with its threshold scaled to fire k times a row (`eval.synthetic score --l0`);
+  a TopK export fires k times a row as it is."""
+  def score(l0):
+    return synthetic.score(export, args.workdir / "store", samples=args.samples, batch_size=4096,
+                           seed=args.seed, device=args.device, l0=l0)
+
+  trained = score(None)
+  at_k = score(args.k) if trained["architecture"] == "jumprelu" else trained
+  return {**{k: trained[k] for k in ("f1", "mcc", "precision", "recall", "uniqueness",
+                                     "explained_variance", "l0", "dead_latents")},
+          **{f"{k}_at_k": at_k[k] for k in AT_K},
+          "threshold_scale": at_k.get("threshold_scale", 1.0), "scoring": SCORING}
 
 
 def run_variant(args, arch: str) -> dict:
@@ -256,24 +281,32 @@ def variant_words(args) -> str:
   return words
 
 
+def f1_at_k(row: dict) -> float:
+  """A run's F1 at L0 k (its F1 as trained where its export was gone before that was scored)."""
+  return row.get("f1_at_k", row["f1"])
+
+
 def write_table(args, done: dict) -> None:
   best = {}
   for row in done.values():
     if variant_key(row) != variant_key(run_variant(args, row["architecture"])):
       continue  # another variant's run in the same folder
     key = (row["architecture"], side_name(row))
-    if key not in best or row["f1"] > best[key]["f1"]:
+    if key not in best or f1_at_k(row) > f1_at_k(best[key]):
       best[key] = row
   lines = [f"Scaled SynthSAEBench (`{args.model}`, {args.rows:,} rows), width {args.num_latents}, "
-           f"k {args.k}, {args.steps} steps of {args.batch_size}; lrs {args.lrs}, best by F1; "
-           f"scored on {args.samples:,} samples{variant_words(args)}.", "",
-           "| architecture | side | best lr | F1 | MCC | precision | recall | uniqueness | "
-           "explained variance | L0 | dead |", "| --- | --- | --- | --- | --- | --- | --- | --- | "
-           "--- | --- | --- |"]
+           f"k {args.k}, {args.steps} steps of {args.batch_size}; lrs {args.lrs}, best by F1 at "
+           f"L0 {args.k}; scored on {args.samples:,} samples{variant_words(args)}. F1, precision, "
+           f"recall and explained variance at mean L0 {args.k} (a JumpReLU's threshold scaled to "
+           "it); the last column as trained.", "",
+           "| architecture | side | best lr | F1 | precision | recall | explained variance | MCC | "
+           "uniqueness | dead | as trained: L0 / F1 |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for (arch, side), r in sorted(best.items()):
-    lines.append(f"| {arch} | {side} | {r['lr']:g} | {r['f1']:.3f} | {r['mcc']:.3f} | "
-                 f"{r['precision']:.3f} | {r['recall']:.3f} | {r['uniqueness']:.3f} | "
-                 f"{r['explained_variance']:.3f} | {r['l0']:.1f} | {r['dead_latents']} |")
+    at_k = " | ".join(f"{r[f'{k}_at_k']:.3f}" if f"{k}_at_k" in r else "n/a"
+                      for k in ("f1", "precision", "recall", "explained_variance"))
+    lines.append(f"| {arch} | {side} | {r['lr']:g} | {at_k} | {r['mcc']:.3f} | "
+                 f"{r['uniqueness']:.3f} | {r['dead_latents']} | {r['l0']:.1f} / {r['f1']:.3f} |")
   lines += ["", "SAELens published, SynthSAEBench-16k (width 4096, L0 25, 200M samples):", "",
             "| architecture | F1 | MCC |", "| --- | --- | --- |"]
   lines += [f"| {name} | {f1} | {mcc} |" for name, f1, mcc in PUBLISHED]
