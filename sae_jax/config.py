@@ -110,7 +110,9 @@ class SAEConfig:
   batchtopk_max_k: int = knob(
       0, "BatchTopK: candidates per token, per latent shard on a mesh (0: min(4k, num_latents)); "
       "the capped_fraction metric says how often a token might have had more.", lower_bound=0)
-  threshold_beta: float = knob(0.999, "BatchTopK: EMA weight of the old inference threshold.",
+  threshold_beta: float = knob(0.99, "BatchTopK: EMA weight of the old inference threshold (the "
+                               "batch's cut drifts while training learns: a slow EMA lags it and "
+                               "the JumpReLU fires less than k a row).",
                                lower_bound=0, upper_bound=1)
   threshold_start_step: int = knob(
       1000, "BatchTopK: the step from which the inference threshold is learned.", lower_bound=0)
