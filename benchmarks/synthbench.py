@@ -21,10 +21,10 @@
    b_dec starts at the mean of 16,384 store rows (its bare trainer starts it at zero; ours starts
    at the geometric median); saved as its inference SAE.
 4. Every SAE is scored by `eval.synthetic score` (SAELens's eval_sae_on_synthetic_data, the same
-   --samples fresh seeded samples for all) as trained, and at mean L0 k (`--l0`: a JumpReLU's
-   threshold scaled to fire k times a row on the store's rows; F1 moves with the L0, so the sides
-   are compared there); each side's row is its best lr by F1 at L0 k. Runs in results.jsonl from
-   before the L0-k scores are scored at L0 k when their export is still there.
+   --samples held-out seeded samples for all) as trained, and at mean L0 k (`--l0`: a JumpReLU's
+   threshold scaled to fire k times a row on other fresh samples; F1 moves with the L0, so the
+   sides are compared there); each side's row is its best lr by F1 at L0 k. Runs of a
+   results.jsonl scored before (SCORING) are scored again while their export is there.
 Writes WORKDIR/results.jsonl (every run) and WORKDIR/table.md (the best per side), beside SAELens's
 published SynthSAEBench-16k numbers, which are at full size (width 4096, L0 25, 200M samples).
 """
