@@ -164,7 +164,7 @@ def score(sae_path: str | Path, store: str | Path, *, samples: int = 100_000,
     torch.manual_seed(stream_seed(CALIBRATION_SEEDS, seed))
     with torch.no_grad():
       rows = torch.cat([model.sample(n) for n in chunks(calibration_samples, model)])
-    scale = l0_threshold_scale(sae, rows, l0, folder)
+    scale = l0_threshold_scale(sae, rows, l0, folder, batch_size)
     with torch.no_grad():
       sae.threshold.mul_(scale)
     calibration = {"l0_target": l0, "threshold_scale": scale,
@@ -187,24 +187,28 @@ def chunks(samples: int, model: SyntheticModel) -> list[int]:
   return [min(size, samples - start) for start in range(0, samples, size)]
 
 
-def l0_threshold_scale(sae, rows: torch.Tensor, l0: float, folder: Path) -> float:
+def l0_threshold_scale(sae, rows: torch.Tensor, l0: float, folder: Path,
+                       batch_size: int) -> float:
   """The one factor on every threshold of the JumpReLU `sae` that gives mean L0 `l0` on `rows`.
   Latent i fires where pre_i > c * threshold_i, that is where pre_i / threshold_i > c, so c lies
-  between the m-th and the (m+1)-th largest of those ratios, m = round(l0 * rows)."""
+  between the m-th and the (m+1)-th largest of those ratios, m = round(l0 * rows): kept over
+  batches of `batch_size` rows, so memory grows with the batch, not with the rows."""
   if sae.cfg.architecture() != "jumprelu":
     raise dictionary.DictionaryError(f"{folder} is a {sae.cfg.architecture()} SAE: only a "
                                      "JumpReLU's L0 can be set (a TopK's is its k); drop --l0")
-  with torch.no_grad():
-    threshold = sae.threshold.float()
-    if not bool((threshold > 0).all()):
-      raise dictionary.DictionaryError(f"{folder} has thresholds <= 0: --l0 scales positive ones")
-    pre = sae.process_sae_in(rows.to(sae.W_enc)) @ sae.W_enc + sae.b_enc
-    ratios = (pre.float() / threshold).flatten()
+  threshold = sae.threshold.detach().float()
+  if not bool((threshold > 0).all()):
+    raise dictionary.DictionaryError(f"{folder} has thresholds <= 0: --l0 scales positive ones")
   m = round(l0 * len(rows))
-  if not 0 < m < ratios.numel():
-    raise dictionary.DictionaryError(f"--l0={l0} is out of range for the "
-                                     f"{ratios.numel() // len(rows)} latents of {folder}")
-  top = torch.topk(ratios, m + 1).values
+  if not 0 < m < len(rows) * len(threshold):
+    raise dictionary.DictionaryError(f"--l0={l0} is out of range for the {len(threshold)} "
+                                     f"latents of {folder}")
+  top = torch.empty(0, device=threshold.device)
+  with torch.no_grad():
+    for batch in rows.split(batch_size):
+      pre = sae.process_sae_in(batch.to(sae.W_enc)) @ sae.W_enc + sae.b_enc
+      ratios = torch.cat([top, (pre.float() / threshold).flatten()])
+      top = torch.topk(ratios, min(m + 1, ratios.numel())).values
   scale = float((top[-2] + top[-1]) / 2)
   if scale <= 0:
     raise dictionary.DictionaryError(

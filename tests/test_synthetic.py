@@ -146,6 +146,9 @@ def test_l0_scores_a_jumprelu_at_that_l0(tmp_path, store):
   assert scored["calibration_samples"] == samples and scored["l0_target"] == target
   scale = scored["threshold_scale"]
   assert (pre > scale * params["threshold"].astype(np.float64)).sum() == target * samples
+  from sae_lens import SAE  # the same factor when the ratios are kept over small batches
+  sae = SAE.load_from_disk(str(dictionary.find_dictionary(folder)))
+  assert synthetic.l0_threshold_scale(sae, torch.from_numpy(x), target, folder, 300) == scale
   assert (pre > params["threshold"]).sum(1).mean() != pytest.approx(target, abs=0.5)  # it moved
   scaled = {**params, "threshold": params["threshold"] * np.float32(scale)}
   for key, value in numpy_metrics(scaled, store).items():
