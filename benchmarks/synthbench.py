@@ -294,7 +294,8 @@ def write_table(args, done: dict) -> None:
     key = (row["architecture"], side_name(row))
     if key not in best or f1_at_k(row) > f1_at_k(best[key]):
       best[key] = row
-  lines = [f"Scaled SynthSAEBench (`{args.model}`, {args.rows:,} rows), width {args.num_latents}, "
+  scaled = "" if args.model == "synth16k" else "Scaled "
+  lines = [f"{scaled}SynthSAEBench (`{args.model}`, {args.rows:,} rows), width {args.num_latents}, "
            f"k {args.k}, {args.steps} steps of {args.batch_size}; lrs {args.lrs}, best by F1 at "
            f"L0 {args.k}; scored on {args.samples:,} samples{variant_words(args)}. F1, precision, "
            f"recall and explained variance at mean L0 {args.k} (a JumpReLU's threshold scaled to "
