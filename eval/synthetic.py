@@ -9,6 +9,8 @@
 as an ordinary activation STORE (docs/formats.md), one shard of --shard_rows at a time (a killed
 write resumes after its last shard, with the same rows: each shard has its own seed), and saves
 the model beside the rows in STORE/synthetic_model/ (SAELens's own safetensors + JSON files).
+`--model_from=STORE` takes the model of a store written before instead of building it, so a
+bigger store of the same model starts with the same rows.
 
 `score` loads an EXPORT (SAELens layout; a BatchTopK export is a JumpReLU) with SAELens, rebuilds
 the store's synthetic model and prints SAELens's own metrics (eval_sae_on_synthetic_data, on
@@ -25,6 +27,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -85,11 +88,13 @@ MODELS = {
     "tiny": lambda: synthsaebench_config(256, 32, 2),
 }
 
-def save_model(model: SyntheticModel, folder: Path) -> None:
-  """SyntheticModel.save into a temporary folder renamed into place: whole or absent."""
+
+def place_model(folder: Path, fill: Callable[[Path], object]) -> None:
+  """`fill(tmp)` writes the model's files into a temporary folder renamed to `folder`: whole or
+  absent."""
   tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
   shutil.rmtree(tmp, ignore_errors=True)
-  model.save(tmp)
+  fill(tmp)
   os.replace(tmp, folder)
 
 
@@ -103,22 +108,32 @@ def load_model(store: str | Path, device: str = "cpu") -> SyntheticModel:
 
 def write_store(out: str | Path, config: SyntheticModelConfig, rows: int, *, dtype: str = "float32",
                 shard_rows: int = 65_536, seed: int = 0, name: str = "custom",
-                progress: bool = True, device: str = "cpu") -> Path:
+                progress: bool = True, device: str = "cpu",
+                model_from: str | Path | None = None) -> Path:
   """Writes `rows` samples of the model `config` defines as a STORE at `out` (resuming one that a
-  killed write left), the model beside them. Returns `out`."""
+  killed write left), the model beside them. Returns `out`.
+
+  `model_from`, a store written by `write`, lends its model instead of building one (its files
+  copied as they are; it must be the model `config` defines): a store of more rows of the same
+  model, without rebuilding it, and with the same rows where the seeds meet."""
   out = Path(out)
+  folder = out / MODEL_DIR
+  source = folder if folder.exists() else Path(model_from) / MODEL_DIR if model_from else None
+  if source is not None:
+    model = load_model(source.parent, device)
+    if model.cfg.to_dict() != config.to_dict():
+      flag = "--out" if source == folder else "--model_from"
+      raise StoreError(f"{source} holds another synthetic model than --model={name}; use "
+                       f"another {flag}")
   writer = StoreWriter(out, {"model": f"synthsaebench:{name}", "hookpoint": "synthetic",
                              "layer": 0, "d_model": config.hidden_dim, "dtype": dtype,
                              "settings": {"synthetic_model": config.to_dict(), "rows": rows,
                                           "shard_rows": shard_rows, "seed": seed}})
-  folder = out / MODEL_DIR
-  if folder.exists():
-    model = load_model(out, device)
-    if model.cfg.to_dict() != config.to_dict():
-      raise StoreError(f"{folder} holds another synthetic model; use another --out")
-  else:
+  if source is None:
     model = SyntheticModel(config, device=device)
-    save_model(model, folder)
+    place_model(folder, model.save)
+  elif source != folder:
+    place_model(folder, lambda tmp: shutil.copytree(source, tmp))
   with tqdm.tqdm(total=rows, initial=writer.rows, unit="row", disable=not progress) as bar:
     while writer.rows < rows:
       index = len(writer.shards)
@@ -238,6 +253,9 @@ if __name__ == "__main__":
                            "with it).", lower_bound=0)
   _CALIBRATION_SAMPLES = flags.DEFINE_integer("calibration_samples", 16_384, "score: samples "
                                               "that --l0 calibrates on.", lower_bound=1)
+  _MODEL_FROM = flags.DEFINE_string("model_from", None, "write: take the synthetic model from this "
+                                    "STORE (written by `write` with the same --model) instead of "
+                                    "building it (synth16k: ~30 min on a CPU).")
   _DEVICE = flags.DEFINE_string("device", "cpu", "Torch device of the generator (and of the SAE in "
                                 "score), e.g. cuda: the rows are the same on any device only up to "
                                 "its random numbers.")
@@ -247,7 +265,7 @@ if __name__ == "__main__":
       raise StoreError("write needs --out=STORE")
     out = write_store(_OUT.value, MODELS[_MODEL.value](), _ROWS.value, dtype=_DTYPE.value,
                       shard_rows=_SHARD_ROWS.value, seed=_SEED.value, name=_MODEL.value,
-                      device=_DEVICE.value)
+                      device=_DEVICE.value, model_from=_MODEL_FROM.value)
     print(json.dumps({"store": str(out), "model": _MODEL.value, "rows": Store(out).rows,
                       "dtype": _DTYPE.value}))
 

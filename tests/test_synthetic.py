@@ -218,3 +218,35 @@ def test_rewriting_resumes_and_other_settings_are_refused(store):
   with pytest.raises(StoreError, match="other settings"):
     synthetic.write_store(store, synthetic.MODELS["tiny"](), 4000, dtype="float16",
                           shard_rows=2048, name="tiny", progress=False)
+
+
+def test_model_from_lends_the_model_without_building_it(tmp_path, store, monkeypatch):
+  """A store written with --model_from takes the other store's model files as they are, builds
+  none, and holds the same rows where the seeds meet; another model is refused naming the folder
+  and leaves nothing behind."""
+  real = synthetic.SyntheticModel
+
+  class NoBuild:
+    load_from_disk = staticmethod(real.load_from_disk)
+
+    def __init__(self, *args, **kwargs):
+      raise AssertionError("built a synthetic model")
+
+  monkeypatch.setattr(synthetic, "SyntheticModel", NoBuild)
+  bigger = synthetic.write_store(tmp_path / "bigger", synthetic.MODELS["tiny"](), 5000,
+                                 dtype="float16", shard_rows=2048, name="tiny", progress=False,
+                                 model_from=store)
+  source, copy = store / synthetic.MODEL_DIR, bigger / synthetic.MODEL_DIR
+  assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in source.iterdir())
+  for path in source.iterdir():
+    assert (copy / path.name).read_bytes() == path.read_bytes()
+  old, new = Store(store), Store(bigger)
+  assert new.rows == 5000
+  for i in range(len(old.shards) - 1):  # the last of the 3000 rows' shards is a short one
+    np.testing.assert_array_equal(np.asarray(new.shard_acts(i)), np.asarray(old.shard_acts(i)))
+
+  with pytest.raises(StoreError, match="another synthetic model") as error:
+    synthetic.write_store(tmp_path / "other", synthetic.MODELS["small"](), 10, name="small",
+                          progress=False, model_from=store)
+  assert str(source) in str(error.value) and "--model_from" in str(error.value)
+  assert not (tmp_path / "other").exists()
