@@ -118,7 +118,11 @@ def write_store(out: str | Path, config: SyntheticModelConfig, rows: int, *, dty
   model, without rebuilding it, and with the same rows where the seeds meet."""
   out = Path(out)
   folder = out / MODEL_DIR
-  source = folder if folder.exists() else Path(model_from) / MODEL_DIR if model_from else None
+  source = None  # where the model comes from; None: built here
+  if folder.exists():  # a write resumed
+    source = folder
+  elif model_from:
+    source = Path(model_from) / MODEL_DIR
   if source is not None:
     model = load_model(source.parent, device)
     if model.cfg.to_dict() != config.to_dict():
