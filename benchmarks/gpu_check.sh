@@ -8,7 +8,8 @@
 # at full size where it fits: the SynthSAEBench-16k model, width 4096, k 25, SYNTH_ROWS samples
 # (default 4M, one pass; the published runs see 200M), ours and SAELens's Matryoshka BatchTopK,
 # then BatchTopK, on the same batches at each of SYNTH_LRS (default 2e-3,5e-3) decayed linearly to 0
-# (SYNTH_DECAY=constant: not; at full size a constant lr stops learning), scored by SAELens.
+# (SYNTH_DECAY=constant: not; at full size a constant lr stops learning), a latent dead after
+# SYNTH_DEAD_TOKENS (default 10240: 10 steps, what fresh samples need), scored by SAELens.
 # Writes $OUT/gpu_check.json (docs/benchmarks.md quotes it; written before SynthSAEBench starts
 # and again after it) and exits non-zero if a run gave neither a result nor an error (a timeout:
 # each step run has 70 s). Needs sae-lens and sparsify as wheels in .whl/
@@ -123,7 +124,7 @@ if [ $LEFT -gt 60 ]; then
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout $LEFT python3 benchmarks/synthbench.py \
     --workdir="$SYNTH_DIR" $SYNTH \
     --dtype=bfloat16 --batch_size=1024 --lrs="${SYNTH_LRS:-2e-3,5e-3}" \
-    --lr_decay="${SYNTH_DECAY:-linear}" \
+    --lr_decay="${SYNTH_DECAY:-linear}" --dead_tokens="${SYNTH_DEAD_TOKENS:-10240}" \
     --architectures=matryoshka-batchtopk,batchtopk > "$OUT/synthbench.log" 2>&1
   echo "synthbench: exit $? after $((SECONDS - START)) s" | tee -a "$OUT/synthbench.log"
   report > /dev/null

@@ -10,13 +10,15 @@
 #
 # 200M rows of d=768 do not fit the machine's 64 GiB disk in any dtype we store, so the store holds
 # ROWS (default 25M rows of bfloat16, 38 GB) and training takes 195,312 steps over it (8 passes, in
-# our trainer's order): the published runs draw 200M fresh samples. Rerunning resumes: the store
+# our trainer's order): the published runs draw 200M fresh samples. DEAD_TOKENS=10240 trains
+# with a 10-step dead window instead, the better one for BatchTopK on fresh samples
+# (docs/benchmarks.md, "Fresh samples need a short dead window"). Rerunning resumes: the store
 # after its last shard, the runs after the last finished one (OUT/results.jsonl).
 set -eu
 OUT=${OUT:-/tmp/synthbench16k}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 benchmarks/synthbench.py --workdir="$OUT" --model=synth16k --rows="${ROWS:-25000000}" \
   --dtype=bfloat16 --num_latents=4096 --k=25 --batch_size=1024 --steps=195312 --warmup=0 \
-  --dead_tokens=1024000 --lrs="${LRS:-3e-4}" --samples=100000 --device=cuda \
+  --dead_tokens="${DEAD_TOKENS:-1024000}" --lrs="${LRS:-3e-4}" --samples=100000 --device=cuda \
   --architectures="${ARCHS:-topk,batchtopk,matryoshka-topk,matryoshka-batchtopk}"
 cat "$OUT/table.md"
