@@ -9,7 +9,8 @@ measure whether the order or the number of distinct rows moves a result (docs/be
 "Fresh samples need a short dead window"). `--source_rows` draws from the source's first rows
 only. The source's synthetic model (`eval.synthetic write`) is copied beside the rows, so
 `eval.synthetic score` scores SAEs trained on the new store. Rerunning resumes after the last
-shard with the same draws. The source's rows are held in memory, in its dtype.
+shard with the same draws. The --source_rows drawn from are held in memory, in the
+source's dtype.
 """
 
 import argparse
@@ -40,8 +41,9 @@ def main():
   pool = args.source_rows or source.rows
   if not 0 < pool <= source.rows:
     parser.error(f"--source_rows={args.source_rows}: {args.source} holds {source.rows} rows")
-  raw = np.concatenate([source.read_rows(i, 0, s.rows) for i, s in enumerate(source.shards)])
-  raw = raw[:pool]
+  last, end = source.locate(pool - 1)  # read only the shards the draws come from
+  raw = np.concatenate([source.read_rows(i, 0, source.shards[i].rows) for i in range(last)]
+                       + [source.read_rows(last, 0, end + 1)])
   header = {k: source.manifest[k] for k in ("model", "hookpoint", "layer", "d_model", "dtype")}
   header["settings"] = {"resampled_from": source.manifest["settings"], "source_rows": pool,
                         "with_replacement": True, "rows": args.rows, "seed": args.seed,
