@@ -226,8 +226,11 @@ def train_ours(data: Planted, cfg: SAEConfig, steps: int, first_step: int = 0, i
   return graphdef, state, metrics
 
 
-def measure_ours(data: Planted, variant: str, steps: int, decoder_norm: str) -> dict:
-  cfg = SAEConfig(d_in=D, num_latents=N, k=K, decoder_norm=decoder_norm, **VARIANTS[variant])
+def measure_ours(data: Planted, variant: str, steps: int, decoder_norm: str,
+                 dead_tokens: int | None = None) -> dict:
+  window = {} if dead_tokens is None else {"dead_tokens": dead_tokens}
+  cfg = SAEConfig(d_in=D, num_latents=N, k=K, decoder_norm=decoder_norm,
+                  **{**VARIANTS[variant], **window})
   init = None
   if variant == "tied_init":
     model, _ = nnx.merge(*step_lib.create_state(cfg, optax.sgd(0), seed=0))
@@ -462,7 +465,13 @@ def main():
                       help="sigma of the log-normal magnitudes (0: every magnitude is 1)")
   parser.add_argument("--decoder_norm", choices=("unit", "free"), default="free",
                       help="our trainer's variants (docs/benchmarks.md's table: unit)")
+  parser.add_argument("--dead_tokens", type=int, default=None,
+                      help="our trainer's variants: AuxK's dead window in tokens (default: the "
+                      "variant's, else the trainer's 10M)")
   args = parser.parse_args()
+  if args.dead_tokens is not None and VARIANTS[args.variant] is None:
+    parser.error(f"--dead_tokens sets our trainer's window: --variant={args.variant} trains no "
+                 "SAE of ours")
   data = Planted(args.data, magnitude_std=args.magnitude_std)
   if args.variant == "normalize_inputs":  # mean squared norm d_in, as --normalize_inputs scales
     data.scale = float(jnp.sqrt(D / jnp.mean(jnp.sum(data.batch(jax.random.PRNGKey(10**6),
@@ -478,10 +487,10 @@ def main():
   elif args.variant.startswith("dense_"):
     result = measure_dense(data, args.variant.removeprefix("dense_"), args.steps, args.lr)
   else:
-    result = measure_ours(data, args.variant, args.steps, args.decoder_norm)
+    result = measure_ours(data, args.variant, args.steps, args.decoder_norm, args.dead_tokens)
   print(json.dumps({"variant": args.variant, "data": args.data, "steps": args.steps,
                     "magnitude_std": args.magnitude_std, "lr": args.lr,
-                    "decoder_norm": args.decoder_norm, **result,
+                    "decoder_norm": args.decoder_norm, "dead_tokens": args.dead_tokens, **result,
                     "seconds": round(time.perf_counter() - start, 1)}))
 
 
