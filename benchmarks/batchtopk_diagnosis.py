@@ -3,6 +3,7 @@
   python benchmarks/batchtopk_diagnosis.py --variant=topk
   python benchmarks/batchtopk_diagnosis.py --variant=batchtopk --data=varying
   python benchmarks/batchtopk_diagnosis.py --variant=dense_batchtopk   # plain JAX, jax.grad
+  python benchmarks/batchtopk_diagnosis.py --variant=topk --dead_tokens=10240   # AuxK's window
 
 The data: 1024 random unit directions in R^64 (16x more directions than dimensions), Zipf(1.0)
 frequencies, log-normal(0, --magnitude_std = 0.5) magnitudes, a shared offset of 2 N(0, I) (norm
@@ -403,10 +404,12 @@ def measure_oracle(data: Planted) -> dict:
           **{f"groups_of_{rows}_fvu": fvu(cut_per_group(rows)) for rows in (16, 64, 256)}}
 
 
-def measure_saelens(data: Planted, architecture: str, steps: int, b_dec_init: str) -> dict:
+def measure_saelens(data: Planted, architecture: str, steps: int, b_dec_init: str,
+                    dead_tokens: int | None = None) -> dict:
   """SAELens 6.54's SAETrainer and its own training SAE on the same batches in the same order, at
   our default lr, with b_dec at the geometric median of the same 4096 rows ("median") or at its
-  own zero ("zero"); held-out numbers from its saved inference model (BatchTopK: its JumpReLU)."""
+  own zero ("zero"), its dead window `dead_tokens` (default: its own 1,000 steps); held-out
+  numbers from its saved inference model (BatchTopK: its JumpReLU)."""
   import tempfile
 
   import torch
@@ -429,7 +432,8 @@ def measure_saelens(data: Planted, architecture: str, steps: int, b_dec_init: st
       total_training_samples=steps * ROWS, train_batch_size_samples=ROWS, lr=lr, lr_end=lr,
       lr_scheduler_name="constant", lr_warm_up_steps=0, device="cpu", n_checkpoints=0,
       save_final_checkpoint=False,
-      logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2 ** 31 - 1))
+      logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2 ** 31 - 1),
+      **({} if dead_tokens is None else {"dead_feature_window": max(1, dead_tokens // ROWS)}))
   trained = SAETrainer(cfg=cfg, sae=sae, data_provider=provider).fit()
   with tempfile.TemporaryDirectory() as folder:
     trained.save_inference_model(folder)
@@ -466,12 +470,13 @@ def main():
   parser.add_argument("--decoder_norm", choices=("unit", "free"), default="free",
                       help="our trainer's variants (docs/benchmarks.md's table: unit)")
   parser.add_argument("--dead_tokens", type=int, default=None,
-                      help="our trainer's variants: AuxK's dead window in tokens (default: the "
-                      "variant's, else the trainer's 10M)")
+                      help="AuxK's dead window in tokens of our trainer's variants (default: "
+                      "the variant's, else the trainer's 10M) and SAELens's (default: its 1,000 "
+                      "steps)")
   args = parser.parse_args()
-  if args.dead_tokens is not None and VARIANTS[args.variant] is None:
-    parser.error(f"--dead_tokens sets our trainer's window: --variant={args.variant} trains no "
-                 "SAE of ours")
+  if (args.dead_tokens is not None and VARIANTS[args.variant] is None
+      and not args.variant.startswith("saelens_")):
+    parser.error(f"--dead_tokens sets a trainer's window: --variant={args.variant} trains no SAE")
   data = Planted(args.data, magnitude_std=args.magnitude_std)
   if args.variant == "normalize_inputs":  # mean squared norm d_in, as --normalize_inputs scales
     data.scale = float(jnp.sqrt(D / jnp.mean(jnp.sum(data.batch(jax.random.PRNGKey(10**6),
@@ -483,7 +488,7 @@ def main():
     result = measure_data(data)
   elif args.variant.startswith("saelens_"):
     _, architecture, b_dec_init = args.variant.split("_")
-    result = measure_saelens(data, architecture, args.steps, b_dec_init)
+    result = measure_saelens(data, architecture, args.steps, b_dec_init, args.dead_tokens)
   elif args.variant.startswith("dense_"):
     result = measure_dense(data, args.variant.removeprefix("dense_"), args.steps, args.lr)
   else:
