@@ -321,11 +321,16 @@ def _name(i: int) -> str:
   return f"synthetic_{i:05d}.png"
 
 
+class OtherScenesError(ValueError):
+  """An --out folder whose images were drawn from other seeds or another style."""
+
+
 def write_synthetic_images(out: str | Path, num: int, seed: int = 0,
                            style: str = "varied") -> list[Path]:
-  """Writes `num` PNGs (image i from seed + i); existing files are kept, so reruns are cheap."""
+  """Writes OUT/concepts.jsonl (`write_concepts`), then `num` PNGs (image i from seed + i);
+  existing PNGs are kept, so reruns are cheap."""
   out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  write_concepts(out, num, seed, style)
   paths = []
   for i in range(num):
     path = out / _name(i)
@@ -338,11 +343,20 @@ def write_synthetic_images(out: str | Path, num: int, seed: int = 0,
 
 
 def write_concepts(out: str | Path, num: int, seed: int = 0, style: str = "varied") -> Path:
-  """OUT/concepts.jsonl: one scene record per image of `write_synthetic_images` (docs/formats.md)."""
+  """OUT/concepts.jsonl: one scene record per image of `write_synthetic_images` (docs/formats.md).
+  A folder whose concepts.jsonl records other scenes for the same images is refused: its PNGs
+  would be kept and no longer show what the file says."""
   path = Path(out) / CONCEPTS_FILE
+  records = [{"image": _name(i), **scene(seed + i, style)[1]} for i in range(num)]
+  if path.exists():
+    held = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for old, new in zip(held, records):
+      if old != new:
+        raise OtherScenesError(
+            f"{path}: {old.get('image')} was drawn from seed {old.get('seed')}, not from "
+            f"--seed={seed} --style={style} (image i is seed + i); write to another --out")
   path.parent.mkdir(parents=True, exist_ok=True)
-  lines = [json.dumps({"image": _name(i), **scene(seed + i, style)[1]}) + "\n" for i in range(num)]
-  atomic_write_bytes(path, "".join(lines).encode())
+  atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
   return path
 
 
@@ -359,8 +373,7 @@ if __name__ == "__main__":
 
   def main():
     paths = write_synthetic_images(_OUT.value, _NUM.value, _SEED.value, _STYLE.value)
-    concepts = write_concepts(_OUT.value, _NUM.value, _SEED.value, _STYLE.value)
     print(json.dumps({"ok": True, "out": _OUT.value, "images": len(paths),
-                      "concepts": str(concepts)}))
+                      "concepts": str(Path(_OUT.value) / CONCEPTS_FILE)}))
 
-  cli.run(main)
+  cli.run(main, (OtherScenesError,))

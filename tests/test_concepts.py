@@ -32,6 +32,26 @@ def test_recorded_masks_are_what_the_image_shows(tmp_path):
       assert not (mask & texture).any() or name == f"texture:{scene['texture']}"
 
 
+def test_a_folder_of_other_scenes_is_refused(tmp_path):
+  """Existing PNGs are kept on a rerun, so a folder drawn from another seed or style must not
+  be topped up: its concepts.jsonl would no longer say what its images show."""
+  images.write_synthetic_images(tmp_path, 4, seed=3, style="world")
+  before = {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
+  images.write_synthetic_images(tmp_path, 6, seed=3, style="world")  # the same scenes, more
+  assert [json.loads(line)["seed"] for line in open(tmp_path / images.CONCEPTS_FILE)] == \
+      list(range(3, 9))
+  for seed, style in ((4, "world"), (3, "varied")):
+    with pytest.raises(images.OtherScenesError, match="synthetic_00000.png was drawn from seed 3"):
+      images.write_synthetic_images(tmp_path, 6, seed=seed, style=style)
+  assert {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}.items() >= before.items()
+  assert [json.loads(line)["seed"] for line in open(tmp_path / images.CONCEPTS_FILE)] == \
+      list(range(3, 9))
+  run = subprocess.run([sys.executable, "-m", "harvest.images", f"--out={tmp_path}", "--num=6",
+                        "--seed=1", "--style=world"], capture_output=True, text=True, cwd=ROOT)
+  assert run.returncode == 1
+  assert json.loads(run.stdout)["error"].endswith("write to another --out")
+
+
 def _shape(kind, colour, box):
   return {"shape": kind, "colour": colour, "rgb": list(images.COLOURS[colour]), "box": box,
           "line_width": None}
