@@ -6,7 +6,10 @@
 # cached by their settings and code), so rerunning this script is cheap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-outputs/quickstart}
+# WORLD_SEED=N trains another world (other scenes and weights; docs/benchmarks.md compares five),
+# in outputs/quickstart-seedN unless OUT says where.
+WORLD_SEED=${WORLD_SEED:-0}
+OUT=${OUT:-outputs/quickstart$([ "$WORLD_SEED" = 0 ] || echo "-seed$WORLD_SEED")}
 NUM_IMAGES=${NUM_IMAGES:-1024}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -18,10 +21,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # explainer, the longest model. The last eval.world call only checks the parts and writes
 # world.json.
 # The scenes the pipeline looks at were never trained on: they start after the training seeds.
-seed=$(python -c "from eval import world; print(world.held_out_seed(world.Settings()))")
+seed=$(python -c "from eval import world
+print(world.held_out_seed(world.Settings(seed=$WORLD_SEED)))")
 SAE="$OUT/export/model.language_model.layers.0"
 subject_lane() {
-  python -m eval.world --out="$OUT/world" --parts=subject --parts=clip --torch_threads=1
+  python -m eval.world --out="$OUT/world" --seed="$WORLD_SEED" --parts=subject --parts=clip \
+    --torch_threads=1
   python -m harvest.images --out="$OUT/images" --num="$NUM_IMAGES" --seed="$seed" --style=world
   python -m harvest --model="$OUT/world/subject" --layers=0 --images="$OUT/images" \
     --out="$OUT/store" --tokens=base_patches --prompt_mode=chat --prompt="Describe the image." \
@@ -36,9 +41,9 @@ subject_lane() {
 }
 subject_lane &
 lane=$!
-python -m eval.world --out="$OUT/world" --parts=explainer --torch_threads=1
+python -m eval.world --out="$OUT/world" --seed="$WORLD_SEED" --parts=explainer --torch_threads=1
 wait "$lane"
-python -m eval.world --out="$OUT/world"
+python -m eval.world --out="$OUT/world" --seed="$WORLD_SEED"
 python -c "import json, sys; seed = json.load(open('$OUT/world/world.json'))['held_out_seed']
 sys.exit(seed != $seed and f'world.json: held_out_seed {seed}, but the scenes started at $seed')"
 
