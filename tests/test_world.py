@@ -143,8 +143,9 @@ def test_the_trained_clip_ranks_scenes_by_the_colours_they_show(tmp_path):
   untrained = world.clip_retrieval(world.clip_lib.load(world.tiny_clip.save(
       tmp_path / "random", SMALL.seed, world.CLIP_CFG), None), SMALL)
   trained = world.train_clip(SMALL, tmp_path / "clip", log=lambda _: None)
-  # Colour AUROC over held-out scenes (0.5: no better than chance); measured: 0.63 after 60 steps.
-  assert trained["held_out"]["colour_auroc"] > 0.58
+  # Colour AUROC over held-out scenes (0.5: no better than chance); measured: 0.77 after 60 steps
+  # (0.63 at the subject's lr of 3e-3, which left one CLIP in five at chance on the full world).
+  assert trained["held_out"]["colour_auroc"] > 0.68
   assert trained["held_out"]["colour_auroc"] > untrained["colour_auroc"]
 
 
