@@ -325,12 +325,30 @@ class OtherScenesError(ValueError):
   """An --out folder whose images were drawn from other seeds or another style."""
 
 
+def _records(num: int, seed: int, style: str) -> list[dict]:
+  return [{"image": _name(i), **scene(seed + i, style)[1]} for i in range(num)]
+
+
+def _refuse_other_scenes(out: Path, records: list[dict], seed: int, style: str) -> None:
+  """Raises OtherScenesError where OUT/concepts.jsonl records other scenes for these images."""
+  path = out / CONCEPTS_FILE
+  if not path.exists():
+    return
+  held = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  for old, new in zip(held, records):
+    if old != new:
+      raise OtherScenesError(
+          f"{path}: {old.get('image')} was drawn from seed {old.get('seed')}, not from "
+          f"--seed={seed} --style={style} (image i is seed + i); write to another --out")
+
+
 def write_synthetic_images(out: str | Path, num: int, seed: int = 0,
                            style: str = "varied") -> list[Path]:
-  """Writes OUT/concepts.jsonl (`write_concepts`), then `num` PNGs (image i from seed + i);
-  existing PNGs are kept, so reruns are cheap."""
+  """Writes `num` PNGs (image i from seed + i); existing files are kept, so reruns are cheap, and
+  a folder whose concepts.jsonl records other scenes is refused."""
   out = Path(out)
-  write_concepts(out, num, seed, style)
+  _refuse_other_scenes(out, _records(num, seed, style), seed, style)
+  out.mkdir(parents=True, exist_ok=True)
   paths = []
   for i in range(num):
     path = out / _name(i)
@@ -344,18 +362,13 @@ def write_synthetic_images(out: str | Path, num: int, seed: int = 0,
 
 def write_concepts(out: str | Path, num: int, seed: int = 0, style: str = "varied") -> Path:
   """OUT/concepts.jsonl: one scene record per image of `write_synthetic_images` (docs/formats.md).
-  A folder whose concepts.jsonl records other scenes for the same images is refused: its PNGs
-  would be kept and no longer show what the file says."""
-  path = Path(out) / CONCEPTS_FILE
-  records = [{"image": _name(i), **scene(seed + i, style)[1]} for i in range(num)]
-  if path.exists():
-    held = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for old, new in zip(held, records):
-      if old != new:
-        raise OtherScenesError(
-            f"{path}: {old.get('image')} was drawn from seed {old.get('seed')}, not from "
-            f"--seed={seed} --style={style} (image i is seed + i); write to another --out")
-  path.parent.mkdir(parents=True, exist_ok=True)
+  A file that records other scenes for the same images is refused, not replaced: the folder's
+  PNGs would still show them."""
+  out = Path(out)
+  records = _records(num, seed, style)
+  _refuse_other_scenes(out, records, seed, style)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / CONCEPTS_FILE
   atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
   return path
 
@@ -372,8 +385,10 @@ if __name__ == "__main__":
                              "world: the miniature world's scenes (harvest.world).")
 
   def main():
+    # The record first: a rerun checks the PNGs it keeps against it.
+    concepts = write_concepts(_OUT.value, _NUM.value, _SEED.value, _STYLE.value)
     paths = write_synthetic_images(_OUT.value, _NUM.value, _SEED.value, _STYLE.value)
     print(json.dumps({"ok": True, "out": _OUT.value, "images": len(paths),
-                      "concepts": str(Path(_OUT.value) / CONCEPTS_FILE)}))
+                      "concepts": str(concepts)}))
 
   cli.run(main, (OtherScenesError,))

@@ -35,14 +35,19 @@ def test_recorded_masks_are_what_the_image_shows(tmp_path):
 def test_a_folder_of_other_scenes_is_refused(tmp_path):
   """Existing PNGs are kept on a rerun, so a folder drawn from another seed or style must not
   be topped up: its concepts.jsonl would no longer say what its images show."""
-  images.write_synthetic_images(tmp_path, 4, seed=3, style="world")
+  def write(num, seed, style):  # as `python -m harvest.images` does
+    images.write_concepts(tmp_path, num, seed, style)
+    images.write_synthetic_images(tmp_path, num, seed, style)
+
+  write(4, 3, "world")
   before = {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
-  images.write_synthetic_images(tmp_path, 6, seed=3, style="world")  # the same scenes, more
+  write(6, 3, "world")  # the same scenes, more of them
   assert [json.loads(line)["seed"] for line in open(tmp_path / images.CONCEPTS_FILE)] == \
       list(range(3, 9))
   for seed, style in ((4, "world"), (3, "varied")):
-    with pytest.raises(images.OtherScenesError, match="synthetic_00000.png was drawn from seed 3"):
-      images.write_synthetic_images(tmp_path, 6, seed=seed, style=style)
+    for writer in (images.write_concepts, images.write_synthetic_images):
+      with pytest.raises(images.OtherScenesError, match="00000.png was drawn from seed 3"):
+        writer(tmp_path, 6, seed, style)
   assert {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}.items() >= before.items()
   assert [json.loads(line)["seed"] for line in open(tmp_path / images.CONCEPTS_FILE)] == \
       list(range(3, 9))
