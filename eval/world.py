@@ -81,8 +81,9 @@ class Settings:
   explainer_steps: int = 1600
   explainer_batch_size: int = 8
   batch_size: int = 16
-  # Each model's AdamW lr, the best of a sweep over five worlds (docs/benchmarks.md): at the
-  # subject's 3e-3, one CLIP in five stayed at chance and the explainer named fewer concepts.
+  # Each model's AdamW lr. CLIP's and the explainer's are the best of sweeps over five worlds
+  # (docs/benchmarks.md): at the subject's 3e-3, one CLIP in five stayed at chance and the
+  # explainer named fewer concepts.
   subject_lr: float = 3e-3
   clip_lr: float = 5e-4
   explainer_lr: float = 1e-3
